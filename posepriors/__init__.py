@@ -1,0 +1,44 @@
+"""posepriors: pretrained pose priors for SMPL-X bodies and hands.
+
+>>> import posepriors
+>>> prior = posepriors.load("gaussian")          # bundled weights, works offline
+>>> prior.log_prob(pose)                          # pose: (*, 55, 3), (*, 165), dict, ... -> (*,)
+"""
+
+__version__ = "0.1.0"
+
+from posepriors import rotations, skeleton  # noqa: E402
+from posepriors.hub import (  # noqa: E402
+    list_models,
+    load,
+    load_pretrained,
+    push_to_hub,
+    read_manifest,
+    save_pretrained,
+)
+from posepriors.priors import (  # noqa: E402
+    GaussianConfig,
+    GaussianPrior,
+    PosePrior,
+    PriorConfig,
+    get_validation,
+    set_validation,
+)
+
+__all__ = [
+    "GaussianConfig",
+    "GaussianPrior",
+    "PosePrior",
+    "PriorConfig",
+    "__version__",
+    "get_validation",
+    "list_models",
+    "load",
+    "load_pretrained",
+    "push_to_hub",
+    "read_manifest",
+    "rotations",
+    "save_pretrained",
+    "set_validation",
+    "skeleton",
+]

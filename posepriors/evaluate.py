@@ -1,0 +1,490 @@
+"""Evaluation of pose priors: likelihood, sample quality, denoising and completion; ``posepriors-eval``.
+
+All angular errors are mean per-joint geodesic distances in degrees; NLLs are in nats per pose (and bits per
+dimension) w.r.t. the Lebesgue measure on the axis-angle coordinates of the joints that were scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posepriors import skeleton
+from posepriors.data import PoseData, load_poses
+from posepriors.priors.base import PosePrior
+from posepriors.rotations import axis_angle_to_matrix
+
+__all__ = [
+    "CompletionStats",
+    "DenoiseStats",
+    "EvalReport",
+    "NLLStats",
+    "SampleStats",
+    "completion_stats",
+    "denoise_stats",
+    "evaluate",
+    "main",
+    "nll_stats",
+    "sample_stats",
+    "to_markdown",
+]
+
+
+@dataclass
+class NLLStats:
+    """Negative log-likelihood of the data under a prior.
+
+    Attributes:
+        mean: Mean NLL per pose (nats).
+        median: Median NLL per pose (nats).
+        bits_per_dim: Mean NLL in bits per scored dimension.
+        dims: Number of scored dimensions per pose (3 x observed modelled joints).
+        per_joint: Mean NLL per joint name, for families that factorise over joints (else empty).
+    """
+
+    mean: float
+    median: float
+    bits_per_dim: float
+    dims: int
+    per_joint: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SampleStats:
+    """Quality of samples drawn from a prior, compared with the data on the joints both have.
+
+    Attributes:
+        apd_deg: Average pairwise distance between samples (diversity), degrees.
+        nearest_deg: Mean distance of a sample to its nearest data pose (realism), degrees.
+        data_nearest_deg: The same for held-out data poses against the rest of the data (the reference value).
+        beyond_range: Fraction of sampled coordinates outside the data's per-joint-coordinate [min, max].
+    """
+
+    apd_deg: float
+    nearest_deg: float
+    data_nearest_deg: float
+    beyond_range: float
+
+
+@dataclass
+class DenoiseStats:
+    """Denoising: Gaussian noise of std ``sigma`` (radians) on every axis-angle coordinate, then ``project``.
+
+    Attributes:
+        sigma: Noise std in radians.
+        error_before_deg: Error of the noisy poses, degrees.
+        error_after_deg: Error after ``project``, degrees.
+        reduction: ``1 - after / before``.
+    """
+
+    sigma: float
+    error_before_deg: float
+    error_after_deg: float
+    reduction: float
+
+
+@dataclass
+class CompletionStats:
+    """Completion of a masked part with ``project(pose, mask)``.
+
+    Attributes:
+        part: Name of the hidden part.
+        joints: Number of hidden joints.
+        error_deg: Error of the completed joints, degrees.
+        rest_error_deg: Error of filling them with zeros (the rest pose), degrees, for reference.
+    """
+
+    part: str
+    joints: int
+    error_deg: float
+    rest_error_deg: float
+
+
+@dataclass
+class EvalReport:
+    """Everything :func:`evaluate` measured for one prior on one data set."""
+
+    model: str
+    data: str
+    poses: int
+    nll: NLLStats
+    samples: SampleStats | None = None
+    denoise: DenoiseStats | None = None
+    completion: list[CompletionStats] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- metrics
+def _geodesic_deg(a: Tensor, b: Tensor) -> Tensor:
+    """Per-joint geodesic distance in degrees between axis-angle tensors (*, J, 3) -> (*, J)."""
+    from posepriors.rotations import axis_angle_geodesic
+
+    return torch.rad2deg(axis_angle_geodesic(a, b))
+
+
+def _batched(fn: Any, x: Tensor, *args: Any, batch_size: int = 2048) -> Tensor:
+    return torch.cat(
+        [fn(x[i : i + batch_size], *(a[i : i + batch_size] for a in args)) for i in range(0, len(x), batch_size)]
+    )
+
+
+@torch.no_grad()
+def nll_stats(prior: PosePrior, pose: Tensor, mask: Tensor | None = None, *, batch_size: int = 2048) -> NLLStats:
+    """NLL statistics of poses in the prior's joint order.
+
+    Args:
+        prior: The prior.
+        pose: Poses in the prior's joint order, shape (N, J, 3).
+        mask: Optional observed mask, shape (J,) or (N, J).
+        batch_size: Poses per forward pass.
+
+    Returns:
+        The statistics.
+    """
+    if mask is not None:
+        mask = mask.expand(pose.shape[0], -1)
+        nll = _batched(prior.nll, pose, mask, batch_size=batch_size)
+        dims = int(3 * mask[0].sum())
+    else:
+        nll = _batched(prior.nll, pose, batch_size=batch_size)
+        dims = prior.dim
+    per_joint: dict[str, float] = {}
+    per_joint_fn = getattr(prior, "log_prob_per_joint", None)
+    if per_joint_fn is not None and mask is None:
+        lp = _batched(per_joint_fn, pose, batch_size=batch_size)
+        per_joint = {name: -v for name, v in zip(prior.joint_names, lp.mean(0).tolist(), strict=True)}
+    return NLLStats(
+        mean=nll.mean().item(),
+        median=nll.median().item(),
+        bits_per_dim=nll.mean().item() / (dims * math.log(2)),
+        dims=dims,
+        per_joint=per_joint,
+    )
+
+
+def _nearest_deg(queries: Tensor, reference: Tensor, chunk: int = 64) -> Tensor:
+    """Mean per-joint geodesic distance (deg) from each query pose to its nearest reference pose, (Q,)."""
+    rq = axis_angle_to_matrix(queries).flatten(-2)  # (Q, J, 9)
+    rr = axis_angle_to_matrix(reference).flatten(-2)  # (R, J, 9)
+    out = []
+    for i in range(0, len(rq), chunk):
+        trace = torch.einsum("qjk,rjk->qrj", rq[i : i + chunk], rr)
+        angle = torch.acos(((trace - 1) / 2).clamp(-1.0, 1.0))
+        out.append(torch.rad2deg(angle.mean(-1)).min(-1).values)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_stats(
+    prior: PosePrior,
+    data: Tensor,
+    observed: Tensor,
+    *,
+    num_samples: int = 512,
+    max_reference: int = 4000,
+    generator: torch.Generator | None = None,
+) -> SampleStats:
+    """Diversity and realism of samples against data poses.
+
+    Args:
+        prior: The prior.
+        data: Data poses in the prior's joint order, shape (N, J, 3).
+        observed: Which of the prior's joints the data observes, shape (J,); only those are compared.
+        num_samples: Number of samples to draw.
+        max_reference: At most this many data poses serve as the nearest-neighbour reference.
+        generator: Generator for sampling and subsampling.
+
+    Returns:
+        The statistics.
+    """
+    samples = prior.sample(num_samples, generator=generator)[:, observed].to(data.dtype)
+    data = data[:, observed]
+    perm = torch.randperm(len(data), generator=generator)
+    reference = data[perm[:max_reference]]
+    held_out = data[perm[max_reference : max_reference + num_samples]]
+    if len(held_out) == 0:  # small data: compare with a leave-half-out split
+        half = len(reference) // 2
+        held_out, reference = reference[:half], reference[half:]
+    i, j = torch.triu_indices(len(samples), len(samples), offset=1)
+    pick = torch.randperm(len(i), generator=generator)[:20000]
+    apd = _geodesic_deg(samples[i[pick]], samples[j[pick]]).mean()
+    low, high = data.amin(0), data.amax(0)
+    beyond = ((samples < low) | (samples > high)).float().mean()
+    return SampleStats(
+        apd_deg=apd.item(),
+        nearest_deg=_nearest_deg(samples, reference).mean().item(),
+        data_nearest_deg=_nearest_deg(held_out, reference).mean().item(),
+        beyond_range=beyond.item(),
+    )
+
+
+@torch.no_grad()
+def denoise_stats(
+    prior: PosePrior,
+    clean: Tensor,
+    mask: Tensor | None = None,
+    *,
+    sigma: float = 0.1,
+    generator: torch.Generator | None = None,
+    batch_size: int = 1024,
+    **project_kwargs: Any,
+) -> DenoiseStats:
+    """Add Gaussian noise to clean poses, ``project`` them, and compare both with the clean poses.
+
+    Args:
+        prior: The prior.
+        clean: Clean poses in the prior's joint order, shape (N, J, 3).
+        mask: Optional observed mask (J,); errors are measured on observed joints.
+        sigma: Noise std (radians) per axis-angle coordinate.
+        generator: Generator of the noise.
+        batch_size: Poses per call of ``project``.
+        **project_kwargs: Passed on to ``prior.project``.
+
+    Returns:
+        The statistics.
+    """
+    noisy = clean + sigma * torch.randn(clean.shape, generator=generator, dtype=clean.dtype)
+    parts = []
+    for i in range(0, len(noisy), batch_size):
+        m = None if mask is None else mask.expand(len(noisy[i : i + batch_size]), -1)
+        parts.append(prior.project(noisy[i : i + batch_size].to(prior.device), m, **project_kwargs).cpu())
+    projected = torch.cat(parts).to(clean.dtype)
+    joints = slice(None) if mask is None else mask
+    before = _geodesic_deg(noisy, clean)[:, joints].mean().item()
+    after = _geodesic_deg(projected, clean)[:, joints].mean().item()
+    return DenoiseStats(sigma=sigma, error_before_deg=before, error_after_deg=after, reduction=1 - after / before)
+
+
+def completion_parts(prior: PosePrior, observed: Tensor) -> dict[str, Tensor]:
+    """Parts to hide for the completion test: a whole arm (shoulder and below) and each hand the prior and data
+    have, as boolean masks over the prior's joints (True = hidden).
+
+    Args:
+        prior: The prior.
+        observed: Which of the prior's joints the data observes, shape (J,).
+    """
+    joints = list(prior.joints)
+    descendants = _descendants()
+    parts = {
+        "left_arm": descendants[skeleton.SMPLX_JOINT_NAMES.index("left_shoulder")],
+        "left_hand": set(skeleton.PARTS["left_hand"]),
+        "right_hand": set(skeleton.PARTS["right_hand"]),
+    }
+    out = {}
+    for name, part in parts.items():
+        hidden = torch.tensor([j in part for j in joints])
+        # the part must be modelled and observed, and something else must remain observed
+        if hidden.any() and bool(observed[hidden].all()) and bool((observed & ~hidden).any()):
+            out[name] = hidden
+    return out
+
+
+def _descendants() -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {j: {j} for j in range(skeleton.NUM_JOINTS)}
+    for j in reversed(range(skeleton.NUM_JOINTS)):
+        parent = skeleton.SMPLX_PARENTS[j]
+        if parent >= 0:
+            out[parent] |= out[j]
+    return out
+
+
+@torch.no_grad()
+def completion_stats(
+    prior: PosePrior, clean: Tensor, observed: Tensor, *, batch_size: int = 1024
+) -> list[CompletionStats]:
+    """Hide each part from :func:`completion_parts`, complete it with ``project(pose, mask)``, measure the error.
+
+    Args:
+        prior: The prior.
+        clean: Poses in the prior's joint order, shape (N, J, 3).
+        observed: Which of the prior's joints the data observes, shape (J,).
+        batch_size: Poses per call of ``project``.
+    """
+    out = []
+    for name, hidden in completion_parts(prior, observed).items():
+        mask = observed & ~hidden
+        parts = []
+        for i in range(0, len(clean), batch_size):
+            chunk = clean[i : i + batch_size]
+            parts.append(prior.project(chunk.to(prior.device), mask.expand(len(chunk), -1).to(prior.device)).cpu())
+        completed = torch.cat(parts).to(clean.dtype)
+        error = _geodesic_deg(completed, clean)[:, hidden].mean().item()
+        rest = _geodesic_deg(torch.zeros_like(clean), clean)[:, hidden].mean().item()
+        out.append(CompletionStats(part=name, joints=int(hidden.sum()), error_deg=error, rest_error_deg=rest))
+    return out
+
+
+def evaluate(
+    prior: PosePrior,
+    data: PoseData,
+    *,
+    model_name: str = "",
+    data_name: str = "",
+    sigma: float = 0.1,
+    num_samples: int = 512,
+    max_poses: int | None = None,
+    seed: int = 0,
+    samples: bool = True,
+    denoise: bool = True,
+    completion: bool = True,
+) -> EvalReport:
+    """Evaluate a prior on poses (the prior's joints that the data observes in every frame).
+
+    Args:
+        prior: The prior.
+        data: Poses from :func:`posepriors.data.load_poses`.
+        model_name: Label for the report.
+        data_name: Label for the report.
+        sigma: Noise std (radians) of the denoising test.
+        num_samples: Samples for the sample-quality metrics.
+        max_poses: Evaluate on at most this many poses (a seeded random subset).
+        seed: Seed of every random choice.
+        samples: Whether to run the sample-quality metrics.
+        denoise: Whether to run the denoising test.
+        completion: Whether to run the completion test.
+
+    Returns:
+        The report.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.tensor(prior.joints)
+    pose = data.poses[:, index]
+    observed_frames = data.observed[:, index]
+    observed = observed_frames.all(0)
+    if not bool(observed.any()):
+        raise ValueError(
+            f"the data observes none of the prior's joints {prior.joint_names[:5]}...: "
+            f"evaluate a body prior on body data and a hand prior on hand data"
+        )
+    if max_poses is not None and len(pose) > max_poses:
+        pick = torch.randperm(len(pose), generator=generator)[:max_poses]
+        pose = pose[pick]
+    pose = pose.to(prior.dtype)
+    mask = None if bool(observed.all()) else observed
+    device_pose = pose.to(prior.device)
+    report = EvalReport(
+        model=model_name or prior.model_type,
+        data=data_name,
+        poses=len(pose),
+        nll=nll_stats(prior, device_pose, None if mask is None else mask.to(prior.device)),
+    )
+    if samples:
+        report.samples = sample_stats(prior, pose, observed, num_samples=num_samples, generator=generator)
+    if denoise:
+        report.denoise = denoise_stats(prior, pose, mask, sigma=sigma, generator=generator)
+    if completion:
+        report.completion = completion_stats(prior, pose, observed)
+    return report
+
+
+# ---------------------------------------------------------------------------- output
+def to_markdown(reports: Sequence[EvalReport]) -> str:
+    """A Markdown table of reports (one row per model and data set)."""
+    head = (
+        "| model | data | poses | dims | NLL mean | NLL median | bits/dim | APD deg | nearest deg | beyond range "
+        "| denoise before→after deg | completion deg (rest) |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in reports:
+        s, d = r.samples, r.denoise
+        comp = ", ".join(f"{c.part} {c.error_deg:.1f} ({c.rest_error_deg:.1f})" for c in r.completion) or "–"
+        lines.append(
+            f"| {r.model} | {r.data} | {r.poses} | {r.nll.dims} | {r.nll.mean:.2f} | {r.nll.median:.2f} "
+            f"| {r.nll.bits_per_dim:.3f} "
+            + (
+                f"| {s.apd_deg:.1f} | {s.nearest_deg:.1f} (data {s.data_nearest_deg:.1f}) | {s.beyond_range:.3f} "
+                if s
+                else "| – | – | – "
+            )
+            + (f"| {d.error_before_deg:.2f} → {d.error_after_deg:.2f} ({100 * d.reduction:.0f}%) " if d else "| – ")
+            + f"| {comp} |"
+        )
+    return "\n".join(lines)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="posepriors-eval",
+        description="Evaluate pose priors on a data file or folder: NLL, sample quality, denoising, completion.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("models", nargs="+", help="model names (see posepriors.list_models()) or folders")
+    parser.add_argument("--data", action="append", required=True, type=Path, help="data file or folder (repeatable)")
+    parser.add_argument("--gmm", type=Path, help="also evaluate SMPLify's GMM from this .npz (means, covars, weights)")
+    parser.add_argument("--sigma", type=float, default=0.1, help="noise std (radians) of the denoising test")
+    parser.add_argument("--num_samples", type=int, default=512, help="samples for the sample-quality metrics")
+    parser.add_argument("--max_poses", type=int, default=None, help="evaluate on at most this many poses per set")
+    parser.add_argument("--fps", type=float, default=None, help="subsample AMASS sequences to this frame rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, mps")
+    parser.add_argument("--json", type=Path, help="write the reports as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    parser.add_argument("--plots", type=Path, help="write PNG plots into this folder (needs matplotlib)")
+    parser.add_argument("--no_samples", action="store_true", help="skip the sample-quality metrics")
+    parser.add_argument("--no_denoise", action="store_true", help="skip the denoising test")
+    parser.add_argument("--no_completion", action="store_true", help="skip the completion test")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``posepriors-eval``; returns the process exit code."""
+    from posepriors.hub import load
+
+    args = _parse(argv)
+    priors: dict[str, PosePrior] = {name: load(name, device=args.device) for name in args.models}
+    if args.gmm is not None:
+        from posepriors.priors.gmm import GMMPrior
+
+        priors["smplify_gmm"] = GMMPrior.from_smplify(args.gmm).to(args.device)
+    datasets = {str(path): load_poses(path, fps=args.fps) for path in args.data}
+    reports: list[EvalReport] = []
+    for data_name, data in datasets.items():
+        for model_name, prior in priors.items():
+            observed = data.observed[:, torch.tensor(prior.joints)].all(0)
+            if not bool(observed.any()):
+                print(f"skipping {model_name} on {data_name}: the data has none of its joints", file=sys.stderr)
+                continue
+            reports.append(
+                evaluate(
+                    prior,
+                    data,
+                    model_name=model_name,
+                    data_name=Path(data_name).name,
+                    sigma=args.sigma,
+                    num_samples=args.num_samples,
+                    max_poses=args.max_poses,
+                    seed=args.seed,
+                    samples=not args.no_samples,
+                    denoise=not args.no_denoise,
+                    completion=not args.no_completion,
+                )
+            )
+    table = to_markdown(reports)
+    print(table)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+    if args.plots:
+        from posepriors.plots import write_evaluation_plots
+
+        paths = write_evaluation_plots(priors, datasets, reports, args.plots, seed=args.seed)
+        print(f"wrote {len(paths)} plots to {args.plots}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,437 @@
+"""Saving and loading priors: ``config.json`` + ``model.safetensors``, the weights manifest, the Hub.
+
+A saved prior is a folder with two files:
+
+- ``config.json``: ``{"format_version": 1, "model_type": ..., "config": {...}, "posepriors_version": ...}``,
+  keys sorted;
+- ``model.safetensors``: the ``state_dict``, loaded back with ``strict=True``.
+
+:func:`load` resolves a name or a path in this order: a local folder, weights bundled inside the package, the
+Hugging Face Hub (``hf_hub_download`` at the manifest's pinned revision). Every file that comes from the bundle or
+the Hub is checked against the SHA-256 in ``weights_manifest.json`` before it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from posepriors.priors.base import MODEL_TYPES, PosePrior, register_model
+from posepriors.utils import atomic_write, resolve_device, sha256_file
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_PATH",
+    "WEIGHTS_NAME",
+    "ManifestEntry",
+    "available_model_types",
+    "list_models",
+    "load",
+    "load_pretrained",
+    "push_to_hub",
+    "read_manifest",
+    "register_model",
+    "save_pretrained",
+]
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_DIR = PACKAGE_DIR / "weights"
+MANIFEST_PATH = PACKAGE_DIR / "weights_manifest.json"
+
+
+def available_model_types() -> dict[str, type[PosePrior]]:
+    """The registered families, ``model_type -> class``."""
+    import posepriors.priors  # noqa: F401  (registers the built-in families)
+
+    return dict(MODEL_TYPES)
+
+
+# ---------------------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One named model in ``weights_manifest.json``.
+
+    Attributes:
+        name: The name passed to :func:`load`.
+        model_type: The family (``gaussian``, ``joint_flow``, ...).
+        description: One line for :func:`list_models`.
+        files: ``filename -> {"sha256": ..., "size": ...}``.
+        repo_id: Hub repository that hosts the files.
+        revision: Pinned 40-hex commit of that repository, or ``None`` while unpublished.
+        subfolder: Folder of the files inside the repository (and inside the package's ``weights/``).
+        bundled: Whether the files ship inside the package.
+        extra: The remaining fields (licence, training data and command, metrics).
+    """
+
+    name: str
+    model_type: str
+    description: str
+    files: dict[str, dict[str, Any]]
+    repo_id: str | None = None
+    revision: str | None = None
+    subfolder: str | None = None
+    bundled: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_manifest(path: str | os.PathLike | None = None) -> dict[str, ManifestEntry]:
+    """Read a weights manifest (the package's own by default).
+
+    Args:
+        path: A manifest JSON file; ``None`` for the bundled ``weights_manifest.json``.
+
+    Returns:
+        ``name -> ManifestEntry``.
+    """
+    path = Path(path) if path is not None else MANIFEST_PATH
+    if not path.is_file():
+        raise FileNotFoundError(f"weights manifest not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"weights manifest {path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+        raise ValueError(f"expected a manifest with a 'models' object, got keys {sorted(raw)} in {path}")
+    hub = raw.get("hub", {})
+    entries = {}
+    known = {"model_type", "description", "files", "repo_id", "revision", "subfolder", "bundled"}
+    for name, item in raw["models"].items():
+        missing = {"model_type", "files"} - set(item)
+        if missing:
+            raise ValueError(f"manifest entry {name!r} in {path} lacks {sorted(missing)}")
+        entries[name] = ManifestEntry(
+            name=name,
+            model_type=item["model_type"],
+            description=item.get("description", ""),
+            files=item["files"],
+            repo_id=item.get("repo_id", hub.get("repo_id")),
+            revision=item.get("revision", hub.get("revision")),
+            subfolder=item.get("subfolder", name),
+            bundled=bool(item.get("bundled", False)),
+            extra={k: v for k, v in item.items() if k not in known},
+        )
+    return entries
+
+
+def list_models() -> dict[str, str]:
+    """Names that :func:`load` accepts, each with a one-line description."""
+    return {name: entry.description for name, entry in read_manifest().items()}
+
+
+# ---------------------------------------------------------------------------- save / load a folder
+def save_pretrained(prior: PosePrior, directory: str | os.PathLike) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` for ``prior`` into ``directory``.
+
+    Both files are written atomically (temporary file, then rename), so an interrupted save never leaves a torn
+    file behind.
+
+    Args:
+        prior: The prior to save.
+        directory: Destination folder (created if needed).
+
+    Returns:
+        The folder.
+    """
+    if not isinstance(prior, PosePrior):
+        raise TypeError(f"expected a PosePrior, got {type(prior).__name__}")
+    from posepriors import __version__
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in prior.state_dict().items()}
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model_type": prior.model_type,
+        "config": prior.config.to_dict(),
+        "posepriors_version": __version__,
+    }
+    with atomic_write(directory / WEIGHTS_NAME, "wb") as handle:
+        handle.write(safetensors_bytes(state, metadata={"format": "pt", "model_type": prior.model_type}))
+    with atomic_write(directory / CONFIG_NAME, "w") as handle:
+        handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_pretrained(
+    directory: str | os.PathLike,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | None = None,
+    frozen: bool = True,
+) -> PosePrior:
+    """Build a prior from a folder written by :func:`save_pretrained` (strict: unknown keys are errors).
+
+    Args:
+        directory: Folder holding ``config.json`` and ``model.safetensors``.
+        device: Where to put the prior (``"auto"`` picks cuda > mps > cpu).
+        dtype: Optional floating dtype to convert the parameters to.
+        frozen: Return the prior in eval mode with ``requires_grad=False`` on every parameter.
+
+    Returns:
+        The prior.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"expected {CONFIG_NAME} and {WEIGHTS_NAME} in {directory}, but {path.name} is missing"
+            )
+    prior = build_from_config(_read_config(config_path))
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"could not read {weights_path}: not a valid safetensors file ({err})") from err
+    try:
+        prior.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"weights in {weights_path} do not match the config in {config_path}: {err}") from err
+    prior = prior.to(device=resolve_device(device))
+    if dtype is not None:
+        prior = prior.to(dtype=dtype)
+    if frozen:
+        prior.eval()
+        prior.requires_grad_(False)
+    return prior
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a JSON object in {path}, got {type(raw).__name__}")
+    expected = {"format_version", "model_type", "config"}
+    missing, unknown = expected - set(raw), set(raw) - expected - {"posepriors_version"}
+    if missing or unknown:
+        raise ValueError(
+            f"expected {path.name} with keys {sorted(expected)} (+ posepriors_version), "
+            f"missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
+    if raw["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {raw['format_version']!r}; this posepriors reads {FORMAT_VERSION}")
+    return raw
+
+
+def build_from_config(raw: Mapping[str, Any]) -> PosePrior:
+    """Construct an untrained prior from a parsed ``config.json``."""
+    families = available_model_types()
+    model_type = raw["model_type"]
+    if model_type not in families:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(families)}")
+    cls = families[model_type]
+    return cls(cls.config_class.from_dict(raw["config"]))
+
+
+# ---------------------------------------------------------------------------- load by name
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    frozen: bool = True,
+    manifest: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
+    local_files_only: bool = False,
+) -> PosePrior:
+    """Load a pretrained prior by name or from a folder.
+
+    Resolution order: an existing local folder; a name from :func:`list_models` whose weights are bundled in the
+    package; the same name on the Hugging Face Hub at the manifest's pinned revision (downloaded once into the
+    Hub cache). Bundled and downloaded files are checked against the manifest's SHA-256.
+
+    The returned prior is ready for inference: eval mode and frozen parameters, so that in a fitting loop
+    ``prior.nll(pose).backward()`` only computes gradients for the pose. Pass ``frozen=False`` (or call
+    ``.train()`` and ``.requires_grad_(True)``) to fine-tune.
+
+    Args:
+        name_or_path: A manifest name (e.g. ``"global_flow"``) or a folder with ``config.json`` and
+            ``model.safetensors``.
+        device: Device of the returned prior (``"auto"``: cuda > mps > cpu).
+        dtype: Optional floating dtype (e.g. ``torch.float64``).
+        revision: Hub revision to load instead of the pinned one (skips the bundled copy; the SHA-256 check is
+            skipped too, with a warning, since the manifest's hashes describe the pinned revision).
+        frozen: See above.
+        manifest: Another manifest file to resolve names with (for private model collections).
+        cache_dir: Hub cache folder (default: the Hub's own, ``HF_HUB_CACHE``).
+        endpoint: Hub endpoint (default: the Hub's own, ``HF_ENDPOINT``).
+        local_files_only: Never touch the network; use the bundle or the Hub cache only.
+
+    Returns:
+        The prior.
+    """
+    kwargs = {"device": device, "dtype": dtype, "frozen": frozen}
+    path = Path(name_or_path)
+    if path.is_dir():
+        return load_pretrained(path, **kwargs)
+    name = str(name_or_path)
+    entries = read_manifest(manifest)
+    if name not in entries:
+        if path.suffix or os.sep in name or "/" in name:
+            raise FileNotFoundError(
+                f"{name!r} is neither a folder with {CONFIG_NAME} and {WEIGHTS_NAME} nor a model name; "
+                f"known names: {sorted(entries)}"
+            )
+        raise ValueError(f"unknown model {name!r}; expected a folder or one of {sorted(entries)}")
+    entry = entries[name]
+    if revision is None and entry.bundled:
+        folder = BUNDLED_DIR / (entry.subfolder or name)
+        if all((folder / f).is_file() for f in entry.files):
+            verify_files(folder, entry)
+            return load_pretrained(folder, **kwargs)
+    folder = _download(entry, revision, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only)
+    if revision is None or revision == entry.revision:
+        verify_files(folder, entry)
+    else:
+        warnings.warn(
+            f"loading {name!r} at revision {revision!r} instead of the pinned {entry.revision!r}: "
+            "the manifest's SHA-256 values do not apply, files are not verified",
+            stacklevel=2,
+        )
+    return load_pretrained(folder, **kwargs)
+
+
+def verify_files(folder: Path, entry: ManifestEntry) -> None:
+    """Check every file of ``entry`` in ``folder`` against the manifest's size and SHA-256."""
+    for filename, info in entry.files.items():
+        path = folder / filename
+        size = path.stat().st_size
+        if "size" in info and size != info["size"]:
+            raise ValueError(
+                f"{path} has {size} bytes, expected {info['size']} from the manifest entry {entry.name!r}: "
+                "the file is truncated or replaced; delete it and load again"
+            )
+        digest = sha256_file(path)
+        if digest != info["sha256"]:
+            raise ValueError(
+                f"SHA-256 mismatch for {path}: expected {info['sha256']} from the manifest entry "
+                f"{entry.name!r}, got {digest}; the file is corrupted or was replaced — delete it and load again"
+            )
+
+
+def _download(
+    entry: ManifestEntry,
+    revision: str | None,
+    *,
+    cache_dir: str | os.PathLike | None,
+    endpoint: str | None,
+    local_files_only: bool,
+) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from posepriors import __version__
+
+    revision = revision or entry.revision
+    if entry.repo_id is None or revision is None:
+        raise FileNotFoundError(
+            f"model {entry.name!r} is not bundled with this installation and has no published Hub revision "
+            "in the manifest; train it with `posepriors-train` or load a local folder"
+        )
+    paths = []
+    for filename in entry.files:
+        try:
+            local = hf_hub_download(
+                entry.repo_id,
+                filename,
+                subfolder=entry.subfolder or None,
+                revision=revision,
+                cache_dir=cache_dir,
+                endpoint=endpoint,
+                local_files_only=local_files_only,
+                library_name="posepriors",
+                library_version=__version__,
+            )
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+            raise FileNotFoundError(
+                f"model {entry.name!r} is not bundled and {filename} is not in the Hub cache, and the Hub cannot "
+                f"be reached ({type(err).__name__}). Connect to the internet once (unset HF_HUB_OFFLINE), or "
+                f"download it elsewhere with `hf download {entry.repo_id} --revision {revision} "
+                f"--include '{entry.subfolder}/*'` and copy the Hub cache, or pass a local folder to load()"
+            ) from err
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
+            raise FileNotFoundError(
+                f"the Hub has no {entry.subfolder}/{filename} in {entry.repo_id} at revision {revision} "
+                f"({type(err).__name__}: {err})"
+            ) from err
+        except HfHubHTTPError as err:
+            raise OSError(f"downloading {filename} of {entry.name!r} from {entry.repo_id} failed: {err}") from err
+        paths.append(Path(local))
+    folders = {p.parent for p in paths}
+    if len(folders) != 1:  # pragma: no cover - the Hub cache keeps one snapshot folder per revision
+        raise OSError(f"downloaded files of {entry.name!r} landed in different folders: {sorted(folders)}")
+    return folders.pop()
+
+
+# ---------------------------------------------------------------------------- publish
+def push_to_hub(
+    prior: PosePrior,
+    repo_id: str,
+    *,
+    subfolder: str | None = None,
+    branch: str | None = None,
+    commit_message: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    api: Any = None,
+) -> str | None:
+    """Upload a prior (``config.json`` + ``model.safetensors``) to a Hub model repository.
+
+    The repository is created if needed. Record the returned commit in a manifest entry (``revision``) so that
+    :func:`load` pins it.
+
+    Args:
+        prior: The prior to upload.
+        repo_id: ``"user/name"`` of the model repository.
+        subfolder: Folder inside the repository (default: the repository root).
+        branch: Branch to commit to (default: the main branch).
+        commit_message: Commit message.
+        private: Create the repository as private.
+        token: Hub token (default: the logged-in user's).
+        api: An ``huggingface_hub.HfApi`` instance (for custom endpoints; tests pass a recorder).
+
+    Returns:
+        The commit's 40-hex id, when the Hub reports it.
+    """
+    import tempfile
+
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token, library_name="posepriors")
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="posepriors-push-") as tmp:
+        save_pretrained(prior, tmp)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=tmp,
+            path_in_repo=subfolder or "",
+            revision=branch,
+            commit_message=commit_message or f"Upload {prior.model_type} prior with posepriors",
+        )
+    return getattr(info, "oid", None)

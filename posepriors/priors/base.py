@@ -1,0 +1,462 @@
+"""The :class:`PosePrior` interface that every model family implements.
+
+Density convention
+------------------
+``log_prob`` is the log-density of the modelled joints' axis-angle coordinates with respect to the **Lebesgue
+measure on R^{3J}** (J = number of modelled joints, or of the observed ones under a mask), in nats. NLLs of
+different families on the same joints are therefore directly comparable. ``log_prob(pose, measure="so3")``
+converts to a density on SO(3)^J with respect to the normalised Haar measure (uniform rotations have log-density
+0) through the Jacobian of the exponential map; that conversion is exact for canonical poses (angles <= pi) and
+for densities whose mass lies inside the pi-ball.
+
+Masks
+-----
+``mask`` marks **observed** joints (``True`` = observed, ``False`` = missing). It has shape ``(J,)`` or
+``(*, J)`` over the prior's joints, or ``(55,)`` / ``(*, 55)`` over SMPL-X joints. ``log_prob`` under a mask is
+the marginal density of the observed joints; ``project`` and ``sample`` complete the missing ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from posepriors import skeleton
+from posepriors.rotations import LOG_SO3_VOLUME, exp_map_log_abs_det
+
+__all__ = [
+    "MODEL_TYPES",
+    "PoseInput",
+    "PosePrior",
+    "PriorConfig",
+    "get_validation",
+    "register_model",
+    "set_validation",
+]
+
+PoseInput = Tensor | np.ndarray | Mapping[str, Any]
+"""Anything a prior accepts as a pose: a tensor or array in any supported layout, or an smplx-style dict."""
+
+_VALIDATE = True
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the data-dependent input checks (finite values) on or off for all priors.
+
+    The checks cost a device synchronisation per call; shape and dtype checks always run.
+    """
+    global _VALIDATE
+    _VALIDATE = bool(enabled)
+
+
+def get_validation() -> bool:
+    """Whether data-dependent input checks are on (default: on)."""
+    return _VALIDATE
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Settings shared by every family. Each family subclasses this with its own frozen dataclass.
+
+    Attributes:
+        joints: The SMPL-X joints the prior models, as sorted indices into the 55-joint layout. A part spec
+            string (``"body"``, ``"body+left_hand+right_hand"``, ``"hands"``, ``"all"``) is accepted and
+            resolved on construction.
+    """
+
+    joints: tuple[int, ...] = skeleton.PARTS["body"]
+
+    def __post_init__(self) -> None:
+        # Frozen dataclass: normalise fields in place through object.__setattr__.
+        object.__setattr__(self, "joints", skeleton.resolve_joints(self.joints))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON types (tuples become lists)."""
+        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PriorConfig:
+        """Build the config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if isinstance(value, list) and "tuple" in str(hints.get(key, "")):
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_to_json(v) for v in value]
+    return value
+
+
+class PosePrior(nn.Module, ABC):
+    """A density over SMPL-X joint rotations (axis-angle), with sampling and projection.
+
+    Subclasses set ``model_type`` and ``config_class`` and implement :meth:`_log_prob`, :meth:`_sample` and
+    :meth:`_project` on normalised inputs of shape ``(B, J, 3)`` in the prior's own joint order. This class turns
+    every supported input (see :func:`posepriors.skeleton.to_smplx`) into that shape, checks it, and puts the
+    batch shape back.
+
+    A prior returned by :func:`posepriors.load` is in eval mode with frozen parameters (``requires_grad=False``),
+    so that ``prior.nll(pose).backward()`` computes gradients for the pose only. Call ``prior.train()`` and
+    ``prior.requires_grad_(True)`` to fine-tune it.
+    """
+
+    model_type: ClassVar[str]
+    config_class: ClassVar[type[PriorConfig]]
+    supports_mask: ClassVar[bool] = True
+    """Whether :meth:`log_prob` under a mask is an exact marginal (else missing joints raise an error)."""
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        self.register_buffer("joint_index", torch.tensor(config.joints, dtype=torch.long), persistent=False)
+        # Inputs of the prior's own joint count are taken as already in its joint order, unless a standard
+        # layout with that count means other joints (then they go through skeleton.to_smplx).
+        same_count = [lay for lay in skeleton.LAYOUTS.values() if len(lay.smplx_index) == self.num_joints]
+        self._own_layout = all(tuple(lay.smplx_index) == self.joints for lay in same_count) or (
+            self.num_joints == 15 and any(tuple(lay.smplx_index) == self.joints for lay in same_count)
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def joints(self) -> tuple[int, ...]:
+        """SMPL-X indices (into the 55-joint layout) of the joints this prior models, in its own order."""
+        return self.config.joints
+
+    @property
+    def joint_names(self) -> tuple[str, ...]:
+        """Names of the modelled joints."""
+        return tuple(skeleton.SMPLX_JOINT_NAMES[j] for j in self.joints)
+
+    @property
+    def num_joints(self) -> int:
+        """Number of modelled joints J."""
+        return len(self.config.joints)
+
+    @property
+    def dim(self) -> int:
+        """Dimension 3J of the density's domain."""
+        return 3 * self.num_joints
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the prior's parameters and buffers."""
+        return self.joint_index.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the prior's parameters (float32 unless converted)."""
+        for tensor in self.parameters():
+            return tensor.dtype
+        for tensor in self.buffers():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
+    def extra_repr(self) -> str:
+        return f"model_type={self.model_type!r}, joints={self.num_joints}"
+
+    # ------------------------------------------------------------------ public API
+    def log_prob(
+        self,
+        pose: PoseInput,
+        mask: Tensor | np.ndarray | None = None,
+        *,
+        measure: Literal["lebesgue", "so3"] = "lebesgue",
+    ) -> Tensor:
+        """Log-density of poses.
+
+        Args:
+            pose: Axis-angle rotations in any supported layout: shape (*, J, 3) or (*, 3J) for J in
+                (55, 53, 52, 24, 23, 21, 15) or the prior's own joints, or an smplx-style dict.
+            mask: Optional observed-joint mask, shape (J,), (*, J), (55,) or (*, 55); ``True`` = observed. Joints
+                the input does not carry (e.g. hands of a body-only pose) count as missing.
+            measure: ``"lebesgue"`` (default) for the density of the axis-angle coordinates, ``"so3"`` for the
+                density on SO(3)^J relative to the normalised Haar measure.
+
+        Returns:
+            Log-density per pose in nats, shape (*,).
+        """
+        x, m, batch_shape = self._prepare(pose, mask)
+        if m is not None and not self.supports_mask:
+            raise ValueError(
+                f"{type(self).__name__} has no exact marginal for missing joints "
+                f"({int((~m).sum())} missing entries); pass all of its {self.num_joints} joints"
+            )
+        out = self._log_prob(x, m)
+        if measure == "so3":
+            out = out + self._so3_correction(x, m)
+        elif measure != "lebesgue":
+            raise ValueError(f"expected measure 'lebesgue' or 'so3', got {measure!r}")
+        return out.reshape(batch_shape)
+
+    def nll(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None) -> Tensor:
+        """Negative log-likelihood, ``-log_prob(pose, mask)``: differentiable w.r.t. the pose, for fitting.
+
+        Typical use: ``loss = data_term + w * prior.nll(pose).sum()``.
+
+        Args:
+            pose: As in :meth:`log_prob`.
+            mask: As in :meth:`log_prob`.
+
+        Returns:
+            NLL per pose in nats, shape (*,).
+        """
+        return -self.log_prob(pose, mask)
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        observed: PoseInput | None = None,
+        mask: Tensor | np.ndarray | None = None,
+    ) -> Tensor:
+        """Draw poses from the prior.
+
+        Args:
+            n: Number of samples (>= 1).
+            generator: Optional ``torch.Generator`` for reproducible draws; the global RNG is never reseeded.
+            temperature: Scale of the latent noise; ``< 1`` concentrates samples on typical poses.
+            observed: Optional poses to complete (any supported layout), batch shape (*). Observed joints are
+                copied exactly; missing ones (``mask == False``) are drawn from the prior's conditional.
+            mask: Observed-joint mask for ``observed`` (see :meth:`log_prob`).
+
+        Returns:
+            Samples in the prior's joint order, shape (n, J, 3), or (n, *, J, 3) when ``observed`` is given.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"expected a number of samples n >= 1, got {n!r}")
+        temperature = _check_temperature(temperature)
+        if observed is None:
+            if mask is not None:
+                raise ValueError("a mask needs the observed poses it refers to: pass observed=pose")
+            return self._sample(n, generator, temperature, None, None)
+        x, m, batch_shape = self._prepare(observed, mask)
+        if m is None:
+            m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        out = self._sample(n, generator, temperature, x, m)  # (n, B, J, 3)
+        out = torch.where(m[..., None], x, out)  # observed joints are kept exactly
+        return out.reshape(n, *batch_shape, self.num_joints, 3)
+
+    def project(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, **kwargs: Any) -> Tensor:
+        """Move poses to nearby plausible ones; with a mask, complete the missing joints.
+
+        Observed joints are moved towards high density (each family documents how); missing joints are filled
+        with a plausible completion given the observed ones. Family-specific keyword arguments tune the
+        strength.
+
+        Args:
+            pose: As in :meth:`log_prob`.
+            mask: As in :meth:`log_prob`.
+
+        Returns:
+            Projected poses in the prior's joint order, shape (*, J, 3).
+        """
+        x, m, batch_shape = self._prepare(pose, mask)
+        out = self._project(x, m, **kwargs)
+        return out.reshape(*batch_shape, self.num_joints, 3)
+
+    def to_smplx(self, pose: Tensor) -> Tensor:
+        """Place poses in this prior's joint order into the SMPL-X layout (other joints zero).
+
+        Args:
+            pose: Poses from :meth:`sample` or :meth:`project`, shape (*, J, 3).
+
+        Returns:
+            SMPL-X poses, shape (*, 55, 3).
+        """
+        if pose.shape[-2:] != (self.num_joints, 3):
+            raise ValueError(f"expected pose of shape (*, {self.num_joints}, 3), got {tuple(pose.shape)}")
+        out = pose.new_zeros(*pose.shape[:-2], skeleton.NUM_JOINTS, 3)
+        out[..., self.joint_index, :] = pose
+        return out
+
+    # ------------------------------------------------------------------ training hooks
+    def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Scalar loss for one training batch (maximum likelihood by default).
+
+        Args:
+            pose: Training poses in the prior's joint order, shape (B, J, 3).
+            generator: Optional generator for stochastic objectives (masks, VAE noise).
+
+        Returns:
+            The mean loss, shape ().
+        """
+        return -self._log_prob(pose, None).mean()
+
+    def validation_nll(self, pose: Tensor) -> Tensor:
+        """Per-pose NLL used for validation and early stopping (the exact NLL by default).
+
+        Families whose exact NLL is expensive (the VAE's importance-weighted bound) may use a cheaper estimate
+        here and say so.
+
+        Args:
+            pose: Validation poses in the prior's joint order, shape (B, J, 3).
+
+        Returns:
+            NLL per pose, shape (B,).
+        """
+        return -self._log_prob(pose, None)
+
+    @torch.no_grad()
+    def initialize_from_data(self, pose: Tensor) -> None:
+        """Data-dependent initialisation before training (closed-form fits, ActNorm statistics).
+
+        Args:
+            pose: A representative batch of training poses in the prior's joint order, shape (N, J, 3).
+        """
+
+    # ------------------------------------------------------------------ for subclasses
+    @abstractmethod
+    def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Log-density of ``x`` (B, J, 3) with optional observed mask (B, J); returns (B,)."""
+
+    @abstractmethod
+    def _sample(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        temperature: float,
+        observed: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """Samples (n, J, 3), or completions (n, B, J, 3) of ``observed`` (B, J, 3) where ``mask`` (B, J)."""
+
+    @abstractmethod
+    def _project(self, x: Tensor, mask: Tensor | None, **kwargs: Any) -> Tensor:
+        """Projection of ``x`` (B, J, 3) with optional observed mask (B, J); returns (B, J, 3)."""
+
+    # ------------------------------------------------------------------ input handling
+    def _prepare(self, pose: PoseInput, mask: Tensor | np.ndarray | None) -> tuple[Tensor, Tensor | None, torch.Size]:
+        """Normalise any supported input to ``(B, J, 3)`` in the prior's joint order.
+
+        Returns:
+            ``(x, mask, batch_shape)``: poses (B, J, 3) in the prior's dtype and device, the observed mask
+            (B, J) or ``None`` when every joint is observed, and the input's batch shape.
+        """
+        J = self.num_joints
+        if isinstance(pose, np.ndarray):
+            pose = torch.from_numpy(pose)
+        if isinstance(pose, Tensor) and self._own_layout and pose.dim() >= 2 and pose.shape[-2:] == (J, 3):
+            x, observed = pose, None
+        elif isinstance(pose, Tensor) and self._own_layout and pose.dim() >= 1 and pose.shape[-1] == 3 * J:
+            x, observed = pose.reshape(*pose.shape[:-1], J, 3), None
+        elif isinstance(pose, Tensor | Mapping):
+            full, observed55 = skeleton.to_smplx(pose, hand=self._default_hand())
+            x = full.index_select(-2, self.joint_index.to(full.device))
+            observed = observed55.to(self.joint_index.device)[self.joint_index]
+            observed = None if bool(observed.all()) else observed
+        else:
+            raise TypeError(f"expected a pose tensor, numpy array or smplx-style dict, got {type(pose).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point pose tensor, got dtype {x.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"pose is on {x.device} but the prior is on {self.device}; move one of them")
+        batch_shape = x.shape[:-2]
+        x = x.reshape(-1, J, 3)
+        if x.shape[0] == 0:
+            raise ValueError(f"expected at least one pose, got an empty batch of shape {tuple(batch_shape)}")
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if _VALIDATE and not bool(torch.isfinite(x).all()):
+            raise ValueError("expected finite pose values, got NaN or Inf")
+        m = self._prepare_mask(mask, batch_shape, x.shape[0]) if mask is not None else None
+        if observed is not None:
+            observed = observed.expand(x.shape[0], J)
+            m = observed if m is None else (m & observed)
+        if m is not None and not bool(m.any(-1).all()):
+            raise ValueError("every pose needs at least one observed joint; got a mask that hides all of them")
+        return x, m, batch_shape
+
+    def _prepare_mask(self, mask: Tensor | np.ndarray, batch_shape: torch.Size, batch: int) -> Tensor:
+        if isinstance(mask, np.ndarray):
+            mask = torch.from_numpy(mask)
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"expected a boolean mask tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"expected a boolean mask (True = observed), got dtype {mask.dtype}")
+        mask = mask.to(self.device)
+        J = self.num_joints
+        if mask.dim() >= 1 and mask.shape[-1] == skeleton.NUM_JOINTS and J != skeleton.NUM_JOINTS:
+            mask = mask.index_select(-1, self.joint_index)
+        if mask.dim() == 0 or mask.shape[-1] != J:
+            raise ValueError(
+                f"expected a mask of shape (J,), (*, J), (55,) or (*, 55) with J={J}, got {tuple(mask.shape)}"
+            )
+        try:
+            mask = mask.expand(*batch_shape, J)
+        except RuntimeError:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to the pose batch shape "
+                f"{tuple(batch_shape)} + ({J},)"
+            ) from None
+        return mask.reshape(batch, J)
+
+    def _default_hand(self) -> str:
+        """Which hand a bare MANO (15-joint) input is taken to be."""
+        joints = set(self.joints)
+        if joints and joints <= set(skeleton.PARTS["left_hand"]):
+            return "left"
+        return "right"
+
+    def _so3_correction(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Log-density change from Lebesgue on axis-angle to normalised Haar on SO(3), per pose (B,)."""
+        per_joint = LOG_SO3_VOLUME - exp_map_log_abs_det(x)  # (B, J)
+        if mask is not None:
+            per_joint = per_joint * mask
+        return per_joint.sum(-1)
+
+
+MODEL_TYPES: dict[str, type[PosePrior]] = {}
+"""Registered families, ``model_type -> class`` (see :func:`register_model`)."""
+
+
+def register_model(cls: type[PosePrior]) -> type[PosePrior]:
+    """Make a :class:`PosePrior` family loadable by its ``model_type`` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, PosePrior)):
+        raise TypeError(f"expected a PosePrior subclass, got {cls!r}")
+    MODEL_TYPES[cls.model_type] = cls
+    return cls
+
+
+def _check_temperature(temperature: float) -> float:
+    t = float(temperature)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"expected a finite temperature >= 0, got {temperature!r}")
+    return t
+
+
+def randn(
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Standard normal noise on ``device`` drawn from ``generator`` (which may live on another device)."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)

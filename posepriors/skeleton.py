@@ -1,0 +1,300 @@
+"""The SMPL-X skeleton: joint names, kinematic tree, parts, and conversions between pose layouts.
+
+Every layout is a list of SMPL-X joint indices (:class:`Layout`), so every conversion is one gather or scatter and
+exact in both directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DICT_KEYS",
+    "LAYOUTS",
+    "NUM_JOINTS",
+    "PARTS",
+    "SMPLX_JOINT_NAMES",
+    "SMPLX_PARENTS",
+    "Layout",
+    "from_smplx",
+    "resolve_joints",
+    "to_smplx",
+    "to_smplx_dict",
+]
+
+_FINGERS = ("index", "middle", "pinky", "ring", "thumb")
+SMPLX_JOINT_NAMES: tuple[str, ...] = (
+    "pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2", "left_ankle",
+    "right_ankle", "spine3", "left_foot", "right_foot", "neck", "left_collar", "right_collar", "head",
+    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+    "jaw", "left_eye_smplhf", "right_eye_smplhf",
+    *(f"left_{f}{k}" for f in _FINGERS for k in (1, 2, 3)),
+    *(f"right_{f}{k}" for f in _FINGERS for k in (1, 2, 3)),
+)  # fmt: skip
+"""The 55 SMPL-X joints in model order."""
+
+SMPLX_PARENTS: tuple[int, ...] = (
+    -1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 15, 15, 15,
+    *(p for f in range(5) for p in (20, 25 + 3 * f, 26 + 3 * f)),
+    *(p for f in range(5) for p in (21, 40 + 3 * f, 41 + 3 * f)),
+)  # fmt: skip
+"""Parent of every SMPL-X joint in the kinematic tree (-1 for the pelvis); parents precede children."""
+
+NUM_JOINTS = 55
+
+PARTS: dict[str, tuple[int, ...]] = {
+    "root": (0,),
+    "body": tuple(range(1, 22)),
+    "jaw": (22,),
+    "eyes": (23, 24),
+    "left_hand": tuple(range(25, 40)),
+    "right_hand": tuple(range(40, 55)),
+}
+"""SMPL-X joint indices of each body part."""
+
+_ALIASES = {"hands": ("left_hand", "right_hand"), "all": tuple(PARTS)}
+
+
+def resolve_joints(spec: str | Sequence[int]) -> tuple[int, ...]:
+    """Turn a part spec into sorted SMPL-X joint indices.
+
+    Args:
+        spec: A part name (``"body"``), a ``+``-joined combination (``"body+left_hand+right_hand"``), an alias
+            (``"hands"``, ``"all"``), or SMPL-X indices.
+
+    Returns:
+        Sorted, unique joint indices.
+    """
+    if isinstance(spec, str):
+        joints: set[int] = set()
+        for name in spec.split("+"):
+            name = name.strip()
+            if name in PARTS:
+                joints.update(PARTS[name])
+            elif name in _ALIASES:
+                joints.update(j for part in _ALIASES[name] for j in PARTS[part])
+            else:
+                raise ValueError(
+                    f"unknown part {name!r} in {spec!r}; expected '+'-joined names from "
+                    f"{sorted(PARTS) + sorted(_ALIASES)}"
+                )
+        return tuple(sorted(joints))
+    try:
+        joints_list = [int(j) for j in spec]
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a part spec string or a sequence of joint indices, got {spec!r}") from None
+    if any(isinstance(j, bool) for j in spec):
+        raise ValueError(f"expected joint indices, got booleans in {spec!r}")
+    if not joints_list or min(joints_list) < 0 or max(joints_list) >= NUM_JOINTS:
+        raise ValueError(f"expected a non-empty set of SMPL-X joint indices in [0, 54], got {joints_list}")
+    if len(set(joints_list)) != len(joints_list) or joints_list != sorted(joints_list):
+        raise ValueError(f"expected sorted unique joint indices, got {joints_list}")
+    return tuple(joints_list)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A pose layout as the SMPL-X index of each of its joints (-1: no SMPL-X equivalent, e.g. SMPL's hands).
+
+    Attributes:
+        name: Layout name (a key of :data:`LAYOUTS`).
+        smplx_index: SMPL-X index of each joint of the layout.
+        description: One line.
+    """
+
+    name: str
+    smplx_index: tuple[int, ...]
+    description: str
+
+    @property
+    def num_joints(self) -> int:
+        return len(self.smplx_index)
+
+
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        Layout("smplx", tuple(range(55)), "SMPL-X: root, 21 body, jaw, 2 eyes, 15 left hand, 15 right hand"),
+        Layout(
+            "seed53",
+            (*range(23), *range(25, 55)),
+            "root, 21 body, jaw, 15 left hand, 15 right hand (no eyes)",
+        ),
+        Layout("smplh", (*range(22), *range(25, 55)), "SMPL-H: root, 21 body, 15 left hand, 15 right hand"),
+        Layout("smpl", (*range(22), -1, -1), "SMPL: root, 21 body, one joint per hand (not in SMPL-X)"),
+        Layout("smpl_body", (*range(1, 22), -1, -1), "SMPL body_pose: 21 body joints + SMPL's two hand joints"),
+        Layout("body", tuple(range(1, 22)), "SMPL-X body_pose: the 21 body joints"),
+        Layout("mano_left", PARTS["left_hand"], "MANO left hand, 15 joints"),
+        Layout("mano_right", PARTS["right_hand"], "MANO right hand, 15 joints"),
+    )
+}
+"""Every supported layout by name."""
+
+_BY_COUNT = {55: "smplx", 53: "seed53", 52: "smplh", 24: "smpl", 23: "smpl_body", 21: "body"}
+_COUNTS = (55, 53, 52, 24, 23, 21, 15)
+
+DICT_KEYS: dict[str, tuple[int, ...]] = {
+    "global_orient": PARTS["root"],
+    "body_pose": PARTS["body"],
+    "jaw_pose": PARTS["jaw"],
+    "leye_pose": (23,),
+    "reye_pose": (24,),
+    "left_hand_pose": PARTS["left_hand"],
+    "right_hand_pose": PARTS["right_hand"],
+}
+"""smplx-style keyword names and the SMPL-X joints each holds."""
+
+_IGNORED_KEYS = frozenset({"transl", "betas", "expression"})
+
+
+def _as_tensor(pose: Any, what: str) -> Tensor:
+    if isinstance(pose, np.ndarray):
+        pose = torch.from_numpy(pose)
+    if not isinstance(pose, Tensor):
+        raise TypeError(f"expected a tensor or numpy array for {what}, got {type(pose).__name__}")
+    if not pose.is_floating_point():
+        raise TypeError(f"expected a floating-point {what}, got dtype {pose.dtype}")
+    return pose
+
+
+def _layout_for(pose: Tensor, layout: str | None, hand: str) -> tuple[Layout, Tensor]:
+    """Pick the layout of ``pose`` and reshape it to (*, J, 3)."""
+    if hand not in ("left", "right"):
+        raise ValueError(f"expected hand 'left' or 'right', got {hand!r}")
+    shape = tuple(pose.shape)
+    if layout is not None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+        lay = LAYOUTS[layout]
+        J = lay.num_joints
+        if pose.dim() >= 2 and shape[-2:] == (J, 3):
+            return lay, pose
+        if pose.dim() >= 1 and shape[-1] == 3 * J:
+            return lay, pose.reshape(*shape[:-1], J, 3)
+        raise ValueError(f"expected a {layout} pose of shape (*, {J}, 3) or (*, {3 * J}), got {shape}")
+    if pose.dim() >= 2 and shape[-1] == 3 and shape[-2] in _COUNTS:
+        J = shape[-2]
+    elif pose.dim() >= 1 and shape[-1] % 3 == 0 and shape[-1] // 3 in _COUNTS:
+        J = shape[-1] // 3
+        pose = pose.reshape(*shape[:-1], J, 3)
+    else:
+        raise ValueError(f"expected a pose of shape (*, J, 3) or (*, 3J) with J in {_COUNTS}, got {shape}")
+    name = _BY_COUNT.get(J, f"mano_{hand}")
+    return LAYOUTS[name], pose
+
+
+def _scatter(pose: Tensor, index: Sequence[int]) -> Tensor:
+    """Place (*, J, 3) joints at SMPL-X ``index`` positions (entries -1 dropped) of a zero (*, 55, 3) tensor."""
+    keep = [i for i, j in enumerate(index) if j >= 0]
+    target = torch.tensor([index[i] for i in keep], device=pose.device)
+    src = pose if len(keep) == pose.shape[-2] else pose[..., keep, :]
+    out = pose.new_zeros(*pose.shape[:-2], NUM_JOINTS, 3)
+    return out.index_copy(-2, target, src)  # out-of-place: differentiable w.r.t. pose
+
+
+def to_smplx(
+    pose: Tensor | np.ndarray | Mapping[str, Any], *, layout: str | None = None, hand: str = "right"
+) -> tuple[Tensor, Tensor]:
+    """Convert any supported pose to the SMPL-X 55-joint layout (differentiable).
+
+    Args:
+        pose: Axis-angle rotations of shape (*, J, 3) or (*, 3J) with J in (55, 53, 52, 24, 23, 21, 15), or an
+            smplx-style dict (keys of :data:`DICT_KEYS`, each (*, 3k) or (*, k, 3); ``transl``, ``betas`` and
+            ``expression`` are ignored).
+        layout: Force a layout name from :data:`LAYOUTS` instead of detecting it from J.
+        hand: Which hand a 15-joint (MANO) pose is: ``"left"`` or ``"right"``.
+
+    Returns:
+        ``(pose55, observed)``: the pose, shape (*, 55, 3), zeros at joints the input lacks; and which SMPL-X
+        joints the input provided, shape (55,) bool.
+    """
+    if isinstance(pose, Mapping):
+        return _dict_to_smplx(pose)
+    pose = _as_tensor(pose, "pose")
+    lay, pose = _layout_for(pose, layout, hand)
+    observed = torch.zeros(NUM_JOINTS, dtype=torch.bool, device=pose.device)
+    observed[[j for j in lay.smplx_index if j >= 0]] = True
+    if lay.name == "smplx":
+        return pose, observed
+    return _scatter(pose, lay.smplx_index), observed
+
+
+def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    unknown = sorted(set(values) - set(DICT_KEYS) - _IGNORED_KEYS)
+    if unknown:
+        raise ValueError(f"unknown pose keys {unknown}; expected keys from {list(DICT_KEYS)}")
+    present = [k for k in DICT_KEYS if k in values and values[k] is not None]
+    if not present:
+        raise ValueError(f"expected at least one of {list(DICT_KEYS)} in the pose dict, got {sorted(values)}")
+    parts: list[tuple[tuple[int, ...], Tensor]] = []
+    batch_shape = None
+    for key in present:
+        index = DICT_KEYS[key]
+        t = _as_tensor(values[key], key)
+        k = len(index)
+        if k > 1 and t.dim() >= 2 and t.shape[-2:] == (k, 3):
+            pass
+        elif t.dim() >= 1 and t.shape[-1] == 3 * k:  # single joints are always (*, 3)
+            t = t.reshape(*t.shape[:-1], k, 3)
+        else:
+            raise ValueError(f"expected {key} of shape (*, {3 * k}) or (*, {k}, 3), got {tuple(t.shape)}")
+        if batch_shape is None:
+            batch_shape = t.shape[:-2]
+        elif t.shape[:-2] != batch_shape:
+            raise ValueError(
+                f"batch shapes of the pose dict disagree: {present[0]} has {tuple(batch_shape)}, "
+                f"{key} has {tuple(t.shape[:-2])}"
+            )
+        parts.append((index, t))
+    dtype = parts[0][1].dtype
+    index = [j for idx, _ in parts for j in idx]
+    joined = torch.cat([t.to(dtype) for _, t in parts], dim=-2)
+    observed = torch.zeros(NUM_JOINTS, dtype=torch.bool, device=joined.device)
+    observed[index] = True
+    return _scatter(joined, index), observed
+
+
+def from_smplx(pose55: Tensor, layout: str) -> Tensor:
+    """Convert SMPL-X poses to another layout (joints without an SMPL-X equivalent become zeros).
+
+    Args:
+        pose55: Axis-angle rotations, shape (*, 55, 3).
+        layout: A name from :data:`LAYOUTS`.
+
+    Returns:
+        Poses in ``layout``, shape (*, J, 3).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+    if pose55.dim() < 2 or pose55.shape[-2:] != (NUM_JOINTS, 3):
+        raise ValueError(f"expected SMPL-X poses of shape (*, 55, 3), got {tuple(pose55.shape)}")
+    index = LAYOUTS[layout].smplx_index
+    gather = torch.tensor([max(j, 0) for j in index], device=pose55.device)
+    out = pose55.index_select(-2, gather)
+    if -1 in index:
+        keep = torch.tensor([j >= 0 for j in index], device=pose55.device)
+        out = out * keep[:, None].to(out.dtype)
+    return out
+
+
+def to_smplx_dict(pose55: Tensor) -> dict[str, Tensor]:
+    """Split SMPL-X poses into smplx keyword arguments, flat as smplx expects them.
+
+    Args:
+        pose55: Axis-angle rotations, shape (*, 55, 3).
+
+    Returns:
+        ``global_orient`` (*, 3), ``body_pose`` (*, 63), ``jaw_pose``, ``leye_pose``, ``reye_pose`` (*, 3),
+        ``left_hand_pose``, ``right_hand_pose`` (*, 45).
+    """
+    if pose55.dim() < 2 or pose55.shape[-2:] != (NUM_JOINTS, 3):
+        raise ValueError(f"expected SMPL-X poses of shape (*, 55, 3), got {tuple(pose55.shape)}")
+    return {
+        key: pose55[..., list(index), :].reshape(*pose55.shape[:-2], 3 * len(index)) for key, index in DICT_KEYS.items()
+    }

@@ -1,0 +1,38 @@
+"""Shared fixtures. The Hub environment is set here, before anything imports huggingface_hub."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Point the Hub at a closed local port and a private cache before huggingface_hub is imported anywhere,
+# so that no test can reach the network or touch the user's cache.
+_HF_HOME = tempfile.mkdtemp(prefix="posepriors-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_BASELINES = SHARED_DATA.parent / "baselines"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The research data folder ``../shared/data``; skips the test when it is absent."""
+    if not (SHARED_DATA / "body_train.npz").is_file():
+        pytest.skip(f"research data not found at {SHARED_DATA} (only present on development machines and CI)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A seeded CPU generator, so tests are deterministic."""
+    return torch.Generator().manual_seed(0)

@@ -1,0 +1,173 @@
+"""Saving, loading, the manifest and the Hub path (against a local HTTP server, never the network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import posepriors
+from posepriors import hub
+from posepriors.priors import GaussianPrior
+from posepriors.utils import sha256_file
+from tests.hub_server import HubServer
+
+REPO = "posepriors/test-models"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    prior = GaussianPrior().fit(torch.randn(64, 21, 3, generator=torch.Generator().manual_seed(0)) * 0.3)
+    return prior, posepriors.save_pretrained(prior, tmp_path / "model")
+
+
+def _manifest(tmp_path, folder, *, sha_override=None, revision=REVISION):
+    files = {
+        name: {"sha256": sha_override or sha256_file(folder / name), "size": (folder / name).stat().st_size}
+        for name in (hub.CONFIG_NAME, hub.WEIGHTS_NAME)
+    }
+    manifest = {
+        "format_version": 1,
+        "hub": {"repo_id": REPO, "revision": revision},
+        "models": {"tiny": {"model_type": "gaussian", "description": "a test model", "files": files}},
+    }
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def test_save_writes_sorted_config_and_safetensors(saved):
+    _, folder = saved
+    text = (folder / "config.json").read_text()
+    raw = json.loads(text)
+    assert raw["model_type"] == "gaussian" and raw["format_version"] == 1
+    assert list(raw) == sorted(raw) and list(raw["config"]) == sorted(raw["config"])
+    assert (folder / "model.safetensors").stat().st_size > 0
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_round_trip_is_identical_and_frozen(saved):
+    prior, folder = saved
+    loaded = posepriors.load(folder)
+    x = torch.randn(5, 21, 3)
+    assert torch.equal(loaded.log_prob(x), prior.log_prob(x))
+    assert not loaded.training
+    assert all(not p.requires_grad for p in loaded.parameters())
+    unfrozen = posepriors.load(folder, frozen=False)
+    assert all(p.requires_grad for p in unfrozen.parameters())
+    assert posepriors.load(folder, dtype=torch.float64).dtype == torch.float64
+
+
+def test_unknown_model_type_and_keys_are_rejected(saved):
+    _, folder = saved
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "model_type": "vposer"}))
+    with pytest.raises(ValueError, match=r"unknown model_type 'vposer'.*gaussian"):
+        posepriors.load(folder)
+    raw["config"]["secret_knob"] = 3
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"unknown GaussianConfig keys \['secret_knob'\]"):
+        posepriors.load(folder)
+    (folder / "config.json").write_text(json.dumps({**raw, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version"):
+        posepriors.load(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        posepriors.load(folder)
+
+
+def test_missing_and_corrupted_files(saved, tmp_path):
+    _, folder = saved
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        posepriors.load(tmp_path / "nowhere" / "model")
+    with pytest.raises(ValueError, match="unknown model 'nowhere'"):
+        posepriors.load("nowhere")
+    (folder / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        posepriors.load(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        posepriors.load(folder)
+
+
+def test_weights_that_do_not_match_the_config(saved, tmp_path):
+    _, folder = saved
+    other = posepriors.save_pretrained(GaussianPrior(posepriors.GaussianConfig(joints="all")), tmp_path / "b")
+    (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="do not match the config"):
+        posepriors.load(folder)
+
+
+def test_hub_download_then_cache_hit(saved, tmp_path):
+    prior, folder = saved
+    manifest = _manifest(tmp_path, folder)
+    with HubServer() as server:
+        server.add_folder(REPO, REVISION, "tiny", folder)
+        kwargs = {"manifest": manifest, "endpoint": server.endpoint, "cache_dir": tmp_path / "cache"}
+        loaded = posepriors.load("tiny", **kwargs)
+        assert any(method == "GET" for method, _ in server.requests)
+        first = len(server.requests)
+        again = posepriors.load("tiny", **kwargs)
+        assert len(server.requests) == first  # pinned revision in the cache: zero requests
+    x = torch.randn(3, 21, 3)
+    assert torch.equal(loaded.log_prob(x), prior.log_prob(x))
+    assert torch.equal(again.log_prob(x), prior.log_prob(x))
+
+
+def test_hub_sha_mismatch_is_an_error(saved, tmp_path):
+    _, folder = saved
+    manifest = _manifest(tmp_path, folder, sha_override="f" * 64)
+    with HubServer() as server:
+        server.add_folder(REPO, REVISION, "tiny", folder)
+        with pytest.raises(ValueError, match="SHA-256 mismatch"):
+            posepriors.load("tiny", manifest=manifest, endpoint=server.endpoint, cache_dir=tmp_path / "c")
+
+
+def test_hub_404_is_an_error(saved, tmp_path):
+    _, folder = saved
+    manifest = _manifest(tmp_path, folder)
+    with HubServer() as server, pytest.raises(FileNotFoundError, match="the Hub has no tiny/config.json"):
+        posepriors.load("tiny", manifest=manifest, endpoint=server.endpoint, cache_dir=tmp_path / "c")
+
+
+def test_offline_with_empty_cache_says_what_to_do(saved, tmp_path, monkeypatch):
+    _, folder = saved
+    manifest = _manifest(tmp_path, folder)
+    with pytest.raises(FileNotFoundError, match="not in the Hub cache"):
+        posepriors.load("tiny", manifest=manifest, cache_dir=tmp_path / "c", local_files_only=True)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="unset HF_HUB_OFFLINE"):
+        posepriors.load("tiny", manifest=manifest, cache_dir=tmp_path / "c")
+
+
+def test_unpublished_model_says_so(saved, tmp_path):
+    _, folder = saved
+    manifest = _manifest(tmp_path, folder, revision=None)
+    with pytest.raises(FileNotFoundError, match="no published Hub revision"):
+        posepriors.load("tiny", manifest=manifest)
+
+
+def test_bad_manifest(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"models": {"x": {"description": "no files"}}}))
+    with pytest.raises(ValueError, match=r"lacks \['files', 'model_type'\]"):
+        hub.read_manifest(path)
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        hub.read_manifest(tmp_path / "absent.json")
+
+
+def test_every_manifest_entry_is_bundled_and_verified():
+    entries = hub.read_manifest()
+    assert entries, "the package ships at least one model"
+    for name, entry in entries.items():
+        assert entry.bundled, f"{name} must ship inside the package"
+        assert entry.revision is None or len(entry.revision) == 40
+        hub.verify_files(hub.BUNDLED_DIR / entry.subfolder, entry)
+        assert entry.extra.get("license"), f"{name} needs a licence note"
+        prior = posepriors.load(name)
+        assert prior.model_type == entry.model_type
+        assert name in posepriors.list_models()
