@@ -2,18 +2,24 @@
 
 from posepriors.priors.base import PosePrior, PriorConfig, get_validation, register_model, set_validation
 from posepriors.priors.gaussian import GaussianConfig, GaussianPrior
+from posepriors.priors.global_flow import GlobalFlowConfig, GlobalFlowPrior
 from posepriors.priors.gmm import GMMConfig, GMMPrior
+from posepriors.priors.joint_flow import JointFlowConfig, JointFlowPrior
 
 __all__ = [
     "GMMConfig",
     "GMMPrior",
     "GaussianConfig",
     "GaussianPrior",
+    "GlobalFlowConfig",
+    "GlobalFlowPrior",
+    "JointFlowConfig",
+    "JointFlowPrior",
     "PosePrior",
     "PriorConfig",
     "get_validation",
     "set_validation",
 ]
 
-for _cls in (GaussianPrior, GMMPrior):
+for _cls in (GaussianPrior, GlobalFlowPrior, GMMPrior, JointFlowPrior):
     register_model(_cls)

@@ -1,0 +1,281 @@
+"""Reading pose files and folders (AMASS, the seed's 53-joint files, prepared body/hand files) into tensors.
+
+Every loader returns a :class:`PoseData`: SMPL-X poses (N, 55, 3) with a per-frame mask of the joints the source
+had, and a sequence id per frame so that splits never cut a sequence in two.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from posepriors import skeleton
+from posepriors.rotations import wrap_axis_angle
+
+__all__ = ["ACCEPTED_KEYS", "PoseData", "load_poses"]
+
+_AMASS_WIDTHS = {156: "smplh", 165: "smplx", 72: "smpl"}
+ACCEPTED_KEYS = (
+    "poses (AMASS: width 156 SMPL-H, 165 SMPL-X, 72 SMPL; or the seed's (N, 53, 3))",
+    *skeleton.DICT_KEYS,
+)
+"""The keys that make an ``.npz`` file usable."""
+
+
+@dataclass
+class PoseData:
+    """Poses in the SMPL-X layout with provenance.
+
+    Attributes:
+        poses: Axis-angle rotations, shape (N, 55, 3), float32, canonical, zeros where not observed.
+        observed: Which SMPL-X joints each frame's source had, shape (N, 55) bool.
+        sequence: Sequence id of each frame, shape (N,) int64, indexing ``sequence_names``.
+        sequence_names: Name of every sequence (file, or file + subject/sequence key).
+        source_files: The files the poses came from.
+    """
+
+    poses: Tensor
+    observed: Tensor
+    sequence: Tensor
+    sequence_names: list[str]
+    source_files: list[str]
+
+    def __post_init__(self) -> None:
+        n = self.poses.shape[0]
+        if self.poses.shape[1:] != (skeleton.NUM_JOINTS, 3):
+            raise ValueError(f"expected poses of shape (N, 55, 3), got {tuple(self.poses.shape)}")
+        if self.observed.shape != (n, skeleton.NUM_JOINTS) or self.sequence.shape != (n,):
+            raise ValueError(
+                f"expected observed (N, 55) and sequence (N,) with N={n}, "
+                f"got {tuple(self.observed.shape)} and {tuple(self.sequence.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.poses.shape[0]
+
+    def __repr__(self) -> str:
+        parts = [name for name, idx in skeleton.PARTS.items() if bool(self.observed[:, list(idx)].any())]
+        return (
+            f"PoseData({len(self)} poses, {len(self.sequence_names)} sequences, {len(self.source_files)} files, "
+            f"parts observed: {'+'.join(parts) or 'none'})"
+        )
+
+    def subset(self, index: Tensor | Sequence[int] | slice) -> PoseData:
+        """Frames ``index`` (sequence names kept, so ids stay valid)."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index)
+        return PoseData(
+            self.poses[index], self.observed[index], self.sequence[index], self.sequence_names, self.source_files
+        )
+
+    def joints(self, spec: str | Sequence[int]) -> Tensor:
+        """Poses of the joints ``spec`` (a part spec or SMPL-X indices), shape (N, J, 3)."""
+        return self.poses[:, list(skeleton.resolve_joints(spec))]
+
+    @staticmethod
+    def concat(items: Sequence[PoseData]) -> PoseData:
+        """Concatenate several data sets (sequence ids are renumbered)."""
+        if not items:
+            raise ValueError("expected at least one PoseData to concatenate, got none")
+        offsets = np.cumsum([0] + [len(d.sequence_names) for d in items[:-1]])
+        return PoseData(
+            torch.cat([d.poses for d in items]),
+            torch.cat([d.observed for d in items]),
+            torch.cat([d.sequence + int(o) for d, o in zip(items, offsets, strict=True)]),
+            [n for d in items for n in d.sequence_names],
+            [f for d in items for f in d.source_files],
+        )
+
+    def split_by_sequence(self, val_fraction: float, *, seed: int = 0) -> tuple[PoseData, PoseData]:
+        """Split into train and validation by whole sequences (never by frame).
+
+        Sequences are shuffled with ``seed`` and assigned to validation until it holds about ``val_fraction`` of
+        the frames.
+
+        Args:
+            val_fraction: Target fraction of frames in the validation split, in (0, 1).
+            seed: Seed of the shuffle.
+
+        Returns:
+            ``(train, val)``.
+        """
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"expected 0 < val_fraction < 1, got {val_fraction}")
+        ids = torch.unique(self.sequence)
+        if len(ids) < 2:
+            raise ValueError(
+                f"cannot split {len(self)} frames by sequence: they all belong to one sequence "
+                f"({self.sequence_names[int(ids[0])] if len(ids) else 'none'}); pass a separate validation set"
+            )
+        order = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+        counts = torch.bincount(self.sequence, minlength=len(self.sequence_names))
+        target = val_fraction * len(self)
+        val_ids, total = [], 0
+        for sid in order.tolist():
+            if total >= target or len(val_ids) == len(ids) - 1:
+                break
+            val_ids.append(sid)
+            total += int(counts[sid])
+        is_val = torch.isin(self.sequence, torch.tensor(val_ids))
+        return self.subset(torch.nonzero(~is_val).flatten()), self.subset(torch.nonzero(is_val).flatten())
+
+
+def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: bool = True) -> PoseData:
+    """Read a ``.npz`` file or a folder of them into SMPL-X poses.
+
+    Recognised files:
+
+    - AMASS: ``poses`` of width 156 (SMPL-H), 165 (SMPL-X) or 72 (SMPL), with ``mocap_framerate`` (or
+      ``mocap_frame_rate``) used to subsample to ``fps``; one sequence per file.
+    - The seed's format: ``poses`` of shape (N, 53, 3); one sequence per file.
+    - Prepared files: any of ``global_orient``, ``body_pose`` (N, 21, 3) or (N, 63), ``jaw_pose``, ``leye_pose``,
+      ``reye_pose``, ``left_hand_pose``, ``right_hand_pose`` (N, 15, 3) or (N, 45); sequences from per-frame
+      ``sequence`` (with ``subject``) or ``source`` keys, else one per file.
+
+    Other keys (``trans``, ``betas``, ``dmpls``, markers, ...) are ignored. Frames with NaN or Inf are dropped and
+    counted in one warning; angles beyond pi are wrapped to the canonical range.
+
+    Args:
+        path: A file or a folder (searched recursively for ``*.npz``, in sorted order).
+        fps: Target frame rate for AMASS sequences (keeps every ``round(source / fps)``-th frame).
+        recursive: Search sub-folders too.
+
+    Returns:
+        The poses.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pose data not found: {path}")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"expected fps > 0, got {fps}")
+    if path.is_file():
+        files, root = [path], path.parent
+    else:
+        files = sorted(path.rglob("*.npz") if recursive else path.glob("*.npz"))
+        root = path
+    loaded: list[PoseData] = []
+    skipped: list[str] = []
+    dropped: dict[str, int] = {}
+    total = 0
+    for file in files:
+        try:
+            item, nonfinite = _load_file(file, root, fps)
+        except _UnusableFile as err:
+            if path.is_file():
+                raise ValueError(str(err)) from None
+            skipped.append(f"{file.relative_to(root)} ({err.reason})")
+            continue
+        total += len(item) + nonfinite
+        if nonfinite:
+            dropped[str(file.relative_to(root))] = nonfinite
+        if len(item):
+            loaded.append(item)
+    if not loaded:
+        seen = [str(f.relative_to(root)) for f in files[:10]] + (["..."] if len(files) > 10 else [])
+        raise ValueError(
+            f"no usable pose file in {path}: saw {len(files)} .npz file(s) {seen}"
+            + (f", skipped {skipped[:10]}" if skipped else "")
+            + f"; accepted keys: {', '.join(ACCEPTED_KEYS)}"
+        )
+    if dropped:
+        detail = ", ".join(f"{name}: {count}" for name, count in list(dropped.items())[:10])
+        warnings.warn(
+            f"dropped {sum(dropped.values())} of {total} frames with NaN/Inf in poses ({detail})", stacklevel=2
+        )
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} file(s) without usable poses: {skipped[:10]}", stacklevel=2)
+    return PoseData.concat(loaded)
+
+
+class _UnusableFile(Exception):
+    def __init__(self, file: Path, reason: str) -> None:
+        super().__init__(f"{file}: {reason}; accepted keys: {', '.join(ACCEPTED_KEYS)}")
+        self.reason = reason
+
+
+def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int]:
+    """One file -> (PoseData, number of non-finite frames dropped)."""
+    try:
+        npz = np.load(file, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise _UnusableFile(file, f"not a readable .npz ({err})") from None
+    with npz:
+        keys = set(npz.files)
+        name = str(file.relative_to(root)) if file.is_relative_to(root) else str(file)
+        if "poses" in keys:
+            poses, layout, rate = _read_amass_or_seed(npz, file)
+            step = 1
+            if fps is not None and rate is not None and rate > fps:
+                step = max(1, round(rate / fps))
+            pose55, observed = skeleton.to_smplx(torch.from_numpy(poses[::step]), layout=layout)
+            seq_names, seq = [name], torch.zeros(len(pose55), dtype=torch.long)
+        elif keys & set(skeleton.DICT_KEYS):
+            parts = {}
+            for key in skeleton.DICT_KEYS:
+                if key in keys:
+                    parts[key] = torch.from_numpy(np.asarray(_read_array(npz, key, file), dtype=np.float32))
+            n = {k: v.shape[0] if v.dim() else -1 for k, v in parts.items()}
+            if len(set(n.values())) != 1:
+                raise ValueError(f"{file}: the pose arrays have different frame counts: {n}")
+            try:
+                pose55, observed = skeleton.to_smplx(parts)
+            except ValueError as err:
+                raise ValueError(f"{file}: {err}") from None
+            seq_names, seq = _sequences(npz, file, name, len(pose55))
+        else:
+            raise _UnusableFile(file, f"none of the accepted keys (has {sorted(keys)[:12]})")
+    pose55 = pose55.to(torch.float32)
+    finite = torch.isfinite(pose55).all(-1).all(-1)
+    nonfinite = int((~finite).sum())
+    if nonfinite:
+        pose55, seq = pose55[finite], seq[finite]
+    pose55 = wrap_axis_angle(pose55)
+    obs = observed.expand(len(pose55), -1).clone()
+    return PoseData(pose55, obs, seq, seq_names, [str(file)]), nonfinite
+
+
+def _read_array(npz: np.lib.npyio.NpzFile, key: str, file: Path) -> np.ndarray:
+    try:
+        return npz[key]
+    except ValueError as err:  # object arrays need pickle, which we never allow
+        raise ValueError(f"{file}: key {key!r} cannot be read without pickle ({err})") from None
+
+
+def _read_amass_or_seed(npz: np.lib.npyio.NpzFile, file: Path) -> tuple[np.ndarray, str, float | None]:
+    poses = np.asarray(_read_array(npz, "poses", file), dtype=np.float32)
+    if poses.ndim == 3 and poses.shape[1:] == (53, 3):
+        return poses, "seed53", None
+    if poses.ndim == 2 and poses.shape[1] in _AMASS_WIDTHS:
+        rate = None
+        for key in ("mocap_framerate", "mocap_frame_rate"):
+            if key in npz.files:
+                rate = float(np.asarray(npz[key]))
+                break
+        return poses, _AMASS_WIDTHS[poses.shape[1]], rate
+    raise ValueError(
+        f"{file}: expected 'poses' of shape (T, 156) SMPL-H, (T, 165) SMPL-X, (T, 72) SMPL or (N, 53, 3) seed, "
+        f"got {poses.shape}"
+    )
+
+
+def _sequences(npz: np.lib.npyio.NpzFile, file: Path, name: str, n: int) -> tuple[list[str], Tensor]:
+    """Per-frame sequence ids from ``sequence`` (+ ``subject``) or ``source`` keys; else one sequence."""
+    labels = None
+    if "sequence" in npz.files:
+        labels = np.asarray(npz["sequence"]).astype(str)
+        if "subject" in npz.files:
+            labels = np.char.add(np.char.add(np.asarray(npz["subject"]).astype(str), "/"), labels)
+    elif "source" in npz.files:
+        labels = np.asarray(npz["source"]).astype(str)
+    if labels is None or labels.shape != (n,):
+        return [name], torch.zeros(n, dtype=torch.long)
+    uniques, inverse = np.unique(labels, return_inverse=True)
+    return [f"{name}:{u}" for u in uniques], torch.from_numpy(inverse.astype(np.int64))

@@ -1,0 +1,431 @@
+"""``global_flow``: a normalizing flow over the whole pose.
+
+The density can be split into parts (block-autoregressive): with ``parts=("body", "left_hand+right_hand")`` it is
+``p(body) p(hands | body)``, each factor a coupling flow whose conditioners also see the previous parts, so a pose
+without hands gets the exact marginal ``p(body)``. An optional completion flow, trained with random joint masks,
+gives ``p(missing | observed)`` for any mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from posepriors import skeleton
+from posepriors.flows import FlowSequence, build_flow
+from posepriors.priors.base import PosePrior, PriorConfig, randn
+
+__all__ = ["GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class GlobalFlowConfig(PriorConfig):
+    """Settings of :class:`GlobalFlowPrior`.
+
+    Attributes:
+        joints: Modelled SMPL-X joints.
+        hidden: Width of the coupling conditioners.
+        num_layers: Coupling layers per part (the seed's K).
+        num_hidden_layers: Hidden layers per conditioner.
+        coupling: ``"affine"`` or ``"spline"`` (rational-quadratic).
+        mixing: ``"lu"`` (learned LU-decomposed linear), ``"permutation"`` or ``"none"``.
+        actnorm: ActNorm before every layer.
+        bins: Spline bins.
+        bound: Spline interval half-width (in ActNorm-standardised units).
+        parts: Part specs that split the joints into autoregressive factors (empty: one flow over all joints).
+        use_conditioning: Condition every factor on an external context vector.
+        context_features: Size of that context vector.
+        conditional: Train a completion flow for arbitrary masks (``sample``/``project`` with masks).
+        mask_probability: Probability that a training pose gets a random mask in the completion objective.
+    """
+
+    hidden: int = 512
+    num_layers: int = 6
+    num_hidden_layers: int = 1
+    coupling: str = "affine"
+    mixing: str = "lu"
+    actnorm: bool = True
+    bins: int = 8
+    bound: float = 4.0
+    parts: tuple[str, ...] = ()
+    use_conditioning: bool = False
+    context_features: int = 0
+    conditional: bool = False
+    mask_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_conditioning != (self.context_features > 0):
+            raise ValueError(
+                f"use_conditioning={self.use_conditioning} needs context_features > 0 (and 0 without it), "
+                f"got context_features={self.context_features}"
+            )
+        if self.parts:
+            resolved = [skeleton.resolve_joints(p) for p in self.parts]
+            flat = [j for part in resolved for j in part]
+            if len(set(flat)) != len(flat) or set(flat) != set(self.joints):
+                raise ValueError(
+                    f"expected parts {self.parts} to split the joints {self.joints} into disjoint groups, "
+                    f"got joints {sorted(flat)}"
+                )
+        if not 0 <= self.mask_probability <= 1:
+            raise ValueError(f"expected 0 <= mask_probability <= 1, got {self.mask_probability}")
+
+
+class GlobalFlowPrior(PosePrior):
+    """A coupling flow (ActNorm, LU mixing, affine or spline couplings) over all modelled joints at once.
+
+    - ``log_prob`` is exact. Masks that hide whole trailing parts (e.g. the hands, with
+      ``parts=("body", "left_hand+right_hand")``) give exact marginals; other masks raise, except in ``sample``
+      and ``project`` with a completion flow (``conditional=True``).
+    - ``sample`` draws the parts in order; with ``temperature`` scaling the latent noise.
+    - ``project`` shrinks the latent code, ``x' = f^-1(shrink * f(x))``, part by part; missing parts are set to
+      their conditional mode-ish value (latent zero), or filled by the completion flow.
+    """
+
+    model_type = "global_flow"
+    config_class = GlobalFlowConfig
+
+    def __init__(self, config: GlobalFlowConfig | None = None) -> None:
+        super().__init__(config if config is not None else GlobalFlowConfig())
+        cfg: GlobalFlowConfig = self.config
+        part_specs = cfg.parts or (cfg.joints,)
+        position = {j: i for i, j in enumerate(cfg.joints)}
+        part_index = [[position[j] for j in skeleton.resolve_joints(p)] for p in part_specs]
+        self._part_index = part_index
+        for k, idx in enumerate(part_index):
+            self.register_buffer(f"part_index_{k}", torch.tensor(idx), persistent=False)
+        flows = []
+        previous = 0
+        for k, idx in enumerate(part_index):
+            flows.append(self._build(3 * len(idx), 3 * previous + cfg.context_features, seed=k))
+            previous += len(idx)
+        self.flows = nn.ModuleList(flows)
+        self.completion = (
+            self._build(self.dim, 4 * self.dim + cfg.context_features, seed=99) if cfg.conditional else None
+        )
+        self._context: Tensor | None = None
+
+    def _build(self, dim: int, context: int, seed: int) -> FlowSequence:
+        cfg: GlobalFlowConfig = self.config
+        return build_flow(
+            1,
+            dim,
+            num_layers=cfg.num_layers,
+            hidden=cfg.hidden,
+            coupling=cfg.coupling,
+            context_features=context,
+            actnorm=cfg.actnorm,
+            mixing=cfg.mixing,
+            num_hidden_layers=cfg.num_hidden_layers,
+            bins=cfg.bins,
+            bound=cfg.bound,
+            seed=seed,
+        )
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.flows)
+
+    # ------------------------------------------------------------------ context
+    def with_context(self, context: Tensor) -> _ContextScope:
+        """Use ``context`` (B, context_features) for the calls inside a ``with`` block (``use_conditioning``).
+
+        Example::
+
+            with prior.with_context(shape_features):
+                nll = prior.nll(pose)
+        """
+        return _ContextScope(self, context)
+
+    def _get_context(self, batch: int) -> Tensor | None:
+        cfg: GlobalFlowConfig = self.config
+        if not cfg.use_conditioning:
+            return None
+        if self._context is None:
+            raise ValueError(
+                f"this prior is conditioned on a context of {cfg.context_features} features: "
+                "wrap the call in `with prior.with_context(context):`"
+            )
+        ctx = self._context
+        if ctx.shape[0] != batch:
+            if ctx.shape[0] == 1:
+                return ctx.expand(batch, -1)
+            raise ValueError(f"expected a context batch of {batch} (or 1), got {ctx.shape[0]}")
+        return ctx
+
+    # ------------------------------------------------------------------ core maps
+    def _part_context(self, x: Tensor, k: int, ctx: Tensor | None) -> Tensor | None:
+        """Conditioner input of part k: previous parts' coordinates (B, 3 * previous) and the external context."""
+        pieces = [x[:, getattr(self, f"part_index_{i}")].flatten(1) for i in range(k)]
+        if ctx is not None:
+            pieces.append(ctx)
+        if not pieces:
+            return None
+        return torch.cat(pieces, dim=-1).unsqueeze(1)
+
+    def _part_log_probs(self, x: Tensor) -> Tensor:
+        """Log-density of every part given the previous ones, (B, P)."""
+        ctx = self._get_context(x.shape[0])
+        out = []
+        for k, flow in enumerate(self.flows):
+            xk = x[:, getattr(self, f"part_index_{k}")].reshape(x.shape[0], 1, -1)
+            out.append(flow.log_prob(xk, self._part_context(x, k, ctx))[:, 0])
+        return torch.stack(out, dim=-1)
+
+    def _part_mask(self, mask: Tensor) -> Tensor:
+        """(B, J) joint mask -> (B, P) part-observed flags; raises unless it hides whole trailing parts."""
+        observed = []
+        for k in range(self.num_parts):
+            m = mask[:, getattr(self, f"part_index_{k}")]
+            full, empty = m.all(-1), ~m.any(-1)
+            if not bool((full | empty).all()):
+                raise ValueError(self._mask_error("partially observed part"))
+            observed.append(full)
+        observed_parts = torch.stack(observed, dim=-1)
+        if bool((observed_parts[:, 1:] & ~observed_parts[:, :-1]).any()):
+            raise ValueError(self._mask_error("a missing part before an observed one"))
+        return observed_parts
+
+    def _mask_error(self, why: str) -> str:
+        parts = self.config.parts or ("all joints",)
+        return (
+            f"global_flow with parts {parts} gives exact marginals only for masks that hide whole trailing parts "
+            f"(got {why}); use sample/project with a completion flow (conditional=True) for other masks"
+        )
+
+    def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        parts = self._part_log_probs(x)
+        if mask is None:
+            return parts.sum(-1)
+        return (parts * self._part_mask(mask)).sum(-1)
+
+    def log_prob_per_part(self, pose: Any) -> Tensor:
+        """Log-density of every part given the previous ones.
+
+        Args:
+            pose: Any supported pose input, batch shape (*).
+
+        Returns:
+            Per-part log-densities, shape (*, P).
+        """
+        x, _, batch_shape = self._prepare(pose, None)
+        return self._part_log_probs(x).reshape(*batch_shape, self.num_parts)
+
+    def _decode(self, z_parts: list[Tensor | None], x: Tensor, observed_parts: Tensor | None) -> Tensor:
+        """Invert the parts in order: part k from latent ``z_parts[k]`` (B, 1, D_k) given the already decoded
+        previous parts; parts flagged observed keep ``x``'s values."""
+        ctx = self._get_context(x.shape[0])
+        out = x.clone()
+        for k, flow in enumerate(self.flows):
+            idx = getattr(self, f"part_index_{k}")
+            z = z_parts[k]
+            decoded, _ = flow.inverse(z, self._part_context(out, k, ctx))
+            decoded = decoded.reshape(x.shape[0], len(idx), 3)
+            if observed_parts is not None:
+                decoded = torch.where(observed_parts[:, k, None, None], x[:, idx], decoded)
+            out[:, idx] = decoded
+        return out
+
+    def _encode(self, x: Tensor) -> list[Tensor]:
+        ctx = self._get_context(x.shape[0])
+        zs = []
+        for k, flow in enumerate(self.flows):
+            xk = x[:, getattr(self, f"part_index_{k}")].reshape(x.shape[0], 1, -1)
+            zs.append(flow(xk, self._part_context(x, k, ctx))[0])
+        return zs
+
+    # ------------------------------------------------------------------ completion flow
+    def _completion_context(self, x: Tensor, mask: Tensor) -> Tensor:
+        m = mask.repeat_interleave(3, dim=-1).to(x.dtype)  # (B, D)
+        flat = x.flatten(1) * m
+        from posepriors.rotations import axis_angle_to_rotation_6d
+
+        six = axis_angle_to_rotation_6d(x).flatten(1) * mask.repeat_interleave(6, dim=-1).to(x.dtype)
+        pieces = [flat, six, m]
+        ctx = self._get_context(x.shape[0])
+        if ctx is not None:
+            pieces.append(ctx)
+        return torch.cat(pieces, dim=-1).unsqueeze(1)
+
+    def completion_log_prob(self, x: Tensor, mask: Tensor, noise: Tensor) -> Tensor:
+        """Log-density of the missing coordinates given the observed ones under the completion flow.
+
+        Args:
+            x: Poses, shape (B, J, 3).
+            mask: Observed joints, shape (B, J).
+            noise: Standard-normal noise standing in for the observed coordinates, shape (B, 3J).
+
+        Returns:
+            ``log q(x_missing | x_observed)``, shape (B,).
+        """
+        if self.completion is None:
+            raise ValueError("this global_flow has no completion flow: build it with conditional=True")
+        m = mask.repeat_interleave(3, dim=-1)
+        u = torch.where(m, noise, x.flatten(1)).unsqueeze(1)
+        joint = self.completion.log_prob(u, self._completion_context(x, mask))[:, 0]
+        return joint - (-0.5 * (noise.square() + _LOG_2PI) * m).sum(-1)
+
+    def _complete(self, x: Tensor, mask: Tensor, z: Tensor) -> Tensor:
+        """Missing joints from the completion flow at latent ``z`` (B, 1, 3J); observed joints kept."""
+        u, _ = self.completion.inverse(z, self._completion_context(x, mask))
+        return torch.where(mask[..., None], x, u.reshape(x.shape))
+
+    def _is_trailing_parts(self, mask: Tensor) -> bool:
+        try:
+            self._part_mask(mask)
+        except ValueError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ sampling and projection
+    def _sample(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        temperature: float,
+        observed: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        device, dtype = self.joint_index.device, self.dtype
+        if observed is None:
+            zs = [
+                temperature * randn((n, 1, 3 * len(idx)), generator=generator, device=device, dtype=dtype)
+                for idx in self._part_index
+            ]
+            x = torch.zeros(n, self.num_joints, 3, device=device, dtype=dtype)
+            return self._decode(zs, x, None)
+        B = observed.shape[0]
+        x = observed.unsqueeze(0).expand(n, -1, -1, -1).reshape(n * B, self.num_joints, 3)
+        m = mask.unsqueeze(0).expand(n, -1, -1).reshape(n * B, self.num_joints)
+        if self._is_trailing_parts(m):
+            zs = [
+                temperature * randn((n * B, 1, 3 * len(idx)), generator=generator, device=device, dtype=dtype)
+                for idx in self._part_index
+            ]
+            out = self._decode(zs, x, self._part_mask(m))
+        elif self.completion is not None:
+            z = temperature * randn((n * B, 1, self.dim), generator=generator, device=device, dtype=dtype)
+            out = self._complete(x, m, z)
+        else:
+            raise ValueError(self._mask_error("a mask that is not a trailing-part pattern"))
+        return out.reshape(n, B, self.num_joints, 3)
+
+    def _project(
+        self, x: Tensor, mask: Tensor | None, shrink: float = 0.5, keep_observed: bool = False, **kwargs: Any
+    ) -> Tensor:
+        """Latent shrinkage ``x' = f^-1(shrink * f(x))``; missing joints completed at latent zero."""
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments for GlobalFlowPrior.project: {sorted(kwargs)}")
+        if not 0 <= shrink <= 1:
+            raise ValueError(f"expected 0 <= shrink <= 1, got {shrink}")
+        observed_parts = None
+        if mask is not None:
+            if self._is_trailing_parts(mask):
+                observed_parts = self._part_mask(mask)
+            elif self.completion is not None:
+                z = torch.zeros(x.shape[0], 1, self.dim, device=x.device, dtype=x.dtype)
+                x = self._complete(x, mask, z)
+                if keep_observed:
+                    return x
+            else:
+                raise ValueError(self._mask_error("a mask that is not a trailing-part pattern"))
+        zs = self._encode(x)
+        if observed_parts is not None:  # missing parts go to latent zero, given the parts before them
+            zs = [torch.where(observed_parts[:, k, None, None], z, torch.zeros_like(z)) for k, z in enumerate(zs)]
+        if keep_observed:
+            return self._decode(zs, x, observed_parts)
+        return self._decode([shrink * z for z in zs], x, None)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Maximum likelihood; plus the completion flow's NLL on randomly masked poses when ``conditional``."""
+        loss = -self._log_prob(pose, None).mean()
+        if self.completion is not None:
+            mask = random_joint_mask(pose.shape[0], self.joints, self.config.mask_probability, generator, pose.device)
+            noise = randn(pose.flatten(1).shape, generator=generator, device=pose.device, dtype=pose.dtype)
+            hidden = (~mask).sum(-1).clamp_min(1)
+            loss = loss - (self.completion_log_prob(pose, mask, noise) / hidden).mean()
+        return loss
+
+    def round_trip_error(self, pose: Tensor) -> Tensor:
+        """Max abs error of ``f^-1(f(x))`` over the batch (B, J, 3) -> ()."""
+        back = self._decode(self._encode(pose), torch.zeros_like(pose), None)
+        return (back - pose).abs().max()
+
+    @torch.no_grad()
+    def initialize_from_data(self, pose: Tensor) -> None:
+        """ActNorm data initialisation of every part (and of the completion flow)."""
+        ctx = self._get_context(pose.shape[0]) if self._context is not None else None
+        if self.config.use_conditioning and ctx is None:
+            return  # needs the context: ActNorm initialises on the first training batch instead
+        for k, flow in enumerate(self.flows):
+            xk = pose[:, getattr(self, f"part_index_{k}")].reshape(pose.shape[0], 1, -1)
+            flow.initialize(xk, self._part_context(pose, k, ctx))
+        if self.completion is not None:
+            mask = torch.ones(pose.shape[:2], dtype=torch.bool, device=pose.device)
+            mask[: pose.shape[0] // 2] = False
+            u = torch.where(mask.repeat_interleave(3, -1), torch.randn_like(pose.flatten(1)), pose.flatten(1))
+            self.completion.initialize(u.unsqueeze(1), self._completion_context(pose, mask))
+
+
+class _ContextScope:
+    def __init__(self, prior: GlobalFlowPrior, context: Tensor) -> None:
+        cfg: GlobalFlowConfig = prior.config
+        if not cfg.use_conditioning:
+            raise ValueError("this prior was built without use_conditioning; it takes no context")
+        if context.dim() != 2 or context.shape[-1] != cfg.context_features:
+            raise ValueError(f"expected a context of shape (B, {cfg.context_features}), got {tuple(context.shape)}")
+        self.prior, self.context = prior, context
+
+    def __enter__(self) -> GlobalFlowPrior:
+        self.previous = self.prior._context
+        self.prior._context = self.context.to(device=self.prior.device, dtype=self.prior.dtype)
+        return self.prior
+
+    def __exit__(self, *exc: object) -> None:
+        self.prior._context = self.previous
+
+
+def random_joint_mask(
+    batch: int,
+    joints: tuple[int, ...],
+    probability: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """Random observed-joint masks for completion training: per pose, with ``probability``, hide one of: a whole
+    subtree (a limb, a hand, a finger chain) rooted at a random modelled joint, or independent random joints.
+
+    Returns:
+        Masks (B, J) bool, True = observed, with at least one joint hidden and one observed where masked.
+    """
+    J = len(joints)
+    position = {j: i for i, j in enumerate(joints)}
+    subtree = torch.zeros(J, J, dtype=torch.bool)
+    subtree.fill_diagonal_(True)  # subtree[i] = modelled descendants of joint i (itself included)
+    for j in reversed(joints):
+        parent = skeleton.SMPLX_PARENTS[j]
+        while parent >= 0 and parent not in position:
+            parent = skeleton.SMPLX_PARENTS[parent]
+        if parent >= 0:
+            subtree[position[parent]] |= subtree[position[j]]
+    cpu = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    use = torch.rand(batch, generator=cpu) < probability
+    roots = torch.randint(J, (batch,), generator=cpu)
+    hide = subtree[roots]
+    scattered = torch.rand(batch, J, generator=cpu) < torch.rand(batch, 1, generator=cpu) * 0.5
+    kind = torch.rand(batch, generator=cpu) < 0.5
+    hide = torch.where(kind[:, None], hide, scattered)
+    hide[hide.all(-1)] = False  # keep something observed
+    empty = ~hide.any(-1)
+    hide[torch.arange(batch)[empty], roots[empty]] = True
+    hide[hide.all(-1)] = False
+    mask = ~(hide & use[:, None])
+    return mask.to(device)
