@@ -4,6 +4,7 @@ from posepriors.priors.base import PosePrior, PriorConfig, get_validation, regis
 from posepriors.priors.gaussian import GaussianConfig, GaussianPrior
 from posepriors.priors.global_flow import GlobalFlowConfig, GlobalFlowPrior
 from posepriors.priors.gmm import GMMConfig, GMMPrior
+from posepriors.priors.hand_vae import HandDecoding, HandEncoding, HandVAE, HandVAEConfig
 from posepriors.priors.joint_flow import JointFlowConfig, JointFlowPrior
 
 __all__ = [
@@ -13,6 +14,10 @@ __all__ = [
     "GaussianPrior",
     "GlobalFlowConfig",
     "GlobalFlowPrior",
+    "HandDecoding",
+    "HandEncoding",
+    "HandVAE",
+    "HandVAEConfig",
     "JointFlowConfig",
     "JointFlowPrior",
     "PosePrior",
@@ -21,5 +26,5 @@ __all__ = [
     "set_validation",
 ]
 
-for _cls in (GaussianPrior, GlobalFlowPrior, GMMPrior, JointFlowPrior):
+for _cls in (GaussianPrior, GlobalFlowPrior, GMMPrior, HandVAE, JointFlowPrior):
     register_model(_cls)

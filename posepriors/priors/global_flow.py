@@ -108,7 +108,7 @@ class GlobalFlowPrior(PosePrior):
             previous += len(idx)
         self.flows = nn.ModuleList(flows)
         self.completion = (
-            self._build(self.dim, 4 * self.dim + cfg.context_features, seed=99) if cfg.conditional else None
+            self._build(self.dim, 2 * self.dim + cfg.context_features, seed=99) if cfg.conditional else None
         )
         self._context: Tensor | None = None
 
@@ -245,10 +245,7 @@ class GlobalFlowPrior(PosePrior):
     def _completion_context(self, x: Tensor, mask: Tensor) -> Tensor:
         m = mask.repeat_interleave(3, dim=-1).to(x.dtype)  # (B, D)
         flat = x.flatten(1) * m
-        from posepriors.rotations import axis_angle_to_rotation_6d
-
-        six = axis_angle_to_rotation_6d(x).flatten(1) * mask.repeat_interleave(6, dim=-1).to(x.dtype)
-        pieces = [flat, six, m]
+        pieces = [flat, m]
         ctx = self._get_context(x.shape[0])
         if ctx is not None:
             pieces.append(ctx)

@@ -1,0 +1,375 @@
+"""``hand_vae``: a variational auto-encoder over MANO hand poses (15 joints), one model for both hands.
+
+Left hands are mirrored to right hands (``(x, y, z) -> (x, -y, -z)`` per joint, volume preserving) on the way in
+and back on the way out, so one VAE of a right hand serves both and the two hands of a pose are independent
+factors. Two variants:
+
+- ``standard``: axis-angle in and out; the decoder is a Gaussian on the axis-angle coordinates.
+- ``so3``: the encoder sees each joint's 6D rotation; the decoder gives a mean rotation (6D -> Gram-Schmidt) and
+  a scale per joint, and the likelihood is an isotropic Gaussian on the tangent vector
+  ``v = log(R_mu^T exp(x))``, carried over to the axis-angle coordinates by the volume factor of the exponential
+  map: ``log p(x | z) = log N(v; 0, s^2 I) + log J(x) - log J(v)``, ``J(w) = 2 (1 - cos|w|) / |w|^2`` (left
+  invariance of the Haar measure). The tangent Gaussian is not renormalised for its mass beyond pi, which is
+  negligible for the small scales a trained model uses.
+
+``log_prob`` is the importance-weighted bound (IWAE) with ``iwae_samples`` samples: a lower bound on
+``log p(x)`` that tightens as K grows, computed with a fixed internal seed so that it is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from posepriors import skeleton
+from posepriors.flows import GroupedMLP
+from posepriors.priors.base import PosePrior, PriorConfig, randn
+from posepriors.rotations import (
+    axis_angle_geodesic,
+    axis_angle_to_matrix,
+    axis_angle_to_rotation_6d,
+    exp_map_log_abs_det,
+    matrix_to_axis_angle,
+    mirror_axis_angle,
+    rotation_6d_to_matrix,
+)
+
+__all__ = ["HandDecoding", "HandEncoding", "HandVAE", "HandVAEConfig"]
+
+_LOG_2PI = math.log(2 * math.pi)
+_HANDS = (("left", skeleton.PARTS["left_hand"]), ("right", skeleton.PARTS["right_hand"]))
+
+
+@dataclass(frozen=True)
+class HandVAEConfig(PriorConfig):
+    """Settings of :class:`HandVAE`.
+
+    Attributes:
+        joints: Modelled SMPL-X joints: both hands (default), or one hand's 15 joints.
+        variant: ``"standard"`` (axis-angle Gaussian decoder) or ``"so3"`` (rotation-aware).
+        z_dim: Latent dimension.
+        hidden: Width of the encoder and decoder MLPs.
+        num_hidden_layers: Hidden layers of each MLP.
+        min_std: Floor of the decoder's standard deviations (radians).
+        iwae_samples: Importance samples K of ``log_prob``.
+        val_iwae_samples: Importance samples of the validation NLL during training.
+        kl_weight: Weight of the KL term in the training loss (1: the ELBO).
+    """
+
+    joints: tuple[int, ...] = skeleton.resolve_joints("hands")
+    variant: str = "standard"
+    z_dim: int = 24
+    hidden: int = 256
+    num_hidden_layers: int = 2
+    min_std: float = 0.01
+    iwae_samples: int = 64
+    val_iwae_samples: int = 8
+    kl_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        hands = [set(idx) for _, idx in _HANDS]
+        joints = set(self.joints)
+        if not any(joints == h for h in hands) and joints != hands[0] | hands[1]:
+            raise ValueError(
+                f"hand_vae models whole hands: expected the joints of 'left_hand', 'right_hand' or both, "
+                f"got {self.joints}"
+            )
+        if self.variant not in ("standard", "so3"):
+            raise ValueError(f"expected variant 'standard' or 'so3', got {self.variant!r}")
+        for name in ("z_dim", "hidden", "num_hidden_layers", "iwae_samples", "val_iwae_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if not self.min_std > 0:
+            raise ValueError(f"expected min_std > 0, got {self.min_std}")
+
+
+@dataclass
+class HandEncoding:
+    """Approximate posterior q(z | hand) = N(mean, exp(log_var)).
+
+    Attributes:
+        mean: Shape (B, z_dim).
+        log_var: Shape (B, z_dim).
+    """
+
+    mean: Tensor
+    log_var: Tensor
+
+
+@dataclass
+class HandDecoding:
+    """Decoder output for right hands.
+
+    Attributes:
+        pose: Mean hand pose (axis-angle), shape (B, 15, 3).
+        scale: Decoder standard deviations: per coordinate (B, 15, 3) for ``standard``, per joint (B, 15) for
+            ``so3``.
+    """
+
+    pose: Tensor
+    scale: Tensor
+
+
+class HandVAE(PosePrior):
+    """VAE prior over hands (see the module docstring). Hands that are entirely missing under a mask are dropped
+    (exact marginal); partly observed hands get an importance-weighted estimate of their observed joints'
+    marginal (the encoder sees the hand with missing joints at the data mean, still a valid proposal)."""
+
+    model_type = "hand_vae"
+    config_class = HandVAEConfig
+
+    def __init__(self, config: HandVAEConfig | None = None) -> None:
+        super().__init__(config if config is not None else HandVAEConfig())
+        cfg: HandVAEConfig = self.config
+        position = {j: i for i, j in enumerate(cfg.joints)}
+        self.hands = tuple(side for side, idx in _HANDS if idx[0] in position)
+        for side, idx in _HANDS:
+            if idx[0] in position:
+                self.register_buffer(f"{side}_index", torch.tensor([position[j] for j in idx]), persistent=False)
+        so3 = cfg.variant == "so3"
+        in_features = 90 if so3 else 45
+        out_features = 90 + 15 if so3 else 90
+        self.encoder = GroupedMLP(
+            1, in_features, 2 * cfg.z_dim, cfg.hidden, cfg.num_hidden_layers, zero_init_last=False
+        )
+        self.decoder = GroupedMLP(1, cfg.z_dim, out_features, cfg.hidden, cfg.num_hidden_layers, zero_init_last=False)
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
+        self.register_buffer("pose_mean", torch.zeros(45))
+        self.register_buffer("pose_std", torch.ones(45))
+
+    # ------------------------------------------------------------------ hands in and out
+    def _split_hands(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(B, J, 3) poses -> right-hand tensors (H*B, 15, 3) (left hands mirrored) and masks (H*B, 15)."""
+        hands, masks = [], []
+        for side in self.hands:
+            index = getattr(self, f"{side}_index")
+            hand = x.index_select(1, index)
+            hands.append(mirror_axis_angle(hand) if side == "left" else hand)
+            if mask is not None:
+                masks.append(mask.index_select(1, index))
+        return torch.cat(hands), (torch.cat(masks) if mask is not None else None)
+
+    def _merge_hands(self, right: Tensor, batch: int) -> Tensor:
+        """Inverse of :meth:`_split_hands` for (H*B, 15, 3) right hands -> (B, J, 3)."""
+        out = right.new_zeros(batch, self.num_joints, 3)
+        for h, side in enumerate(self.hands):
+            hand = right[h * batch : (h + 1) * batch]
+            out = out.index_copy(1, getattr(self, f"{side}_index"), mirror_axis_angle(hand) if side == "left" else hand)
+        return out
+
+    # ------------------------------------------------------------------ encoder / decoder
+    def _features(self, hand: Tensor, mask: Tensor | None) -> Tensor:
+        if mask is not None:  # missing joints at the data mean
+            hand = torch.where(mask[..., None], hand, self.pose_mean.view(15, 3))
+        feats = axis_angle_to_rotation_6d(hand).flatten(1) if self.config.variant == "so3" else hand.flatten(1)
+        return (feats - self.input_mean) / self.input_std
+
+    def encode(self, hand: Tensor, mask: Tensor | None = None) -> HandEncoding:
+        """Approximate posterior of right hands.
+
+        Args:
+            hand: Right-hand poses (mirror left hands first), shape (B, 15, 3).
+            mask: Optional observed joints, shape (B, 15).
+
+        Returns:
+            The posterior's mean and log-variance, each (B, z_dim).
+        """
+        if hand.dim() != 3 or hand.shape[1:] != (15, 3):
+            raise ValueError(f"expected right-hand poses of shape (B, 15, 3), got {tuple(hand.shape)}")
+        out = self.encoder(self._features(hand, mask).unsqueeze(1)).squeeze(1)
+        mean, log_var = out.chunk(2, dim=-1)
+        return HandEncoding(mean, log_var.clamp(-12.0, 6.0))
+
+    def decode(self, z: Tensor) -> HandDecoding:
+        """Decoder mean and scale for latent codes.
+
+        Args:
+            z: Latent codes, shape (*, z_dim).
+
+        Returns:
+            Mean right-hand poses (*, 15, 3) and the decoder's scales.
+        """
+        out = self.decoder(z.reshape(-1, 1, z.shape[-1])).squeeze(1)
+        batch = z.shape[:-1]
+        if self.config.variant == "so3":
+            rot = rotation_6d_to_matrix(out[:, :90].reshape(-1, 15, 6) + self._mean_6d())
+            scale = self._scale(out[:, 90:])
+            return HandDecoding(matrix_to_axis_angle(rot).reshape(*batch, 15, 3), scale.reshape(*batch, 15))
+        mean = self.pose_mean + self.pose_std * out[:, :45]
+        scale = self._scale(out[:, 45:] + self.pose_std.log())
+        return HandDecoding(mean.reshape(*batch, 15, 3), scale.reshape(*batch, 15, 3))
+
+    def _mean_6d(self) -> Tensor:
+        return axis_angle_to_rotation_6d(self.pose_mean.view(15, 3))
+
+    def _scale(self, raw: Tensor) -> Tensor:
+        # softplus keeps the scale smooth and positive; the floor keeps densities finite
+        return self.config.min_std + nn.functional.softplus(raw)
+
+    def _log_likelihood(self, hand: Tensor, z: Tensor, mask: Tensor | None) -> Tensor:
+        """log p(hand | z) for hands (B, 15, 3) and latents (S, B, z_dim) -> (S, B)."""
+        S, B = z.shape[:2]
+        out = self.decoder(z.reshape(S * B, 1, -1)).squeeze(1)
+        target = hand.unsqueeze(0).expand(S, -1, -1, -1).reshape(S * B, 15, 3)
+        if self.config.variant == "so3":
+            rot = rotation_6d_to_matrix(out[:, :90].reshape(-1, 15, 6) + self._mean_6d())
+            scale = self._scale(out[:, 90:])  # (SB, 15)
+            rel = matrix_to_axis_angle(rot.transpose(-1, -2) @ axis_angle_to_matrix(target))
+            per_joint = (
+                -0.5 * rel.square().sum(-1) / scale.square()
+                - 3 * scale.log()
+                - 1.5 * _LOG_2PI
+                + exp_map_log_abs_det(target)
+                - exp_map_log_abs_det(rel)
+            )
+        else:
+            mean = (self.pose_mean + self.pose_std * out[:, :45]).reshape(-1, 15, 3)
+            scale = self._scale(out[:, 45:] + self.pose_std.log()).reshape(-1, 15, 3)
+            per_joint = (-0.5 * ((target - mean) / scale).square() - scale.log() - 0.5 * _LOG_2PI).sum(-1)
+        per_joint = per_joint.reshape(S, B, 15)
+        if mask is not None:
+            per_joint = per_joint * mask
+        return per_joint.sum(-1)
+
+    # ------------------------------------------------------------------ bounds
+    def _hand_bounds(
+        self, hand: Tensor, mask: Tensor | None, num_samples: int, generator: torch.Generator | None, elbo: bool
+    ) -> Tensor:
+        """IWAE bound (or ELBO) per right hand (B,), chunking the K samples to bound memory."""
+        enc = self.encode(hand, mask)
+        std = (0.5 * enc.log_var).exp()
+        B, Z = enc.mean.shape
+        if elbo:
+            eps = randn((1, B, Z), generator=generator, device=hand.device, dtype=hand.dtype)
+            z = enc.mean + std * eps
+            kl = 0.5 * (enc.mean.square() + std.square() - 1 - enc.log_var).sum(-1)
+            return self._log_likelihood(hand, z, mask)[0] - self.config.kl_weight * kl
+        chunk = max(1, min(num_samples, 2**20 // max(B, 1)))
+        terms = []
+        for start in range(0, num_samples, chunk):
+            k = min(chunk, num_samples - start)
+            eps = randn((k, B, Z), generator=generator, device=hand.device, dtype=hand.dtype)
+            z = enc.mean + std * eps
+            log_prior = -0.5 * (z.square().sum(-1) + Z * _LOG_2PI)
+            log_q = -0.5 * (eps.square().sum(-1) + Z * _LOG_2PI) - 0.5 * enc.log_var.sum(-1)
+            terms.append(self._log_likelihood(hand, z, mask) + log_prior - log_q)
+        return torch.logsumexp(torch.cat(terms), dim=0) - math.log(num_samples)
+
+    def _bound(
+        self, x: Tensor, mask: Tensor | None, num_samples: int, generator: torch.Generator | None, elbo: bool = False
+    ) -> Tensor:
+        hands, hand_mask = self._split_hands(x, mask)
+        per_hand = self._hand_bounds(hands, hand_mask, num_samples, generator, elbo)
+        if hand_mask is not None:  # hands with no observed joint drop out: an exact marginal
+            per_hand = per_hand * hand_mask.any(-1)
+        return per_hand.reshape(len(self.hands), x.shape[0]).sum(0)
+
+    def _fixed_generator(self, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(0)
+
+    def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return self._bound(x, mask, self.config.iwae_samples, self._fixed_generator(x.device))
+
+    def iwae_log_prob(self, pose: Any, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Importance-weighted lower bound on ``log p(pose)`` with ``num_samples`` samples.
+
+        Args:
+            pose: Any supported pose input, batch shape (*).
+            num_samples: Number of importance samples K (>= 1; K = 1 is the ELBO in expectation).
+            generator: Generator of the samples (default: fixed seed, deterministic).
+
+        Returns:
+            The bound, shape (*,).
+        """
+        if num_samples < 1:
+            raise ValueError(f"expected num_samples >= 1, got {num_samples}")
+        x, mask, batch_shape = self._prepare(pose, None)
+        generator = generator if generator is not None else self._fixed_generator(x.device)
+        return self._bound(x, mask, num_samples, generator).reshape(batch_shape)
+
+    def elbo(self, pose: Any, *, generator: torch.Generator | None = None) -> Tensor:
+        """Evidence lower bound (one reparameterised sample), shape (*,)."""
+        x, mask, batch_shape = self._prepare(pose, None)
+        generator = generator if generator is not None else self._fixed_generator(x.device)
+        return self._bound(x, mask, 1, generator, elbo=True).reshape(batch_shape)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Negative ELBO per pose (KL weighted by ``kl_weight``), averaged over the batch."""
+        return -self._bound(pose, None, 1, generator, elbo=True).mean()
+
+    def validation_nll(self, pose: Tensor) -> Tensor:
+        """Negative IWAE bound with ``val_iwae_samples`` samples (cheaper than ``nll``)."""
+        return -self._bound(pose, None, self.config.val_iwae_samples, self._fixed_generator(pose.device))
+
+    @torch.no_grad()
+    def reconstruction_error(self, pose: Tensor) -> Tensor:
+        """Mean geodesic error (degrees) of encode -> decoder mean, over joints and poses of (B, J, 3)."""
+        hands, _ = self._split_hands(pose, None)
+        recon = self.decode(self.encode(hands).mean).pose
+        return torch.rad2deg(axis_angle_geodesic(recon, hands)).mean()
+
+    @torch.no_grad()
+    def initialize_from_data(self, pose: Tensor) -> None:
+        """Set the input normalisation and the decoder's reference pose from data (B, J, 3)."""
+        hands, _ = self._split_hands(pose, None)
+        flat = hands.flatten(1)
+        self.pose_mean.copy_(flat.mean(0))
+        self.pose_std.copy_(flat.std(0).clamp_min(self.config.min_std))
+        feats = axis_angle_to_rotation_6d(hands).flatten(1) if self.config.variant == "so3" else flat
+        self.input_mean.copy_(feats.mean(0))
+        self.input_std.copy_(feats.std(0).clamp_min(1e-3))
+
+    # ------------------------------------------------------------------ sampling and projection
+    def _sample(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        temperature: float,
+        observed: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """Decoder means of latent samples; with observations, latents come from the encoder's posterior."""
+        device, dtype = self.pose_mean.device, self.pose_mean.dtype
+        Z, H = self.config.z_dim, len(self.hands)
+        if observed is None:
+            z = temperature * randn((n, H, Z), generator=generator, device=device, dtype=dtype)
+            right = self.decode(z.transpose(0, 1).reshape(H * n, Z)).pose
+            return self._merge_hands(right, n)
+        B = observed.shape[0]
+        hands, hand_mask = self._split_hands(observed, mask)
+        enc = self.encode(hands, hand_mask)
+        eps = randn((n, H * B, Z), generator=generator, device=device, dtype=dtype)
+        z = enc.mean + temperature * (0.5 * enc.log_var).exp() * eps  # (n, H*B, Z)
+        right = self.decode(z).pose  # (n, H*B, 15, 3)
+        out = torch.stack([self._merge_hands(right[i], B) for i in range(n)])
+        return out
+
+    def _project(self, x: Tensor, mask: Tensor | None, steps: int = 100, lr: float = 0.05, **kwargs: Any) -> Tensor:
+        """Without a mask: decoder mean of the encoder mean. With a mask: the latent code maximising
+        ``log p(observed | z) + log p(z)`` (Adam, ``steps`` steps from the encoder mean); missing joints from its
+        decoder mean, observed joints unchanged."""
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments for HandVAE.project: {sorted(kwargs)}")
+        hands, hand_mask = self._split_hands(x, mask)
+        if hand_mask is None:
+            return self._merge_hands(self.decode(self.encode(hands).mean).pose, x.shape[0])
+        with torch.enable_grad():
+            z = self.encode(hands.detach(), hand_mask).mean.detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([z], lr=lr)
+            target = hands.detach()
+            for _ in range(steps):
+                optimizer.zero_grad()
+                loss = -(self._log_likelihood(target, z.unsqueeze(0), hand_mask)[0] - 0.5 * z.square().sum(-1)).sum()
+                grads = torch.autograd.grad(loss, [z])
+                z.grad = grads[0]
+                optimizer.step()
+        decoded = self.decode(z.detach()).pose
+        completed = torch.where(hand_mask[..., None], hands, decoded)
+        return self._merge_hands(completed, x.shape[0])

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Trains the shipped weights on ../shared/data (exact commands recorded in weights_manifest.json).
+# Usage: bash tools/train_release.sh OUT_DIR [MODEL ...]
+set -euo pipefail
+OUT=${1:?usage: train_release.sh OUT_DIR [MODEL ...]}; shift
+D=${DATA:-../shared/data}
+BODY="--data_dir $D/body_train.npz --val_dir $D/body_val.npz"
+HANDS="--data_dir $D/hands_train.npz --val_dir $D/hands_val.npz"
+models=${*:-gaussian joint_flow global_flow hand_vae hand_vae_so3}
+for m in $models; do
+  case $m in
+    gaussian) posepriors-train gaussian --joints body+left_hand+right_hand $BODY $HANDS --max_epochs 3 --logger none --out "$OUT/gaussian" ;;
+    joint_flow) posepriors-train joint_flow $BODY $HANDS --max_epochs 6 --batch_size 512 --logger none --out "$OUT/joint_flow" ;;
+    global_flow) posepriors-train global_flow --joints body+left_hand+right_hand --parts body left_hand+right_hand \
+        --coupling spline --bins 6 --hidden 128 --conditional $BODY $HANDS --max_epochs 8 --batch_size 512 --logger none --out "$OUT/global_flow" ;;
+    hand_vae) posepriors-train hand_vae --model_type standard $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae" ;;
+    hand_vae_so3) posepriors-train hand_vae --model_type so3 $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae_so3" ;;
+    *) echo "unknown model $m" >&2; exit 2 ;;
+  esac
+done
