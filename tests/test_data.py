@@ -1,0 +1,139 @@
+"""Reading pose files and folders."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from posepriors.data import PoseData, load_poses
+
+
+def _amass(path, width, frames=120, rate=120.0, key="mocap_framerate"):
+    poses = np.random.default_rng(0).normal(0, 0.3, (frames, width))
+    np.savez(
+        path, poses=poses, trans=np.zeros((frames, 3)), betas=np.zeros(16), gender=np.array(b"male"), **{key: rate}
+    )
+    return poses
+
+
+@pytest.mark.parametrize(("width", "observed_joints"), [(156, 52), (165, 55), (72, 22)])
+def test_amass_widths(tmp_path, width, observed_joints):
+    poses = _amass(tmp_path / "seq.npz", width)
+    data = load_poses(tmp_path / "seq.npz")
+    assert data.poses.shape == (120, 55, 3) and data.poses.dtype == torch.float32
+    assert int(data.observed[0].sum()) == observed_joints
+    torch.testing.assert_close(data.poses[:, 1:22].reshape(120, 63), torch.from_numpy(poses[:, 3:66]).float())
+
+
+def test_fps_subsampling_and_frame_rate_key(tmp_path):
+    _amass(tmp_path / "a.npz", 156, frames=120, rate=120.0)
+    _amass(tmp_path / "b.npz", 165, frames=30, rate=30, key="mocap_frame_rate")
+    data = load_poses(tmp_path, fps=30)
+    assert len(data) == 30 + 30  # every 4th frame of a; b is already at 30 fps
+    assert len(data.sequence_names) == 2
+
+
+def test_seed_and_prepared_formats(tmp_path):
+    np.savez(tmp_path / "seed.npz", poses=np.zeros((7, 53, 3), np.float32))
+    seed = load_poses(tmp_path / "seed.npz")
+    assert len(seed) == 7 and not seed.observed[0, 23] and seed.observed[0, 22]
+    np.savez(
+        tmp_path / "hands.npz",
+        left_hand_pose=np.zeros((6, 15, 3), np.float32),
+        right_hand_pose=np.zeros((6, 45), np.float32),
+        subject=np.array(["s1"] * 3 + ["s2"] * 3),
+        sequence=np.array(["a", "a", "b", "a", "a", "a"]),
+    )
+    hands = load_poses(tmp_path / "hands.npz")
+    assert hands.observed[0].sum() == 30 and len(hands.sequence_names) == 3
+    np.savez(tmp_path / "body.npz", body_pose=np.zeros((5, 21, 3), np.float32), source=np.array(["x"] * 5))
+    body = load_poses(tmp_path / "body.npz")
+    assert body.observed[0].sum() == 21
+    assert body.joints("body").shape == (5, 21, 3)
+
+
+def test_nan_rows_are_dropped_and_counted(tmp_path):
+    poses = np.zeros((10, 156))
+    poses[[2, 5]] = np.nan
+    np.savez(tmp_path / "nan.npz", poses=poses, marker_data=np.full((10, 3, 3), np.nan))
+    with pytest.warns(UserWarning, match=r"dropped 2 of 10 frames with NaN/Inf"):
+        data = load_poses(tmp_path / "nan.npz")
+    assert len(data) == 8 and torch.isfinite(data.poses).all()
+
+
+def test_unwrapped_angles_are_wrapped(tmp_path):
+    body = np.zeros((2, 21, 3), np.float32)
+    body[:, 0] = [3.5, 0.0, 0.0]
+    np.savez(tmp_path / "w.npz", body_pose=body)
+    data = load_poses(tmp_path / "w.npz")
+    assert data.poses[0, 1].norm() <= math.pi
+    torch.testing.assert_close(data.poses[0, 1], torch.tensor([3.5 - 2 * math.pi, 0.0, 0.0]))
+
+
+def test_split_by_sequence(tmp_path):
+    for i in range(10):
+        _amass(tmp_path / f"s{i}.npz", 156, frames=10 + i)
+    data = load_poses(tmp_path)
+    train, val = data.split_by_sequence(0.3, seed=1)
+    assert len(train) + len(val) == len(data)
+    assert not set(train.sequence.tolist()) & set(val.sequence.tolist())
+    again = data.split_by_sequence(0.3, seed=1)[1]
+    assert torch.equal(again.sequence, val.sequence)
+    with pytest.raises(ValueError, match="one sequence"):
+        data.subset(torch.nonzero(data.sequence == 0).flatten()).split_by_sequence(0.5)
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.split_by_sequence(1.5)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_poses(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no usable pose file .* saw 0 \.npz"):
+        load_poses(tmp_path / "empty")
+    np.savez(tmp_path / "junk.npz", trans=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"accepted keys: poses .*body_pose"):
+        load_poses(tmp_path / "junk.npz")
+    (tmp_path / "f").mkdir()
+    np.savez(tmp_path / "f" / "junk.npz", trans=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"saw 1 \.npz file\(s\) \['junk.npz'\]"):
+        load_poses(tmp_path / "f")
+    np.savez(tmp_path / "wide.npz", poses=np.zeros((3, 100)))
+    with pytest.raises(ValueError, match=r"expected 'poses' of shape .* got \(3, 100\)"):
+        load_poses(tmp_path / "wide.npz")
+    np.savez(tmp_path / "body20.npz", body_pose=np.zeros((3, 20, 3)))
+    with pytest.raises(ValueError, match=r"body20.npz: expected body_pose of shape"):
+        load_poses(tmp_path / "body20.npz")
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_poses(tmp_path / "broken.npz")
+
+
+def test_posedata_validation():
+    with pytest.raises(ValueError, match=r"\(N, 55, 3\)"):
+        PoseData(
+            torch.zeros(2, 54, 3), torch.zeros(2, 55, dtype=torch.bool), torch.zeros(2, dtype=torch.long), ["a"], []
+        )
+
+
+@pytest.mark.shared_data
+def test_shared_amass_folder(shared_data):
+    data = load_poses(shared_data / "amass_raw", fps=30)
+    assert len(data.sequence_names) == 9
+    assert 900 < len(data) < 1300 and torch.isfinite(data.poses).all()
+    assert data.poses.norm(dim=-1).max() <= math.pi + 1e-5
+
+
+@pytest.mark.shared_data
+def test_shared_prepared_files(shared_data):
+    seed = load_poses(shared_data / "seed_format" / "train_poses.npz")
+    assert len(seed) == 297
+    body = load_poses(shared_data / "body_train.npz")
+    assert len(body) == 9588 and body.observed[:, 1:22].all() and not body.observed[:, 22:].any()
+    hands = load_poses(shared_data / "hands_val.npz")
+    assert len(hands) == 11931 and hands.observed[:, 25:].all()
+    train, val = hands.split_by_sequence(0.2)
+    assert not set(train.sequence.tolist()) & set(val.sequence.tolist())

@@ -1,0 +1,128 @@
+"""Joint tables and exact layout conversions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from posepriors import skeleton
+
+
+def test_tree_and_parts():
+    assert len(skeleton.SMPLX_JOINT_NAMES) == len(set(skeleton.SMPLX_JOINT_NAMES)) == 55
+    assert skeleton.SMPLX_PARENTS[0] == -1
+    assert all(0 <= p < j for j, p in enumerate(skeleton.SMPLX_PARENTS) if j > 0)
+    names = skeleton.SMPLX_JOINT_NAMES
+    assert names[skeleton.SMPLX_PARENTS[names.index("left_index1")]] == "left_wrist"
+    assert names[skeleton.SMPLX_PARENTS[names.index("right_thumb3")]] == "right_thumb2"
+    assert names[skeleton.SMPLX_PARENTS[names.index("jaw")]] == "head"
+    flat = sorted(j for part in skeleton.PARTS.values() for j in part)
+    assert flat == list(range(55))
+
+
+@pytest.mark.parametrize("layout", sorted(skeleton.LAYOUTS))
+def test_every_layout_round_trips(layout):
+    lay = skeleton.LAYOUTS[layout]
+    pose = torch.randn(4, 2, lay.num_joints, 3, dtype=torch.float64)
+    pose[..., [i for i, j in enumerate(lay.smplx_index) if j < 0], :] = 0  # joints with no SMPL-X equivalent
+    full, observed = skeleton.to_smplx(pose, layout=layout)
+    assert full.shape == (4, 2, 55, 3) and full.dtype == torch.float64
+    assert observed.sum() == sum(j >= 0 for j in lay.smplx_index)
+    torch.testing.assert_close(skeleton.from_smplx(full, layout), pose, rtol=0, atol=0)
+    flat, _ = skeleton.to_smplx(pose.reshape(4, 2, -1), layout=layout)
+    torch.testing.assert_close(flat, full, rtol=0, atol=0)
+    assert torch.all(full[..., ~observed, :] == 0)
+
+
+@pytest.mark.parametrize(
+    ("J", "layout"), [(55, "smplx"), (53, "seed53"), (52, "smplh"), (24, "smpl"), (23, "smpl_body"), (21, "body")]
+)
+def test_detection_by_joint_count(J, layout):
+    pose = torch.randn(3, J, 3)
+    full, observed = skeleton.to_smplx(pose)
+    expected, _ = skeleton.to_smplx(pose, layout=layout)
+    torch.testing.assert_close(full, expected)
+    torch.testing.assert_close(skeleton.to_smplx(pose.reshape(3, 3 * J))[0], expected)
+
+
+def test_seed53_puts_zeros_at_the_eyes_and_keeps_the_rest():
+    seed = torch.randn(5, 53, 3)
+    full, observed = skeleton.to_smplx(seed)
+    assert torch.all(full[:, 23:25] == 0) and not observed[23] and not observed[24]
+    torch.testing.assert_close(full[:, :23], seed[:, :23])
+    torch.testing.assert_close(full[:, 25:], seed[:, 23:])
+
+
+def test_mano_hand_choice():
+    hand = torch.randn(2, 15, 3)
+    right, observed = skeleton.to_smplx(hand)
+    torch.testing.assert_close(right[:, 40:], hand)
+    assert observed.sum() == 15 and observed[40]
+    left, _ = skeleton.to_smplx(hand.reshape(2, 45), hand="left")
+    torch.testing.assert_close(left[:, 25:40], hand)
+    with pytest.raises(ValueError, match="hand 'left' or 'right'"):
+        skeleton.to_smplx(hand, hand="middle")
+
+
+def test_dict_round_trip_and_numpy():
+    pose = torch.randn(3, 55, 3)
+    as_dict = skeleton.to_smplx_dict(pose)
+    assert as_dict["body_pose"].shape == (3, 63) and as_dict["left_hand_pose"].shape == (3, 45)
+    back, observed = skeleton.to_smplx({**as_dict, "transl": torch.zeros(3, 3), "betas": torch.zeros(3, 10)})
+    torch.testing.assert_close(back, pose)
+    assert observed.all()
+    part, observed = skeleton.to_smplx({"body_pose": pose[:, 1:22].numpy(), "global_orient": pose[:, 0].numpy()})
+    torch.testing.assert_close(part[:, :22], pose[:, :22])
+    assert observed.sum() == 22
+    single, _ = skeleton.to_smplx({"global_orient": torch.ones(1, 3), "jaw_pose": torch.ones(1, 3)})
+    assert single.shape == (1, 55, 3)
+    from_numpy, _ = skeleton.to_smplx(np.zeros((2, 165), dtype=np.float32))
+    assert from_numpy.shape == (2, 55, 3) and from_numpy.dtype == torch.float32
+
+
+def test_gradient_flows_through_conversion():
+    pose = torch.randn(2, 53, 3, requires_grad=True)
+    full, _ = skeleton.to_smplx(pose)
+    (full * torch.arange(55.0)[:, None]).sum().backward()
+    assert torch.all(pose.grad[:, 0] == 0) and torch.all(pose.grad[:, 23] == 25)
+
+
+def test_resolve_joints():
+    assert skeleton.resolve_joints("body") == tuple(range(1, 22))
+    assert skeleton.resolve_joints("body+left_hand+right_hand") == (*range(1, 22), *range(25, 55))
+    assert skeleton.resolve_joints("hands") == tuple(range(25, 55))
+    assert skeleton.resolve_joints("all") == tuple(range(55))
+    assert skeleton.resolve_joints([1, 2, 5]) == (1, 2, 5)
+    for bad, match in [
+        ("torso", "unknown part 'torso'"),
+        ([3, 1], "sorted unique"),
+        ([], "non-empty"),
+        ([60], r"\[0, 54\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            skeleton.resolve_joints(bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        (torch.zeros(2, 20, 3), ValueError, r"J in \(55, 53, 52, 24, 23, 21, 15\), got \(2, 20, 3\)"),
+        (torch.zeros(2, 55, 3, dtype=torch.int32), TypeError, "floating-point"),
+        ({"body_pose": torch.zeros(2, 62)}, ValueError, r"body_pose of shape \(\*, 63\)"),
+        ({"body_pose": torch.zeros(2, 63), "jaw_pose": torch.zeros(3, 3)}, ValueError, "batch shapes"),
+        ({"head_pose": torch.zeros(2, 3)}, ValueError, "unknown pose keys"),
+        ({}, ValueError, "at least one of"),
+        ([1.0, 2.0], TypeError, "tensor or numpy"),
+    ],
+)
+def test_bad_input(bad, error, match):
+    with pytest.raises(error, match=match):
+        skeleton.to_smplx(bad)
+
+
+def test_from_smplx_errors():
+    with pytest.raises(ValueError, match="unknown layout"):
+        skeleton.from_smplx(torch.zeros(55, 3), "vposer")
+    with pytest.raises(ValueError, match=r"\(\*, 55, 3\)"):
+        skeleton.from_smplx(torch.zeros(53, 3), "body")
