@@ -456,7 +456,11 @@ def randn(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Tensor:
-    """Standard normal noise on ``device`` drawn from ``generator`` (which may live on another device)."""
+    """Standard normal noise on ``device`` drawn from ``generator`` (which may live on another device).
+
+    The draws are made in float32 and then cast, so that float32 and float64 priors given the same generator see
+    the same noise.
+    """
     if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+        return torch.randn(shape, device=device).to(dtype)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)

@@ -28,9 +28,12 @@ class GMMConfig(PriorConfig):
     Attributes:
         joints: Modelled SMPL-X joints.
         num_components: Number of mixture components.
+        min_std: Isotropic floor added to every covariance (``+ min_std^2 I``), so that a component cannot
+            collapse onto a few training poses (the classic degeneracy of mixture likelihoods).
     """
 
     num_components: int = 8
+    min_std: float = 1e-2
 
 
 class GMMPrior(PosePrior):
@@ -48,8 +51,36 @@ class GMMPrior(PosePrior):
         super().__init__(config if config is not None else GMMConfig())
         K, D = self.config.num_components, self.dim
         self.means = nn.Parameter(torch.zeros(K, D))
-        self.scale_tril = nn.Parameter(torch.eye(D).repeat(K, 1, 1))
+        self.tril_lower = nn.Parameter(torch.zeros(K, D, D))  # strictly lower part of the Cholesky factors
+        self.log_diag = nn.Parameter(torch.zeros(K, D))  # log of their diagonals: always a valid factor
         self.logits = nn.Parameter(torch.zeros(K))
+
+    @property
+    def scale_tril(self) -> Tensor:
+        """The learned factors ``L`` (K, D, D); the covariances are ``L L^T + min_std^2 I``."""
+        return self.tril_lower.tril(-1) + torch.diag_embed(self.log_diag.exp())
+
+    def covariance(self) -> Tensor:
+        """Component covariances in float64, shape (K, D, D)."""
+        tril = self.scale_tril.double()
+        eye = torch.eye(self.dim, dtype=torch.float64, device=tril.device)
+        return tril @ tril.transpose(-1, -2) + self.config.min_std**2 * eye
+
+    @torch.no_grad()
+    def _set_covariances(self, cov: Tensor) -> None:
+        tril = torch.linalg.cholesky(cov)
+        self.tril_lower.copy_(tril.tril(-1))
+        self.log_diag.copy_(tril.diagonal(dim1=-2, dim2=-1).log())
+
+    @torch.no_grad()
+    def initialize_from_data(self, pose: Tensor) -> None:
+        """Means at random data poses (fixed seed), every covariance the data's (regularised)."""
+        flat = pose.reshape(pose.shape[0], -1).to(self.means.dtype)
+        pick = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[: self.config.num_components]
+        self.means.copy_(flat[pick.to(flat.device)])
+        cov = torch.cov(flat.T) + 1e-4 * torch.eye(flat.shape[1], device=flat.device, dtype=flat.dtype)
+        self._set_covariances(cov.expand(self.config.num_components, -1, -1))
+        self.logits.zero_()
 
     @classmethod
     def from_smplify(cls, path: str | os.PathLike, joints: str = "body") -> GMMPrior:
@@ -74,7 +105,7 @@ class GMMPrior(PosePrior):
                 f"expected SMPLify's GMM with means (K, 69), covars (K, 69, 69), weights (K,) in {path}, "
                 f"got {means.shape}, {covars.shape}, {weights.shape}"
             )
-        config = GMMConfig(joints=joints, num_components=K)
+        config = GMMConfig(joints=joints, num_components=K, min_std=0.0)
         if not set(config.joints) <= set(skeleton.PARTS["body"]):
             raise ValueError(f"SMPLify's GMM covers the body joints 1..21 only, got joints {config.joints}")
         dims = torch.tensor([3 * (j - 1) + c for j in config.joints for c in range(3)])
@@ -82,17 +113,16 @@ class GMMPrior(PosePrior):
         cov = torch.from_numpy(covars)[:, dims][:, :, dims]
         with torch.no_grad():
             prior.means.copy_(torch.from_numpy(means)[:, dims])
-            prior.scale_tril.copy_(torch.linalg.cholesky(cov))
+            prior._set_covariances(cov.float())
             prior.logits.copy_(torch.from_numpy(weights).log())
         return prior.eval().requires_grad_(False)
 
     def _components(self, dims: Tensor | None) -> tuple[Tensor, Tensor]:
         """Means (K, d) and Cholesky factors (K, d, d) of the marginal over ``dims`` (all when None)."""
+        cov = self.covariance()  # float64: a float32 Cholesky of an ill-conditioned block can fail
         if dims is None:
-            return self.means, self.scale_tril
-        cov = self.scale_tril @ self.scale_tril.transpose(-1, -2)
-        sub = cov[:, dims][:, :, dims]
-        return self.means[:, dims], torch.linalg.cholesky(sub)
+            return self.means, torch.linalg.cholesky(cov).to(self.means.dtype)
+        return self.means[:, dims], torch.linalg.cholesky(cov[:, dims][:, :, dims]).to(self.means.dtype)
 
     def _component_log_prob(self, x: Tensor, dims: Tensor | None) -> Tensor:
         """Per-component joint log-densities ``log w_k + log N(x; mu_k, S_k)``, shape (B, K)."""
@@ -130,7 +160,8 @@ class GMMPrior(PosePrior):
         k = torch.multinomial(probs.to("cpu"), math.prod(batch), replacement=True, generator=generator)
         k = k.to(self.means.device).reshape(batch)
         eps = randn((*batch, self.dim), generator=generator, device=self.means.device, dtype=self.means.dtype)
-        x = self.means[k] + temperature * (self.scale_tril[k] @ eps.unsqueeze(-1)).squeeze(-1)
+        tril = torch.linalg.cholesky(self.covariance()).to(self.means.dtype)
+        x = self.means[k] + temperature * (tril[k] @ eps.unsqueeze(-1)).squeeze(-1)
         return x.reshape(*batch, self.num_joints, 3)
 
     def _project(self, x: Tensor, mask: Tensor | None, noise_std: float = 0.1, **kwargs: Any) -> Tensor:
@@ -140,7 +171,7 @@ class GMMPrior(PosePrior):
         flat = x.reshape(x.shape[0], -1)
         B, D = flat.shape
         obs = torch.ones(B, D, dtype=torch.bool, device=x.device) if mask is None else mask.repeat_interleave(3, -1)
-        cov = self.scale_tril @ self.scale_tril.transpose(-1, -2)  # (K, D, D)
+        cov = self.covariance()  # (K, D, D), float64 for the solves below
         out = torch.empty_like(flat)
         patterns, inverse = torch.unique(obs, dim=0, return_inverse=True)
         for p, pattern in enumerate(patterns):
@@ -149,7 +180,7 @@ class GMMPrior(PosePrior):
             y = flat[rows][:, dims]
             k = self._component_log_prob(y, dims).argmax(-1)  # (b,)
             s_od = cov[k][:, :, dims]  # (b, D, d): covariance of all dims with the observed ones
-            s_oo = s_od[:, dims, :] + noise_std**2 * torch.eye(len(dims), device=x.device, dtype=x.dtype)
-            gain = torch.linalg.solve(s_oo, (y - self.means[k][:, dims]).unsqueeze(-1))
-            out[rows] = self.means[k] + (s_od @ gain).squeeze(-1)
+            s_oo = s_od[:, dims, :] + noise_std**2 * torch.eye(len(dims), device=x.device, dtype=cov.dtype)
+            gain = torch.linalg.solve(s_oo, (y - self.means[k][:, dims]).unsqueeze(-1).double())
+            out[rows] = self.means[k] + (s_od @ gain).squeeze(-1).to(x.dtype)
         return out.reshape(B, self.num_joints, 3)
