@@ -683,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_class(**model_kwargs)
         cfg = TrainConfig(**loop_kwargs)
         _check_train_config(cfg)
+        torch.manual_seed(cfg.seed)  # the model's initial weights come from the global RNG
         prior = families[args.model](config)
         data = PoseData.concat([load_poses(p, fps=args.fps) for p in args.data_dir])
         if args.val_dir:
