@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import FlowSequence, build_flow
-from posepriors.priors.base import PosePrior, PriorConfig, randn
+from posepriors.priors.base import PosePrior, PriorConfig, latent_map, randn
 
 __all__ = ["GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
 
@@ -339,6 +339,22 @@ class GlobalFlowPrior(PosePrior):
         if keep_observed:
             return self._decode(zs, x, observed_parts)
         return self._decode([shrink * z for z in zs], x, None)
+
+    def _map_project(
+        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 100, lr: float = 0.05, **kwargs: Any
+    ) -> Tensor:
+        """MAP in the latent space (see :func:`~posepriors.priors.base.latent_map`), from the encoded pose with
+        missing joints first completed by :meth:`_project`."""
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments for GlobalFlowPrior.project: {sorted(kwargs)}")
+        start = x if mask is None else torch.where(mask[..., None], x, self._project(x, mask, keep_observed=True))
+        sizes = [3 * len(idx) for idx in self._part_index]
+        z0 = torch.cat(self._encode(start), dim=-1)
+
+        def decode(z: Tensor) -> Tensor:
+            return self._decode(list(z.split(sizes, dim=-1)), start, None)
+
+        return latent_map(decode, z0, x, mask, noise_std, steps, lr)
 
     # ------------------------------------------------------------------ training
     def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:

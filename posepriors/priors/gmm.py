@@ -164,6 +164,10 @@ class GMMPrior(PosePrior):
         x = self.means[k] + temperature * (tril[k] @ eps.unsqueeze(-1)).squeeze(-1)
         return x.reshape(*batch, self.num_joints, 3)
 
+    def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float, **kwargs: Any) -> Tensor:
+        """Posterior mean of the most responsible component under N(0, noise_std^2) noise on observed dims."""
+        return self._project(x, mask, noise_std=noise_std, **kwargs)
+
     def _project(self, x: Tensor, mask: Tensor | None, noise_std: float = 0.1, **kwargs: Any) -> Tensor:
         """Posterior mean of the most responsible component under N(0, noise_std^2) noise on observed dims."""
         if kwargs:

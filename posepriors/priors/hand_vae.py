@@ -212,14 +212,15 @@ class HandVAE(PosePrior):
         # softplus keeps the scale smooth and positive; the floor keeps densities finite
         return self.config.min_std + nn.functional.softplus(raw)
 
-    def _log_likelihood(self, hand: Tensor, z: Tensor, mask: Tensor | None) -> Tensor:
-        """log p(hand | z) for hands (B, 15, 3) and latents (S, B, z_dim) -> (S, B)."""
+    def _log_likelihood(self, hand: Tensor, z: Tensor, mask: Tensor | None, noise_std: float = 0.0) -> Tensor:
+        """log p(hand | z) for hands (B, 15, 3) and latents (S, B, z_dim) -> (S, B); ``noise_std`` adds observation
+        noise to the decoder's scales (the likelihood of a noisy observation of the hand)."""
         S, B = z.shape[:2]
         out = self.decoder(z.reshape(S * B, 1, -1)).squeeze(1)
         target = hand.unsqueeze(0).expand(S, -1, -1, -1).reshape(S * B, 15, 3)
         if self.config.variant == "so3":
             rot = rotation_6d_to_matrix(out[:, :90].reshape(-1, 15, 6) + self._mean_6d())
-            scale = self._scale(out[:, 90:])  # (SB, 15)
+            scale = (self._scale(out[:, 90:]).square() + noise_std**2).sqrt()  # (SB, 15)
             rel = matrix_to_axis_angle(rot.transpose(-1, -2) @ axis_angle_to_matrix(target))
             per_joint = (
                 -0.5 * rel.square().sum(-1) / scale.square()
@@ -230,7 +231,8 @@ class HandVAE(PosePrior):
             )
         else:
             mean = (self.pose_mean + self.pose_std * out[:, :45]).reshape(-1, 15, 3)
-            scale = self._scale(out[:, 45:] + self.pose_std.log()).reshape(-1, 15, 3)
+            scale = (self._scale(out[:, 45:] + self.pose_std.log()).square() + noise_std**2).sqrt()
+            scale = scale.reshape(-1, 15, 3)
             per_joint = (-0.5 * ((target - mean) / scale).square() - scale.log() - 0.5 * _LOG_2PI).sum(-1)
         per_joint = per_joint.reshape(S, B, 15)
         if mask is not None:
@@ -351,25 +353,52 @@ class HandVAE(PosePrior):
         out = torch.stack([self._merge_hands(right[i], B) for i in range(n)])
         return out
 
+    def _fit_latent(self, hands: Tensor, mask: Tensor | None, steps: int, lr: float, noise_std: float = 0.0) -> Tensor:
+        """The latent code maximising ``log p(observed | z) + log p(z)`` (Adam from the encoder mean), (B, z_dim).
+
+        The module's parameters are not changed (gradients are taken w.r.t. the codes only)."""
+        target = hands.detach()
+        with torch.enable_grad():
+            z = self.encode(target, mask).mean.detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([z], lr=lr)
+            for _ in range(steps):
+                optimizer.zero_grad()
+                log_lik = self._log_likelihood(target, z.unsqueeze(0), mask, noise_std)[0]
+                loss = -(log_lik - 0.5 * z.square().sum(-1)).sum()
+                (z.grad,) = torch.autograd.grad(loss, [z])
+                optimizer.step()
+        return z.detach()
+
     def _project(self, x: Tensor, mask: Tensor | None, steps: int = 100, lr: float = 0.05, **kwargs: Any) -> Tensor:
-        """Without a mask: decoder mean of the encoder mean. With a mask: the latent code maximising
-        ``log p(observed | z) + log p(z)`` (Adam, ``steps`` steps from the encoder mean); missing joints from its
-        decoder mean, observed joints unchanged."""
+        """Without a mask: decoder mean of the encoder mean. With a mask: the decoder mean of the latent code that
+        best explains the observed joints (:meth:`_fit_latent`) fills the missing joints; observed joints are kept."""
         if kwargs:
             raise TypeError(f"unexpected keyword arguments for HandVAE.project: {sorted(kwargs)}")
         hands, hand_mask = self._split_hands(x, mask)
         if hand_mask is None:
             return self._merge_hands(self.decode(self.encode(hands).mean).pose, x.shape[0])
-        with torch.enable_grad():
-            z = self.encode(hands.detach(), hand_mask).mean.detach().clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([z], lr=lr)
-            target = hands.detach()
-            for _ in range(steps):
-                optimizer.zero_grad()
-                loss = -(self._log_likelihood(target, z.unsqueeze(0), hand_mask)[0] - 0.5 * z.square().sum(-1)).sum()
-                grads = torch.autograd.grad(loss, [z])
-                z.grad = grads[0]
-                optimizer.step()
-        decoded = self.decode(z.detach()).pose
+        decoded = self.decode(self._fit_latent(hands, hand_mask, steps, lr)).pose
         completed = torch.where(hand_mask[..., None], hands, decoded)
         return self._merge_hands(completed, x.shape[0])
+
+    def _map_project(
+        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 100, lr: float = 0.05, **kwargs: Any
+    ) -> Tensor:
+        """MAP denoising: the latent code that best explains the noisy hand (decoder scales widened by the noise),
+        then per joint the noise-weighted combination of observation and decoder mean (Wiener filter; along the
+        geodesic for ``so3``). Missing joints take the decoder mean."""
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments for HandVAE.project: {sorted(kwargs)}")
+        hands, hand_mask = self._split_hands(x, mask)
+        decoded = self.decode(self._fit_latent(hands, hand_mask, steps, lr, noise_std))
+        var = decoded.scale.square()
+        if self.config.variant == "so3":
+            weight = (noise_std**2 / (var + noise_std**2))[..., None]  # (B, 15, 1): pull toward the mean
+            R = axis_angle_to_matrix(hands)
+            rel = matrix_to_axis_angle(R.transpose(-1, -2) @ axis_angle_to_matrix(decoded.pose))
+            estimate = matrix_to_axis_angle(R @ axis_angle_to_matrix(weight * rel))
+        else:
+            estimate = (hands * var + decoded.pose * noise_std**2) / (var + noise_std**2)
+        if hand_mask is not None:
+            estimate = torch.where(hand_mask[..., None], estimate, decoded.pose)
+        return self._merge_hands(estimate, x.shape[0])
