@@ -10,7 +10,7 @@ models=${*:-gaussian joint_flow global_flow hand_vae hand_vae_so3}
 for m in $models; do
   case $m in
     gaussian) posepriors-train gaussian --joints body+left_hand+right_hand $BODY $HANDS --max_epochs 3 --logger none --out "$OUT/gaussian" ;;
-    joint_flow) posepriors-train joint_flow $BODY $HANDS --max_epochs 10 --batch_size 512 --logger none --out "$OUT/joint_flow" ;;
+    joint_flow) posepriors-train joint_flow --hidden 64 $BODY $HANDS --max_epochs 10 --batch_size 512 --logger none --out "$OUT/joint_flow" ;;
     global_flow) posepriors-train global_flow --joints body+left_hand+right_hand --parts body left_hand+right_hand \
         --coupling spline --bins 4 --hidden 128 --conditional $BODY $HANDS --max_epochs 14 --batch_size 512 --logger none --out "$OUT/global_flow" ;;
     hand_vae) posepriors-train hand_vae --model_type standard $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae" ;;
