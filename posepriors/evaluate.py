@@ -240,7 +240,8 @@ def denoise_stats(
     batch_size: int = 1024,
     **project_kwargs: Any,
 ) -> DenoiseStats:
-    """Add Gaussian noise to clean poses, ``project`` them, and compare both with the clean poses.
+    """Add Gaussian noise to clean poses, denoise them with the MAP ``project(noise_std=sigma)``, and compare both
+    with the clean poses.
 
     Args:
         prior: The prior.
@@ -258,7 +259,8 @@ def denoise_stats(
     parts = []
     for i in range(0, len(noisy), batch_size):
         m = None if mask is None else mask.expand(len(noisy[i : i + batch_size]), -1)
-        parts.append(prior.project(noisy[i : i + batch_size].to(prior.device), m, **project_kwargs).cpu())
+        chunk = noisy[i : i + batch_size].to(prior.device)
+        parts.append(prior.project(chunk, m, noise_std=sigma, **project_kwargs).cpu())
     projected = torch.cat(parts).to(clean.dtype)
     joints = slice(None) if mask is None else mask
     before = _geodesic_deg(noisy, clean)[:, joints].mean().item()

@@ -138,6 +138,10 @@ def write_evaluation_plots(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+
+    def stem(name: str) -> str:  # model names may be folders
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name).name) or "model"
+
     written: list[Path] = []
     for d_index, (data_name, data) in enumerate(datasets.items()):
         nlls = {}
@@ -156,14 +160,14 @@ def write_evaluation_plots(
             written.append(
                 plot_per_joint_nll(
                     report.nll.per_joint,
-                    folder / f"per_joint_nll_{report.model}.png",
+                    folder / f"per_joint_nll_{stem(report.model)}.png",
                     f"{report.model}: NLL per joint",
                 )
             )
     for name, prior in priors.items():
         generator = torch.Generator().manual_seed(seed)
         samples = prior.to_smplx(prior.sample(8, generator=generator)).cpu()
-        written.append(plot_stick_figures(samples, folder / f"samples_{name}.png", f"{name}: samples"))
+        written.append(plot_stick_figures(samples, folder / f"samples_{stem(name)}.png", f"{name}: samples"))
         data = next(iter(datasets.values()))
         index = torch.tensor(prior.joints)
         if not bool(data.observed[:, index].all(0).all()):
@@ -173,5 +177,5 @@ def write_evaluation_plots(
         denoised = prior.project(noisy.to(prior.device)).cpu()
         figures = torch.cat([prior.to_smplx(t) for t in (clean, noisy, denoised)])
         labels = ["clean"] * 4 + ["noisy"] * 4 + ["projected"] * 4
-        written.append(plot_stick_figures(figures, folder / f"denoise_{name}.png", f"{name}: denoising", labels))
+        written.append(plot_stick_figures(figures, folder / f"denoise_{stem(name)}.png", f"{name}: denoising", labels))
     return written
