@@ -1,24 +1,36 @@
 """``joint_flow``: one small conditional normalizing flow per joint, each conditioned on its kinematic parent.
 
-``p(pose) = prod_j p(x_j | x_parent(j))``. All joints' flows are one grouped flow (stacked per-joint weights,
-batched matrix products), so a log-density costs a handful of batched ops whatever the number of joints; sampling
-walks down the tree level by level (a loop over tree depth, not over joints).
+The density factorises along the kinematic tree,
+
+    p(pose) = prod_j p(x_j | x_parent(j)),
+
+where ``parent(j)`` is the nearest *modelled* ancestor of joint ``j`` in :data:`posepriors.skeleton.SMPLX_PARENTS`
+(joints without one, e.g. the hips and spine of a body prior, are conditioned on a zero context). Each factor is a
+3-D coupling flow whose conditioners see the parent's rotation. All joints' flows are **one** grouped flow
+(:func:`posepriors.flows.build_flow` with ``groups = J``: stacked per-joint weights, batched matrix products), so a
+log-density is a handful of batched ops whatever the number of joints. Sampling and projection walk down the tree
+one depth level at a time (a loop over tree depth, about 10 levels for body and hands, never over joints), running
+only that level's slice of the grouped weights.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import build_flow, standard_normal_log_prob
-from posepriors.priors.base import PosePrior, PriorConfig, randn
+from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, latent_map, randn
 from posepriors.rotations import axis_angle_to_rotation_6d
 
 __all__ = ["JointFlowConfig", "JointFlowPrior"]
+
+_CONTEXT_FEATURES = {"6d": 6, "axis_angle": 3}
 
 
 @dataclass(frozen=True)
@@ -26,20 +38,22 @@ class JointFlowConfig(PriorConfig):
     """Settings of :class:`JointFlowPrior`.
 
     Attributes:
-        joints: Modelled SMPL-X joints (default: body and both hands).
+        joints: Modelled SMPL-X joints (default: body and both hands, 51 joints); any joint set works.
         hidden: Width of each joint's coupling conditioners.
         num_layers: Coupling layers per joint (the seed's K).
         num_hidden_layers: Hidden layers per conditioner.
         coupling: ``"spline"`` (rational-quadratic) or ``"affine"``.
-        mixing: ``"lu"`` (learned 3x3 per joint) or ``"permutation"``.
-        actnorm: ActNorm before every layer.
+        mixing: ``"lu"`` (a learned 3x3 map per joint and layer), ``"permutation"`` or ``"none"``.
+        actnorm: ActNorm before every layer (initialised from data, see
+            :meth:`JointFlowPrior.initialize_from_data`).
         bins: Spline bins.
-        bound: Spline interval half-width (ActNorm-standardised units).
-        context: How the parent rotation is fed to the conditioners: ``"6d"`` or ``"axis_angle"``.
+        bound: Spline interval half-width, in ActNorm-standardised units (identity outside).
+        context: How the parent's rotation is fed to the conditioners: ``"6d"`` (continuous 6D representation,
+            6 features) or ``"axis_angle"`` (3 features).
     """
 
     joints: tuple[int, ...] = skeleton.resolve_joints("body+left_hand+right_hand")
-    hidden: int = 64
+    hidden: int = 128
     num_layers: int = 4
     num_hidden_layers: int = 1
     coupling: str = "spline"
@@ -51,19 +65,69 @@ class JointFlowConfig(PriorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.context not in ("6d", "axis_angle"):
+        for name in ("hidden", "num_layers", "num_hidden_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"expected {name} to be an integer >= 1, got {value!r}")
+        if self.coupling not in ("spline", "affine"):
+            raise ValueError(f"expected coupling 'spline' or 'affine', got {self.coupling!r}")
+        if self.mixing not in ("lu", "permutation", "none"):
+            raise ValueError(f"expected mixing 'lu', 'permutation' or 'none', got {self.mixing!r}")
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 2:
+            raise ValueError(f"expected bins to be an integer >= 2, got {self.bins!r}")
+        if not (math.isfinite(self.bound) and self.bound > 0):
+            raise ValueError(f"expected a finite bound > 0, got {self.bound!r}")
+        if self.context not in _CONTEXT_FEATURES:
             raise ValueError(f"expected context '6d' or 'axis_angle', got {self.context!r}")
+
+
+class _BlockRunner(nn.Module):
+    """Runs a flow's blocks forwards or backwards on any number of groups.
+
+    :class:`~posepriors.flows.FlowSequence` checks that its input has all G groups; the tree walk runs one depth
+    level at a time, with that level's rows of every grouped parameter passed in through
+    :func:`torch.func.functional_call` (every parameter of the flow blocks has the group as its first dim).
+    """
+
+    def __init__(self, blocks: nn.ModuleList, reverse: bool) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.reverse = reverse
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        if self.reverse:
+            for block in reversed(self.blocks):
+                x, _ = block.inverse(x, context)
+        else:
+            for block in self.blocks:
+                x, _ = block(x, context)
+        return x
 
 
 class JointFlowPrior(PosePrior):
     """Per-joint conditional flows along the kinematic tree.
 
-    - ``log_prob`` is exact; :meth:`log_prob_per_joint` says which joint is implausible.
-    - Masks give exact marginals when every missing joint's modelled descendants are missing too (missing hands,
-      a missing forearm and hand, ...): the factors of the observed joints do not involve the missing ones. Other
-      masks raise ``ValueError``.
-    - ``sample`` and ``project`` walk down the tree; ``project`` shrinks each joint's latent code given its
-      (projected) parent, and completes missing joints at latent zero given their parents.
+    - ``log_prob`` is exact: the sum over joints of ``log N(z_j) + log|det dz_j/dx_j|`` with
+      ``z_j = f_j(x_j | x_parent(j))``. The Jacobian of the whole map is block lower-triangular (a joint's code
+      depends on the joint and its parent only), so the per-joint log-determinants add up to the exact one.
+      :meth:`log_prob_per_joint` gives the terms: which joint makes a pose implausible?
+    - Masks give **exact marginals** when the missing joints are closed under descendants (every missing joint's
+      modelled descendants are missing too: missing hands, a missing forearm and hand, a body-only pose given to a
+      body-and-hands prior). The missing factors then integrate to one and ``log_prob`` is the sum over the
+      observed joints. Other masks (an observed joint below a missing one) have no closed-form marginal and raise
+      ``ValueError``.
+    - ``sample`` walks down the tree, inverting each level's flows given the parents drawn before;
+      ``temperature`` scales the base noise. With ``observed`` and a mask, observed joints are kept and missing
+      ones are drawn level by level given their (observed or already drawn) parents: the exact conditional for
+      descendant-closed missing sets; otherwise an ancestral approximation that ignores what the observed
+      descendants of a missing joint say about it.
+    - ``project(pose, mask, shrink=0.5, keep_observed=False)`` shrinks every joint's latent code,
+      ``z' = shrink * f_j(x_j | x_parent)``, and decodes level by level given the *projected* parents, so the
+      pose moves towards the conditional modes while keeping its character. Missing joints get ``z = 0`` given
+      their parents (a mode-like completion). ``keep_observed=True`` only fills the missing joints.
+
+    Parameters: one grouped flow ``flow`` (``num_layers`` x [ActNorm, LU mixing, coupling]) with J groups of
+    dimension 3 and a context of 6 (``"6d"``) or 3 (``"axis_angle"``) features.
     """
 
     model_type = "joint_flow"
@@ -73,21 +137,26 @@ class JointFlowPrior(PosePrior):
         super().__init__(config if config is not None else JointFlowConfig())
         cfg: JointFlowConfig = self.config
         position = {j: i for i, j in enumerate(cfg.joints)}
-        parents, depth = [], []
-        for j in cfg.joints:  # nearest modelled ancestor, -1 if none
+        parents: list[int] = []
+        for j in cfg.joints:  # nearest modelled ancestor (its position in our order), -1 if none
             p = skeleton.SMPLX_PARENTS[j]
             while p >= 0 and p not in position:
                 p = skeleton.SMPLX_PARENTS[p]
             parents.append(position[p] if p >= 0 else -1)
-            depth.append(0 if parents[-1] < 0 else depth[parents[-1]] + 1)
-        self.parents = tuple(parents)
+        depths: list[int] = []
+        for i in range(len(parents)):  # SMPL-X parents precede children, so parent depths are known
+            depths.append(0 if parents[i] < 0 else depths[parents[i]] + 1)
+        self.parents: tuple[int, ...] = tuple(parents)
+        """Position of each joint's nearest modelled ancestor in the prior's joint order (-1: none)."""
+        self.depths: tuple[int, ...] = tuple(depths)
+        """Depth of each joint in the forest of modelled joints (0: no modelled ancestor)."""
+        self.num_levels = max(depths) + 1
         self.register_buffer("parent_index", torch.tensor([max(p, 0) for p in parents]), persistent=False)
         self.register_buffer("has_parent", torch.tensor([p >= 0 for p in parents]), persistent=False)
-        levels = [torch.tensor([i for i, d in enumerate(depth) if d == level]) for level in range(max(depth) + 1)]
-        self.num_levels = len(levels)
-        for level, index in enumerate(levels):
+        for level in range(self.num_levels):
+            index = torch.tensor([i for i, d in enumerate(depths) if d == level])
             self.register_buffer(f"level_{level}", index, persistent=False)
-        self.context_features = 6 if cfg.context == "6d" else 3
+        self.context_features = _CONTEXT_FEATURES[cfg.context]
         self.flow = build_flow(
             self.num_joints,
             3,
@@ -102,60 +171,70 @@ class JointFlowPrior(PosePrior):
             bound=cfg.bound,
         )
 
-    def _context(self, x: Tensor) -> Tensor:
-        """Each joint's parent rotation as conditioner input, zero for joints without one: (B, J, C)."""
-        parent = x.index_select(1, self.parent_index)
-        feats = axis_angle_to_rotation_6d(parent) if self.context_features == 6 else parent
-        return feats * self.has_parent[:, None].to(feats.dtype)
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, levels={self.num_levels}"
 
-    def _per_joint(self, x: Tensor) -> Tensor:
-        z, logdet = self.flow(x, self._context(x))
-        return standard_normal_log_prob(z) + logdet
+    # ------------------------------------------------------------------ public extras
+    def log_prob_per_joint(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None) -> Tensor:
+        """Log-density of each joint's rotation given its parent's: which joint makes a pose implausible?
 
-    def _check_mask(self, mask: Tensor) -> None:
-        parent_observed = mask.index_select(1, self.parent_index) | ~self.has_parent
-        if bool((mask & ~parent_observed).any()):
-            raise ValueError(
-                "joint_flow gives exact marginals only when every missing joint's descendants are missing too "
-                "(e.g. missing hands or a missing arm); got an observed joint whose parent is missing"
-            )
+        Args:
+            pose: Any input :meth:`log_prob` accepts, batch shape (*).
+            mask: Optional observed-joint mask (see :meth:`log_prob`); must leave the missing joints closed under
+                descendants. Joints the input does not carry count as missing.
 
+        Returns:
+            Conditional log-densities ``log p(x_j | x_parent(j))`` in the prior's joint order, shape (*, J); missing
+            joints get 0, so the terms sum to ``log_prob(pose, mask)``.
+        """
+        x, m, batch_shape = self._prepare(pose, mask)
+        per_joint = self._per_joint(x)
+        if m is not None:
+            self._check_mask(m)
+            per_joint = torch.where(m, per_joint, torch.zeros_like(per_joint))
+        return per_joint.reshape(*batch_shape, self.num_joints)
+
+    def _map_project(
+        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 50, lr: float = 0.05, **kwargs: Any
+    ) -> Tensor:
+        """MAP in the latent space (see :func:`~posepriors.priors.base.latent_map`) from the encoded pose, missing
+        joints first completed at latent zero."""
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments for JointFlowPrior.project: {sorted(kwargs)}")
+        start = x if mask is None else self._project(x, mask, keep_observed=True)
+        z0, _ = self.flow(start, self._context(start))
+        return latent_map(lambda z: self._decode(z, start), z0, x, mask, noise_std, steps, lr)
+
+    def round_trip_error(self, pose: Tensor) -> Tensor:
+        """Largest absolute error of decoding (tree walk) the latent codes of ``pose``: a numerical health check.
+
+        Args:
+            pose: Poses in the prior's joint order, shape (B, J, 3).
+
+        Returns:
+            The max abs error in radians, shape ().
+        """
+        x = self._check_own(pose)
+        z, _ = self.flow(x, self._context(x))
+        return (self._decode(z, x) - x).abs().max()
+
+    @torch.no_grad()
+    def initialize_from_data(self, pose: Tensor) -> None:
+        """ActNorm data initialisation: every ActNorm standardises its input over ``pose`` (per joint and dim).
+
+        Args:
+            pose: A representative batch of training poses in the prior's joint order, shape (N, J, 3).
+        """
+        x = self._check_own(pose)
+        self.flow.initialize(x, self._context(x))
+
+    # ------------------------------------------------------------------ PosePrior
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
         per_joint = self._per_joint(x)
         if mask is None:
             return per_joint.sum(-1)
         self._check_mask(mask)
-        return (per_joint * mask).sum(-1)
-
-    def log_prob_per_joint(self, pose: Any) -> Tensor:
-        """Log-density of each joint's rotation given its parent's: which joint makes a pose implausible?
-
-        Args:
-            pose: Any supported pose input, batch shape (*).
-
-        Returns:
-            Per-joint conditional log-densities in the prior's joint order, shape (*, J); they sum to ``log_prob``.
-        """
-        x, _, batch_shape = self._prepare(pose, None)
-        return self._per_joint(x).reshape(*batch_shape, self.num_joints)
-
-    def _decode(self, z: Tensor, x: Tensor, keep: Tensor | None) -> Tensor:
-        """Walk down the tree: at each level invert the flows given the already decoded parents.
-
-        Args:
-            z: Latent codes (B, J, 3).
-            x: Starting poses (B, J, 3): values of joints flagged in ``keep`` are kept.
-            keep: Joints to keep as they are (B, J), or None.
-        """
-        out = x.clone()
-        for level in range(self.num_levels):
-            index = getattr(self, f"level_{level}")
-            decoded, _ = self.flow.inverse(z, self._context(out))
-            new = decoded.index_select(1, index)
-            if keep is not None:
-                new = torch.where(keep.index_select(1, index)[..., None], out.index_select(1, index), new)
-            out = out.index_copy(1, index, new)
-        return out
+        return torch.where(mask, per_joint, torch.zeros_like(per_joint)).sum(-1)
 
     def _sample(
         self,
@@ -165,37 +244,133 @@ class JointFlowPrior(PosePrior):
         observed: Tensor | None,
         mask: Tensor | None,
     ) -> Tensor:
-        device, dtype = self.parent_index.device, self.dtype
+        J, device, dtype = self.num_joints, self.parent_index.device, self.dtype
         if observed is None:
-            z = temperature * randn((n, self.num_joints, 3), generator=generator, device=device, dtype=dtype)
-            return self._decode(z, torch.zeros_like(z), None)
+            z = randn((n, J, 3), generator=generator, device=device, dtype=dtype)
+            return self._decode(temperature * z, z.new_zeros(n, J, 3))
         B = observed.shape[0]
-        x = observed.unsqueeze(0).expand(n, -1, -1, -1).reshape(n * B, self.num_joints, 3)
-        keep = mask.unsqueeze(0).expand(n, -1, -1).reshape(n * B, self.num_joints)
-        z = temperature * randn(x.shape, generator=generator, device=device, dtype=dtype)
-        return self._decode(z, x, keep).reshape(n, B, self.num_joints, 3)
+        z = randn((n, B, J, 3), generator=generator, device=device, dtype=dtype).reshape(n * B, J, 3)
+        x = observed.unsqueeze(0).expand(n, B, J, 3).reshape(n * B, J, 3)
+        keep = None if mask is None else mask.unsqueeze(0).expand(n, B, J).reshape(n * B, J)
+        return self._decode(temperature * z, x, keep=keep).reshape(n, B, J, 3)
 
     def _project(
-        self, x: Tensor, mask: Tensor | None, shrink: float = 0.5, keep_observed: bool = False, **kwargs: Any
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        shrink: float = 0.5,
+        keep_observed: bool = False,
+        **kwargs: Any,
     ) -> Tensor:
-        """Shrink every joint's latent code given its projected parent; missing joints at latent zero."""
+        """Latent shrinkage along the tree (see the class docstring).
+
+        Args:
+            x: Poses (B, J, 3).
+            mask: Observed joints (B, J) or None.
+            shrink: Factor in [0, 1] on every observed joint's latent code: 1 keeps the pose, 0 moves every joint
+                to its conditional mode-like point ``f_j^{-1}(0 | parent)``.
+            keep_observed: Keep the observed joints exactly and only fill the missing ones.
+        """
         if kwargs:
             raise TypeError(f"unexpected keyword arguments for JointFlowPrior.project: {sorted(kwargs)}")
+        shrink = float(shrink)
         if not 0 <= shrink <= 1:
             raise ValueError(f"expected 0 <= shrink <= 1, got {shrink}")
+        if keep_observed and mask is None:
+            return x.clone()
         z, _ = self.flow(x, self._context(x))
-        if mask is not None:
-            z = torch.where(mask[..., None], z, torch.zeros_like(z))
+        z = shrink * z
+        if mask is None:
+            return self._decode(z, x)
+        z = torch.where(mask[..., None], z, torch.zeros_like(z))
         if keep_observed:
-            return self._decode(z, x, mask)
-        return self._decode(shrink * z, x, None)
+            return self._decode(z, x, keep=mask)
+        # an observed joint below a missing one: its code is taken relative to the completed parent
+        orphan = mask & ~self._parent_observed(mask)
+        return self._decode(z, x, reencode=orphan if bool(orphan.any()) else None, shrink=shrink)
 
-    def round_trip_error(self, pose: Tensor) -> Tensor:
-        """Max abs error of decoding the encoded poses (B, J, 3) -> ()."""
-        z, _ = self.flow(pose, self._context(pose))
-        return (self._decode(z, torch.zeros_like(pose), None) - pose).abs().max()
+    # ------------------------------------------------------------------ internals
+    def _check_own(self, pose: Tensor) -> Tensor:
+        if not isinstance(pose, Tensor):
+            raise TypeError(f"expected a pose tensor, got {type(pose).__name__}")
+        if pose.dim() != 3 or pose.shape[1:] != (self.num_joints, 3):
+            raise ValueError(
+                f"expected poses in the prior's joint order of shape (B, {self.num_joints}, 3), got {tuple(pose.shape)}"
+            )
+        return pose.to(device=self.device, dtype=self.dtype)
 
-    @torch.no_grad()
-    def initialize_from_data(self, pose: Tensor) -> None:
-        """ActNorm data initialisation of every joint's flow."""
-        self.flow.initialize(pose, self._context(pose))
+    def _levels(self) -> list[Tensor]:
+        return [getattr(self, f"level_{level}") for level in range(self.num_levels)]
+
+    def _context(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        """Parent rotations as conditioner inputs (zero without a parent): (B, J, C), or (B, len(index), C)."""
+        parent_index, has_parent = self.parent_index, self.has_parent
+        if index is not None:
+            parent_index, has_parent = parent_index[index], has_parent[index]
+        parent = x.index_select(1, parent_index)
+        feats = axis_angle_to_rotation_6d(parent) if self.context_features == 6 else parent
+        return feats * has_parent[:, None].to(feats.dtype)
+
+    def _per_joint(self, x: Tensor) -> Tensor:
+        z, logdet = self.flow(x, self._context(x))
+        return standard_normal_log_prob(z) + logdet
+
+    def _parent_observed(self, mask: Tensor) -> Tensor:
+        """Whether each joint's parent is observed (True for joints without a parent): (B, J)."""
+        return mask.index_select(1, self.parent_index) | ~self.has_parent
+
+    def _check_mask(self, mask: Tensor) -> None:
+        bad = mask & ~self._parent_observed(mask)
+        if bool(bad.any()):
+            j = int(torch.nonzero(bad.any(0)).flatten()[0])
+            name, parent = self.joint_names[j], self.joint_names[self.parents[j]]
+            raise ValueError(
+                "joint_flow has an exact marginal only when the missing joints are closed under descendants "
+                "(every missing joint's modelled descendants missing too, e.g. missing hands or a missing forearm "
+                f"and hand); got observed {name!r} below missing {parent!r}. Pass the missing joint, hide its "
+                "descendants too, or use sample/project to complete it"
+            )
+
+    def _run(self, index: Tensor, x: Tensor, context: Tensor, reverse: bool) -> Tensor:
+        """Run the flows of the joints ``index`` only (one tree level): x (B, L, 3), context (B, L, C)."""
+        runner = _BlockRunner(self.flow.blocks, reverse)
+        if index.numel() == self.num_joints:  # every joint is on this level: the plain grouped flow
+            return runner(x, context)
+        params = {name: p.index_select(0, index) for name, p in self.flow.named_parameters()}
+        return torch.func.functional_call(runner, params, (x, context))
+
+    def _decode(
+        self,
+        z: Tensor,
+        x: Tensor,
+        *,
+        keep: Tensor | None = None,
+        reencode: Tensor | None = None,
+        shrink: float = 1.0,
+    ) -> Tensor:
+        """Walk down the tree, inverting each level's flows given the already decoded parents.
+
+        Args:
+            z: Latent codes (B, J, 3).
+            x: Starting poses (B, J, 3): joints flagged in ``keep`` keep these values, ``reencode`` reads them.
+            keep: Joints to keep as they are (B, J), or None.
+            reencode: Joints whose code is recomputed as ``shrink * f_j(x_j | decoded parent)`` (B, J), or None.
+            shrink: Factor on re-encoded codes.
+
+        Returns:
+            Decoded poses (B, J, 3).
+        """
+        out = x
+        for index in self._levels():
+            context = self._context(out, index)
+            code = z.index_select(1, index)
+            if reencode is not None:
+                again = reencode.index_select(1, index)
+                if bool(again.any()):
+                    fresh = shrink * self._run(index, out.index_select(1, index), context, reverse=False)
+                    code = torch.where(again[..., None], fresh, code)
+            new = self._run(index, code, context, reverse=True)
+            if keep is not None:
+                new = torch.where(keep.index_select(1, index)[..., None], out.index_select(1, index), new)
+            out = out.index_copy(1, index, new)
+        return out
