@@ -334,6 +334,11 @@ class ActNorm(_Block):
     def _inverse(self, z: Tensor, context: Tensor | None) -> tuple[Tensor, _LogDet]:
         return torch.addcmul(self.loc, z, torch.exp(self.log_scale)), self.log_scale.sum(-1)
 
+    def _affine(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The block as ``z = x @ A + c`` on row vectors: A (G, D, D), c (G, D), log-determinant (G,)."""
+        scale = torch.exp(-self.log_scale)
+        return torch.diag_embed(scale), -self.loc * scale, -self.log_scale.sum(-1)
+
     def extra_repr(self) -> str:
         return f"groups={self.loc.shape[0]}, dim={self.dim}"
 
@@ -370,6 +375,11 @@ class Permutation(_Block):
 
     def _inverse(self, z: Tensor, context: Tensor | None) -> tuple[Tensor, _LogDet]:
         return z.index_select(-1, self.inverse_permutation), None
+
+    def _affine(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The block as ``z = x @ A + c`` on row vectors: A (1, D, D), c (1, D), log-determinant (1,)."""
+        eye = torch.eye(self.dim, device=self.permutation.device)
+        return eye[:, self.permutation].unsqueeze(0), eye.new_zeros(1, self.dim), eye.new_zeros(1)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, permutation={self.permutation.tolist()}"
@@ -446,6 +456,10 @@ class LULinear(_Block):
         y = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
         x = torch.linalg.solve_triangular(upper, y, upper=True)
         return x.permute(2, 0, 1), -self.log_diag.sum(-1)
+
+    def _affine(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The block as ``z = x @ A + c`` on row vectors: A = W^T (G, D, D), c (G, D), log-determinant (G,)."""
+        return self.weight().transpose(1, 2), self.bias, self.log_diag.sum(-1)
 
     def extra_repr(self) -> str:
         return f"groups={self.log_diag.shape[0]}, dim={self.dim}"
@@ -695,6 +709,44 @@ class RQSplineCoupling(_Coupling):
 
 
 # ---------------------------------------------------------------------------------------------------- composition
+_LINEAR_BLOCKS = (ActNorm, LULinear, Permutation)
+
+
+class _FoldedAffine:
+    """A run of linear blocks as one precomputed map ``z = x @ A + c`` (or its inverse), for frozen inference."""
+
+    def __init__(self, matrix: Tensor, offset: Tensor, logdet: Tensor) -> None:
+        self.matrix, self.offset, self.logdet = matrix, offset, logdet  # (G, D, D), (G, D), (G,)
+        self.single = matrix.shape[0] == 1
+
+    @classmethod
+    def from_blocks(cls, blocks: list[nn.Module], inverse: bool, dtype: torch.dtype) -> _FoldedAffine:
+        """Compose the blocks' affine maps in float64 and cast to ``dtype``; the inverse map when ``inverse``."""
+        matrix = offset = logdet = None
+        for block in blocks:
+            a, c, ld = (t.double() for t in block._affine())
+            if matrix is None:
+                matrix, offset, logdet = a, c, ld
+            else:
+                matrix = matrix @ a
+                offset = (offset.unsqueeze(-2) @ a).squeeze(-2) + c
+                logdet = logdet + ld
+        if inverse:  # x = (z - c) A^-1
+            matrix = torch.linalg.inv(matrix)
+            offset = -(offset.unsqueeze(-2) @ matrix).squeeze(-2)
+            logdet = -logdet
+        groups = max(matrix.shape[0], offset.shape[0])
+        matrix = matrix.expand(groups, -1, -1)
+        offset = offset.expand(groups, -1)
+        return cls(matrix.to(dtype).contiguous(), offset.to(dtype).contiguous(), logdet.to(dtype).expand(groups))
+
+    def __call__(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.single:  # one group: a plain GEMM
+            return torch.addmm(self.offset[0], x[:, 0], self.matrix[0]).unsqueeze(1), self.logdet
+        z = torch.baddbmm(self.offset.unsqueeze(1), x.transpose(0, 1), self.matrix)
+        return z.transpose(0, 1), self.logdet
+
+
 class FlowSequence(nn.Module):
     """A composition of blocks: ``forward`` runs them in order (data -> latent) and sums their log-determinants,
     ``inverse`` runs their inverses in reverse order.
@@ -713,6 +765,8 @@ class FlowSequence(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.groups, self.dim = groups, dim
         self.context_features = max((getattr(b, "context_features", 0) for b in self.blocks), default=0)
+        # inference cache of folded linear blocks, {inverse: (key, steps)}; see _frozen_steps
+        self._folded: dict[bool, tuple[tuple[tuple[int, int], ...], list[Callable[..., tuple[Tensor, _LogDet]]]]] = {}
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         _check_input(x, self.groups, self.dim)
@@ -728,10 +782,52 @@ class FlowSequence(nn.Module):
                 out.append(block.inverse if inverse else block)
         return out
 
+    def _frozen_steps(self, inverse: bool) -> list[Callable[..., tuple[Tensor, _LogDet]]] | None:
+        """The steps with every run of linear blocks (ActNorm, LU, permutations) folded into one affine map.
+
+        Only for inference: in eval mode, and when no gradient can reach the folded parameters (they do not
+        require grad, or grad mode is off). The folded maps are computed once (in float64) and cached, keyed by
+        the parameters' storage and version counters, so an in-place update, ``load_state_dict`` or ``.to()``
+        rebuilds them. Returns None when the flow must run block by block.
+        """
+        if self.training:
+            return None
+        linear = [b for b in self.blocks if isinstance(b, _LINEAR_BLOCKS)]
+        if not linear:
+            return None
+        params = [p for b in linear for p in b.parameters()]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        try:
+            key = tuple((p.data_ptr(), p._version) for p in params)
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return None
+        cached = self._folded.get(inverse)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        with torch.no_grad():
+            forward_steps: list[Callable[..., tuple[Tensor, _LogDet]]] = []
+            run: list[nn.Module] = []
+            for block in [*self.blocks, None]:
+                if block is not None and isinstance(block, _LINEAR_BLOCKS):
+                    run.append(block)
+                    continue
+                if run:
+                    forward_steps.append(_FoldedAffine.from_blocks(run, inverse, dtype))
+                    run = []
+                if block is not None:
+                    forward_steps.extend(self._steps([block], inverse))
+        steps = forward_steps[::-1] if inverse else forward_steps
+        self._folded[inverse] = (key, steps)
+        return steps
+
     def _run(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        blocks = reversed(self.blocks) if inverse else self.blocks
+        steps = self._frozen_steps(inverse)
+        if steps is None:
+            steps = self._steps(reversed(self.blocks) if inverse else self.blocks, inverse)
         total: Tensor | None = None
-        for step in self._steps(blocks, inverse):
+        for step in steps:
             x, logdet = step(x, context)
             if logdet is not None:
                 total = logdet if total is None else total + logdet

@@ -28,3 +28,10 @@ def test_demo_prints_a_table():
     from posepriors.demo import main
 
     assert main(["--model", "gaussian"]) == 0
+
+
+def test_readme_usage_example_runs_as_written():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "posepriors.load" in block
+    exec(compile(block, "README.md", "exec"), {})

@@ -309,7 +309,7 @@ def test_level_walk_equals_full_grouped_inverses():
 
 # ---------------------------------------------------------------------------- formats, save/load, training
 def test_input_formats_and_save_load(tmp_path):
-    prior = perturbed(tiny(BODY_HAND))
+    prior = perturbed(tiny(BODY_HAND)).requires_grad_(False)  # frozen, like a loaded prior: the same code path
     x = poses(8, prior.joints, seed=14)
     lp = prior.log_prob(x)
     full = prior.to_smplx(x)

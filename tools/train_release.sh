@@ -15,6 +15,10 @@ for m in $models; do
         --coupling spline --bins 4 --hidden 128 --conditional $BODY $HANDS --max_epochs 14 --batch_size 512 --logger none --out "$OUT/global_flow" ;;
     hand_vae) posepriors-train hand_vae --model_type standard $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae" ;;
     hand_vae_so3) posepriors-train hand_vae --model_type so3 $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae_so3" ;;
+    # Hand-only flows: not bundled (size budget), trained to measure which hand prior to pick (docs/models.md).
+    hand_joint_flow) posepriors-train joint_flow --joints left_hand+right_hand --hidden 64 $HANDS --max_epochs 10 --batch_size 512 --logger none --out "$OUT/hand_joint_flow" ;;
+    hand_global_flow) posepriors-train global_flow --joints left_hand+right_hand --coupling spline --bins 4 --hidden 128 \
+        $HANDS --max_epochs 14 --batch_size 512 --logger none --out "$OUT/hand_global_flow" ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
   esac
 done
