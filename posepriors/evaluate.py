@@ -121,6 +121,7 @@ class EvalReport:
     samples: SampleStats | None = None
     denoise: DenoiseStats | None = None
     completion: list[CompletionStats] = field(default_factory=list)
+    reconstruction_deg: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -280,16 +281,17 @@ def completion_parts(prior: PosePrior, observed: Tensor) -> dict[str, Tensor]:
     joints = list(prior.joints)
     descendants = _descendants()
     parts = {
-        "left_arm": descendants[skeleton.SMPLX_JOINT_NAMES.index("left_shoulder")],
         "left_hand": set(skeleton.PARTS["left_hand"]),
         "right_hand": set(skeleton.PARTS["right_hand"]),
+        "left_arm": descendants[skeleton.SMPLX_JOINT_NAMES.index("left_shoulder")],
     }
     out = {}
     for name, part in parts.items():
         # hide the part's observed joints (a whole-body prior on body data: the arm down to the wrist); something
         # else must remain observed
         hidden = torch.tensor([j in part for j in joints]) & observed
-        if hidden.any() and bool((observed & ~hidden).any()):
+        duplicate = any(torch.equal(hidden, seen) for seen in out.values())  # the arm of hand-only data: its hand
+        if hidden.any() and bool((observed & ~hidden).any()) and not duplicate:
             out[name] = hidden
     return out
 
@@ -305,14 +307,17 @@ def _descendants() -> dict[int, set[int]]:
 
 @torch.no_grad()
 def completion_stats(
-    prior: PosePrior, clean: Tensor, observed: Tensor, *, batch_size: int = 1024
+    prior: PosePrior, clean: Tensor, observed: Tensor, *, noise_std: float | None = 0.05, batch_size: int = 1024
 ) -> list[CompletionStats]:
-    """Hide each part from :func:`completion_parts`, complete it with ``project(pose, mask)``, measure the error.
+    """Hide each part from :func:`completion_parts`, complete it with ``project(pose, mask, noise_std=...)``, measure
+    the error.
 
     Args:
         prior: The prior.
         clean: Poses in the prior's joint order, shape (N, J, 3).
         observed: Which of the prior's joints the data observes, shape (J,).
+        noise_std: Trust in the observed joints (radians) for the MAP completion, which uses what the observed
+            joints say about the hidden ones; None for the fast ``project(pose, mask)``.
         batch_size: Poses per call of ``project``.
     """
     out = []
@@ -322,7 +327,9 @@ def completion_stats(
         try:
             for i in range(0, len(clean), batch_size):
                 chunk = clean[i : i + batch_size]
-                parts.append(prior.project(chunk.to(prior.device), mask.expand(len(chunk), -1).to(prior.device)).cpu())
+                m = mask.expand(len(chunk), -1).to(prior.device)
+                kwargs = {} if noise_std is None else {"noise_std": noise_std}
+                parts.append(prior.project(chunk.to(prior.device), m, **kwargs).cpu())
         except ValueError as error:  # e.g. a flow without a completion mode cannot complete this mask
             warnings.warn(f"completion of {name} skipped for {prior.model_type}: {error}", stacklevel=2)
             continue
@@ -346,6 +353,7 @@ def evaluate(
     samples: bool = True,
     denoise: bool = True,
     completion: bool = True,
+    completion_noise: float | None = 0.05,
 ) -> EvalReport:
     """Evaluate a prior on poses (the prior's joints that the data observes in every frame).
 
@@ -361,6 +369,7 @@ def evaluate(
         samples: Whether to run the sample-quality metrics.
         denoise: Whether to run the denoising test.
         completion: Whether to run the completion test.
+        completion_noise: ``noise_std`` of the MAP completion (None: the fast ``project(pose, mask)``).
 
     Returns:
         The report.
@@ -392,7 +401,10 @@ def evaluate(
     if denoise:
         report.denoise = denoise_stats(prior, pose, mask, sigma=sigma, generator=generator)
     if completion:
-        report.completion = completion_stats(prior, pose, observed)
+        report.completion = completion_stats(prior, pose, observed, noise_std=completion_noise)
+    if hasattr(prior, "reconstruction_error"):  # auto-encoders: encode -> decoder mean, geodesic degrees
+        with torch.no_grad():
+            report.reconstruction_deg = prior.reconstruction_error(device_pose).item()
     return report
 
 
@@ -401,9 +413,9 @@ def to_markdown(reports: Sequence[EvalReport]) -> str:
     """A Markdown table of reports (one row per model and data set)."""
     head = (
         "| model | data | poses | dims | NLL mean | NLL median | bits/dim | APD deg | nearest deg | beyond range "
-        "| denoise before→after deg | completion deg (rest) |"
+        "| denoise before→after deg | completion deg (rest) | recon deg |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in reports:
         s, d = r.samples, r.denoise
         comp = ", ".join(f"{c.part} {c.error_deg:.1f} ({c.rest_error_deg:.1f})" for c in r.completion) or "–"
@@ -416,7 +428,8 @@ def to_markdown(reports: Sequence[EvalReport]) -> str:
                 else "| – | – | – "
             )
             + (f"| {d.error_before_deg:.2f} → {d.error_after_deg:.2f} ({100 * d.reduction:.0f}%) " if d else "| – ")
-            + f"| {comp} |"
+            + f"| {comp} "
+            + (f"| {r.reconstruction_deg:.1f} |" if r.reconstruction_deg is not None else "| – |")
         )
     return "\n".join(lines)
 
@@ -442,6 +455,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no_samples", action="store_true", help="skip the sample-quality metrics")
     parser.add_argument("--no_denoise", action="store_true", help="skip the denoising test")
     parser.add_argument("--no_completion", action="store_true", help="skip the completion test")
+    parser.add_argument(
+        "--completion_noise",
+        type=float,
+        default=0.05,
+        help="noise_std (radians) of the MAP completion, project(pose, mask, noise_std=...); 0: fast project",
+    )
     return parser.parse_args(argv)
 
 
@@ -476,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     samples=not args.no_samples,
                     denoise=not args.no_denoise,
                     completion=not args.no_completion,
+                    completion_noise=args.completion_noise or None,
                 )
             )
     table = to_markdown(reports)

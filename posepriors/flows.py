@@ -261,9 +261,14 @@ class GroupedMLP(nn.Sequential):
 
     def _run(self, x: Tensor) -> Tensor:
         """``forward`` without input checks."""
-        h = x.transpose(0, 1)  # (G, B, in); for G = 1 a free view and the products are plain GEMMs
         act = self._activation
         *hidden_layers, last = self._linears
+        if x.shape[1] == 1 and last.weight.shape[0] == 1:  # one group (the global flow): plain 2-D GEMMs
+            h = x[:, 0]
+            for layer in hidden_layers:
+                h = act(torch.addmm(layer.bias[0], h, layer.weight[0]))
+            return torch.addmm(last.bias[0], h, last.weight[0]).unsqueeze(1)
+        h = x.transpose(0, 1)  # (G, B, in): one batched GEMM per layer over the groups
         for layer in hidden_layers:
             h = act(torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight))
         return torch.baddbmm(last.bias.unsqueeze(1), h, last.weight).transpose(0, 1)
@@ -767,6 +772,8 @@ class FlowSequence(nn.Module):
         self.context_features = max((getattr(b, "context_features", 0) for b in self.blocks), default=0)
         # inference cache of folded linear blocks, {inverse: (key, steps)}; see _frozen_steps
         self._folded: dict[bool, tuple[tuple[tuple[int, int], ...], list[Callable[..., tuple[Tensor, _LogDet]]]]] = {}
+        self._folded_params: list[nn.Parameter] | None = None
+        self._has_linear = any(isinstance(b, _LINEAR_BLOCKS) for b in self.blocks)
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         _check_input(x, self.groups, self.dim)
@@ -792,10 +799,11 @@ class FlowSequence(nn.Module):
         """
         if self.training:
             return None
-        linear = [b for b in self.blocks if isinstance(b, _LINEAR_BLOCKS)]
-        if not linear:
+        if self._folded_params is None:  # the blocks are fixed after construction: list their parameters once
+            self._folded_params = [p for b in self.blocks if isinstance(b, _LINEAR_BLOCKS) for p in b.parameters()]
+        params = self._folded_params
+        if not self._has_linear:
             return None
-        params = [p for b in linear for p in b.parameters()]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
         try:

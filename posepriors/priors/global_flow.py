@@ -341,7 +341,7 @@ class GlobalFlowPrior(PosePrior):
         return self._decode([shrink * z for z in zs], x, None)
 
     def _map_project(
-        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 100, lr: float = 0.05, **kwargs: Any
+        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 200, lr: float = 0.05, **kwargs: Any
     ) -> Tensor:
         """MAP in the latent space (see :func:`~posepriors.priors.base.latent_map`), from the encoded pose with
         missing joints first completed by :meth:`_project`."""
