@@ -772,8 +772,6 @@ class FlowSequence(nn.Module):
         self.context_features = max((getattr(b, "context_features", 0) for b in self.blocks), default=0)
         # inference cache of folded linear blocks, {inverse: (key, steps)}; see _frozen_steps
         self._folded: dict[bool, tuple[tuple[tuple[int, int], ...], list[Callable[..., tuple[Tensor, _LogDet]]]]] = {}
-        self._folded_params: list[nn.Parameter] | None = None
-        self._has_linear = any(isinstance(b, _LINEAR_BLOCKS) for b in self.blocks)
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         _check_input(x, self.groups, self.dim)
@@ -799,11 +797,10 @@ class FlowSequence(nn.Module):
         """
         if self.training:
             return None
-        if self._folded_params is None:  # the blocks are fixed after construction: list their parameters once
-            self._folded_params = [p for b in self.blocks if isinstance(b, _LINEAR_BLOCKS) for p in b.parameters()]
-        params = self._folded_params
-        if not self._has_linear:
+        linear = [b for b in self.blocks if isinstance(b, _LINEAR_BLOCKS)]
+        if not linear:
             return None
+        params = [p for b in linear for p in b._parameters.values()]  # leaf blocks: no recursion needed
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
         try:
