@@ -324,11 +324,11 @@ def completion_stats(
     for name, hidden in completion_parts(prior, observed).items():
         mask = observed & ~hidden
         parts = []
+        kwargs = {} if noise_std is None else {"noise_std": noise_std}
         try:
             for i in range(0, len(clean), batch_size):
                 chunk = clean[i : i + batch_size]
                 m = mask.expand(len(chunk), -1).to(prior.device)
-                kwargs = {} if noise_std is None else {"noise_std": noise_std}
                 parts.append(prior.project(chunk.to(prior.device), m, **kwargs).cpu())
         except ValueError as error:  # e.g. a flow without a completion mode cannot complete this mask
             warnings.warn(f"completion of {name} skipped for {prior.model_type}: {error}", stacklevel=2)

@@ -117,3 +117,34 @@ def test_smplify_gmm_on_shared_data(shared_data):
     val = torch.from_numpy(np.load(shared_data / "body_val.npz")["body_pose"])
     nll = gmm.nll(val)
     assert torch.isfinite(nll).all() and -80 < nll.mean() < 40
+
+
+def test_completion_parts_hide_only_observed_joints_and_never_twice():
+    prior = posepriors.priors.GaussianPrior(posepriors.priors.GaussianConfig(joints="body+left_hand+right_hand"))
+    body_only = torch.tensor([j <= 21 for j in prior.joints])
+    parts = evaluate.completion_parts(prior, body_only)
+    assert list(parts) == ["left_arm"]  # no hand is observed; the arm is hidden down to the wrist
+    names = [prior.joint_names[i] for i in parts["left_arm"].nonzero().flatten()]
+    assert names == ["left_shoulder", "left_elbow", "left_wrist"]
+    hands_only = ~body_only
+    parts = evaluate.completion_parts(prior, hands_only)
+    assert list(parts) == ["left_hand", "right_hand"]  # the left arm of hand data is its hand: not listed twice
+
+
+def test_completion_a_prior_cannot_do_is_skipped_with_a_warning():
+    prior = make("global_flow")  # no completion flow: an arbitrary mask cannot be completed
+    pose = synthetic_poses(8, prior.joints, seed=3)
+    observed = torch.ones(prior.num_joints, dtype=torch.bool)
+    with pytest.warns(UserWarning, match="completion of left_arm skipped"):
+        stats = evaluate.completion_stats(prior, pose, observed, noise_std=None)
+    assert [s.part for s in stats] == ["right_hand"]  # a trailing part: exact, kept
+
+
+def test_hand_vae_report_has_a_reconstruction_error():
+    prior = make("hand_vae").eval()
+    poses = prior.to_smplx(synthetic_poses(32, prior.joints, seed=5))
+    observed = torch.zeros(32, 55, dtype=torch.bool)
+    observed[:, list(prior.joints)] = True
+    data = posepriors.data.PoseData(poses, observed, torch.zeros(32, dtype=torch.long), ["synthetic"], [])
+    report = evaluate.evaluate(prior, data, samples=False, denoise=False, completion=False)
+    assert report.reconstruction_deg is not None and 0 < report.reconstruction_deg < 180
