@@ -163,9 +163,10 @@ def nll_stats(prior: PosePrior, pose: Tensor, mask: Tensor | None = None, *, bat
         dims = prior.dim
     per_joint: dict[str, float] = {}
     per_joint_fn = getattr(prior, "log_prob_per_joint", None)
-    if per_joint_fn is not None and mask is None:
-        lp = _batched(per_joint_fn, pose, batch_size=batch_size)
-        per_joint = {name: -v for name, v in zip(prior.joint_names, lp.mean(0).tolist(), strict=True)}
+    if per_joint_fn is not None:  # factorising families: the observed joints' terms
+        lp = _batched(per_joint_fn, pose, *([] if mask is None else [mask]), batch_size=batch_size).mean(0)
+        scored = range(prior.num_joints) if mask is None else mask[0].nonzero().flatten().tolist()
+        per_joint = {prior.joint_names[j]: -lp[j].item() for j in scored}
     return NLLStats(
         mean=nll.mean().item(),
         median=nll.median().item(),

@@ -170,11 +170,13 @@ def write_evaluation_plots(
         written.append(plot_stick_figures(samples, folder / f"samples_{stem(name)}.png", f"{name}: samples"))
         data = next(iter(datasets.values()))
         index = torch.tensor(prior.joints)
-        if not bool(data.observed[:, index].all(0).all()):
+        observed = data.observed[:, index].all(0)
+        if not bool(observed.any()):
             continue
         clean = data.poses[:4, index].to(prior.dtype)
-        noisy = clean + 0.2 * torch.randn(clean.shape, generator=generator, dtype=clean.dtype)
-        denoised = prior.project(noisy.to(prior.device)).cpu()
+        noisy = clean + 0.2 * torch.randn(clean.shape, generator=generator, dtype=clean.dtype) * observed[:, None]
+        mask = None if bool(observed.all()) else observed.expand(len(clean), -1).to(prior.device)
+        denoised = prior.project(noisy.to(prior.device), mask, noise_std=0.2).cpu()  # as in the denoising test
         figures = torch.cat([prior.to_smplx(t) for t in (clean, noisy, denoised)])
         labels = ["clean"] * 4 + ["noisy"] * 4 + ["projected"] * 4
         written.append(plot_stick_figures(figures, folder / f"denoise_{stem(name)}.png", f"{name}: denoising", labels))

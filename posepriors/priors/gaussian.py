@@ -100,17 +100,20 @@ class GaussianPrior(PosePrior):
             per_joint = per_joint * mask
         return per_joint.sum(-1)
 
-    def log_prob_per_joint(self, x: Tensor) -> Tensor:
+    def log_prob_per_joint(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Per-joint log-density (the Gaussian factorises over joints).
 
         Args:
             x: Poses in the prior's joint order, shape (*, J, 3).
+            mask: Optional observed joints, shape (*, J) or (J,); missing joints get 0, so the terms sum to
+                ``log_prob(x, mask)``.
 
         Returns:
             Log-density of each joint's rotation, shape (*, J).
         """
         z = (x - self.mean) / self.std
-        return (-0.5 * (z.square() + _LOG_2PI) - self.std.log()).sum(-1)
+        lp = (-0.5 * (z.square() + _LOG_2PI) - self.std.log()).sum(-1)
+        return lp if mask is None else lp * mask.to(lp.dtype)
 
     def _sample(
         self,
