@@ -71,7 +71,8 @@ def main() -> None:
     rows = []
 
     gaussian = GaussianPrior(GaussianConfig(joints=body)).fit(train)
-    rows.append(("gaussian (closed form)", 126, 0, mean_nll(gaussian.log_prob, val)))
+    params = sum(p.numel() for p in gaussian.parameters())
+    rows.append(("gaussian (closed form)", params, 0, mean_nll(gaussian.log_prob, val)))
     if args.gmm.exists():
         gmm = GMMPrior.from_smplify(args.gmm)
         rows.append(("SMPLify GMM (8 components)", 0, 0, mean_nll(gmm.log_prob, val)))
@@ -81,9 +82,7 @@ def main() -> None:
     )
     ours.initialize_from_data(train)
     flat_train = train.reshape(len(train), -1)
-    steps = train_for(
-        lambda b: ours.training_loss(b.reshape(-1, 21, 3)), list(ours.parameters()), train, args.seconds, args.batch
-    )
+    steps = train_for(ours.training_loss, list(ours.parameters()), train, args.seconds, args.batch)
     ours.eval()
     params = sum(p.numel() for p in ours.parameters())
     rows.append(

@@ -40,6 +40,7 @@ __all__ = [
     "Permutation",
     "RQSplineCoupling",
     "build_flow",
+    "check_flow_settings",
     "standard_normal_log_prob",
 ]
 
@@ -814,15 +815,16 @@ class FlowSequence(nn.Module):
         with torch.no_grad():
             forward_steps: list[Callable[..., tuple[Tensor, _LogDet]]] = []
             run: list[nn.Module] = []
-            for block in [*self.blocks, None]:
-                if block is not None and isinstance(block, _LINEAR_BLOCKS):
+            for block in self.blocks:
+                if isinstance(block, _LINEAR_BLOCKS):
                     run.append(block)
                     continue
                 if run:
                     forward_steps.append(_FoldedAffine.from_blocks(run, inverse, dtype))
                     run = []
-                if block is not None:
-                    forward_steps.extend(self._steps([block], inverse))
+                forward_steps.extend(self._steps([block], inverse))
+            if run:
+                forward_steps.append(_FoldedAffine.from_blocks(run, inverse, dtype))
         steps = forward_steps[::-1] if inverse else forward_steps
         self._folded[inverse] = (key, steps)
         return steps
@@ -904,6 +906,26 @@ def _coupling_masks(dim: int, num_layers: int) -> list[Tensor]:
     return [half if layer % 2 == 0 else ~half for layer in range(num_layers)]
 
 
+def check_flow_settings(
+    *, hidden: int, num_layers: int, num_hidden_layers: int, coupling: str, mixing: str, bins: int, bound: float
+) -> None:
+    """Raise ``ValueError`` naming the first setting of :func:`build_flow` that is out of range.
+
+    The priors' config dataclasses call this at construction, so a bad flag fails before any model is built.
+    """
+    for name, value in (("hidden", hidden), ("num_layers", num_layers), ("num_hidden_layers", num_hidden_layers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"expected {name} to be an integer >= 1, got {value!r}")
+    if coupling not in ("affine", "spline"):
+        raise ValueError(f"expected coupling 'affine' or 'spline', got {coupling!r}")
+    if mixing not in ("lu", "permutation", "none"):
+        raise ValueError(f"expected mixing 'lu', 'permutation' or 'none', got {mixing!r}")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"expected bins to be an integer >= 2, got {bins!r}")
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"expected a finite bound > 0, got {bound!r}")
+
+
 def build_flow(
     groups: int,
     dim: int,
@@ -950,12 +972,15 @@ def build_flow(
     """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
         raise ValueError(f"expected dim to be an integer >= 2 for a coupling flow, got {dim!r}")
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"expected num_layers to be an integer >= 1, got {num_layers!r}")
-    if coupling not in ("affine", "spline"):
-        raise ValueError(f"expected coupling 'affine' or 'spline', got {coupling!r}")
-    if mixing not in ("lu", "permutation", "none"):
-        raise ValueError(f"expected mixing 'lu', 'permutation' or 'none', got {mixing!r}")
+    check_flow_settings(
+        hidden=hidden,
+        num_layers=num_layers,
+        num_hidden_layers=num_hidden_layers,
+        coupling=coupling,
+        mixing=mixing,
+        bins=bins,
+        bound=bound,
+    )
     blocks: list[nn.Module] = []
     for layer, mask in enumerate(_coupling_masks(dim, num_layers)):
         if actnorm:

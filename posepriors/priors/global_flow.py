@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.flows import FlowSequence, build_flow
+from posepriors.flows import FlowSequence, build_flow, check_flow_settings
 from posepriors.priors.base import PosePrior, PriorConfig, latent_map, randn
 
 __all__ = ["GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
@@ -61,6 +61,15 @@ class GlobalFlowConfig(PriorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_flow_settings(
+            hidden=self.hidden,
+            num_layers=self.num_layers,
+            num_hidden_layers=self.num_hidden_layers,
+            coupling=self.coupling,
+            mixing=self.mixing,
+            bins=self.bins,
+            bound=self.bound,
+        )
         if self.use_conditioning != (self.context_features > 0):
             raise ValueError(
                 f"use_conditioning={self.use_conditioning} needs context_features > 0 (and 0 without it), "

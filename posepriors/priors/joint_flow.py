@@ -15,7 +15,6 @@ only that level's slice of the grouped weights.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.flows import build_flow, standard_normal_log_prob
+from posepriors.flows import build_flow, check_flow_settings, standard_normal_log_prob
 from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, latent_map, randn
 from posepriors.rotations import axis_angle_to_rotation_6d
 
@@ -65,18 +64,15 @@ class JointFlowConfig(PriorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("hidden", "num_layers", "num_hidden_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"expected {name} to be an integer >= 1, got {value!r}")
-        if self.coupling not in ("spline", "affine"):
-            raise ValueError(f"expected coupling 'spline' or 'affine', got {self.coupling!r}")
-        if self.mixing not in ("lu", "permutation", "none"):
-            raise ValueError(f"expected mixing 'lu', 'permutation' or 'none', got {self.mixing!r}")
-        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 2:
-            raise ValueError(f"expected bins to be an integer >= 2, got {self.bins!r}")
-        if not (math.isfinite(self.bound) and self.bound > 0):
-            raise ValueError(f"expected a finite bound > 0, got {self.bound!r}")
+        check_flow_settings(
+            hidden=self.hidden,
+            num_layers=self.num_layers,
+            num_hidden_layers=self.num_hidden_layers,
+            coupling=self.coupling,
+            mixing=self.mixing,
+            bins=self.bins,
+            bound=self.bound,
+        )
         if self.context not in _CONTEXT_FEATURES:
             raise ValueError(f"expected context '6d' or 'axis_angle', got {self.context!r}")
 
