@@ -42,26 +42,14 @@ def nll_step(log_prob: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) 
 
 def naive_joint_loop(prior: JointFlowPrior) -> Callable[[torch.Tensor], torch.Tensor]:
     """The same per-joint flows evaluated one joint at a time (what a per-joint Python loop costs)."""
-    from posepriors.flows import build_flow
+    from posepriors.flows import build_flow, flow_settings
 
     cfg = prior.config
     singles = []
     state = prior.flow.state_dict()
     G = prior.num_joints
     for j in range(G):
-        flow = build_flow(
-            1,
-            3,
-            num_layers=cfg.num_layers,
-            hidden=cfg.hidden,
-            coupling=cfg.coupling,
-            context_features=prior.context_features if hasattr(prior, "context_features") else 6,
-            actnorm=cfg.actnorm,
-            mixing=cfg.mixing,
-            num_hidden_layers=cfg.num_hidden_layers,
-            bins=cfg.bins,
-            bound=cfg.bound,
-        )
+        flow = build_flow(1, 3, **flow_settings(cfg), context_features=prior.context_features, actnorm=cfg.actnorm)
         flow.load_state_dict({k: v[j : j + 1] if v.dim() and v.shape[0] == G else v for k, v in state.items()})
         singles.append(flow.eval().requires_grad_(False))
 

@@ -40,7 +40,9 @@ __all__ = [
     "Permutation",
     "RQSplineCoupling",
     "build_flow",
+    "FLOW_SETTINGS",
     "check_flow_settings",
+    "flow_settings",
     "standard_normal_log_prob",
 ]
 
@@ -904,6 +906,15 @@ def _coupling_masks(dim: int, num_layers: int) -> list[Tensor]:
         return [dims == layer % dim for layer in range(num_layers)]
     half = dims < dim // 2
     return [half if layer % 2 == 0 else ~half for layer in range(num_layers)]
+
+
+FLOW_SETTINGS = ("hidden", "num_layers", "num_hidden_layers", "coupling", "mixing", "bins", "bound")
+"""The :func:`build_flow` settings that the flow priors' configs carry under the same names."""
+
+
+def flow_settings(config: object) -> dict[str, object]:
+    """The :data:`FLOW_SETTINGS` of a config object, as keyword arguments of :func:`build_flow`."""
+    return {name: getattr(config, name) for name in FLOW_SETTINGS}
 
 
 def check_flow_settings(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.flows import FlowSequence, build_flow, check_flow_settings
+from posepriors.flows import FlowSequence, build_flow, check_flow_settings, flow_settings
 from posepriors.priors.base import PosePrior, PriorConfig, latent_map, randn
 
 __all__ = ["GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
@@ -61,15 +61,7 @@ class GlobalFlowConfig(PriorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_flow_settings(
-            hidden=self.hidden,
-            num_layers=self.num_layers,
-            num_hidden_layers=self.num_hidden_layers,
-            coupling=self.coupling,
-            mixing=self.mixing,
-            bins=self.bins,
-            bound=self.bound,
-        )
+        check_flow_settings(**flow_settings(self))
         if self.use_conditioning != (self.context_features > 0):
             raise ValueError(
                 f"use_conditioning={self.use_conditioning} needs context_features > 0 (and 0 without it), "
@@ -123,20 +115,7 @@ class GlobalFlowPrior(PosePrior):
 
     def _build(self, dim: int, context: int, seed: int) -> FlowSequence:
         cfg: GlobalFlowConfig = self.config
-        return build_flow(
-            1,
-            dim,
-            num_layers=cfg.num_layers,
-            hidden=cfg.hidden,
-            coupling=cfg.coupling,
-            context_features=context,
-            actnorm=cfg.actnorm,
-            mixing=cfg.mixing,
-            num_hidden_layers=cfg.num_hidden_layers,
-            bins=cfg.bins,
-            bound=cfg.bound,
-            seed=seed,
-        )
+        return build_flow(1, dim, **flow_settings(cfg), context_features=context, actnorm=cfg.actnorm, seed=seed)
 
     @property
     def num_parts(self) -> int:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.flows import build_flow, check_flow_settings, standard_normal_log_prob
+from posepriors.flows import build_flow, check_flow_settings, flow_settings, standard_normal_log_prob
 from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, latent_map, randn
 from posepriors.rotations import axis_angle_to_rotation_6d
 
@@ -64,15 +64,7 @@ class JointFlowConfig(PriorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_flow_settings(
-            hidden=self.hidden,
-            num_layers=self.num_layers,
-            num_hidden_layers=self.num_hidden_layers,
-            coupling=self.coupling,
-            mixing=self.mixing,
-            bins=self.bins,
-            bound=self.bound,
-        )
+        check_flow_settings(**flow_settings(self))
         if self.context not in _CONTEXT_FEATURES:
             raise ValueError(f"expected context '6d' or 'axis_angle', got {self.context!r}")
 
@@ -154,17 +146,7 @@ class JointFlowPrior(PosePrior):
             self.register_buffer(f"level_{level}", index, persistent=False)
         self.context_features = _CONTEXT_FEATURES[cfg.context]
         self.flow = build_flow(
-            self.num_joints,
-            3,
-            num_layers=cfg.num_layers,
-            hidden=cfg.hidden,
-            coupling=cfg.coupling,
-            context_features=self.context_features,
-            actnorm=cfg.actnorm,
-            mixing=cfg.mixing,
-            num_hidden_layers=cfg.num_hidden_layers,
-            bins=cfg.bins,
-            bound=cfg.bound,
+            self.num_joints, 3, **flow_settings(cfg), context_features=self.context_features, actnorm=cfg.actnorm
         )
 
     def extra_repr(self) -> str:
