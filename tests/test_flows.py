@@ -120,6 +120,62 @@ def test_spline_is_the_identity_outside_its_interval():
     torch.testing.assert_close(block.inverse(z)[0], x, atol=1e-12, rtol=0)
 
 
+def _reference_spline(x: torch.Tensor, params: torch.Tensor, bins: int, bound: float) -> tuple:
+    """Durkan et al.'s rational-quadratic spline for one value per row, written out plainly (float64)."""
+    K, B, m = bins, bound, 1e-3
+    out, logdet = [], []
+    for v, p in zip(x.tolist(), params.tolist(), strict=True):
+
+        def knots(raw):
+            size = torch.softmax(torch.tensor(raw, dtype=torch.float64), 0) * (1 - m * K) + m
+            return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(size, 0)]) * 2 * B - B
+
+        kx, ky = knots(p[:K]), knots(p[K : 2 * K])
+        d = torch.ones(K + 1, dtype=torch.float64)
+        shift = math.log(math.expm1(1 - m))
+        d[1:-1] = torch.nn.functional.softplus(torch.tensor(p[2 * K :], dtype=torch.float64) + shift) + m
+        if not -B < v < B:
+            out.append(v)
+            logdet.append(0.0)
+            continue
+        k = min(int((kx[1:] <= v).sum()), K - 1)
+        w, h = kx[k + 1] - kx[k], ky[k + 1] - ky[k]
+        s, xi = h / w, (v - kx[k]) / w
+        denom = s + (d[k + 1] + d[k] - 2 * s) * xi * (1 - xi)
+        out.append(float(ky[k] + h * (s * xi**2 + d[k] * xi * (1 - xi)) / denom))
+        slope = s**2 * (d[k + 1] * xi**2 + 2 * s * xi * (1 - xi) + d[k] * (1 - xi) ** 2) / denom**2
+        logdet.append(float(torch.log(slope)))
+    return torch.tensor(out, dtype=torch.float64), torch.tensor(logdet, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bins", [2, 5])
+def test_spline_matches_the_papers_formulas(bins):
+    """The coupling's spline (written for few tensor ops) against a plain per-value transcription of the paper."""
+    block = perturb(flows.RQSplineCoupling(1, 2, [True, False], 8, bins=bins, bound=2.0), 1.0).double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([3 * torch.rand(200, 1, 2, generator=g, dtype=torch.float64) - 1.5, torch.tensor([[[0.3, 2.5]]])])
+    x[:5, 0, 1] = torch.tensor([-2.0, 2.0, -2.1, 1.999, -1.999])  # the interval's ends and just beyond
+    z, logdet = block(x)
+    params = block.conditioner(x[:, :, :1])[:, 0]
+    expected, expected_logdet = _reference_spline(x[:, 0, 1], params, bins, 2.0)
+    torch.testing.assert_close(z[:, 0, 1], expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(z[:, 0, 0], x[:, 0, 0], atol=0, rtol=0)
+    torch.testing.assert_close(logdet[:, 0], expected_logdet, atol=1e-10, rtol=0)
+    back, inverse_logdet = block.inverse(z)
+    torch.testing.assert_close(back, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(inverse_logdet, -logdet, atol=1e-10, rtol=0)
+
+
+def test_spline_propagates_nan_without_failing():
+    block = perturb(flows.RQSplineCoupling(2, 3, [True, False, False], 8), 0.3)
+    x = torch.randn(4, 2, 3)
+    x[1, 0, 2] = float("nan")
+    z, logdet = block(x)
+    log_prob = flows.standard_normal_log_prob(z) + logdet
+    assert torch.isnan(z[1, 0, 2]) and torch.isnan(log_prob[1, 0])
+    assert torch.isfinite(z[[0, 2, 3]]).all() and torch.isfinite(log_prob[[0, 2, 3]]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_spline_round_trip_is_tight_for_moderate_parameters(dtype):
     """Far from the degenerate (near-flat) regime the inverse is accurate to a few ulps of the data."""
@@ -304,6 +360,35 @@ def test_frozen_inference_folds_linear_blocks_exactly(case, mixing):
     assert flow._frozen_steps(False) is None  # training mode (ActNorm initialisation): block by block
 
 
+@pytest.mark.parametrize("case", [(1, 63, 0), (55, 3, 6)], ids=str)
+def test_frozen_inference_runs_large_batches_in_chunks(case, monkeypatch):
+    """Without autograd, a frozen flow splits a large CPU batch into chunks: the same numbers, both directions; an
+    input that needs gradients runs whole."""
+    groups, dim, context = case
+    flow = flows.build_flow(groups, dim, num_layers=2, hidden=16, coupling="spline", context_features=context)
+    perturb(flow).double().eval().requires_grad_(False)
+    x, c = data(11, groups, dim, context)
+    z_ref, logdet_ref = flow(x, c)  # whole: 11 rows are below the default chunk size
+    back_ref, inverse_logdet_ref = flow.inverse(z_ref, c)
+    calls = []
+    run_steps = flows.FlowSequence._run_steps
+    counted = staticmethod(lambda steps, x, c: calls.append(x.shape[0]) or run_steps(steps, x, c))
+    monkeypatch.setattr(flows.FlowSequence, "_run_steps", counted)
+    flow._chunk_rows = 4
+    with torch.no_grad():
+        z, logdet = flow(x, c)
+        back, inverse_logdet = flow.inverse(z, c)
+    assert calls == [4, 4, 3, 4, 4, 3]
+    torch.testing.assert_close(z, z_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(logdet, logdet_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(back, back_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(inverse_logdet, inverse_logdet_ref, atol=1e-12, rtol=0)
+    calls.clear()
+    x_grad = x.clone().requires_grad_(True)
+    flow.log_prob(x_grad, c).sum().backward()
+    assert calls == [11] and torch.isfinite(x_grad.grad).all()
+
+
 @pytest.mark.parametrize("mixing", ["permutation", "none"])
 @pytest.mark.parametrize("dim", [2, 3, 4, 7, 63])
 def test_build_flow_transforms_every_dim(dim, mixing):
@@ -367,6 +452,28 @@ def test_grouped_mlp(activation):
         torch.testing.assert_close(y[:, k], h)
     assert [n for n, _ in mlp.named_parameters()][:2] == ["0.weight", "0.bias"]  # nn.Sequential layout
     assert not torch.equal(flows.GroupedMLP(1, 4, 2, 8, zero_init_last=False)(x[:, :1]), torch.zeros(5, 1, 2))
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu", "elu", "gelu", "tanh"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_grouped_mlp_inference_and_partial_freezing(groups, activation):
+    """Without autograd the activations run in place: the same outputs; a partly frozen MLP still trains."""
+    mlp = perturb(flows.GroupedMLP(groups, 4, 2, hidden=8, num_hidden_layers=2, activation=activation), 1.0)
+    x = torch.randn(5, groups, 4)
+    expected = mlp(x)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected, atol=0, rtol=0)
+    mlp.requires_grad_(False)
+    torch.testing.assert_close(mlp(x), expected, atol=0, rtol=0)
+    mlp[0].requires_grad_(True)  # only the first layer trains
+    mlp(x).square().sum().backward()
+    assert mlp[0].weight.grad is not None and mlp[0].weight.grad.abs().sum() > 0
+    x_grad = x.clone().requires_grad_(True)  # frozen weights, gradients w.r.t. the input
+    mlp.requires_grad_(False)
+    (grad,) = torch.autograd.grad(mlp(x_grad).sum(), x_grad)
+    mlp.requires_grad_(True)
+    (grad_ref,) = torch.autograd.grad(mlp(x_grad).sum(), x_grad)
+    torch.testing.assert_close(grad, grad_ref)
 
 
 # ---------------------------------------------------------------------------------------------------- edge cases

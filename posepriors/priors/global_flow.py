@@ -164,8 +164,8 @@ class GlobalFlowPrior(PosePrior):
         out = []
         for k, flow in enumerate(self.flows):
             xk = x[:, getattr(self, f"part_index_{k}")].reshape(x.shape[0], 1, -1)
-            out.append(flow.log_prob(xk, self._part_context(x, k, ctx))[:, 0])
-        return torch.stack(out, dim=-1)
+            out.append(flow.log_prob(xk, self._part_context(x, k, ctx)))  # (B, 1)
+        return torch.cat(out, dim=-1)
 
     def _part_mask(self, mask: Tensor) -> Tensor:
         """(B, J) joint mask -> (B, P) part-observed flags; raises unless it hides whole trailing parts."""
