@@ -1,6 +1,6 @@
 """Speed of posepriors' priors, with peers measured in the same run.
 
-    python benchmarks/benchmark.py [--threads 2] [--repeat 5]
+    python benchmarks/benchmark.py [--threads 2] [--rounds 7] [--repeat 20]
 
 Prints, for body-sized models (21 joints, 63-D) built with the seed's settings and for the bundled models:
 log_prob throughput at batch 4096, batch-1 ``nll`` forward + backward latency (w.r.t. the pose, frozen weights),
@@ -11,6 +11,7 @@ naive per-joint Python loop for joint_flow. Ratios > 1 favour posepriors.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,10 @@ import torch
 
 import posepriors
 from posepriors.priors import GaussianPrior, GlobalFlowConfig, GlobalFlowPrior, JointFlowConfig, JointFlowPrior
+
+JOINT = "joint_flow (seed: hidden 128, K 4)"
+GLOBAL = "global_flow (seed: hidden 512, K 6)"
+ZUKO = "zuko RealNVP (hidden 512, 6 transforms)"
 
 
 def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
@@ -29,7 +34,12 @@ def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
+
+
+def spread(values: list[float]) -> str:
+    """``median [min, max]`` of per-round figures."""
+    return f"{statistics.median(values):.2f}x [{min(values):.2f}, {max(values):.2f}]"
 
 
 def nll_step(log_prob: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
@@ -66,7 +76,8 @@ def naive_joint_loop(prior: JointFlowPrior) -> Callable[[torch.Tensor], torch.Te
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=20, help="batch-1 calls per round (median)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--batch", type=int, default=4096)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,62 +87,85 @@ def main() -> None:
 
     models = {
         "gaussian": GaussianPrior(),
-        "joint_flow (seed: hidden 128, K 4)": JointFlowPrior(
-            JointFlowConfig(joints="body", hidden=128, num_layers=4, coupling="affine")
-        ),
-        "global_flow (seed: hidden 512, K 6)": GlobalFlowPrior(
-            GlobalFlowConfig(joints="body", hidden=512, num_layers=6)
-        ),
+        JOINT: JointFlowPrior(JointFlowConfig(joints="body", hidden=128, num_layers=4, coupling="affine")),
+        GLOBAL: GlobalFlowPrior(GlobalFlowConfig(joints="body", hidden=512, num_layers=6)),
     }
     for prior in models.values():
         prior.initialize_from_data(x)
         prior.eval().requires_grad_(False)
     posepriors.set_validation(False)  # the finite-value check is a sync per call; fitting loops turn it off
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}\n")
-    print(f"{'model':<38}{'params':>9}{'log_prob poses/s':>18}{'nll fwd+bwd b=1 ms':>20}{'sample 1024 ms':>16}")
-    results = {}
-    for name, prior in models.items():
-        with torch.no_grad():
-            t = timed(lambda p=prior: p.log_prob(x), args.repeat)
-        t1 = timed(nll_step(prior.log_prob, x1), args.repeat * 20)
-        ts = timed(lambda p=prior: p.sample(1024, generator=torch.Generator().manual_seed(0)), args.repeat)
-        results[name] = (args.batch / t, t1)
-        params = sum(p.numel() for p in prior.parameters())
-        print(f"{name:<38}{params:>9}{args.batch / t:>18.0f}{1000 * t1:>20.3f}{1000 * ts:>16.1f}")
 
-    joint = models["joint_flow (seed: hidden 128, K 4)"]
-    naive = naive_joint_loop(joint)
-    with torch.no_grad():
-        t_naive = timed(lambda: naive(x), max(1, args.repeat // 2))
-    t_naive1 = timed(nll_step(naive, x1), args.repeat * 20)
-    print(f"{'joint_flow as a per-joint Python loop':<38}{'':>9}{args.batch / t_naive:>18.0f}{1000 * t_naive1:>20.3f}")
-
+    # contenders: name -> (log_prob of (B, 21, 3) poses, batch-1 loss step)
+    contenders: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], None]]] = {
+        name: (prior.log_prob, nll_step(prior.log_prob, x1)) for name, prior in models.items()
+    }
+    naive = naive_joint_loop(models[JOINT])
+    contenders["joint_flow as a per-joint Python loop"] = (naive, nll_step(naive, x1))
     try:
         import zuko
     except ImportError:
         zuko = None
-        print("\nzuko not installed (pip install zuko): no peer flow")
+        print("zuko not installed (pip install zuko): no peer flow\n")
     if zuko is not None:
         peer = zuko.flows.RealNVP(63, transforms=6, hidden_features=(512,))
         peer.eval().requires_grad_(False)
-        flat, flat1 = x.reshape(args.batch, 63), x1.reshape(1, 63)
-        with torch.no_grad():
-            tz = timed(lambda: peer().log_prob(flat), args.repeat)
-        tz1 = timed(nll_step(lambda p: peer().log_prob(p), flat1), args.repeat * 20)
-        params = sum(p.numel() for p in peer.parameters())
-        print(f"{'zuko RealNVP (hidden 512, 6 transforms)':<38}{params:>9}{args.batch / tz:>18.0f}{1000 * tz1:>20.3f}")
 
-    gf_rate, gf_lat = results["global_flow (seed: hidden 512, K 6)"]
-    jf_rate, _ = results["joint_flow (seed: hidden 128, K 4)"]
-    print("\nratios")
+        def peer_log_prob(pose: torch.Tensor) -> torch.Tensor:
+            return peer().log_prob(pose.reshape(pose.shape[0], 63))
+
+        contenders[ZUKO] = (peer_log_prob, nll_step(peer_log_prob, x1))
+
+    # Interleaved rounds: every contender once per round, so that the machine's drift hits all of them alike; the
+    # ratios are taken within each round and summarised over the rounds.
+    throughput: dict[str, list[float]] = {name: [] for name in contenders}
+    latency: dict[str, list[float]] = {name: [] for name in contenders}
+    with torch.no_grad():
+        for log_prob, _ in contenders.values():
+            log_prob(x)  # warm-up (and the frozen flows' folding)
+    for _ in range(args.rounds):
+        for name, (log_prob, step) in contenders.items():
+            with torch.no_grad():
+                throughput[name].append(args.batch / timed(lambda f=log_prob: f(x), 3, warmup=0))
+            latency[name].append(timed(step, args.repeat))
+
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.rounds} interleaved rounds")
+    print("(medians over the rounds)\n")
+    print(f"{'model':<40}{'params':>9}{'log_prob poses/s':>18}{'nll fwd+bwd b=1 ms':>20}{'sample 1024 ms':>16}")
+    for name in contenders:
+        prior = models.get(name)
+        module = prior if prior is not None else peer if name == ZUKO else None
+        params = f"{sum(p.numel() for p in module.parameters())}" if module is not None else ""
+        sample = ""
+        if prior is not None:
+            ts = timed(lambda p=prior: p.sample(1024, generator=torch.Generator().manual_seed(0)), 5)
+            sample = f"{1000 * ts:.1f}"
+        rate, lat = statistics.median(throughput[name]), statistics.median(latency[name])
+        print(f"{name:<40}{params:>9}{rate:>18.0f}{1000 * lat:>20.3f}{sample:>16}")
+
+    def ratios(a: dict[str, list[float]], num: str, den: str) -> list[float]:
+        return [p / q for p, q in zip(a[num], a[den], strict=True)]
+
+    print("\nratios: median [min, max] over the rounds")
     if zuko is not None:
-        print(f"  global_flow / zuko RealNVP log_prob throughput: {gf_rate / (args.batch / tz):.2f}x (target >= 1.5)")
-        print(f"  zuko / global_flow batch-1 nll fwd+bwd latency: {tz1 / gf_lat:.2f}x")
-    print(f"  global_flow batch-1 nll fwd+bwd: {1000 * gf_lat:.3f} ms (target <= 0.5 ms)")
-    print(f"  joint_flow cost per pose / global_flow: {gf_rate / jf_rate:.2f}x (target <= 2)")
-    jf_lat = results["joint_flow (seed: hidden 128, K 4)"][1]
-    print(f"  joint_flow batched / per-joint loop, batch {args.batch}: {jf_rate / (args.batch / t_naive):.1f}x")
-    print(f"  joint_flow batched / per-joint loop, batch-1 nll fwd+bwd: {t_naive1 / jf_lat:.1f}x (target >= 10)")
+        print(
+            f"  global_flow / zuko RealNVP log_prob throughput: {spread(ratios(throughput, GLOBAL, ZUKO))}"
+            " (target >= 1.5)"
+        )
+        print(f"  zuko / global_flow batch-1 nll fwd+bwd latency: {spread(ratios(latency, ZUKO, GLOBAL))}")
+    gl = [1000 * t for t in latency[GLOBAL]]
+    print(
+        f"  global_flow batch-1 nll fwd+bwd: {statistics.median(gl):.3f} ms [{min(gl):.3f}, {max(gl):.3f}]"
+        " (target <= 0.5 ms)"
+    )
+    gs = [1000 * t for t in latency["gaussian"]]
+    print(f"  gaussian batch-1 nll fwd+bwd (the per-call floor): {statistics.median(gs):.3f} ms")
+    print(f"  joint_flow cost per pose / global_flow: {spread(ratios(throughput, GLOBAL, JOINT))} (target <= 2)")
+    loop = "joint_flow as a per-joint Python loop"
+    print(f"  joint_flow batched / per-joint loop, batch {args.batch}: {spread(ratios(throughput, JOINT, loop))}")
+    print(
+        f"  joint_flow batched / per-joint loop, batch-1 nll fwd+bwd: {spread(ratios(latency, loop, JOINT))}"
+        " (target >= 10)"
+    )
 
     print("\nbundled models")
     print(f"{'name':<16}{'params':>10}{'load ms':>10}{'log_prob poses/s':>18}{'nll fwd+bwd b=1 ms':>20}")
@@ -141,8 +175,8 @@ def main() -> None:
         load_ms = 1000 * (time.perf_counter() - start)
         pose = prior.sample(args.batch, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            t = timed(lambda p=prior, q=pose: p.log_prob(q), max(1, args.repeat // 2), warmup=1)
-        t1 = timed(nll_step(prior.log_prob, pose[:1]), args.repeat * 4)
+            t = timed(lambda p=prior, q=pose: p.log_prob(q), 3, warmup=1)
+        t1 = timed(nll_step(prior.log_prob, pose[:1]), 3 * args.repeat)
         params = sum(p.numel() for p in prior.parameters())
         print(f"{name:<16}{params:>10}{load_ms:>10.1f}{args.batch / t:>18.0f}{1000 * t1:>20.3f}")
     posepriors.set_validation(True)

@@ -694,7 +694,9 @@ class RQSplineCoupling(_Coupling):
         derivs = F.pad(F.softplus(raw_derivs + self._derivative_shift) + self.min_derivative, (1, 1), value=1.0)
         table = torch.cat([left.flatten(-2), sizes.flatten(-2), derivs], -1)  # (B, G, n, 5K + 1)
 
-        v = x2.clamp(-B, B)  # the spline is evaluated on the clamped value; the tails are put back at the end
+        # the spline is evaluated on the clamped value and the tails are put back at the end (hardtanh is a clamp
+        # whose backward is one op; its zero gradient at +-B does not matter, the ends go to the identity branch)
+        v = F.hardtanh(x2, -B, B)
         # bin of each value, in [0, K - 1]: how many inner knots are <= v (in y for the inverse)
         bin_index = (v.unsqueeze(-1) >= left[..., int(inverse), 1:]).sum(-1, keepdim=True)
         x_k, y_k, w_k, h_k, d_k, d_k1 = table.gather(-1, bin_index + self._columns).unbind(-1)
@@ -706,7 +708,7 @@ class RQSplineCoupling(_Coupling):
             b = torch.addcmul(h_k * d_k, dy, d_sum, value=-1)
             s_dy = s_k * dy
             root = torch.addcmul(b.square(), a, s_dy, value=4).clamp_min(0).sqrt()
-            xi = (2 * s_dy / (b + root)).clamp(0, 1)  # = 2c / (-b - root)
+            xi = F.hardtanh(2 * s_dy / (b + root), 0.0, 1.0)  # = 2c / (-b - root), clamped to the bin
             out = torch.addcmul(x_k, xi, w_k)
         else:
             xi = (v - x_k) / w_k
@@ -718,7 +720,7 @@ class RQSplineCoupling(_Coupling):
             out = torch.addcmul(y_k, h_k, torch.addcmul(d_k * t, s_k, xi_sq) / denom)
         numer = torch.addcmul(torch.addcmul(d_k1 * xi_sq, s_k, t, value=2), d_k, xi_1m.square()) * s_k.square()
         logdet = torch.log(numer).sub(torch.log(denom), alpha=2)  # log dy/dx inside the interval
-        outside = v != x2  # beyond the interval: the identity
+        outside = x2.abs() >= B  # the ends and beyond: the identity (the spline's value and slope there)
         out = torch.where(outside, x2, out)
         logdet = logdet.masked_fill(outside, 0.0).sum(-1)
         return out, (-logdet if inverse else logdet)

@@ -164,6 +164,9 @@ def test_spline_matches_the_papers_formulas(bins):
     back, inverse_logdet = block.inverse(z)
     torch.testing.assert_close(back, x, atol=1e-10, rtol=0)
     torch.testing.assert_close(inverse_logdet, -logdet, atol=1e-10, rtol=0)
+    x_grad = x.clone().requires_grad_(True)  # the slope, at the ends of the interval too, is exp(logdet)
+    (grad,) = torch.autograd.grad(block(x_grad)[0][:, 0, 1].sum(), x_grad)
+    torch.testing.assert_close(grad[:, 0, 1], logdet[:, 0].exp(), atol=1e-9, rtol=0)
 
 
 def test_spline_propagates_nan_without_failing():
