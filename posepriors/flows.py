@@ -18,7 +18,10 @@ one batched matrix product (:func:`torch.baddbmm` over stacked weights, never a 
 split their inputs with precomputed index buffers (or views when the split is contiguous) instead of multiplying by
 masks, and :class:`FlowSequence` validates its input once and then runs its blocks' unchecked ``_forward`` /
 ``_inverse`` directly (so hooks registered on the blocks inside a sequence do not fire; hooks on the sequence do).
-Parameter-only log-determinants (ActNorm, LU) are summed as (G,) vectors and broadcast to (B, G) once.
+Parameter-only log-determinants (ActNorm, LU) are summed as (G,) vectors and broadcast to (B, G) once. Frozen
+inference (eval mode, no parameter gradients) folds ActNorm and mixing into one cached affine map per layer, runs the
+conditioners' activations in place wherever autograd records nothing, and splits large CPU batches into chunks that
+keep each layer's hidden activations in cache.
 """
 
 from __future__ import annotations
