@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20, help="batch-1 calls per round (median)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile(prior.nll) of the bundled flows at batch 1"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -179,6 +182,16 @@ def main() -> None:
         t1 = timed(nll_step(prior.log_prob, pose[:1]), 3 * args.repeat)
         params = sum(p.numel() for p in prior.parameters())
         print(f"{name:<16}{params:>10}{load_ms:>10.1f}{args.batch / t:>18.0f}{1000 * t1:>20.3f}")
+        if args.compile and name in ("global_flow", "joint_flow"):
+            compiled_nll = torch.compile(prior.nll, dynamic=False)
+            compiled_step = nll_step(lambda p, f=compiled_nll: -f(p), pose[:1])
+            start = time.perf_counter()
+            compiled_step()  # compiles
+            compile_s = time.perf_counter() - start
+            tc = timed(compiled_step, 3 * args.repeat)
+            print(
+                f"  torch.compile(prior.nll): {1000 * tc:.3f} ms ({t1 / tc:.1f}x eager), {compile_s:.0f} s to compile"
+            )
     posepriors.set_validation(True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -138,3 +139,27 @@ def test_missing_part_marginal(trained):
     assert lp.shape == (64,) and torch.isfinite(lp).all()
     if "hand_vae" not in name:  # hiding joints from an exact density raises the density of the rest
         assert not torch.allclose(lp, prior.log_prob(x))
+
+
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler"
+)
+@pytest.mark.parametrize("name", ["joint_flow", "global_flow"])
+def test_compiled_nll_matches_eager(name):
+    """``torch.compile(prior.nll)``, the tip for long fitting loops: the same values and pose gradients as eager."""
+    torch.manual_seed(0)
+    prior, x = train(make(name))
+    prior.eval().requires_grad_(False)  # as posepriors.load returns it
+    pose = x[:2].clone().requires_grad_(True)
+    expected = prior.nll(pose)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), pose)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(prior.nll, dynamic=False)
+        for _ in range(2):  # the second call reuses the compiled graphs
+            value = compiled(pose)
+            (grad,) = torch.autograd.grad(value.sum(), pose)
+            torch.testing.assert_close(value, expected, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
+    finally:
+        torch._dynamo.reset()
