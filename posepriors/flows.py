@@ -50,21 +50,14 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
-_ACTIVATIONS: dict[str, tuple[type[nn.Module], Callable[[Tensor], Tensor]]] = {
-    "silu": (nn.SiLU, F.silu),
-    "relu": (nn.ReLU, F.relu),
-    "elu": (nn.ELU, F.elu),
-    "gelu": (nn.GELU, F.gelu),
-    "tanh": (nn.Tanh, torch.tanh),
-}
-# In-place versions, used where autograd does not record (inference): a large batch then skips allocating (and, on
-# CPU, page-faulting in) a fresh hidden-activation tensor per layer.
-_INPLACE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": lambda h: F.silu(h, inplace=True),
-    "relu": torch.relu_,
-    "elu": lambda h: F.elu(h, inplace=True),
-    "gelu": F.gelu,  # no in-place form
-    "tanh": torch.tanh_,
+# name -> (module, function, in-place function). The in-place form runs where autograd does not record (inference):
+# a large batch then skips allocating (and, on CPU, page-faulting in) a fresh hidden-activation tensor per layer.
+_ACTIVATIONS: dict[str, tuple[type[nn.Module], Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "silu": (nn.SiLU, F.silu, lambda h: F.silu(h, inplace=True)),
+    "relu": (nn.ReLU, F.relu, torch.relu_),
+    "elu": (nn.ELU, F.elu, lambda h: F.elu(h, inplace=True)),
+    "gelu": (nn.GELU, F.gelu, F.gelu),  # no in-place form
+    "tanh": (nn.Tanh, torch.tanh, torch.tanh_),
 }
 
 # A block's internal log-determinant: (B, G) when it depends on the input, (G,) when it depends on the parameters
@@ -246,7 +239,7 @@ class GroupedMLP(nn.Sequential):
             raise ValueError(f"expected activation in {sorted(_ACTIVATIONS)}, got {activation!r}")
         if isinstance(num_hidden_layers, bool) or not isinstance(num_hidden_layers, int) or num_hidden_layers < 1:
             raise ValueError(f"expected num_hidden_layers to be an integer >= 1, got {num_hidden_layers!r}")
-        module, function = _ACTIVATIONS[activation]
+        module, function, inplace = _ACTIVATIONS[activation]
         layers: list[nn.Module] = []
         width = in_features
         for _ in range(num_hidden_layers):
@@ -258,7 +251,7 @@ class GroupedMLP(nn.Sequential):
             nn.init.zeros_(last.bias)
         super().__init__(*layers, last)
         self.in_features, self.out_features = in_features, out_features
-        self._activation, self._activation_ = function, _INPLACE_ACTIVATIONS[activation]
+        self._activation, self._activation_ = function, inplace
         # the linear layers, read at call time (so torch.func.functional_call can swap their parameters)
         self._linears: tuple[GroupedLinear, ...] = tuple(layers[::2]) + (last,)
 
