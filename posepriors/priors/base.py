@@ -279,7 +279,9 @@ class PosePrior(nn.Module, ABC):
         - ``noise_std=s``: the MAP denoiser for poses observed with Gaussian noise of std ``s`` radians per
           axis-angle coordinate, ``argmax_x' log p(x') - |x' - x|^2 / (2 s^2)`` over the observed joints (missing
           joints are free). Closed form where the family allows it, else L-BFGS on the pose (``steps``
-          iterations, default 30) from the fast projection.
+          iterations, default 30) from the fast projection. To fill in an occluded limb, prefer this mode with a
+          small ``noise_std`` (e.g. 0.05): for the shipped ``global_flow`` it is far closer to the truth than the
+          fast mode (docs/models.md).
 
         Args:
             pose: As in :meth:`log_prob`.
