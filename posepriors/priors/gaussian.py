@@ -92,13 +92,7 @@ class GaussianPrior(PosePrior):
     initialize_from_data = fit
 
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        log_std = self.std.log()
-        z = (x - self.mean) / log_std.exp()
-        per_dim = -0.5 * (z.square() + _LOG_2PI) - log_std  # (B, J, 3)
-        per_joint = per_dim.sum(-1)
-        if mask is not None:
-            per_joint = per_joint * mask
-        return per_joint.sum(-1)
+        return self.log_prob_per_joint(x, mask).sum(-1)
 
     def log_prob_per_joint(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Per-joint log-density (the Gaussian factorises over joints).
@@ -111,8 +105,8 @@ class GaussianPrior(PosePrior):
         Returns:
             Log-density of each joint's rotation, shape (*, J).
         """
-        z = (x - self.mean) / self.std
-        lp = (-0.5 * (z.square() + _LOG_2PI) - self.std.log()).sum(-1)
+        std = self.std
+        lp = (-0.5 * (((x - self.mean) / std).square() + _LOG_2PI) - std.log()).sum(-1)
         return lp if mask is None else lp * mask.to(lp.dtype)
 
     def _sample(

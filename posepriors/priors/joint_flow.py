@@ -166,11 +166,7 @@ class JointFlowPrior(PosePrior):
             joints get 0, so the terms sum to ``log_prob(pose, mask)``.
         """
         x, m, batch_shape = self._prepare(pose, mask)
-        per_joint = self._per_joint(x)
-        if m is not None:
-            self._check_mask(m)
-            per_joint = torch.where(m, per_joint, torch.zeros_like(per_joint))
-        return per_joint.reshape(*batch_shape, self.num_joints)
+        return self._per_joint(x, m).reshape(*batch_shape, self.num_joints)
 
     def _map_project(
         self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 50, lr: float = 0.05, **kwargs: Any
@@ -208,11 +204,7 @@ class JointFlowPrior(PosePrior):
 
     # ------------------------------------------------------------------ PosePrior
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        per_joint = self._per_joint(x)
-        if mask is None:
-            return per_joint.sum(-1)
-        self._check_mask(mask)
-        return torch.where(mask, per_joint, torch.zeros_like(per_joint)).sum(-1)
+        return self._per_joint(x, mask).sum(-1)
 
     def _sample(
         self,
@@ -289,9 +281,14 @@ class JointFlowPrior(PosePrior):
         feats = axis_angle_to_rotation_6d(parent) if self.context_features == 6 else parent
         return feats * has_parent[:, None].to(feats.dtype)
 
-    def _per_joint(self, x: Tensor) -> Tensor:
+    def _per_joint(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Per-joint conditional log-densities (B, J); with a (checked) mask, missing joints get 0."""
         z, logdet = self.flow(x, self._context(x))
-        return standard_normal_log_prob(z) + logdet
+        per_joint = standard_normal_log_prob(z) + logdet
+        if mask is None:
+            return per_joint
+        self._check_mask(mask)
+        return torch.where(mask, per_joint, torch.zeros_like(per_joint))
 
     def _parent_observed(self, mask: Tensor) -> Tensor:
         """Whether each joint's parent is observed (True for joints without a parent): (B, J)."""
