@@ -1,16 +1,19 @@
 """Reading pose files and folders (AMASS, the seed's 53-joint files, prepared body/hand files) into tensors.
 
 Every loader returns a :class:`PoseData`: SMPL-X poses (N, 55, 3) with a per-frame mask of the joints the source
-had, and a sequence id per frame so that splits never cut a sequence in two.
+had, and a sequence id per frame so that splits keep sequences whole (only a sequence longer than the validation
+share is cut, into contiguous chunks, and a warning says so).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,9 @@ class PoseData:
         sequence: Sequence id of each frame, shape (N,) int64, indexing ``sequence_names``.
         sequence_names: Name of every sequence (file, or file + subject/sequence key).
         source_files: The files the poses came from.
+        labels: Per-frame label arrays of prepared files by key (e.g. ``source``, ``subject``, ``sequence``), each
+            shape (N,) of str; a key is kept only when every file has it. Used to report metrics per group
+            (``posepriors-eval --by source``).
     """
 
     poses: Tensor
@@ -47,6 +53,7 @@ class PoseData:
     sequence: Tensor
     sequence_names: list[str]
     source_files: list[str]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.poses.shape[0]
@@ -57,6 +64,9 @@ class PoseData:
                 f"expected observed (N, 55) and sequence (N,) with N={n}, "
                 f"got {tuple(self.observed.shape)} and {tuple(self.sequence.shape)}"
             )
+        for key, values in self.labels.items():
+            if np.shape(values) != (n,):
+                raise ValueError(f"expected label array {key!r} of shape ({n},), got {np.shape(values)}")
 
     def __len__(self) -> int:
         return self.poses.shape[0]
@@ -72,8 +82,14 @@ class PoseData:
         """Frames ``index`` (sequence names kept, so ids stay valid)."""
         if not isinstance(index, slice):
             index = torch.as_tensor(index)
+        rows = index if isinstance(index, slice) else index.cpu().numpy()
         return PoseData(
-            self.poses[index], self.observed[index], self.sequence[index], self.sequence_names, self.source_files
+            self.poses[index],
+            self.observed[index],
+            self.sequence[index],
+            self.sequence_names,
+            self.source_files,
+            {key: values[rows] for key, values in self.labels.items()},
         )
 
     def joints(self, spec: str | Sequence[int]) -> Tensor:
@@ -92,40 +108,81 @@ class PoseData:
             torch.cat([d.sequence + int(o) for d, o in zip(items, offsets, strict=True)]),
             [n for d in items for n in d.sequence_names],
             [f for d in items for f in d.source_files],
+            {key: np.concatenate([d.labels[key] for d in items]) for key in _common_labels(items)},
         )
 
     def split_by_sequence(self, val_fraction: float, *, seed: int = 0) -> tuple[PoseData, PoseData]:
-        """Split into train and validation by whole sequences (never by frame).
+        """Split into train and validation by whole sequences (never frame by frame).
 
-        Sequences are shuffled with ``seed`` and assigned to validation until it holds about ``val_fraction`` of
-        the frames.
+        Sequences are shuffled with ``seed`` and moved to validation until it holds ``val_fraction`` of the frames;
+        a sequence that would take validation past ``1.25 * val_fraction`` of the frames is skipped, so validation
+        never ends much bigger than asked. A sequence too long to ever fit (more than that) is first cut into
+        contiguous chunks of a quarter of the validation share, each treated as a sequence of its own (named
+        ``name[start:stop]``), and a ``UserWarning`` names it: its chunks may fall on both sides of the split. Pass
+        a separate validation set to keep every sequence whole.
 
         Args:
             val_fraction: Target fraction of frames in the validation split, in (0, 1).
             seed: Seed of the shuffle.
 
         Returns:
-            ``(train, val)``.
+            ``(train, val)``, neither empty.
+
+        Raises:
+            ValueError: When ``val_fraction`` is outside (0, 1) or there are fewer than 2 frames.
         """
         if not 0 < val_fraction < 1:
             raise ValueError(f"expected 0 < val_fraction < 1, got {val_fraction}")
-        ids = torch.unique(self.sequence)
-        if len(ids) < 2:
+        n = len(self)
+        if n < 2:
             raise ValueError(
-                f"cannot split {len(self)} frames by sequence: they all belong to one sequence "
-                f"({self.sequence_names[int(ids[0])] if len(ids) else 'none'}); pass a separate validation set"
+                f"expected at least 2 frames to split into training and validation, got {n}; "
+                "add data or pass a separate validation set"
             )
-        order = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+        target = val_fraction * n
+        limit = 1.25 * target
+        chunk = max(1, math.ceil(target / 4))
         counts = torch.bincount(self.sequence, minlength=len(self.sequence_names))
-        target = val_fraction * len(self)
-        val_ids, total = [], 0
-        for sid in order.tolist():
-            if total >= target or len(val_ids) == len(ids) - 1:
+        by_sequence = torch.argsort(self.sequence, stable=True).split(counts.tolist())
+        names, sequence = list(self.sequence_names), self.sequence.clone()
+        units: list[Tensor] = []
+        cut: list[str] = []
+        for sid, frames in enumerate(by_sequence):
+            if len(frames) == 0:
+                continue
+            if len(frames) <= max(limit, chunk):
+                units.append(frames)
+                continue
+            cut.append(f"{names[sid]} ({len(frames)} frames)")
+            for start in range(0, len(frames), chunk):
+                piece = frames[start : start + chunk]
+                sequence[piece] = len(names)
+                names.append(f"{self.sequence_names[sid]}[{start}:{start + len(piece)}]")
+                units.append(piece)
+        if cut:
+            warnings.warn(
+                f"{len(cut)} sequence(s) are longer than the validation split may grow ({limit:.0f} frames, 1.25 x "
+                f"{val_fraction} of {n}) and were cut into contiguous chunks of {chunk} frames, which may fall on both "
+                f"sides of the split: {cut[:5]}{' ...' if len(cut) > 5 else ''}; "
+                "pass a separate validation set to keep them whole",
+                stacklevel=2,
+            )
+        order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
+        val_units: list[int] = []
+        total = 0
+        for u in order:
+            if total >= target or len(val_units) == len(units) - 1:
                 break
-            val_ids.append(sid)
-            total += int(counts[sid])
-        is_val = torch.isin(self.sequence, torch.tensor(val_ids))
-        return self.subset(torch.nonzero(~is_val).flatten()), self.subset(torch.nonzero(is_val).flatten())
+            size = len(units[u])
+            if val_units and total + size > limit:
+                continue
+            val_units.append(u)
+            total += size
+        is_val = torch.zeros(n, dtype=torch.bool)
+        for u in val_units:
+            is_val[units[u]] = True
+        data = PoseData(self.poses, self.observed, sequence, names, self.source_files)
+        return data.subset(torch.nonzero(~is_val).flatten()), data.subset(torch.nonzero(is_val).flatten())
 
 
 def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: bool = True) -> PoseData:
@@ -191,21 +248,33 @@ def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: 
             f"dropped {sum(dropped.values())} of {total} frames with NaN/Inf in poses ({detail})", stacklevel=2
         )
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} file(s) without usable poses: {skipped[:10]}", stacklevel=2)
+        warnings.warn(
+            f"skipped {len(skipped)} unreadable or unusable file(s) in {path}: {skipped[:10]}"
+            + (" ..." if len(skipped) > 10 else ""),
+            stacklevel=2,
+        )
     return PoseData.concat(loaded)
 
 
 class _UnusableFile(Exception):
-    def __init__(self, file: Path, reason: str) -> None:
-        super().__init__(f"{file}: {reason}; accepted keys: {', '.join(ACCEPTED_KEYS)}")
+    """A file that is not a readable ``.npz`` or has no pose key (skipped in a folder, an error on its own)."""
+
+    def __init__(self, file: Path, reason: str, *, list_keys: bool = True) -> None:
+        keys = f"; accepted keys: {', '.join(ACCEPTED_KEYS)}" if list_keys else ""
+        super().__init__(f"{file}: {reason}{keys}")
         self.reason = reason
+
+
+# What reading a damaged .npz raises: BadZipFile for a bad CRC or a torn archive, zlib.error for damaged compressed
+# data, EOFError / OSError for a truncated file.
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
 
 def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int]:
     """One file -> (PoseData, number of non-finite frames dropped)."""
     try:
         npz = np.load(file, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+    except (ValueError, *_READ_ERRORS) as err:
         raise _UnusableFile(file, f"not a readable .npz ({err})") from None
     with npz:
         keys = set(npz.files)
@@ -217,6 +286,7 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
                 step = max(1, round(rate / fps))
             pose55, observed = skeleton.to_smplx(torch.from_numpy(poses[::step]), layout=layout)
             seq_names, seq = [name], torch.zeros(len(pose55), dtype=torch.long)
+            labels: dict[str, np.ndarray] = {}
         elif keys & set(skeleton.DICT_KEYS):
             parts = {}
             for key in skeleton.DICT_KEYS:
@@ -230,6 +300,7 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
             except ValueError as err:
                 raise ValueError(f"{file}: {err}") from None
             seq_names, seq = _sequences(npz, file, name, len(pose55))
+            labels = _labels(npz, len(pose55))
         else:
             raise _UnusableFile(file, f"none of the accepted keys (has {sorted(keys)[:12]})")
     pose55 = pose55.to(torch.float32)
@@ -237,16 +308,43 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
     nonfinite = int((~finite).sum())
     if nonfinite:
         pose55, seq = pose55[finite], seq[finite]
+        labels = {key: values[finite.numpy()] for key, values in labels.items()}
     pose55 = wrap_axis_angle(pose55)
     obs = observed.expand(len(pose55), -1).clone()
-    return PoseData(pose55, obs, seq, seq_names, [str(file)]), nonfinite
+    return PoseData(pose55, obs, seq, seq_names, [str(file)], labels), nonfinite
+
+
+def _labels(npz: np.lib.npyio.NpzFile, n: int) -> dict[str, np.ndarray]:
+    """Per-frame label arrays of a prepared file: 1-D string, integer or bool arrays of length ``n``, as str."""
+    out = {}
+    for key in npz.files:
+        if key in skeleton.DICT_KEYS:
+            continue
+        try:
+            values = npz[key]
+        except (ValueError, *_READ_ERRORS):  # object arrays (pickle) or a damaged member: not a label
+            continue
+        if values.shape == (n,) and values.dtype.kind in "USiub":
+            out[key] = values.astype(str)
+    return out
+
+
+def _common_labels(items: Sequence[PoseData]) -> list[str]:
+    """Label keys that every item has, in the first item's order."""
+    return [key for key in items[0].labels if all(key in d.labels for d in items[1:])]
 
 
 def _read_array(npz: np.lib.npyio.NpzFile, key: str, file: Path) -> np.ndarray:
+    """``npz[key]``; a damaged member raises :class:`_UnusableFile` naming the file, an object array ``ValueError``."""
     try:
         return npz[key]
-    except ValueError as err:  # object arrays need pickle, which we never allow
-        raise ValueError(f"{file}: key {key!r} cannot be read without pickle ({err})") from None
+    except _READ_ERRORS as err:
+        reason = f"corrupt .npz, cannot read {key!r} ({type(err).__name__}: {err})"
+        raise _UnusableFile(file, reason, list_keys=False) from None
+    except ValueError as err:
+        if "pickle" in str(err):  # object arrays need pickle, which we never allow
+            raise ValueError(f"{file}: key {key!r} cannot be read without pickle ({err})") from None
+        raise _UnusableFile(file, f"corrupt .npz, cannot read {key!r} ({err})", list_keys=False) from None
 
 
 def _read_amass_or_seed(npz: np.lib.npyio.NpzFile, file: Path) -> tuple[np.ndarray, str, float | None]:
@@ -257,7 +355,7 @@ def _read_amass_or_seed(npz: np.lib.npyio.NpzFile, file: Path) -> tuple[np.ndarr
         rate = None
         for key in ("mocap_framerate", "mocap_frame_rate"):
             if key in npz.files:
-                rate = float(np.asarray(npz[key]))
+                rate = float(np.asarray(_read_array(npz, key, file)))
                 break
         return poses, _AMASS_WIDTHS[poses.shape[1]], rate
     raise ValueError(
@@ -270,11 +368,11 @@ def _sequences(npz: np.lib.npyio.NpzFile, file: Path, name: str, n: int) -> tupl
     """Per-frame sequence ids from ``sequence`` (+ ``subject``) or ``source`` keys; else one sequence."""
     labels = None
     if "sequence" in npz.files:
-        labels = np.asarray(npz["sequence"]).astype(str)
+        labels = np.asarray(_read_array(npz, "sequence", file)).astype(str)
         if "subject" in npz.files:
-            labels = np.char.add(np.char.add(np.asarray(npz["subject"]).astype(str), "/"), labels)
+            labels = np.char.add(np.char.add(np.asarray(_read_array(npz, "subject", file)).astype(str), "/"), labels)
     elif "source" in npz.files:
-        labels = np.asarray(npz["source"]).astype(str)
+        labels = np.asarray(_read_array(npz, "source", file)).astype(str)
     if labels is None or labels.shape != (n,):
         return [name], torch.zeros(n, dtype=torch.long)
     uniques, inverse = np.unique(labels, return_inverse=True)

@@ -7,10 +7,12 @@ dimension) w.r.t. the Lebesgue measure on the axis-angle coordinates of the join
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from posepriors import skeleton
 from posepriors.data import PoseData, load_poses
 from posepriors.priors.base import PosePrior
 from posepriors.rotations import axis_angle_to_matrix
+from posepriors.utils import resolve_device
 
 __all__ = [
     "CompletionStats",
@@ -33,6 +36,8 @@ __all__ = [
     "completion_stats",
     "denoise_stats",
     "evaluate",
+    "evaluate_by",
+    "group_by",
     "main",
     "nll_stats",
     "sample_stats",
@@ -112,7 +117,11 @@ class CompletionStats:
 
 @dataclass
 class EvalReport:
-    """Everything :func:`evaluate` measured for one prior on one data set."""
+    """Everything :func:`evaluate` measured for one prior on one data set.
+
+    With :func:`evaluate_by`, ``group_by`` names the label key (e.g. ``"source"``) and ``group`` the label value of
+    the poses measured (``"all"`` for the pooled report); both are None for an ungrouped report.
+    """
 
     model: str
     data: str
@@ -122,6 +131,8 @@ class EvalReport:
     denoise: DenoiseStats | None = None
     completion: list[CompletionStats] = field(default_factory=list)
     reconstruction_deg: float | None = None
+    group_by: str | None = None
+    group: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -409,6 +420,58 @@ def evaluate(
     return report
 
 
+POOLED = "all"
+"""The ``group`` of the pooled report of :func:`evaluate_by`."""
+
+
+def group_by(data: PoseData, key: str) -> dict[str, PoseData]:
+    """Split poses by a per-pose label array of the data file (e.g. ``source`` of ``body_ood_val.npz``).
+
+    Args:
+        data: Poses from :func:`posepriors.data.load_poses`, whose ``labels`` hold ``key``.
+        key: The label key.
+
+    Returns:
+        The poses of each label value, in sorted order of the values.
+    """
+    if key not in data.labels:
+        raise ValueError(
+            f"expected a per-pose label array {key!r} in the data (a 1-D key of the .npz with one entry per pose), "
+            f"got label keys {sorted(data.labels)}"
+        )
+    values = data.labels[key]
+    return {str(v): data.subset(torch.from_numpy((values == v).nonzero()[0])) for v in sorted(set(values.tolist()))}
+
+
+def evaluate_by(prior: PosePrior, data: PoseData, key: str, **kwargs: Any) -> list[EvalReport]:
+    """:func:`evaluate` on all poses and on each group of :func:`group_by` (``max_poses`` caps each one).
+
+    Groups of fewer than :data:`MIN_SAMPLE_POSES` poses skip the sample-quality metrics.
+
+    Args:
+        prior: The prior.
+        data: Poses with the label array ``key``.
+        key: The label key to group by (e.g. ``"source"``).
+        **kwargs: Passed on to :func:`evaluate`.
+
+    Returns:
+        The pooled report (``group="all"``), then one per label value, each with ``group_by=key``.
+    """
+    groups = group_by(data, key)
+    reports = [dataclasses.replace(evaluate(prior, data, **kwargs), group_by=key, group=POOLED)]
+    for value, part in groups.items():
+        options = dict(kwargs)
+        if len(part) < MIN_SAMPLE_POSES:
+            options["samples"] = False
+        reports.append(dataclasses.replace(evaluate(prior, part, **options), group_by=key, group=value))
+    return reports
+
+
+def _evaluate_grouped(key: str | None, prior: PosePrior, data: PoseData, **kwargs: Any) -> list[EvalReport]:
+    """``[evaluate(...)]``, or :func:`evaluate_by` when ``key`` is given."""
+    return [evaluate(prior, data, **kwargs)] if key is None else evaluate_by(prior, data, key, **kwargs)
+
+
 # ---------------------------------------------------------------------------- output
 def to_markdown(reports: Sequence[EvalReport]) -> str:
     """A Markdown table of reports (one row per model and data set)."""
@@ -419,9 +482,10 @@ def to_markdown(reports: Sequence[EvalReport]) -> str:
     lines = [head, "|" + "---|" * 13]
     for r in reports:
         s, d = r.samples, r.denoise
+        data = r.data if r.group is None else f"{r.data} [{r.group_by}={r.group}]"
         comp = ", ".join(f"{c.part} {c.error_deg:.1f} ({c.rest_error_deg:.1f})" for c in r.completion) or "–"
         lines.append(
-            f"| {r.model} | {r.data} | {r.poses} | {r.nll.dims} | {r.nll.mean:.2f} | {r.nll.median:.2f} "
+            f"| {r.model} | {data} | {r.poses} | {r.nll.dims} | {r.nll.mean:.2f} | {r.nll.median:.2f} "
             f"| {r.nll.bits_per_dim:.3f} "
             + (
                 f"| {s.apd_deg:.1f} | {s.nearest_deg:.1f} (data {s.data_nearest_deg:.1f}) | {s.beyond_range:.3f} "
@@ -435,6 +499,28 @@ def to_markdown(reports: Sequence[EvalReport]) -> str:
     return "\n".join(lines)
 
 
+def _number(kind: type, low: float, *, inclusive: bool = True) -> Any:
+    """An argparse ``type`` for finite numbers ``>= low`` (or ``> low``): bad values exit 2 with a message."""
+    bound = f">= {low}" if inclusive else f"> {low}"
+
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (not inclusive and value == low):
+            raise argparse.ArgumentTypeError(f"expected a finite value {bound}, got {text!r}")
+        return value
+
+    convert.__name__ = f"{kind.__name__} {bound}"  # argparse names the type in its messages
+    return convert
+
+
+MIN_SAMPLE_POSES = 2
+"""Fewest poses the sample-quality metrics need (a nearest-neighbour reference and a held-out pose)."""
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="posepriors-eval",
@@ -444,11 +530,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("models", nargs="+", help="model names (see posepriors.list_models()) or folders")
     parser.add_argument("--data", action="append", required=True, type=Path, help="data file or folder (repeatable)")
     parser.add_argument("--gmm", type=Path, help="also evaluate SMPLify's GMM from this .npz (means, covars, weights)")
-    parser.add_argument("--sigma", type=float, default=0.1, help="noise std (radians) of the denoising test")
-    parser.add_argument("--num_samples", type=int, default=512, help="samples for the sample-quality metrics")
-    parser.add_argument("--max_poses", type=int, default=None, help="evaluate on at most this many poses per set")
-    parser.add_argument("--fps", type=float, default=None, help="subsample AMASS sequences to this frame rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    parser.add_argument(
+        "--sigma",
+        type=_number(float, 0, inclusive=False),
+        default=0.1,
+        help="noise std (radians) of the denoising test",
+    )
+    parser.add_argument(
+        "--num_samples", type=_number(int, 2), default=512, help="samples for the sample-quality metrics (>= 2)"
+    )
+    parser.add_argument(
+        "--max_poses", type=_number(int, 1), default=None, help="evaluate on at most this many poses per set (>= 1)"
+    )
+    parser.add_argument(
+        "--fps", type=_number(float, 0, inclusive=False), default=None, help="subsample AMASS sequences to this rate"
+    )
+    parser.add_argument("--seed", type=_number(int, 0), default=0, help="seed of every random choice (>= 0)")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, mps")
     parser.add_argument("--json", type=Path, help="write the reports as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
@@ -458,11 +555,31 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no_completion", action="store_true", help="skip the completion test")
     parser.add_argument(
         "--completion_noise",
-        type=float,
+        type=_number(float, 0),
         default=0.05,
         help="noise_std (radians) of the MAP completion, project(pose, mask, noise_std=...); 0: fast project",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--by",
+        metavar="KEY",
+        default=None,
+        help="also report every metric per value of this per-pose label array of the data (e.g. source)",
+    )
+    args = parser.parse_args(argv)
+    for path in [*args.data, *([args.gmm] if args.gmm is not None else [])]:
+        if not path.exists():
+            parser.error(f"no such file or folder: {path}")
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        parser.error(f"--device: {err}")
+    return args
+
+
+def _fail(message: str) -> int:
+    """Print a ``posepriors-eval: error:`` line (as argparse does) and return the exit code 2."""
+    print(f"posepriors-eval: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -470,12 +587,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from posepriors.hub import load
 
     args = _parse(argv)
-    priors: dict[str, PosePrior] = {name: load(name, device=args.device) for name in args.models}
-    if args.gmm is not None:
-        from posepriors.priors.gmm import GMMPrior
+    priors: dict[str, PosePrior] = {}
+    try:
+        for name in args.models:
+            priors[name] = load(name, device=args.device)
+        if args.gmm is not None:
+            from posepriors.priors.gmm import GMMPrior
 
-        priors["smplify_gmm"] = GMMPrior.from_smplify(args.gmm).to(args.device)
-    datasets = {str(path): load_poses(path, fps=args.fps) for path in args.data}
+            name = str(args.gmm)
+            priors["smplify_gmm"] = GMMPrior.from_smplify(args.gmm).to(args.device)
+        datasets = {}
+        for path in args.data:
+            name = str(path)
+            datasets[name] = load_poses(path, fps=args.fps)
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as err:
+        return _fail(f"{name}: {err}")
+    for name, data in datasets.items():
+        if args.by is not None and args.by not in data.labels:
+            return _fail(f"{name}: --by {args.by}: no per-pose label array {args.by!r} (has {sorted(data.labels)})")
+    for name, data in datasets.items():
+        count = min(len(data), args.max_poses or len(data))
+        if count < MIN_SAMPLE_POSES and not args.no_samples:
+            print(
+                f"{name}: {count} pose; the sample-quality metrics need >= {MIN_SAMPLE_POSES}: skipped", file=sys.stderr
+            )
     reports: list[EvalReport] = []
     for data_name, data in datasets.items():
         for model_name, prior in priors.items():
@@ -483,8 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not bool(observed.any()):
                 print(f"skipping {model_name} on {data_name}: the data has none of its joints", file=sys.stderr)
                 continue
-            reports.append(
-                evaluate(
+            reports.extend(
+                _evaluate_grouped(
+                    args.by,
                     prior,
                     data,
                     model_name=model_name,
@@ -493,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     num_samples=args.num_samples,
                     max_poses=args.max_poses,
                     seed=args.seed,
-                    samples=not args.no_samples,
+                    samples=not args.no_samples and min(len(data), args.max_poses or len(data)) >= MIN_SAMPLE_POSES,
                     denoise=not args.no_denoise,
                     completion=not args.no_completion,
                     completion_noise=args.completion_noise or None,
@@ -510,7 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plots:
         from posepriors.plots import write_evaluation_plots
 
-        paths = write_evaluation_plots(priors, datasets, reports, args.plots, seed=args.seed)
+        pooled = [r for r in reports if r.group in (None, POOLED)]
+        paths = write_evaluation_plots(priors, datasets, pooled, args.plots, seed=args.seed)
         print(f"wrote {len(paths)} plots to {args.plots}")
     return 0
 

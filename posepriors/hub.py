@@ -4,17 +4,23 @@ A saved prior is a folder with two files:
 
 - ``config.json``: ``{"format_version": 1, "model_type": ..., "config": {...}, "posepriors_version": ...}``,
   keys sorted;
-- ``model.safetensors``: the ``state_dict``, loaded back with ``strict=True``.
+- ``model.safetensors``: the ``state_dict``, loaded back with ``strict=True``. Its header metadata records
+  ``data_sha256``, the SHA-256 of the tensor data (every byte after the header), so the file carries its own
+  checksum wherever it is copied (a folder, the Hub) and older readers simply ignore it.
 
 :func:`load` resolves a name or a path in this order: a local folder, weights bundled inside the package, the
 Hugging Face Hub (``hf_hub_download`` at the manifest's pinned revision). Every file that comes from the bundle or
-the Hub is checked against the SHA-256 in ``weights_manifest.json`` before it is read.
+the Hub is checked against the SHA-256 in ``weights_manifest.json`` before it is read. Every weights file with a
+``data_sha256`` is checked against it on load (a mismatch is an error); a local folder written before checksums
+existed loads with a warning that suggests re-saving it. Weights with NaN or Inf values are refused in any case.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ from posepriors.priors.base import MODEL_TYPES, PosePrior, register_model
 from posepriors.utils import atomic_write, resolve_device, sha256_file
 
 __all__ = [
+    "CHECKSUM_KEY",
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "MANIFEST_PATH",
@@ -43,11 +50,15 @@ __all__ = [
     "read_manifest",
     "register_model",
     "save_pretrained",
+    "verify_files",
+    "verify_weights",
 ]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CHECKSUM_KEY = "data_sha256"
+"""Key of the tensor data's SHA-256 in the safetensors header metadata."""
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_DIR = PACKAGE_DIR / "weights"
 MANIFEST_PATH = PACKAGE_DIR / "weights_manifest.json"
@@ -110,9 +121,12 @@ def read_manifest(path: str | os.PathLike | None = None) -> dict[str, ManifestEn
     entries = {}
     known = {"model_type", "description", "files", "repo_id", "revision", "subfolder", "bundled"}
     for name, item in raw["models"].items():
+        if not isinstance(item, dict):
+            raise ValueError(f"expected manifest entry {name!r} in {path} to be an object, got {type(item).__name__}")
         missing = {"model_type", "files"} - set(item)
         if missing:
             raise ValueError(f"manifest entry {name!r} in {path} lacks {sorted(missing)}")
+        _check_manifest_files(name, item["files"], path)
         entries[name] = ManifestEntry(
             name=name,
             model_type=item["model_type"],
@@ -127,6 +141,28 @@ def read_manifest(path: str | os.PathLike | None = None) -> dict[str, ManifestEn
     return entries
 
 
+def _check_manifest_files(name: str, files: Any, path: Path) -> None:
+    """Every file of a manifest entry needs a 64-hex ``sha256`` (and, optionally, an integer ``size``)."""
+    if not isinstance(files, dict) or not files:
+        raise ValueError(
+            f"expected manifest entry {name!r} in {path} to list its files as "
+            f'{{"<filename>": {{"sha256": ..., "size": ...}}}}, got {files!r}'
+        )
+    for filename, info in files.items():
+        digest = info.get("sha256") if isinstance(info, dict) else None
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(
+                f"manifest entry {name!r} in {path}: expected file {filename!r} to have a 'sha256' of 64 lowercase "
+                f"hex digits, got {info!r}"
+            )
+        size = info.get("size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(
+                f"manifest entry {name!r} in {path}: expected file {filename!r} to have an integer 'size' >= 0, "
+                f"got {size!r}"
+            )
+
+
 def list_models() -> dict[str, str]:
     """Names that :func:`load` accepts, each with a one-line description."""
     return {name: entry.description for name, entry in read_manifest().items()}
@@ -137,7 +173,8 @@ def save_pretrained(prior: PosePrior, directory: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for ``prior`` into ``directory``.
 
     Both files are written atomically (temporary file, then rename), so an interrupted save never leaves a torn
-    file behind.
+    file behind. The weights file records the SHA-256 of its tensor data in its header metadata
+    (:data:`CHECKSUM_KEY`), which :func:`load_pretrained` checks.
 
     Args:
         prior: The prior to save.
@@ -160,10 +197,60 @@ def save_pretrained(prior: PosePrior, directory: str | os.PathLike) -> Path:
         "posepriors_version": __version__,
     }
     with atomic_write(directory / WEIGHTS_NAME, "wb") as handle:
-        handle.write(safetensors_bytes(state, metadata={"format": "pt", "model_type": prior.model_type}))
+        handle.write(_weights_bytes(state, {"format": "pt", "model_type": prior.model_type}))
     with atomic_write(directory / CONFIG_NAME, "w") as handle:
         handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def _weights_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Serialise ``state`` as safetensors with the SHA-256 of the tensor data in the header metadata."""
+    plain = safetensors_bytes(state, metadata=metadata)
+    data = plain[8 + int.from_bytes(plain[:8], "little") :]
+    out = safetensors_bytes(state, metadata={**metadata, CHECKSUM_KEY: hashlib.sha256(data).hexdigest()})
+    if out[8 + int.from_bytes(out[:8], "little") :] != data:  # pragma: no cover - the layout ignores metadata
+        raise RuntimeError("safetensors laid out the same tensors differently; cannot record their checksum")
+    return out
+
+
+def verify_weights(path: str | os.PathLike) -> bool:
+    """Check a safetensors file against the SHA-256 of its tensor data recorded by :func:`save_pretrained`.
+
+    Args:
+        path: A ``model.safetensors`` file.
+
+    Returns:
+        ``True`` when the file records a checksum and it matches; ``False`` when it records none (written before
+        checksums existed, or by another tool).
+
+    Raises:
+        ValueError: When the header cannot be read or the tensor data does not match the recorded checksum.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ValueError(f"could not read {path}: not a valid safetensors file (header length {length})")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"could not read {path}: not a valid safetensors file (header: {err})") from err
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        expected = metadata.get(CHECKSUM_KEY) if isinstance(metadata, dict) else None
+        if expected is None:
+            return False
+        digest = hashlib.sha256()
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ValueError(
+            f"checksum mismatch for {path}: its header records tensor data with SHA-256 {expected}, the file holds "
+            f"{digest.hexdigest()}; the file is corrupted (or was edited): restore it from where it came from "
+            "or save the model again"
+        )
+    return True
 
 
 def load_pretrained(
@@ -175,6 +262,9 @@ def load_pretrained(
 ) -> PosePrior:
     """Build a prior from a folder written by :func:`save_pretrained` (strict: unknown keys are errors).
 
+    The weights are checked against the checksum in their header (:func:`verify_weights`); a file without one
+    (saved before checksums existed) loads with a warning. Weights with NaN or Inf values are refused.
+
     Args:
         directory: Folder holding ``config.json`` and ``model.safetensors``.
         device: Where to put the prior (``"auto"`` picks cuda > mps > cpu).
@@ -184,18 +274,43 @@ def load_pretrained(
     Returns:
         The prior.
     """
-    directory = Path(directory)
+    return _load_folder(Path(directory), device=device, dtype=dtype, frozen=frozen, verified=False)
+
+
+def _load_folder(
+    directory: Path,
+    *,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    frozen: bool,
+    verified: bool,
+) -> PosePrior:
+    """:func:`load_pretrained`; ``verified``: the files were already checked against a manifest (no warning for a
+    weights file without its own checksum)."""
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(
                 f"expected {CONFIG_NAME} and {WEIGHTS_NAME} in {directory}, but {path.name} is missing"
             )
-    prior = build_from_config(_read_config(config_path))
+    raw = _read_config(config_path)
+    try:
+        prior = build_from_config(raw)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"invalid {config_path}: {err}") from err
+    if not verify_weights(weights_path) and not verified:
+        warnings.warn(
+            f"{weights_path} records no checksum (saved before posepriors wrote one), so corruption cannot be "
+            "detected; add one by saving it again: posepriors.save_pretrained(posepriors.load(folder), folder)",
+            stacklevel=3,
+        )
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"could not read {weights_path}: not a valid safetensors file ({err})") from err
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"weights in {weights_path} hold NaN or Inf values (in {bad[:5]}); the file is corrupted")
     try:
         prior.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -280,7 +395,7 @@ def load(
     kwargs = {"device": device, "dtype": dtype, "frozen": frozen}
     path = Path(name_or_path)
     if path.is_dir():
-        return load_pretrained(path, **kwargs)
+        return _load_folder(path, **kwargs, verified=False)
     name = str(name_or_path)
     entries = read_manifest(manifest)
     if name not in entries:
@@ -295,17 +410,17 @@ def load(
         folder = BUNDLED_DIR / (entry.subfolder or name)
         if all((folder / f).is_file() for f in entry.files):
             verify_files(folder, entry)
-            return load_pretrained(folder, **kwargs)
+            return _load_folder(folder, **kwargs, verified=True)
     folder = _download(entry, revision, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only)
     if revision is None or revision == entry.revision:
         verify_files(folder, entry)
-    else:
-        warnings.warn(
-            f"loading {name!r} at revision {revision!r} instead of the pinned {entry.revision!r}: "
-            "the manifest's SHA-256 values do not apply, files are not verified",
-            stacklevel=2,
-        )
-    return load_pretrained(folder, **kwargs)
+        return _load_folder(folder, **kwargs, verified=True)
+    warnings.warn(
+        f"loading {name!r} at revision {revision!r} instead of the pinned {entry.revision!r}: "
+        "the manifest's SHA-256 values do not apply, files are not verified against the manifest",
+        stacklevel=2,
+    )
+    return _load_folder(folder, **kwargs, verified=False)
 
 
 def verify_files(folder: Path, entry: ManifestEntry) -> None:
@@ -319,7 +434,7 @@ def verify_files(folder: Path, entry: ManifestEntry) -> None:
                 "the file is truncated or replaced; delete it and load again"
             )
         digest = sha256_file(path)
-        if digest != info["sha256"]:
+        if digest != info.get("sha256"):
             raise ValueError(
                 f"SHA-256 mismatch for {path}: expected {info['sha256']} from the manifest entry "
                 f"{entry.name!r}, got {digest}; the file is corrupted or was replaced — delete it and load again"

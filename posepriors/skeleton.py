@@ -17,12 +17,15 @@ from torch import Tensor
 __all__ = [
     "DICT_KEYS",
     "LAYOUTS",
+    "MIRROR_JOINTS",
     "NUM_JOINTS",
     "PARTS",
     "SMPLX_JOINT_NAMES",
     "SMPLX_PARENTS",
     "Layout",
     "from_smplx",
+    "mirror_index",
+    "mirror_pose",
     "resolve_joints",
     "to_smplx",
     "to_smplx_dict",
@@ -59,6 +62,17 @@ PARTS: dict[str, tuple[int, ...]] = {
 """SMPL-X joint indices of each body part."""
 
 _ALIASES = {"hands": ("left_hand", "right_hand"), "all": tuple(PARTS)}
+
+
+def _mirror_name(name: str) -> str:
+    for a, b in (("left_", "right_"), ("right_", "left_")):
+        if name.startswith(a):
+            return b + name[len(a) :]
+    return name
+
+
+MIRROR_JOINTS: tuple[int, ...] = tuple(SMPLX_JOINT_NAMES.index(_mirror_name(n)) for n in SMPLX_JOINT_NAMES)
+"""The left-right counterpart of every SMPL-X joint (itself for pelvis, spine, neck, head and jaw)."""
 
 
 def resolve_joints(spec: str | Sequence[int]) -> tuple[int, ...]:
@@ -298,3 +312,45 @@ def to_smplx_dict(pose55: Tensor) -> dict[str, Tensor]:
     return {
         key: pose55[..., list(index), :].reshape(*pose55.shape[:-2], 3 * len(index)) for key, index in DICT_KEYS.items()
     }
+
+
+def mirror_index(joints: Sequence[int]) -> list[int]:
+    """Positions that mirror a pose given in ``joints`` order: ``pose[..., mirror_index(joints), :]`` holds the
+    left-right counterpart of each joint.
+
+    Args:
+        joints: SMPL-X joint indices (a prior's ``joints``).
+
+    Returns:
+        One position in ``joints`` per joint.
+
+    Raises:
+        ValueError: When a joint's counterpart is not among ``joints`` (e.g. only the left hand).
+    """
+    position = {j: i for i, j in enumerate(joints)}
+    missing = [SMPLX_JOINT_NAMES[MIRROR_JOINTS[j]] for j in joints if MIRROR_JOINTS[j] not in position]
+    if missing:
+        raise ValueError(
+            f"expected joints closed under left-right mirroring, but their counterparts {missing[:4]} "
+            f"are missing from joints {tuple(joints)}"
+        )
+    return [position[MIRROR_JOINTS[j]] for j in joints]
+
+
+def mirror_pose(pose: Tensor, joints: Sequence[int] = tuple(range(NUM_JOINTS))) -> Tensor:
+    """Mirror poses left-right across the sagittal plane: swap every left joint with its right counterpart and
+    mirror each rotation, ``(x, y, z) -> (x, -y, -z)``. An involution that preserves volume (|det| = 1).
+
+    Args:
+        pose: Axis-angle rotations, shape (*, J, 3), in ``joints`` order.
+        joints: The SMPL-X joints of ``pose`` (default: all 55), closed under mirroring.
+
+    Returns:
+        Mirrored poses, shape (*, J, 3).
+    """
+    if pose.dim() < 2 or pose.shape[-1] != 3 or pose.shape[-2] != len(joints):
+        raise ValueError(f"expected pose of shape (*, {len(joints)}, 3), got {tuple(pose.shape)}")
+    index = torch.tensor(mirror_index(joints), device=pose.device)
+    swapped = pose.index_select(-2, index)
+    sign = pose.new_tensor([1.0, -1.0, -1.0])
+    return swapped * sign

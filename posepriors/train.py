@@ -6,6 +6,11 @@ the latest epoch's model and training state (optimizer, scheduler, RNGs: safeten
 ``DIR/last.json`` points at it; every file is written atomically, so ``--resume`` continues an interrupted run
 (even one killed with SIGKILL) from its last completed epoch and gives the same result as an uninterrupted run.
 
+A run holds a lock on ``DIR`` (a file ``.posepriors.lock`` with its pid) while it runs, so a second run on the same
+folder fails at once. A folder that holds files already is refused unless ``--resume`` (continue the run saved
+there, with the settings it was started with; only :data:`SAFE_ON_RESUME` flags may change) or ``--overwrite``
+(delete that run's files and start afresh).
+
 Multi-process: ``torchrun --nproc_per_node 2 -m posepriors.train MODEL ...`` splits every global batch across the
 processes (gloo on CPU, nccl on CUDA); only rank 0 writes files.
 """
@@ -13,6 +18,7 @@ processes (gloo on CPU, nccl on CUDA); only rank 0 writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -22,10 +28,10 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -37,9 +43,20 @@ from posepriors import skeleton
 from posepriors.data import PoseData, load_poses
 from posepriors.hub import available_model_types, load_pretrained, save_pretrained
 from posepriors.priors.base import PosePrior, PriorConfig
-from posepriors.utils import atomic_write, resolve_device
+from posepriors.utils import LOCK_NAME, FolderLockedError, atomic_write, folder_lock, resolve_device
 
-__all__ = ["FAMILY_DEFAULTS", "TrainConfig", "TrainResult", "TrainingData", "fit", "main", "prepare_data"]
+__all__ = [
+    "FAMILY_DEFAULTS",
+    "SAFE_ON_RESUME",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingData",
+    "augment",
+    "build_parser",
+    "fit",
+    "main",
+    "prepare_data",
+]
 
 
 @dataclass
@@ -64,8 +81,14 @@ class TrainConfig:
         val_batch_size: Batch size of validation passes.
         sample_every: Compute sample statistics every this many epochs (0: only at the end).
         logger: ``tensorboard``, ``csv``, ``wandb`` or ``none``.
-        log_dir: Folder of the logs (default ``runs/<model>``).
+        log_dir: Folder of the logs (default ``runs/<model>``); every run logs into its own sub-folder named by its
+            run id (``<model>-<date>-<time>-<random>``, kept by ``--resume``): ``runs/gaussian/<run id>/metrics.csv``.
         progress: Show tqdm progress bars.
+        mirror: Mirror each training pose left-right with probability 1/2 every epoch (needs joints closed under
+            mirroring, e.g. the body or the body and both hands).
+        input_noise: Std (radians) of Gaussian noise added to the training poses' axis-angle coordinates, drawn
+            anew every epoch: the prior learns the data's density smoothed by this kernel, which keeps it from
+            collapsing onto the training poses.
     """
 
     optimizer: str = "adam"
@@ -86,6 +109,8 @@ class TrainConfig:
     logger: str = "csv"
     log_dir: str | None = None
     progress: bool = True
+    mirror: bool = False
+    input_noise: float = 0.0
 
 
 # The seed's settings, kept as flags; where they are poor on real data the default differs and --help says why.
@@ -111,6 +136,34 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 SEED_BATCH_SIZES = {"gaussian": 32, "joint_flow": 16, "global_flow": 32}
 ALIASES = {"num_layers": "K", "variant": "model_type"}
+SAFE_ON_RESUME = (
+    "max_epochs",
+    "patience",
+    "device",
+    "amp",
+    "val_batch_size",
+    "sample_every",
+    "logger",
+    "log_dir",
+    "progress",
+)
+"""Loop settings that ``--resume`` may change: they do not change what the run learns from (a changed
+``max_epochs`` stretches or shortens the cosine schedule: from the resumed epoch on, the learning rate is the one a
+run started with the new ``max_epochs`` has). Every other setting, and every model setting, must stay as it was."""
+LOOP_CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adam", "adamw"),
+    "scheduler": ("cosine", "step", "none"),
+    "logger": ("tensorboard", "csv", "wandb", "none"),
+}
+MODEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "coupling": ("affine", "spline"),
+    "mixing": ("lu", "permutation", "none"),
+    "context": ("6d", "axis_angle"),
+    "variant": ("standard", "so3"),
+}
+"""Allowed values of the string model flags (the configs check them too; tests keep both in step)."""
+OUTPUT_NAMES = ("config.json", "model.safetensors", "metrics.json", "last.json", "checkpoints")
+"""What a run writes into ``--out`` (``--overwrite`` deletes these, and only these, before it starts)."""
 
 
 @dataclass
@@ -192,6 +245,29 @@ def prepare_data(data: PoseData, joints: tuple[int, ...], what: str = "training"
     return TrainingData(data.poses[:, index].contiguous(), observed)
 
 
+def augment(
+    poses: Tensor, joints: tuple[int, ...], mirror: bool, input_noise: float, generator: torch.Generator
+) -> Tensor:
+    """Training-time augmentation: left-right mirroring of a random half and Gaussian noise on every coordinate.
+
+    Args:
+        poses: Poses in ``joints`` order, shape (N, J, 3).
+        joints: Their SMPL-X joints.
+        mirror: Mirror each pose with probability 1/2 (:func:`posepriors.skeleton.mirror_pose`).
+        input_noise: Std of the noise in radians (0: none).
+        generator: Source of the coin flips and the noise.
+
+    Returns:
+        Augmented poses, shape (N, J, 3).
+    """
+    if mirror:
+        flip = torch.rand(poses.shape[0], generator=generator) < 0.5
+        poses = torch.where(flip[:, None, None], skeleton.mirror_pose(poses, joints), poses)
+    if input_noise > 0:
+        poses = poses + input_noise * torch.randn(poses.shape, generator=generator, dtype=poses.dtype)
+    return poses
+
+
 # ---------------------------------------------------------------------------- distributed
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -269,35 +345,166 @@ def _save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(out: Path) -> tuple[Path, dict[str, Tensor], dict[str, Any]]:
+def _checkpoint_meta(out: Path) -> tuple[Path, dict[str, Any]]:
+    """The folder and JSON state of ``out``'s last checkpoint (a ``ValueError`` says what is missing)."""
     pointer = out / "last.json"
     if not pointer.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {pointer}); start without --resume")
-    folder = out / json.loads(pointer.read_text())["checkpoint"]
-    tensors = load_file(str(folder / "training_state.safetensors"))
-    meta = json.loads((folder / "training_state.json").read_text())
+        raise ValueError(
+            f"--resume: expected a checkpoint in {out} ({pointer.name}, written after every epoch), got none; "
+            "start without --resume"
+        )
+    try:
+        folder = out / json.loads(pointer.read_text())["checkpoint"]
+        meta = json.loads((folder / "training_state.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"--resume: the checkpoint in {out} cannot be read ({type(err).__name__}: {err}); "
+            "start again with --overwrite"
+        ) from None
+    return folder, meta
+
+
+def _load_checkpoint(out: Path) -> tuple[Path, dict[str, Tensor], dict[str, Any]]:
+    folder, meta = _checkpoint_meta(out)
+    try:
+        tensors = load_file(str(folder / "training_state.safetensors"))
+    except Exception as err:  # safetensors raises its own error types besides OSError
+        raise ValueError(
+            f"--resume: the checkpoint in {folder} cannot be read ({type(err).__name__}: {err}); "
+            "start again with --overwrite"
+        ) from None
     return folder, tensors, meta
+
+
+def _checkpoint_model_config(folder: Path) -> tuple[str, dict[str, Any]]:
+    """``(model_type, config dict)`` of the model saved in a checkpoint folder."""
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+        return raw["model_type"], dict(raw["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"--resume: the model config in {folder} cannot be read ({type(err).__name__}: {err}); "
+            "start again with --overwrite"
+        ) from None
+
+
+def _loop_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Loop settings of ``cfg`` that differ from a checkpoint's (fields it predates count as their defaults)."""
+    defaults = dataclasses.asdict(TrainConfig())
+    changes = {}
+    for name, value in dataclasses.asdict(cfg).items():
+        old = saved.get(name, defaults[name])
+        if old != value:
+            changes[name] = (old, value)
+    return changes
+
+
+def _refuse_changes(out: Path, refused: list[str]) -> NoReturn:
+    raise ValueError(
+        f"--resume continues the run in {out} with the settings it started with; these differ: {', '.join(refused)}. "
+        f"Expected the run's model and training settings (only --{', --'.join(SAFE_ON_RESUME)} may change on "
+        "resume); start a new run (another --out, or --overwrite) to change the others"
+    )
+
+
+def _check_resumable(
+    prior: PosePrior, cfg: TrainConfig, sizes: dict[str, int], folder: Path, meta: dict[str, Any], out: Path
+) -> dict[str, tuple[Any, Any]]:
+    """Raise ``ValueError`` when a resumed run would not continue the checkpoint's run; return the safe changes."""
+    model_type, saved = _checkpoint_model_config(folder)
+    if model_type != prior.model_type:
+        raise ValueError(f"--resume: expected a {prior.model_type} run in {out}, got a {model_type} checkpoint")
+    current = prior.config.to_dict()
+    refused = [
+        f"{name} {current.get(name)!r} (the run used {saved.get(name)!r})"
+        for name in sorted(set(current) | set(saved))
+        if current.get(name) != saved.get(name)
+    ]
+    changes = _loop_changes(meta["train_config"], cfg) if "train_config" in meta else {}
+    refused += [f"{k} {new!r} (the run used {old!r})" for k, (old, new) in changes.items() if k not in SAFE_ON_RESUME]
+    if refused:
+        _refuse_changes(out, refused)
+    then = meta.get("data")
+    if then and (then["train_poses"], then["val_poses"]) != (sizes["train_poses"], sizes["val_poses"]):
+        raise ValueError(
+            f"--resume: expected the data of the run in {out} ({then['train_poses']} training and "
+            f"{then['val_poses']} validation poses), got {sizes['train_poses']} and {sizes['val_poses']}; "
+            "pass the same --data_dir, --val_dir, --val_fraction and --fps"
+        )
+    return changes
+
+
+def _existing_outputs(out: Path) -> list[str]:
+    """Entries of ``out`` other than the lock (empty when ``out`` does not exist)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith(LOCK_NAME))
+
+
+def _check_output_folder(out: Path, *, resume: bool, overwrite: bool, closed_form: bool = False) -> None:
+    """Refuse an output folder that a run must not write into (a ``ValueError`` says what to pass)."""
+    if resume and overwrite:
+        raise ValueError("expected --resume (continue the run in --out) or --overwrite (replace it), got both")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"expected --out to be a folder, got the file {out}")
+    if resume and not closed_form:
+        _checkpoint_meta(out)
+    if resume or overwrite:
+        return
+    held = _existing_outputs(out)
+    if held:
+        raise ValueError(
+            f"expected a new or empty --out folder, got {out} holding {held[:6]}{' ...' if len(held) > 6 else ''}; "
+            "pass --resume to continue the run saved there, --overwrite to replace it, or choose another --out"
+        )
+
+
+def _clear_outputs(out: Path) -> None:
+    """Delete an earlier run's files from ``out`` (only :data:`OUTPUT_NAMES`; anything else stays)."""
+    for name in OUTPUT_NAMES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _new_run_id(model_type: str) -> str:
+    """``<model>-<date>-<time>-<6 random hex digits>`` (from ``os.urandom``: no RNG state is touched)."""
+    return f"{model_type}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
 
 
 # ---------------------------------------------------------------------------- loggers
 class _Logger:
-    def __init__(self, kind: str, log_dir: Path, run_config: dict[str, Any]) -> None:
+    """Per-run logs: ``log_dir/<run id>/`` (CSV file or TensorBoard events) or a W&B run named by the run id."""
+
+    def __init__(self, kind: str, log_dir: Path, run_config: dict[str, Any], run_id: str | None = None) -> None:
         self.kind, self.writer, self.csv_path = kind, None, None
+        self.run_id = run_id or _new_run_id(str(run_config.get("model_type", "run")))
+        self.path = log_dir / self.run_id
         if kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise ImportError("--logger tensorboard needs tensorboard: pip install 'posepriors[train]'") from err
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(self.path))
         elif kind == "wandb":
             try:
                 import wandb
             except ImportError as err:
                 raise ImportError("--logger wandb needs wandb: pip install 'posepriors[wandb]'") from err
-            self.writer = wandb.init(project="posepriors", dir=str(log_dir), config=run_config)
-        elif kind == "csv":
             log_dir.mkdir(parents=True, exist_ok=True)
-            self.csv_path = log_dir / "metrics.csv"
+            self.writer = wandb.init(
+                project="posepriors",
+                dir=str(log_dir),
+                name=self.run_id,
+                id=self.run_id,
+                resume="allow",
+                config=run_config,
+            )
+        elif kind == "csv":
+            self.path.mkdir(parents=True, exist_ok=True)  # fails now, not after the first epoch, when not writable
+            self.csv_path = self.path / "metrics.csv"
 
     def log(self, metrics: dict[str, float], epoch: int) -> None:
         if self.kind == "tensorboard":
@@ -307,12 +514,20 @@ class _Logger:
         elif self.kind == "wandb":
             self.writer.log(metrics, step=epoch)
         elif self.kind == "csv":
-            new = not self.csv_path.exists()
-            with open(self.csv_path, "a", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=["epoch", *metrics])
-                if new:
-                    writer.writeheader()
-                writer.writerow({"epoch": epoch, **metrics})
+            # The file is rewritten (atomically) every epoch: a column that first appears later (sample metrics)
+            # widens the header instead of shifting values, and a resumed run replaces the epochs it repeats.
+            fields, rows = ["epoch"], []
+            if self.csv_path.is_file():
+                with open(self.csv_path, newline="") as handle:
+                    reader = csv.DictReader(handle)
+                    fields = list(reader.fieldnames or fields)
+                    rows = [r for r in reader if (r.get("epoch") or "").isdigit() and int(r["epoch"]) < epoch]
+            row = {"epoch": epoch, **metrics}
+            fields += [key for key in row if key not in fields]
+            with atomic_write(self.csv_path, "w") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows([*rows, row])
 
     def close(self) -> None:
         if self.kind == "tensorboard":
@@ -356,24 +571,65 @@ def fit(
     *,
     out: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     run_info: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``prior`` by minimising ``prior.training_loss`` and keep the epoch with the best validation NLL.
 
+    ``out`` is locked for the whole run (:func:`posepriors.utils.folder_lock`): a second run on the same folder
+    raises :class:`~posepriors.utils.FolderLockedError` at once. A non-finite training loss or validation NLL stops
+    the run with ``FloatingPointError``; the best model and the last checkpoint (of the last finite epoch) stay.
+
     Args:
         prior: The prior to train (modified in place; ends with the best epoch's weights).
-        train: Training poses (see :func:`prepare_data`).
-        val: Validation poses.
+        train: Training poses (see :func:`prepare_data`), at least 2.
+        val: Validation poses, at least 1.
         cfg: Loop settings.
-        out: Folder for the best model, checkpoints and ``metrics.json`` (None: write nothing).
-        resume: Continue from ``out``'s last checkpoint.
+        out: Folder for the best model, checkpoints and ``metrics.json`` (None: write nothing). It must be new or
+            empty unless ``resume`` or ``overwrite``.
+        resume: Continue the run saved in ``out`` from its last checkpoint. The prior's config and every loop
+            setting but :data:`SAFE_ON_RESUME` must equal the run's; the data must have the same sizes.
+        overwrite: Delete the earlier run's files from ``out`` (:data:`OUTPUT_NAMES`) and start afresh.
         run_info: Extra entries for ``metrics.json`` (e.g. the command line).
 
     Returns:
         What happened.
+
+    Raises:
+        ValueError: On bad settings, an ``out`` that holds another run (without ``resume`` / ``overwrite``), or a
+            resume whose settings or data differ from the run's.
+        FloatingPointError: When the loss or the validation NLL stops being finite.
     """
     _check_train_config(cfg)
+    if len(train) < 2 or len(val) < 1:
+        raise ValueError(f"expected at least 2 training poses and 1 validation pose, got {len(train)} and {len(val)}")
+    if out is None or int(os.environ.get("RANK", "0")) != 0:
+        return _fit(prior, train, val, cfg, out=out, resume=resume, run_info=run_info)
+    out_path = Path(out)
+    with folder_lock(out_path):
+        closed_form = getattr(prior, "closed_form", False)
+        _check_output_folder(out_path, resume=resume, overwrite=overwrite, closed_form=closed_form)
+        if overwrite:
+            _clear_outputs(out_path)
+        return _fit(prior, train, val, cfg, out=out_path, resume=resume, run_info=run_info)
+
+
+def _fit(
+    prior: PosePrior,
+    train: TrainingData,
+    val: TrainingData,
+    cfg: TrainConfig,
+    *,
+    out: str | os.PathLike | None,
+    resume: bool,
+    run_info: dict[str, Any] | None,
+) -> TrainResult:
+    """:func:`fit` once the output folder is locked and checked."""
+    if cfg.mirror:
+        skeleton.mirror_index(prior.joints)  # raises now, not after the first epoch, when joints lack counterparts
     device = resolve_device(cfg.device)
+    if getattr(prior, "closed_form", False):  # e.g. gmm: one exact fit (EM) on every training frame, no SGD
+        return _fit_closed_form(prior, train, val, cfg, device, out, run_info)
     distributed = _init_distributed(device)
     rank, world = _dist_info()
     if device.type == "cuda" and world > 1:
@@ -399,24 +655,41 @@ def fit(
 
     start_epoch, history, since_best = 0, [], 0
     best = {"val_nll": math.inf, "epoch": 0}
+    sizes = {"train_poses": len(train), "val_poses": len(val)}
+    run_id, run_info = _new_run_id(prior.model_type), dict(run_info or {})
     if resume:
         if out_path is None:
             raise ValueError("resume needs the output folder of the interrupted run")
         folder, tensors, meta = _load_checkpoint(out_path)
+        changes = _check_resumable(prior, cfg, sizes, folder, meta, out_path)
         state = load_pretrained(folder, device=device, frozen=False).state_dict()
         prior.load_state_dict(state, strict=True)
         _optimizer_from_files(optimizer, tensors, meta)
+        start_epoch, history, best = meta["epoch"], meta["history"], meta["best"]
         if scheduler is not None and meta.get("scheduler"):
             scheduler.load_state_dict(meta["scheduler"])
+            if cfg.scheduler == "cosine" and scheduler.T_max != cfg.max_epochs:
+                # the schedule of a run started with the new max_epochs, from the resumed epoch on
+                scheduler.T_max = cfg.max_epochs
+                for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                    cosine = (1 + math.cos(math.pi * start_epoch / cfg.max_epochs)) / 2
+                    group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * cosine
         torch.set_rng_state(tensors["rng.torch"])
         for name, gen in (("shuffle", shuffle), ("noise", noise), ("sampling", sampling)):
             gen.set_state(tensors[f"rng.{name}"])
-        start_epoch, history, best = meta["epoch"], meta["history"], meta["best"]
         since_best = start_epoch - best["epoch"]
+        run_id = meta.get("run_id", run_id)
+        saved_info = dict(meta.get("run_info") or run_info)
+        resumed = {"from_epoch": start_epoch, "command": run_info.get("command"), "changed": changes}
+        run_info = {**saved_info, "resumes": [*saved_info.get("resumes", []), resumed]}
+        if rank == 0 and start_epoch >= cfg.max_epochs:
+            print(f"the run in {out_path} has completed {start_epoch} epochs already (max_epochs {cfg.max_epochs})")
     else:
         init = train.complete(torch.Generator().manual_seed(cfg.seed + 4))
         pick = torch.randperm(len(init), generator=torch.Generator().manual_seed(cfg.seed + 5))[:20000]
         prior.initialize_from_data(init[pick].to(device))
+        if prior.broad is not None:  # closed form, on every training pose (each coordinate where observed)
+            prior.fit_broad(train.poses.to(device), train.observed.to(device))
 
     model: nn.Module = _LossModule(prior)
     if distributed:
@@ -425,7 +698,8 @@ def fit(
     logger = None
     if rank == 0 and cfg.logger != "none":
         log_dir = Path(cfg.log_dir) if cfg.log_dir else Path("runs") / prior.model_type
-        logger = _Logger(cfg.logger, log_dir, {**dataclasses.asdict(cfg), **prior.config.to_dict()})
+        logger = _Logger(cfg.logger, log_dir, {**dataclasses.asdict(cfg), **prior.config.to_dict()}, run_id)
+        print(f"run {run_id}: {cfg.logger} logs in {logger.path.resolve()}", flush=True)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     progress = _progress_factory(cfg.progress and rank == 0)
@@ -437,7 +711,8 @@ def fit(
     epoch = start_epoch
     for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
         tic = time.perf_counter()
-        poses = train.complete(torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        epoch_rng = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        poses = augment(train.complete(epoch_rng), prior.joints, cfg.mirror, cfg.input_noise, epoch_rng)
         order = torch.randperm(len(poses), generator=shuffle)
         total, count = 0.0, 0
         bar = progress(range(0, len(order) - global_batch + 1, global_batch), f"epoch {epoch}/{cfg.max_epochs}")
@@ -446,6 +721,9 @@ def fit(
             batch = poses[batch_index].to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = model(batch, noise)
+            if not math.isfinite(loss.item()):  # checked before the step, so the weights stay finite
+                reason = f"the training loss became {loss.item()} at epoch {epoch}"
+                _stop(reason, epoch, best, out_path if writer else None)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -459,10 +737,6 @@ def fit(
                 scaler.update()
             else:
                 optimizer.step()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"training loss became {loss.item()} at epoch {epoch}; lower the learning rate or set --grad_clip"
-                )
             total, count = total + loss.item(), count + 1
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -475,6 +749,9 @@ def fit(
         prior.train()
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["epoch_seconds"] = time.perf_counter() - tic
+        if not math.isfinite(metrics["val_nll"]):
+            reason = f"the validation NLL became {metrics['val_nll']} at epoch {epoch}"
+            _stop(reason, epoch, best, out_path if writer else None)
         history.append({"epoch": epoch, **metrics})
         improved = metrics["val_nll"] < best["val_nll"]
         if improved:
@@ -494,7 +771,15 @@ def fit(
             if logger is not None:
                 logger.log(metrics, epoch)
         if writer:
-            info = {"epoch": epoch, "history": history, "best": best}
+            info = {
+                "epoch": epoch,
+                "history": history,
+                "best": best,
+                "run_id": run_id,
+                "run_info": run_info,
+                "train_config": dataclasses.asdict(cfg),
+                "data": sizes,
+            }
             _save_checkpoint(
                 out_path, prior, optimizer, scheduler, info, {"shuffle": shuffle, "noise": noise, "sampling": sampling}
             )
@@ -520,7 +805,8 @@ def fit(
             "train_config": dataclasses.asdict(cfg),
             "model_config": prior.config.to_dict(),
             "history": history,
-            **(run_info or {}),
+            "run_id": run_id,
+            **run_info,
         }
         with atomic_write(out_path / "metrics.json", "w") as handle:
             handle.write(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
@@ -531,16 +817,95 @@ def fit(
     return result
 
 
+def _fit_closed_form(
+    prior: PosePrior,
+    train: TrainingData,
+    val: TrainingData,
+    cfg: TrainConfig,
+    device: torch.device,
+    out: str | os.PathLike | None,
+    run_info: dict[str, Any] | None,
+) -> TrainResult:
+    """:func:`fit` for families with ``closed_form = True`` (``gmm``): one ``prior.fit(poses, observed,
+    generator=...)`` on every training frame (missing joints handled by the family), recorded as epoch 1 with the
+    loop's metrics and files; no SGD, no checkpoints (a rerun gives the same fit), ``--resume`` refits."""
+    tic = time.perf_counter()
+    if cfg.mirror or cfg.input_noise > 0:
+        warnings.warn(
+            f"{prior.model_type} is fitted in closed form: --mirror and --input_noise are not used", stacklevel=3
+        )
+    out_path = Path(out) if out is not None else None
+    prior.to(device)
+    prior.fit(train.poses.to(device), train.observed.to(device), generator=torch.Generator().manual_seed(cfg.seed))
+    prior.eval()
+    val_poses = val.complete(torch.Generator().manual_seed(cfg.seed + 3)).to(device)
+    train_poses = train.complete(torch.Generator().manual_seed(cfg.seed + 4)).to(device)
+    metrics = {"train_loss": _validate(prior, train_poses, cfg.val_batch_size)["val_nll"]}
+    metrics.update(_validate(prior, val_poses, cfg.val_batch_size))
+    metrics.update(_sample_metrics(prior, val_poses, torch.Generator().manual_seed(cfg.seed + 2)))
+    metrics["epoch_seconds"] = time.perf_counter() - tic
+    history, best = [{"epoch": 1, **metrics}], {"val_nll": metrics["val_nll"], "epoch": 1}
+    writer = int(os.environ.get("RANK", "0")) == 0 and out_path is not None
+    if int(os.environ.get("RANK", "0")) == 0 and cfg.logger != "none":
+        log_dir = Path(cfg.log_dir) if cfg.log_dir else Path("runs") / prior.model_type
+        logger = _Logger(
+            cfg.logger, log_dir, {**dataclasses.asdict(cfg), **prior.config.to_dict()}, _new_run_id(prior.model_type)
+        )
+        logger.log(metrics, 1)
+        logger.close()
+    if writer:
+        save_pretrained(prior, out_path)
+        summary = {
+            "model_type": prior.model_type,
+            "best_epoch": 1,
+            "val_nll": metrics["val_nll"],
+            "val_bits_per_dim": metrics["val_bits_per_dim"],
+            "dims": prior.dim,
+            "parameters": sum(p.numel() for p in prior.parameters()),
+            "train_poses": len(train),
+            "val_poses": len(val),
+            "train_config": dataclasses.asdict(cfg),
+            "model_config": prior.config.to_dict(),
+            "history": history,
+            "closed_form": True,
+            **(run_info or {}),
+        }
+        with atomic_write(out_path / "metrics.json", "w") as handle:
+            handle.write(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+        _print_summary(history, best)
+    return TrainResult(1, metrics["val_nll"], 1, history, out_path if writer else None)
+
+
+def _stop(reason: str, epoch: int, best: dict[str, Any], out: Path | None) -> NoReturn:
+    """End a run whose numbers stopped being finite, saying what is kept."""
+    if out is None:
+        kept = "nothing was written (no output folder)"
+    elif epoch > 1:
+        kept = (
+            f"{out} keeps the best model (epoch {best['epoch']}) and the checkpoint of epoch {epoch - 1}, "
+            "the last finite one"
+        )
+    else:
+        kept = f"{out} holds no model (the first epoch did not finish)"
+    raise FloatingPointError(
+        f"{reason}; the run stopped and {kept}. Lower --learning_rate, set --grad_clip, or check the data for "
+        "outliers, then start again (--overwrite)"
+    )
+
+
 def _check_train_config(cfg: TrainConfig) -> None:
+    def one_of(values: tuple[str, ...]) -> str:
+        quoted = [repr(v) for v in values]
+        return ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
+
     checks = {
-        "optimizer": (cfg.optimizer in ("adam", "adamw"), "'adam' or 'adamw'"),
-        "scheduler": (cfg.scheduler in ("cosine", "step", "none"), "'cosine', 'step' or 'none'"),
-        "logger": (cfg.logger in ("tensorboard", "csv", "wandb", "none"), "'tensorboard', 'csv', 'wandb' or 'none'"),
+        **{name: (getattr(cfg, name) in values, one_of(values)) for name, values in LOOP_CHOICES.items()},
         "learning_rate": (cfg.learning_rate > 0, "> 0"),
         "batch_size": (cfg.batch_size >= 1, ">= 1"),
         "max_epochs": (cfg.max_epochs >= 1, ">= 1"),
         "grad_clip": (cfg.grad_clip >= 0, ">= 0"),
         "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
+        "input_noise": (0 <= cfg.input_noise < math.inf, ">= 0 and finite"),
     }
     for name, (ok, expected) in checks.items():
         if not ok:
@@ -612,8 +977,24 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
         help="data loading workers (data is held in memory; kept for compatibility, 0 is fastest)",
     )
     run = parser.add_argument_group("run")
-    run.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/<model>)")
-    run.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: outputs/<model>); must be new or empty unless --resume or --overwrite; "
+        f"locked while the run lasts ({LOCK_NAME} holds the pid), so a second run on it fails at once",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with the settings it was started with (flags not "
+        f"given are taken from it; only --{', --'.join(SAFE_ON_RESUME)} may differ)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace the run in --out: delete its {', '.join(OUTPUT_NAMES)} first (other files stay)",
+    )
     run.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload the best model to this Hub repo")
     defaults = {**dataclasses.asdict(TrainConfig()), **FAMILY_DEFAULTS.get(model_type or "", {})}
     loop = parser.add_argument_group("training loop")
@@ -625,11 +1006,19 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
             if model_type in SEED_BATCH_SIZES
             else ""
         ),
-        "logger": "tensorboard, csv, wandb or none",
+        "logger": "where to log; every run gets its own sub-folder of --log_dir",
+        "log_dir": "folder of the logs (default: runs/<model>); a run logs into <log_dir>/<run id>/",
         "device": "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps",
     }
     for f in dataclasses.fields(TrainConfig):
-        _add_flag(loop, f.name, defaults[f.name], helps.get(f.name, f.name.replace("_", " ")), f.type)
+        _add_flag(
+            loop,
+            f.name,
+            defaults[f.name],
+            helps.get(f.name, f.name.replace("_", " ")),
+            f.type,
+            choices=LOOP_CHOICES.get(f.name),
+        )
     if model_type is not None:
         group = parser.add_argument_group(f"{model_type} model")
         config_class = families[model_type].config_class
@@ -639,17 +1028,24 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
                 group.add_argument(
                     "--joints",
                     default=None,
-                    help="modelled joints: a part spec such as 'body', "
-                    "'body+left_hand+right_hand', 'hands' (default: the family's)",
+                    help="modelled joints: a part spec such as 'body', 'body+left_hand+right_hand', 'hands' "
+                    "(default: the family's joints that the training data observes, or the union of --parts; "
+                    "when the data observes none of them, the body and hand joints it observes; the log says which)",
                 )
                 continue
             names = [f"--{f.name}"] + ([f"--{ALIASES[f.name]}"] if f.name in ALIASES else [])
-            _add_flag(group, f.name, default, f.name.replace("_", " "), f.type, names)
+            _add_flag(group, f.name, default, f.name.replace("_", " "), f.type, names, MODEL_CHOICES.get(f.name))
     return parser
 
 
 def _add_flag(
-    group: Any, name: str, default: Any, help_text: str, annotation: Any, names: list[str] | None = None
+    group: Any,
+    name: str,
+    default: Any,
+    help_text: str,
+    annotation: Any,
+    names: list[str] | None = None,
+    choices: tuple[str, ...] | None = None,
 ) -> None:
     names = names or [f"--{name}"]
     if isinstance(default, bool):
@@ -659,52 +1055,233 @@ def _add_flag(
     elif default is None:
         group.add_argument(*names, dest=name, default=None, help=help_text)
     else:
-        group.add_argument(*names, dest=name, default=default, type=type(default), help=help_text)
+        group.add_argument(*names, dest=name, default=default, type=type(default), choices=choices, help=help_text)
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str], dests: set[str]) -> set[str]:
+    """The destinations of the flags given on the command line (not left at their defaults).
+
+    argparse fills in a default only for attributes the namespace lacks, and no parsed flag value is None, so a
+    namespace that starts with every destination at None ends with exactly the given flags set.
+    """
+    namespace = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests)))
+    return {dest for dest, value in vars(namespace).items() if value is not None}
+
+
+def _describe_joints(joints: Sequence[int]) -> str:
+    """A part spec for a joint set: whole parts by name, other joints by joint name."""
+    rest, names = set(joints), []
+    for part, index in skeleton.PARTS.items():
+        if set(index) <= rest:
+            names.append(part)
+            rest -= set(index)
+    names += [skeleton.SMPLX_JOINT_NAMES[j] for j in sorted(rest)]
+    return "+".join(names) or "none"
+
+
+def _default_joints(
+    model_type: str, config_class: type[PriorConfig], parts: Sequence[str], data: PoseData
+) -> tuple[tuple[int, ...], str]:
+    """The joints to model when ``--joints`` is not given, and a sentence that says why.
+
+    The union of ``parts`` when given; else the family's default joints that the training data observes; else
+    (the data observes none of them, e.g. hand data for a body prior) the body and hand joints it observes.
+    """
+    if parts:
+        joints = tuple(sorted({j for spec in parts for j in skeleton.resolve_joints(spec)}))
+        return joints, f"{_describe_joints(joints)} ({len(joints)} joints, the union of --parts)"
+    family = config_class().joints
+    seen = set(torch.nonzero(data.observed.any(0)).flatten().tolist())
+    joints = tuple(j for j in family if j in seen)
+    if not joints:
+        articulated = {j for part in ("body", "left_hand", "right_hand") for j in skeleton.PARTS[part]}
+        joints = tuple(sorted(seen & articulated))
+    if not joints:
+        raise ValueError(
+            f"expected training data with some of {model_type}'s joints ({_describe_joints(family)}) or any body or "
+            f"hand joint, got data that observes {_describe_joints(sorted(seen))}; pass --joints"
+        )
+    observed = _describe_joints(sorted(seen))
+    return joints, (
+        f"{_describe_joints(joints)} ({len(joints)} joints; the training data observes {observed}, "
+        f"{model_type}'s default is {_describe_joints(family)}; pass --joints to choose)"
+    )
+
+
+def _model_config(
+    args: argparse.Namespace, config_class: type[PriorConfig], data: PoseData, say: Callable[[str], None]
+) -> PriorConfig:
+    """The model config of a new run from its flags (``--joints`` defaults to the observed joints)."""
+    kwargs: dict[str, Any] = {}
+    for f in _config_fields(config_class):
+        value = getattr(args, f.name, None)
+        if f.name != "joints":
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    if getattr(args, "joints", None) is not None:
+        return config_class(joints=args.joints, **kwargs)
+    joints, note = _default_joints(args.model, config_class, kwargs.get("parts") or (), data)
+    try:
+        config = config_class(joints=joints, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"{err} (--joints was not given and defaulted to {note})") from None
+    say(f"joints: {note}")
+    return config
+
+
+def _resume_settings(
+    out: Path, args: argparse.Namespace, explicit: set[str], config_class: type[PriorConfig]
+) -> tuple[PriorConfig, dict[str, Any], dict[str, Any]]:
+    """Model config, loop settings and data flags of the run in ``out``, with the flags given now.
+
+    Flags not given take the run's values. A given flag that differs from the run's is refused (``ValueError``),
+    except the loop settings in :data:`SAFE_ON_RESUME`, which take the new value.
+    """
+    folder, meta = _checkpoint_meta(out)
+    model_type, saved_model = _checkpoint_model_config(folder)
+    if model_type != args.model:
+        raise ValueError(f"--resume: expected a {args.model} run in {out}, got a {model_type} checkpoint")
+    saved_config = config_class.from_dict(saved_model)
+    given = {}
+    for f in _config_fields(config_class):
+        if f.name in explicit:
+            value = getattr(args, f.name)
+            given[f.name] = tuple(value) if isinstance(value, list) else value
+    candidate = config_class.from_dict({**saved_model, **given}).to_dict()
+    refused = [
+        f"--{name} {given[name]!r} (the run used {saved_model.get(name)!r})"
+        for name in given
+        if candidate[name] != saved_config.to_dict()[name]
+    ]
+    loop = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if "train_config" in meta:
+        defaults = dataclasses.asdict(TrainConfig())
+        loop = {name: meta["train_config"].get(name, default) for name, default in defaults.items()}
+        for name in defaults:
+            if name in explicit and getattr(args, name) != loop[name]:
+                if name in SAFE_ON_RESUME:
+                    loop[name] = getattr(args, name)
+                else:
+                    refused.append(f"--{name} {getattr(args, name)!r} (the run used {loop[name]!r})")
+    else:
+        warnings.warn(
+            f"the checkpoint in {out} does not record its training settings; using the flags given", stacklevel=2
+        )
+    data_flags = {"val_fraction": args.val_fraction, "fps": args.fps}
+    saved_data = (meta.get("run_info") or {}).get("data") or {}
+    for name in data_flags:
+        if name in saved_data:
+            if name in explicit and data_flags[name] != saved_data[name]:
+                refused.append(f"--{name} {data_flags[name]!r} (the run used {saved_data[name]!r})")
+            data_flags[name] = saved_data[name]
+    if refused:
+        _refuse_changes(out, refused)
+    return saved_config, loop, data_flags
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created (innermost first), as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``posepriors-train``; returns the process exit code."""
+    """Entry point of ``posepriors-train``; returns the process exit code.
+
+    Exit codes: 0 when the run finished; 2 (with a message, before any training) for bad flags or data, an ``--out``
+    that is in use by another run, holds another run (without ``--resume`` / ``--overwrite``) or cannot be written,
+    and a ``--resume`` without a checkpoint or with changed settings; 1 when the run stopped later (a non-finite
+    loss or validation NLL, a failed write).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     families = available_model_types()
     model_type = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(model_type if model_type in families else None)
     args = parser.parse_args(argv)
-    config_class = families[args.model].config_class
-    model_kwargs = {}
-    for f in _config_fields(config_class):
-        value = getattr(args, f.name, None)
-        if f.name == "joints":
-            if value is not None:
-                model_kwargs["joints"] = value
-            continue
-        model_kwargs[f.name] = tuple(value) if isinstance(value, list) else value
-    loop_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    try:
-        config = config_class(**model_kwargs)
-        cfg = TrainConfig(**loop_kwargs)
-        _check_train_config(cfg)
-        torch.manual_seed(cfg.seed)  # the model's initial weights come from the global RNG
-        prior = families[args.model](config)
-        data = PoseData.concat([load_poses(p, fps=args.fps) for p in args.data_dir])
-        if args.val_dir:
-            val_data = PoseData.concat([load_poses(p, fps=args.fps) for p in args.val_dir])
-        else:
-            data, val_data = data.split_by_sequence(args.val_fraction, seed=cfg.seed)
-        train = prepare_data(data, prior.joints, "training")
-        val = prepare_data(val_data, prior.joints, "validation")
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        parser.exit(2, f"posepriors-train: error: {err}\n")
+    explicit = _explicit_flags(parser, argv, set(vars(args)))
+    family = families[args.model]
+    config_class = family.config_class
     out = args.out or Path("outputs") / args.model
-    rank, _ = _dist_info()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
+    lead = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes, locks and prints
+
+    def fail(err: BaseException | str, code: int = 2) -> NoReturn:
+        parser.exit(code, f"posepriors-train: error: {err}\n")
+
+    def say(text: str) -> None:
+        if lead:
+            print(text, flush=True)
+
+    with contextlib.ExitStack() as stack:
+        closed_form = getattr(family, "closed_form", False)
+        try:
+            if args.resume and args.overwrite:
+                raise ValueError("expected --resume (continue the run in --out) or --overwrite (replace it), got both")
+            if lead:
+                stack.callback(_remove_if_empty, _missing_folders(out))  # runs after the lock is released
+                stack.enter_context(folder_lock(out))
+                _check_output_folder(out, resume=args.resume, overwrite=args.overwrite, closed_form=closed_form)
+        except (ValueError, FolderLockedError) as err:
+            fail(err)
+        except OSError as err:
+            fail(f"expected a writable --out folder, got {out}: {err}")
+        try:
+            loop_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+            data_flags: dict[str, Any] = {"val_fraction": args.val_fraction, "fps": args.fps}
+            config = None
+            if args.resume and not closed_form:
+                config, loop_kwargs, data_flags = _resume_settings(out, args, explicit, config_class)
+            cfg = TrainConfig(**loop_kwargs)
+            _check_train_config(cfg)
+            resolve_device(cfg.device)
+            data = PoseData.concat([load_poses(p, fps=data_flags["fps"]) for p in args.data_dir])
+            if args.val_dir:
+                val_data = PoseData.concat([load_poses(p, fps=data_flags["fps"]) for p in args.val_dir])
+            else:
+                data, val_data = data.split_by_sequence(data_flags["val_fraction"], seed=cfg.seed)
+            if config is None:
+                config = _model_config(args, config_class, data, say)
+            torch.manual_seed(cfg.seed)  # the model's initial weights come from the global RNG
+            prior = family(config)
+            train = prepare_data(data, prior.joints, "training")
+            val = prepare_data(val_data, prior.joints, "validation")
+            if len(train) < 2:
+                raise ValueError(f"expected at least 2 training poses, got {len(train)}; add training data")
+        except (ValueError, TypeError, OSError) as err:
+            fail(err)
+        say(
             f"training {args.model} ({sum(p.numel() for p in prior.parameters())} parameters, {prior.num_joints} "
             f"joints) on {len(train)} poses, validating on {len(val)}; output: {out}"
         )
-    result = fit(
-        prior, train, val, cfg, out=out, resume=args.resume, run_info={"command": "posepriors-train " + " ".join(argv)}
-    )
-    if args.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+        run_info = {
+            "command": "posepriors-train " + " ".join(argv),
+            "data": {
+                "data_dir": [str(p) for p in args.data_dir],
+                "val_dir": [str(p) for p in args.val_dir] if args.val_dir else None,
+                **data_flags,
+            },
+        }
+        try:
+            result = fit(
+                prior, train, val, cfg, out=out, resume=args.resume, overwrite=args.overwrite, run_info=run_info
+            )
+        except FloatingPointError as err:
+            fail(err, 1)
+        except (ValueError, FolderLockedError) as err:
+            fail(err)
+        except OSError as err:
+            fail(f"could not write the run's files: {err}", 1)
+    if args.push_to_hub and lead:
         from posepriors.hub import push_to_hub
 
         commit = push_to_hub(prior, args.push_to_hub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -82,10 +83,80 @@ def test_split_by_sequence(tmp_path):
     assert not set(train.sequence.tolist()) & set(val.sequence.tolist())
     again = data.split_by_sequence(0.3, seed=1)[1]
     assert torch.equal(again.sequence, val.sequence)
-    with pytest.raises(ValueError, match="one sequence"):
-        data.subset(torch.nonzero(data.sequence == 0).flatten()).split_by_sequence(0.5)
+    one = data.subset(torch.nonzero(data.sequence == 0).flatten())  # a single sequence is cut into chunks
+    with pytest.warns(UserWarning, match=r"cut into contiguous chunks .*s0\.npz \(10 frames\)"):
+        train, val = one.split_by_sequence(0.5)
+    assert len(train) + len(val) == 10 and 1 <= len(val) <= 6
+    assert not set(train.sequence.tolist()) & set(val.sequence.tolist())
+    with pytest.raises(ValueError, match="expected at least 2 frames to split"):
+        one.subset([0]).split_by_sequence(0.5)
     with pytest.raises(ValueError, match="val_fraction"):
         data.split_by_sequence(1.5)
+
+
+def _dominant(n_big: int = 900, n_small: int = 20, size: int = 5) -> PoseData:
+    """One long sequence and many short ones (like i.i.d. frames stored under one source label)."""
+    n = n_big + n_small * size
+    sequence = torch.cat([torch.zeros(n_big, dtype=torch.long), torch.arange(1, n_small + 1).repeat_interleave(size)])
+    names = ["iid"] + [f"short{i}" for i in range(n_small)]
+    poses = torch.randn(n, 55, 3, generator=torch.Generator().manual_seed(0)) * 0.1
+    return PoseData(poses, torch.ones(n, 55, dtype=torch.bool), sequence, names, ["x.npz"])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_split_never_leaves_validation_much_bigger_than_asked(seed):
+    # issue 12, case 2: a whole dominant sequence used to land in validation (74 poses left to train on)
+    data = _dominant()
+    with pytest.warns(UserWarning, match=r"iid \(900 frames\)"):
+        train, val = data.split_by_sequence(0.1, seed=seed)
+    assert 1 <= len(val) <= 1.25 * 0.1 * len(data) and len(train) >= 0.85 * len(data)
+    assert len(train) + len(val) == len(data)
+    assert not set(train.sequence.tolist()) & set(val.sequence.tolist())  # chunks get ids of their own
+    chunks = [train.sequence_names[i] for i in set(val.sequence.tolist())]
+    assert all(name.startswith("short") or name.startswith("iid[") for name in chunks)
+    for part in (train, val):  # every chunk is a contiguous run of the long sequence
+        for sid in set(part.sequence.tolist()):
+            name = part.sequence_names[sid]
+            if name.startswith("iid["):
+                start, stop = (int(v) for v in name[4:-1].split(":"))
+                frames = torch.nonzero(part.sequence == sid).flatten()
+                assert len(frames) == stop - start
+    with warnings.catch_warnings():  # no sequence is too long for a larger share: nothing is cut
+        warnings.simplefilter("error")
+        train, val = _dominant(n_big=50, n_small=20).split_by_sequence(0.4, seed=seed)
+    assert len(val) <= 1.25 * 0.4 * 150
+
+
+@pytest.mark.shared_data
+def test_shared_body_train_split_keeps_most_poses_for_training(shared_data):
+    # issue 12, case 2: 9,000 i.i.d. frames share one `source` label in body_train.npz
+    body = load_poses(shared_data / "body_train.npz")
+    with pytest.warns(UserWarning, match="amass_train_iid"):
+        train, val = body.split_by_sequence(0.1)
+    assert len(val) <= 1.25 * 0.1 * len(body) and len(train) > 8000
+
+
+def _corrupt(path, offset_fraction: float = 0.5) -> None:
+    """Flip a byte inside the stored array data, so that the zip member fails its CRC check."""
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_crc_corrupt_file_is_named_and_skipped_in_a_folder(tmp_path):
+    # issue 12, case 13: a BadZipFile traceback used to abort the whole folder
+    np.savez(tmp_path / "good.npz", body_pose=np.zeros((40, 21, 3), np.float32))
+    np.savez(tmp_path / "bad.npz", body_pose=np.ones((40, 21, 3), np.float32))
+    _corrupt(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match=r"bad\.npz: corrupt \.npz, cannot read 'body_pose' \(BadZipFile: Bad CRC-32"):
+        load_poses(tmp_path / "bad.npz")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable or unusable file.*bad\.npz \(corrupt \.npz"):
+        data = load_poses(tmp_path)
+    assert len(data) == 40 and data.source_files == [str(tmp_path / "good.npz")]
+    np.savez_compressed(tmp_path / "zipped.npz", body_pose=np.random.default_rng(0).normal(size=(400, 21, 3)))
+    _corrupt(tmp_path / "zipped.npz")  # damaged deflate data: zlib.error or a CRC error
+    with pytest.raises(ValueError, match=r"zipped\.npz: corrupt \.npz"):
+        load_poses(tmp_path / "zipped.npz")
 
 
 def test_errors(tmp_path):

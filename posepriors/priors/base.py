@@ -18,8 +18,12 @@ the marginal density of the observed joints; ``project`` and ``sample`` complete
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import numbers
+import operator
+import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors import skeleton
+from posepriors.priors.broad import MarginalMixture
 from posepriors.rotations import LOG_SO3_VOLUME, exp_map_log_abs_det
 
 __all__ = [
@@ -72,13 +77,29 @@ class PriorConfig:
         joints: The SMPL-X joints the prior models, as sorted indices into the 55-joint layout. A part spec
             string (``"body"``, ``"body+left_hand+right_hand"``, ``"hands"``, ``"all"``) is accepted and
             resolved on construction.
+        broad_weight: Weight ``w`` of the broad component (:mod:`posepriors.priors.broad`): the prior's density is
+            the exact mixture ``(1 - w) p + w b`` of the family's density ``p`` and a product of per-coordinate
+            Gaussian mixtures ``b`` fitted to the training data. 0 (the default) turns it off.
+        broad_components: Gaussian components per coordinate in ``b``.
+        broad_min_std: Floor on the std of every component of ``b`` (radians).
     """
 
     joints: tuple[int, ...] = skeleton.PARTS["body"]
+    broad_weight: float = 0.0
+    broad_components: int = 2
+    broad_min_std: float = 0.02
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise fields in place through object.__setattr__.
         object.__setattr__(self, "joints", skeleton.resolve_joints(self.joints))
+        if not 0 <= self.broad_weight < 1:
+            raise ValueError(f"expected 0 <= broad_weight < 1, got {self.broad_weight!r}")
+        if isinstance(self.broad_components, bool) or not isinstance(self.broad_components, int):
+            raise TypeError(f"expected an integer broad_components, got {self.broad_components!r}")
+        if self.broad_components < 1:
+            raise ValueError(f"expected broad_components >= 1, got {self.broad_components}")
+        if not 0 < self.broad_min_std < math.inf:
+            raise ValueError(f"expected 0 < broad_min_std < inf, got {self.broad_min_std!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON types (tuples become lists)."""
@@ -86,7 +107,18 @@ class PriorConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PriorConfig:
-        """Build the config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        """Build the config from :meth:`to_dict` output (e.g. the ``config`` object of a ``config.json``).
+
+        Every value is checked against its field's annotation, as JSON types: ``bool`` fields take ``true`` /
+        ``false`` only, ``int`` fields integers, ``float`` fields numbers, ``str`` fields strings and tuple fields
+        lists (``joints`` also takes a part spec string).
+
+        Raises:
+            ValueError: On unknown keys.
+            TypeError: On a value of the wrong type, naming the field, what it expects and what came.
+        """
+        if not isinstance(values, Mapping):
+            raise TypeError(f"expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -94,9 +126,7 @@ class PriorConfig:
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in values.items():
-            if isinstance(value, list) and "tuple" in str(hints.get(key, "")):
-                value = tuple(value)
-            kwargs[key] = value
+            kwargs[key] = _check_field(cls.__name__, key, hints.get(key, Any), value)
         return cls(**kwargs)
 
 
@@ -104,6 +134,58 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_to_json(v) for v in value]
     return value
+
+
+def _check_field(owner: str, name: str, annotation: Any, value: Any) -> Any:
+    """``value`` checked against a config field's annotation (JSON types) and converted (lists to tuples, integers to
+    floats for float fields); a ``TypeError`` names the field otherwise."""
+
+    def check(annotation: Any, item: Any, where: str) -> Any:
+        def fail(expected: str) -> TypeError:
+            return TypeError(f"expected {where} to be {expected}, got {item!r} ({type(item).__name__})")
+
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin in (typing.Union, types.UnionType):
+            if item is None and type(None) in args:
+                return None
+            errors = []
+            for arg in (a for a in args if a is not type(None)):
+                try:
+                    return check(arg, item, where)
+                except TypeError as err:
+                    errors.append(err)
+            raise errors[0] if errors else fail(str(annotation))
+        if origin is tuple:
+            if where == f"{owner}.joints" and isinstance(item, str):
+                return item  # a part spec, resolved by PriorConfig
+            if not isinstance(item, list | tuple):
+                raise fail("a list")
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+                return tuple(check(args[0], v, f"every item of {where}") for v in item)
+            if args:  # tuple[X, Y]
+                if len(item) != len(args):
+                    raise fail(f"a list of {len(args)} items")
+                return tuple(check(a, v, f"every item of {where}") for a, v in zip(args, item, strict=True))
+            return tuple(item)
+        if annotation is bool:
+            if not isinstance(item, bool):
+                raise fail("a bool (true or false)")
+            return item
+        if annotation is int:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise fail("an integer")
+            return item
+        if annotation is float:
+            if isinstance(item, bool) or not isinstance(item, int | float):
+                raise fail("a number")
+            return float(item)
+        if annotation is str:
+            if not isinstance(item, str):
+                raise fail("a string")
+            return item
+        return item  # other annotations (Any, ...): left to the config's own checks
+
+    return check(annotation, value, f"{owner}.{name}")
 
 
 class PosePrior(nn.Module, ABC):
@@ -117,6 +199,11 @@ class PosePrior(nn.Module, ABC):
     A prior returned by :func:`posepriors.load` is in eval mode with frozen parameters (``requires_grad=False``),
     so that ``prior.nll(pose).backward()`` computes gradients for the pose only. Call ``prior.train()`` and
     ``prior.requires_grad_(True)`` to fine-tune it.
+
+    Dtypes: the computation runs in the prior's dtype (:attr:`dtype`, float32 unless converted with
+    ``prior.double()`` or ``load(..., dtype=...)``); results of :meth:`log_prob`, :meth:`nll`, :meth:`project` and
+    :meth:`sample` (with ``observed``) come back in ``torch.promote_types(pose.dtype, prior.dtype)``, so float64
+    poses give float64 results. For float64 *accuracy*, convert the prior too.
     """
 
     model_type: ClassVar[str]
@@ -132,6 +219,7 @@ class PosePrior(nn.Module, ABC):
             )
         self.config = config
         self.register_buffer("joint_index", torch.tensor(config.joints, dtype=torch.long), persistent=False)
+        self.broad = MarginalMixture(3 * len(config.joints), config.broad_components) if config.broad_weight else None
         # Inputs of the prior's own joint count are taken as already in its joint order, unless a standard
         # layout with that count means other joints (then they go through skeleton.to_smplx).
         same_count = [lay for lay in skeleton.LAYOUTS.values() if len(lay.smplx_index) == self.num_joints]
@@ -197,20 +285,20 @@ class PosePrior(nn.Module, ABC):
                 density on SO(3)^J relative to the normalised Haar measure.
 
         Returns:
-            Log-density per pose in nats, shape (*,).
+            Log-density per pose in nats, shape (*,), in the promoted dtype of the pose and the prior.
         """
-        x, m, batch_shape = self._prepare(pose, mask)
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask)
         if m is not None and not self.supports_mask:
             raise ValueError(
                 f"{type(self).__name__} has no exact marginal for missing joints "
                 f"({int((~m).sum())} missing entries); pass all of its {self.num_joints} joints"
             )
-        out = self._log_prob(x, m)
+        out = self._density(x, m)
         if measure == "so3":
             out = out + self._so3_correction(x, m)
         elif measure != "lebesgue":
             raise ValueError(f"expected measure 'lebesgue' or 'so3', got {measure!r}")
-        return out.reshape(batch_shape)
+        return out.reshape(batch_shape).to(out_dtype)
 
     def nll(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None) -> Tensor:
         """Negative log-likelihood, ``-log_prob(pose, mask)``: differentiable w.r.t. the pose, for fitting.
@@ -238,7 +326,7 @@ class PosePrior(nn.Module, ABC):
         """Draw poses from the prior.
 
         Args:
-            n: Number of samples (>= 1).
+            n: Number of samples (>= 1; a Python or NumPy integer).
             generator: Optional ``torch.Generator`` for reproducible draws; the global RNG is never reseeded.
             temperature: Scale of the latent noise; ``< 1`` concentrates samples on typical poses.
             observed: Optional poses to complete (any supported layout), batch shape (*). Observed joints are
@@ -246,20 +334,26 @@ class PosePrior(nn.Module, ABC):
             mask: Observed-joint mask for ``observed`` (see :meth:`log_prob`).
 
         Returns:
-            Samples in the prior's joint order, shape (n, J, 3), or (n, *, J, 3) when ``observed`` is given.
+            Samples in the prior's joint order, shape (n, J, 3) in the prior's dtype, or (n, *, J, 3) when
+            ``observed`` is given, in the promoted dtype of ``observed`` and the prior.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"expected a number of samples n >= 1, got {n!r}")
+        n = _check_count(n)
+        _check_generator(generator)
         temperature = _check_temperature(temperature)
         if observed is None:
             if mask is not None:
                 raise ValueError("a mask needs the observed poses it refers to: pass observed=pose")
-            return self._sample(n, generator, temperature, None, None)
-        x, m, batch_shape = self._prepare(observed, mask)
+            out = self._sample(n, generator, temperature, None, None)
+            if self.broad is not None:  # each draw comes from the broad component with probability broad_weight
+                pick = torch.rand(n, generator=generator) < self.config.broad_weight
+                broad = self.broad.sample(n, generator, temperature, out.dtype).reshape(out.shape)
+                out = torch.where(pick.to(out.device)[:, None, None], broad, out)
+            return out
+        x, m, batch_shape, out_dtype, original = self._prepare_full(observed, mask)
         if m is None:
             m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        out = self._sample(n, generator, temperature, x, m)  # (n, B, J, 3)
-        out = torch.where(m[..., None], x, out)  # observed joints are kept exactly
+        out = self._sample(n, generator, temperature, x, m).to(out_dtype)  # (n, B, J, 3)
+        out = torch.where(m[..., None], original.to(out_dtype), out)  # observed joints are kept exactly
         return out.reshape(n, *batch_shape, self.num_joints, 3)
 
     def project(
@@ -283,23 +377,33 @@ class PosePrior(nn.Module, ABC):
           small ``noise_std`` (e.g. 0.05): for the shipped ``global_flow`` it is far closer to the truth than the
           fast mode (docs/models.md).
 
+        Projections that optimise (the MAP mode of every family but the Gaussian and the mixture, the masked
+        completion of ``hand_vae``) need autograd on the pose; they work inside ``torch.no_grad()`` and
+        ``torch.inference_mode()`` too (on a copy of the input, with autograd switched back on locally), and
+        never touch the prior's parameters.
+
         Args:
             pose: As in :meth:`log_prob`.
             mask: As in :meth:`log_prob`.
-            noise_std: Noise level of the MAP denoiser, or None for the fast projection.
+            noise_std: Noise level of the MAP denoiser (finite, > 0), or None for the fast projection.
             **kwargs: Family-specific settings.
 
         Returns:
-            Projected poses in the prior's joint order, shape (*, J, 3).
+            Projected poses in the prior's joint order, shape (*, J, 3), in the promoted dtype of the pose and the
+            prior.
         """
-        x, m, batch_shape = self._prepare(pose, mask)
-        if noise_std is None:
-            out = self._project(x, m, **kwargs)
-        else:
-            if not noise_std > 0:
-                raise ValueError(f"expected noise_std > 0, got {noise_std}")
-            out = self._map_project(x, m, float(noise_std), **kwargs)
-        return out.reshape(*batch_shape, self.num_joints, 3)
+        if noise_std is not None:
+            noise_std = _check_noise_std(noise_std)
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask)
+        with contextlib.ExitStack() as stack:
+            if torch.is_inference_mode_enabled():  # inference tensors cannot enter autograd: work on copies
+                stack.enter_context(torch.inference_mode(False))
+                x, m = x.clone(), (m.clone() if m is not None else None)
+            if noise_std is None:
+                out = self._project(x, m, **kwargs)
+            else:
+                out = self._map_project(x, m, noise_std, **kwargs)
+        return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
 
     def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 30) -> Tensor:
         """MAP estimate under Gaussian observation noise, by L-BFGS on the pose (parameters untouched)."""
@@ -316,7 +420,7 @@ class PosePrior(nn.Module, ABC):
             def objective() -> Tensor:
                 optimizer.zero_grad()
                 data = weight * ((estimate - target).square() * observed).sum()
-                loss = data - self._log_prob(estimate, None).sum()
+                loss = data - self._density(estimate, None).sum()
                 (grad,) = torch.autograd.grad(loss, [estimate])
                 estimate.grad = grad.contiguous()
                 return loss.detach()
@@ -374,6 +478,34 @@ class PosePrior(nn.Module, ABC):
             pose: A representative batch of training poses in the prior's joint order, shape (N, J, 3).
         """
 
+    @torch.no_grad()
+    def fit_broad(self, pose: Tensor, observed: Tensor | None = None) -> None:
+        """Fit the broad component (closed-form EM) to training poses; the family's own parameters are untouched.
+
+        Args:
+            pose: Training poses in the prior's joint order, shape (N, J, 3).
+            observed: Observed joints, shape (N, J) bool (None: all); each coordinate is fitted on the poses that
+                observe it.
+
+        Raises:
+            ValueError: When the prior has no broad component (``broad_weight == 0``) or on wrong shapes.
+        """
+        if self.broad is None:
+            raise ValueError(f"{type(self).__name__} has broad_weight 0: there is no broad component to fit")
+        if pose.dim() != 3 or pose.shape[1:] != (self.num_joints, 3):
+            raise ValueError(f"expected poses of shape (N, {self.num_joints}, 3), got {tuple(pose.shape)}")
+        dims = None if observed is None else observed.repeat_interleave(3, dim=-1)
+        self.broad.fit(pose.flatten(1), dims, min_std=self.config.broad_min_std)
+
+    def _density(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """The prior's log-density: the family's, mixed with the broad component when there is one."""
+        out = self._log_prob(x, mask)
+        if self.broad is None:
+            return out
+        w = self.config.broad_weight
+        broad = self.broad.log_prob(x.flatten(1), None if mask is None else mask.repeat_interleave(3, dim=-1))
+        return torch.logaddexp(out + math.log1p(-w), broad.to(out.dtype) + math.log(w))
+
     # ------------------------------------------------------------------ for subclasses
     @abstractmethod
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -402,6 +534,19 @@ class PosePrior(nn.Module, ABC):
             ``(x, mask, batch_shape)``: poses (B, J, 3) in the prior's dtype and device, the observed mask
             (B, J) or ``None`` when every joint is observed, and the input's batch shape.
         """
+        x, m, batch_shape, _, _ = self._prepare_full(pose, mask)
+        return x, m, batch_shape
+
+    def _prepare_full(
+        self, pose: PoseInput, mask: Tensor | np.ndarray | None
+    ) -> tuple[Tensor, Tensor | None, torch.Size, torch.dtype, Tensor]:
+        """:meth:`_prepare`, plus the dtype of results and the poses before the cast to the prior's dtype.
+
+        Returns:
+            ``(x, mask, batch_shape, out_dtype, original)``: as :meth:`_prepare`; ``out_dtype`` is
+            ``torch.promote_types(input dtype, prior dtype)``, the dtype public methods return; ``original`` is
+            ``x`` in the input's own dtype, shape (B, J, 3).
+        """
         J = self.num_joints
         if isinstance(pose, np.ndarray):
             pose = torch.from_numpy(pose)
@@ -424,6 +569,7 @@ class PosePrior(nn.Module, ABC):
         x = x.reshape(-1, J, 3)
         if x.shape[0] == 0:
             raise ValueError(f"expected at least one pose, got an empty batch of shape {tuple(batch_shape)}")
+        original, out_dtype = x, torch.promote_types(x.dtype, self.dtype)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
         if _VALIDATE and not bool(torch.isfinite(x).all()):
@@ -434,7 +580,7 @@ class PosePrior(nn.Module, ABC):
             m = observed if m is None else (m & observed)
         if m is not None and not bool(m.any(-1).all()):
             raise ValueError("every pose needs at least one observed joint; got a mask that hides all of them")
-        return x, m, batch_shape
+        return x, m, batch_shape, out_dtype, original
 
     def _prepare_mask(self, mask: Tensor | np.ndarray, batch_shape: torch.Size, batch: int) -> Tensor:
         if isinstance(mask, np.ndarray):
@@ -526,6 +672,40 @@ def latent_map(
             optimizer.step()
     with torch.no_grad():
         return decode(z.detach())
+
+
+def _check_count(n: Any) -> int:
+    """A number of samples: a Python or NumPy integer >= 1 (not a bool)."""
+    if not isinstance(n, bool | np.bool_):
+        try:
+            count = operator.index(n)
+        except TypeError:
+            count = None
+        if count is not None and count >= 1:
+            return count
+    raise ValueError(f"expected a number of samples n >= 1 (an integer), got {n!r}")
+
+
+def _check_generator(generator: Any) -> None:
+    """``generator`` must be None or a ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"expected generator to be None or a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
+            f"got {generator!r} ({type(generator).__name__})"
+        )
+
+
+def _check_noise_std(noise_std: Any) -> float:
+    """The MAP denoiser's noise level: a finite real number > 0."""
+    if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real | Tensor):
+        raise TypeError(f"expected noise_std to be a number or None, got {type(noise_std).__name__}")
+    try:
+        value = float(noise_std)
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a tensor of several values
+        raise TypeError(f"expected noise_std to be a number or None, got {noise_std!r}") from err
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"expected a finite noise_std > 0 (radians), got {noise_std!r}")
+    return value
 
 
 def _check_temperature(temperature: float) -> float:

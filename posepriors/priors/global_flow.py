@@ -201,10 +201,10 @@ class GlobalFlowPrior(PosePrior):
             pose: Any supported pose input, batch shape (*).
 
         Returns:
-            Per-part log-densities, shape (*, P).
+            Per-part log-densities, shape (*, P), in the promoted dtype of the pose and the prior.
         """
-        x, _, batch_shape = self._prepare(pose, None)
-        return self._part_log_probs(x).reshape(*batch_shape, self.num_parts)
+        x, _, batch_shape, out_dtype, _ = self._prepare_full(pose, None)
+        return self._part_log_probs(x).reshape(*batch_shape, self.num_parts).to(out_dtype)
 
     def _decode(self, z_parts: list[Tensor | None], x: Tensor, observed_parts: Tensor | None) -> Tensor:
         """Invert the parts in order: part k from latent ``z_parts[k]`` (B, 1, D_k) given the already decoded

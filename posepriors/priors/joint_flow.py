@@ -163,10 +163,11 @@ class JointFlowPrior(PosePrior):
 
         Returns:
             Conditional log-densities ``log p(x_j | x_parent(j))`` in the prior's joint order, shape (*, J); missing
-            joints get 0, so the terms sum to ``log_prob(pose, mask)``.
+            joints get 0, so the terms sum to ``log_prob(pose, mask)``; in the promoted dtype of the pose and the
+            prior.
         """
-        x, m, batch_shape = self._prepare(pose, mask)
-        return self._per_joint(x, m).reshape(*batch_shape, self.num_joints)
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask)
+        return self._per_joint(x, m).reshape(*batch_shape, self.num_joints).to(out_dtype)
 
     def _map_project(
         self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 50, lr: float = 0.05, **kwargs: Any

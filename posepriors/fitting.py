@@ -1,0 +1,311 @@
+"""Fitting body poses to 3D keypoints, with a pose prior as the regulariser.
+
+The model is the approximate skeleton of :mod:`posepriors.kinematics` (not the licensed SMPL-X template): the 22
+body keypoints are the positions of SMPL-X joints 0..21 (pelvis, hips, spine, knees, ankles, feet, neck, collars,
+head, shoulders, elbows, wrists) as :func:`posepriors.kinematics.forward_kinematics` computes them, with the pelvis
+at the origin. :func:`fit_keypoints` optimises the rotations of the 21 body joints (SMPL-X joints 1..21); the root
+orientation is known (identity unless given) and there is no translation, so keypoints must be pelvis-centred in
+the frame the root orientation refers to. The objective per pose is::
+
+    mean over visible keypoints of |FK(pose)_k - keypoint_k|^2  (m^2)  +  weight * prior.nll(body pose)
+
+minimised with Adam from the zero pose (or ``init``). Poses of a batch are independent: the batch's objective is
+the sum of the per-pose objectives and Adam's statistics are per coordinate.
+
+**The prior sees the 21 body joints only.** A prior that also models hands (every shipped body prior does) is given
+a body-only pose, so the hands count as *missing* and are marginalised exactly, instead of being scored as flat
+hands (which distorts the fit). Priors whose joints extend beyond the body and that have no exact marginal
+(``supports_mask = False``) are refused.
+
+Choosing ``weight``: with Gaussian keypoint noise of std ``s`` metres per coordinate and K visible keypoints, the
+MAP objective has ``weight = 2 s^2 / K`` (``s = 1.5 cm``, ``K = 22``: about ``2e-5``); in practice tune it on
+held-out poses (``benchmarks/fitting.py`` does, docs/models.md lists the tuned values).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from posepriors import skeleton
+from posepriors.kinematics import rest_offsets
+from posepriors.priors.base import PosePrior
+from posepriors.rotations import axis_angle_to_matrix, wrap_axis_angle
+
+__all__ = ["BODY_KEYPOINTS", "FitResult", "body_keypoints", "fit_keypoints"]
+
+BODY_KEYPOINTS = 22
+"""Number of body keypoints: SMPL-X joints 0 (pelvis) to 21 (right wrist)."""
+
+_BODY = skeleton.PARTS["body"]  # SMPL-X joints 1..21, the optimised rotations
+_PARENTS = skeleton.SMPLX_PARENTS[:BODY_KEYPOINTS]
+
+
+@dataclass
+class FitResult:
+    """The outcome of :func:`fit_keypoints`.
+
+    Attributes:
+        pose: Fitted rotations of the 21 body joints (SMPL-X joints 1..21), canonical axis-angle (angle <= pi),
+            shape (*, 21, 3).
+        keypoints: Keypoints of the fitted pose (SMPL-X joints 0..21), shape (*, 22, 3).
+        loss: Final objective per pose, ``keypoint_loss + weight * prior_nll``, shape (*,).
+        keypoint_loss: Final mean squared keypoint error over the visible keypoints (squared input units, m^2),
+            shape (*,); 0 for a pose without visible keypoints.
+        prior_nll: Final prior NLL of the body pose (nats), shape (*,), or None without a prior.
+        steps: Number of Adam steps taken.
+    """
+
+    pose: Tensor
+    keypoints: Tensor
+    loss: Tensor
+    keypoint_loss: Tensor
+    prior_nll: Tensor | None
+    steps: int
+
+
+def body_keypoints(pose: Tensor, global_orient: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
+    """Positions of the 22 body keypoints (SMPL-X joints 0..21) of body poses (differentiable).
+
+    The same computation as ``forward_kinematics(pose55)[..., :22, :]`` of :mod:`posepriors.kinematics`, restricted
+    to the joints that the body keypoints depend on (the hands, jaw and eyes move no body keypoint).
+
+    Args:
+        pose: Rotations of the 21 body joints (SMPL-X joints 1..21), axis-angle, shape (*, 21, 3).
+        global_orient: Root orientation, axis-angle, shape (*, 3) or (3,); default identity.
+        offsets: Bone offsets, shape (55, 3) or (22, 3); default :func:`posepriors.kinematics.rest_offsets`.
+
+    Returns:
+        Keypoint positions with the pelvis at the origin, shape (*, 22, 3).
+    """
+    if pose.dim() < 2 or pose.shape[-2:] != (len(_BODY), 3):
+        raise ValueError(f"expected body poses of shape (*, 21, 3), got {tuple(pose.shape)}")
+    offsets = _check_offsets(offsets, pose)
+    if global_orient is None:
+        root = pose.new_zeros(*pose.shape[:-2], 1, 3)
+    else:
+        if global_orient.shape[-1:] != (3,):
+            raise ValueError(f"expected global_orient of shape (*, 3) or (3,), got {tuple(global_orient.shape)}")
+        root = global_orient.to(pose.dtype).expand(*pose.shape[:-2], 3).unsqueeze(-2)
+    rot = axis_angle_to_matrix(torch.cat([root, pose], dim=-2))  # (*, 22, 3, 3)
+    world_rot: list[Tensor] = []
+    world_pos: list[Tensor] = []
+    for j, parent in enumerate(_PARENTS):  # parents precede children
+        if parent < 0:
+            world_rot.append(rot[..., j, :, :])
+            world_pos.append(pose.new_zeros(*pose.shape[:-2], 3))
+            continue
+        world_rot.append(world_rot[parent] @ rot[..., j, :, :])
+        world_pos.append(world_pos[parent] + (world_rot[parent] @ offsets[j].unsqueeze(-1)).squeeze(-1))
+    return torch.stack(world_pos, dim=-2)
+
+
+def fit_keypoints(
+    keypoints: Tensor,
+    *,
+    prior: PosePrior | None = None,
+    weight: float | Tensor = 1e-4,
+    visible: Tensor | None = None,
+    steps: int = 200,
+    lr: float = 0.05,
+    init: Tensor | None = None,
+    global_orient: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    init_noise: float = 0.0,
+    offsets: Tensor | None = None,
+) -> FitResult:
+    """Fit the 21 body joint rotations to 3D body keypoints, optionally regularised by a pose prior.
+
+    Minimises, per pose, the mean squared error over the visible keypoints plus ``weight * prior.nll(body pose)``
+    with Adam (constant learning rate) from the zero pose, every pose of the batch at once. The root orientation
+    is known (``global_orient``, identity by default) and not optimised; there is no translation (the pelvis
+    keypoint is the origin). The prior is given the 21 body joints only: joints it models beyond them (hands) are
+    marginalised (see the module docstring). The prior's parameters are not touched.
+
+    Args:
+        keypoints: Pelvis-centred positions of SMPL-X joints 0..21 (metres for the default skeleton), e.g.
+            ``forward_kinematics(pose55)[..., :22, :]`` plus noise, shape (*, 22, 3).
+        prior: Optional :class:`~posepriors.priors.base.PosePrior` modelling some of the body joints, on the
+            keypoints' device.
+        weight: Weight of the prior's NLL (>= 0): a number, or one per pose, shape (*,). Ignored without a prior.
+        visible: Which keypoints are observed, boolean, shape (22,) or (*, 22); default all. Hidden keypoints do
+            not enter the loss; their joints are left to the prior.
+        steps: Number of Adam steps (>= 0).
+        lr: Adam learning rate (> 0), in radians per step at most, roughly.
+        init: Starting body pose, shape (*, 21, 3); default zeros (the T-pose of the skeleton).
+        global_orient: Known root orientation, axis-angle, shape (*, 3) or (3,); default identity.
+        generator: Generator of the optional start jitter (``init_noise``); the global RNG is never used.
+        init_noise: Std (radians) of Gaussian jitter added to the start (default 0: a deterministic fit).
+        offsets: Bone offsets of the skeleton, shape (55, 3) or (22, 3); default
+            :func:`posepriors.kinematics.rest_offsets`.
+
+    Returns:
+        The fit (pose (*, 21, 3), keypoints (*, 22, 3), final loss terms (*,)).
+
+    Raises:
+        ValueError: On inputs of the wrong shape or value, or a prior that cannot score a body-only pose.
+        TypeError: On non-floating keypoints or a non-boolean ``visible``.
+    """
+    if not isinstance(keypoints, Tensor):
+        raise TypeError(f"expected keypoints as a torch.Tensor, got {type(keypoints).__name__}")
+    if not keypoints.is_floating_point():
+        raise TypeError(f"expected floating-point keypoints, got dtype {keypoints.dtype}")
+    if keypoints.dim() < 2 or keypoints.shape[-2:] != (BODY_KEYPOINTS, 3):
+        raise ValueError(
+            f"expected keypoints of SMPL-X joints 0..21 of shape (*, {BODY_KEYPOINTS}, 3), got {tuple(keypoints.shape)}"
+        )
+    batch_shape = keypoints.shape[:-2]
+    target = keypoints.detach().reshape(-1, BODY_KEYPOINTS, 3)
+    B = target.shape[0]
+    if B == 0:
+        raise ValueError(f"expected at least one pose of keypoints, got an empty batch of shape {tuple(batch_shape)}")
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError("expected finite keypoints, got NaN or Inf (mark missing keypoints with visible=False)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"expected steps to be an integer >= 0, got {steps!r}")
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"expected a finite learning rate lr > 0, got {lr!r}")
+    if not (isinstance(init_noise, int | float) and math.isfinite(init_noise) and init_noise >= 0):
+        raise ValueError(f"expected a finite init_noise >= 0 (radians), got {init_noise!r}")
+    dtype, device = target.dtype, target.device
+    vis = _check_visible(visible, batch_shape, B, device, dtype)
+    w = _check_weight(weight, batch_shape, B, device, dtype)
+    offsets = _check_offsets(offsets, target)
+    root = None
+    if global_orient is not None:
+        if global_orient.shape[-1:] != (3,):
+            raise ValueError(f"expected global_orient of shape (*, 3) or (3,), got {tuple(global_orient.shape)}")
+        try:
+            root = global_orient.detach().to(device=device, dtype=dtype).expand(*batch_shape, 3).reshape(B, 3)
+        except RuntimeError:
+            raise ValueError(
+                f"expected global_orient of shape (3,) or {(*batch_shape, 3)}, got {tuple(global_orient.shape)}"
+            ) from None
+    if init is None:
+        start = target.new_zeros(B, len(_BODY), 3)
+    else:
+        if init.shape != (*batch_shape, len(_BODY), 3):
+            raise ValueError(f"expected init of shape {(*batch_shape, len(_BODY), 3)}, got {tuple(init.shape)}")
+        start = init.detach().to(device=device, dtype=dtype).reshape(B, len(_BODY), 3)
+    if init_noise > 0:
+        if generator is None:
+            noise = torch.randn(start.shape, device=device, dtype=dtype)
+        else:
+            noise = torch.randn(start.shape, generator=generator, device=generator.device).to(device, dtype)
+        start = start + init_noise * noise
+    score = _prior_scorer(prior, device) if prior is not None else None
+    count = vis.sum(-1).clamp(min=1.0)
+
+    def objective(pose: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        fitted = body_keypoints(pose, root, offsets)
+        data = ((fitted - target).square().sum(-1) * vis).sum(-1) / count  # (B,)
+        nll = score(pose) if score is not None else None
+        total = data if nll is None else data + w * nll
+        return total, data, nll
+
+    with torch.enable_grad():
+        pose = start.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([pose], lr=float(lr))
+        for _ in range(steps):
+            total, _, _ = objective(pose)
+            (grad,) = torch.autograd.grad(total.sum(), [pose])
+            pose.grad = grad
+            optimizer.step()
+    with torch.no_grad():
+        final = wrap_axis_angle(pose.detach())
+        total, data, nll = objective(final)
+        fitted = body_keypoints(final, root, offsets)
+    return FitResult(
+        pose=final.reshape(*batch_shape, len(_BODY), 3),
+        keypoints=fitted.reshape(*batch_shape, BODY_KEYPOINTS, 3),
+        loss=total.reshape(batch_shape),
+        keypoint_loss=data.reshape(batch_shape),
+        prior_nll=None if nll is None else nll.reshape(batch_shape),
+        steps=steps,
+    )
+
+
+def _prior_scorer(prior: PosePrior, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """A function body pose (B, 21, 3) -> NLL (B,) that scores only the body joints the prior models."""
+    if not isinstance(prior, PosePrior):
+        raise TypeError(f"expected prior to be a PosePrior or None, got {type(prior).__name__}")
+    joints = set(prior.joints)
+    if not joints & set(_BODY):
+        raise ValueError(
+            f"expected a prior that models some of the 21 body joints (SMPL-X 1..21), got one over joints "
+            f"{prior.joints}"
+        )
+    extra = sorted(joints - set(_BODY))
+    if extra and not prior.supports_mask:
+        raise ValueError(
+            f"{type(prior).__name__} also models joints {extra} beyond the body and has no exact marginal for them "
+            f"(supports_mask=False); a body-only fit needs a body-only prior or one that marginalises missing joints"
+        )
+    if prior.device != device:
+        raise ValueError(f"keypoints are on {device} but the prior is on {prior.device}; move one of them")
+    if tuple(prior.joints) == _BODY:
+
+        def score(pose: Tensor) -> Tensor:
+            return prior.nll(pose).to(pose.dtype)
+
+    else:  # hands (or a root) the fit does not have are marginalised: only body_pose is observed
+
+        def score(pose: Tensor) -> Tensor:
+            return prior.nll({"body_pose": pose}).to(pose.dtype)
+
+    return score
+
+
+def _check_visible(
+    visible: Tensor | None, batch_shape: torch.Size, batch: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``visible`` as a float (B, 22) tensor (1 = visible)."""
+    if visible is None:
+        return torch.ones(batch, BODY_KEYPOINTS, device=device, dtype=dtype)
+    if not isinstance(visible, Tensor):
+        raise TypeError(f"expected visible as a boolean torch.Tensor, got {type(visible).__name__}")
+    if visible.dtype != torch.bool:
+        raise TypeError(f"expected a boolean visible mask (True = observed), got dtype {visible.dtype}")
+    if visible.dim() == 0 or visible.shape[-1] != BODY_KEYPOINTS:
+        raise ValueError(
+            f"expected visible of shape ({BODY_KEYPOINTS},) or (*, {BODY_KEYPOINTS}), got {tuple(visible.shape)}"
+        )
+    try:
+        visible = visible.to(device).expand(*batch_shape, BODY_KEYPOINTS)
+    except RuntimeError:
+        raise ValueError(
+            f"expected visible of shape ({BODY_KEYPOINTS},) or {(*batch_shape, BODY_KEYPOINTS)}, "
+            f"got {tuple(visible.shape)}"
+        ) from None
+    return visible.reshape(batch, BODY_KEYPOINTS).to(dtype)
+
+
+def _check_weight(
+    weight: float | Tensor, batch_shape: torch.Size, batch: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``weight`` as a (B,) tensor of finite values >= 0."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float | Tensor):
+        raise TypeError(f"expected weight to be a number or a tensor of shape (*,), got {type(weight).__name__}")
+    w = torch.as_tensor(weight, dtype=dtype).to(device)
+    try:
+        w = w.expand(batch_shape).reshape(batch)
+    except RuntimeError:
+        raise ValueError(
+            f"expected weight as a number or of shape {tuple(batch_shape)}, got {tuple(w.shape)}"
+        ) from None
+    if not bool(torch.isfinite(w).all() & (w >= 0).all()):
+        raise ValueError(f"expected finite prior weights >= 0, got {weight!r}")
+    return w
+
+
+def _check_offsets(offsets: Tensor | None, like: Tensor) -> Tensor:
+    """Bone offsets (22, 3) in ``like``'s dtype and device."""
+    if offsets is None:
+        return rest_offsets(like.dtype, like.device)[:BODY_KEYPOINTS]
+    if offsets.shape not in ((skeleton.NUM_JOINTS, 3), (BODY_KEYPOINTS, 3)):
+        raise ValueError(f"expected offsets of shape (55, 3) or (22, 3), got {tuple(offsets.shape)}")
+    return offsets[:BODY_KEYPOINTS].to(device=like.device, dtype=like.dtype)

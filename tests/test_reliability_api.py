@@ -1,0 +1,349 @@
+"""Reliability of the library API: corrupted weights, batch-independent VAE scores, float64 inputs, config types,
+projection under ``no_grad`` / ``inference_mode``, clean ``posepriors-eval`` errors and argument checks.
+
+Each test names the case of the issue it covers. Priors are tiny and untrained (or fitted in closed form); data are
+small synthetic arrays or ``.npz`` files made in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import posepriors
+from posepriors import evaluate, hub
+from posepriors.priors import (
+    GaussianPrior,
+    GlobalFlowConfig,
+    HandVAE,
+    HandVAEConfig,
+    PriorConfig,
+)
+from tests.families import make, synthetic_poses
+
+FAMILIES = ("gaussian", "gmm", "joint_flow", "global_flow", "hand_vae", "hand_vae_so3")
+"""The families of issue cases 9, 12 and 15 (both VAE variants), built by :func:`tests.families.make`."""
+
+ITERATIVE = {"joint_flow": 3, "global_flow": 3, "hand_vae": 5, "hand_vae_so3": 5}
+"""Optimisation steps of the MAP projection for the families that optimise (few, to keep the file fast)."""
+
+
+@pytest.fixture(scope="module")
+def priors():
+    """One small float32 prior per family, initialised from synthetic data (ActNorm, normalisation, EM)."""
+    out = {}
+    for name in FAMILIES:
+        torch.manual_seed(0)
+        prior = make(name)
+        prior.initialize_from_data(synthetic_poses(64, prior.joints, seed=0))
+        out[name] = prior.eval()
+    return out
+
+
+def _map_kwargs(name: str) -> dict[str, int]:
+    """Keyword arguments of ``project(noise_std=...)`` for ``name``: few steps for the iterative families."""
+    return {"steps": ITERATIVE[name]} if name in ITERATIVE else {}
+
+
+def _hidden_tail_mask(name: str, prior) -> torch.Tensor:
+    """Observed-joint mask hiding a trailing part every family can complete (the right hand, or 3 body joints)."""
+    mask = torch.ones(prior.num_joints, dtype=torch.bool)
+    if name.startswith("hand_vae"):
+        mask[15:] = False  # the right hand of the two-hand VAE
+    elif prior.num_joints > 21:
+        mask[21:] = False  # the right hand of body+right_hand
+    else:
+        mask[-3:] = False
+    return mask
+
+
+def _fitted_gaussian() -> GaussianPrior:
+    return GaussianPrior().fit(torch.randn(64, 21, 3, generator=torch.Generator().manual_seed(0)) * 0.3)
+
+
+# ---------------------------------------------------------------------------- case 7: corrupted weights
+@pytest.fixture
+def saved_gaussian(tmp_path):
+    prior = _fitted_gaussian()
+    return prior, posepriors.save_pretrained(prior, tmp_path / "model")
+
+
+def test_case7_saved_weights_carry_a_matching_checksum(saved_gaussian):
+    _, folder = saved_gaussian
+    weights = folder / hub.WEIGHTS_NAME
+    raw = weights.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert len(header["__metadata__"][hub.CHECKSUM_KEY]) == 64
+    assert hub.verify_weights(weights) is True
+
+
+def test_case7_flipped_tensor_bytes_fail_the_checksum(saved_gaussian):
+    _, folder = saved_gaussian
+    weights = folder / hub.WEIGHTS_NAME
+    raw = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # first byte of the tensor data, past the JSON header
+    assert len(raw) - start >= 16
+    for offset in (start + 3, start + (len(raw) - start) // 2):
+        raw[offset] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        hub.verify_weights(weights)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        posepriors.load(folder)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        posepriors.load_pretrained(folder)
+
+
+def test_case7_weights_without_a_checksum_load_with_a_warning(saved_gaussian):
+    prior, folder = saved_gaussian
+    weights = folder / hub.WEIGHTS_NAME
+    state = load_file(str(weights))
+    save_file(state, str(weights), metadata={"format": "pt"})  # as written before checksums existed
+    assert hub.verify_weights(weights) is False
+    with pytest.warns(UserWarning, match="records no checksum"):
+        loaded = posepriors.load(folder)
+    x = torch.randn(4, 21, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded.log_prob(x), prior.log_prob(x).detach())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("checksum", [True, False])
+def test_case7_weights_with_nan_or_inf_are_refused(bad, checksum, tmp_path):
+    prior = _fitted_gaussian()
+    with torch.no_grad():
+        prior.mean[3, 1] = bad
+    folder = posepriors.save_pretrained(prior, tmp_path / "model")  # a consistent checksum over broken values
+    if not checksum:
+        weights = folder / hub.WEIGHTS_NAME
+        save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
+    assert hub.verify_weights(folder / hub.WEIGHTS_NAME) is checksum
+    if checksum:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a checksummed file loads (or fails) without a warning
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                posepriors.load(folder)
+    else:
+        with pytest.warns(UserWarning, match="records no checksum"), pytest.raises(ValueError, match="NaN or Inf"):
+            posepriors.load(folder)
+
+
+# ---------------------------------------------------------------------------- case 8: hand_vae scores per pose
+@pytest.mark.parametrize("variant", ["standard", "so3"])
+def test_case8_hand_vae_log_prob_is_a_function_of_the_pose_alone(variant):
+    torch.manual_seed(0)
+    prior = HandVAE(HandVAEConfig(variant=variant, z_dim=4, hidden=16, iwae_samples=8)).eval()
+    x = synthetic_poses(4, prior.joints, seed=2)
+    others = 0.5 * torch.randn(3, prior.num_joints, 3, generator=torch.Generator().manual_seed(5))
+    tight = {"atol": 1e-4, "rtol": 1e-6}
+    with torch.no_grad():
+        alone = torch.stack([prior.log_prob(x[i]) for i in range(4)])
+        assert torch.isfinite(alone).all()
+        assert alone.unique().numel() == 4  # different poses score differently: the checks below mean something
+        torch.testing.assert_close(prior.log_prob(x), alone, **tight)  # in a batch of 4
+        torch.testing.assert_close(prior.log_prob(x.flip(0)), alone.flip(0), **tight)  # order does not matter
+        for position in range(4):  # among 3 other poses, at every position
+            batch = torch.cat([others[:position], x[:1], others[position:]])
+            torch.testing.assert_close(prior.log_prob(batch)[position], alone[0], **tight)
+        copies = prior.log_prob(x[1].expand(8, -1, -1).clone())
+        torch.testing.assert_close(copies, alone[1].expand(8), **tight)
+        torch.testing.assert_close(prior.log_prob(x), prior.log_prob(x), atol=0, rtol=0)  # deterministic
+
+
+# ---------------------------------------------------------------------------- case 9: float64 poses
+@pytest.mark.parametrize("name", FAMILIES)
+def test_case9_float64_poses_give_float64_results(name, priors):
+    prior = priors[name]
+    assert prior.dtype == torch.float32
+    x = synthetic_poses(3, prior.joints, seed=1).double()
+    lp = prior.log_prob(x)
+    assert lp.dtype == torch.float64
+    torch.testing.assert_close(lp.float(), prior.log_prob(x.float()), atol=1e-3, rtol=1e-4)
+    assert prior.nll(x).dtype == torch.float64
+    fast = prior.project(x)
+    assert fast.dtype == torch.float64 and fast.shape == x.shape
+    denoised = prior.project(x, noise_std=0.1, **_map_kwargs(name))
+    assert denoised.dtype == torch.float64 and denoised.shape == x.shape and torch.isfinite(denoised).all()
+    mask = _hidden_tail_mask(name, prior)
+    samples = prior.sample(2, observed=x, mask=mask, generator=torch.Generator().manual_seed(0))
+    assert samples.dtype == torch.float64 and samples.shape == (2, *x.shape)
+    # observed joints are the float64 inputs themselves, not rounded through float32
+    assert torch.equal(samples[:, :, mask], x[:, mask].expand(2, -1, -1, -1))
+
+
+# ---------------------------------------------------------------------------- case 11: config types on load
+_BAD_CONFIGS = [
+    ("global_flow", "actnorm", "false"),
+    ("hand_vae", "min_std", "0.01"),
+    ("hand_vae", "iwae_samples", 1.5),
+]
+
+
+@pytest.mark.parametrize(("name", "field", "value"), _BAD_CONFIGS)
+def test_case11_mistyped_config_field_is_refused_on_load(name, field, value, tmp_path):
+    folder = posepriors.save_pretrained(make(name), tmp_path / name)
+    assert posepriors.load(folder).config == make(name).config  # the untouched folder loads
+    path = folder / hub.CONFIG_NAME
+    raw = json.loads(path.read_text())
+    assert field in raw["config"]
+    raw["config"][field] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(TypeError, match=rf"\.{field}\b") as info:
+        posepriors.load(folder)
+    assert repr(value) in str(info.value)  # and says what came
+
+
+@pytest.mark.parametrize(
+    ("config_class", "field", "value"),
+    [
+        (GlobalFlowConfig, "actnorm", "false"),
+        (GlobalFlowConfig, "actnorm", 0),
+        (HandVAEConfig, "min_std", "0.01"),
+        (HandVAEConfig, "iwae_samples", 1.5),
+        (HandVAEConfig, "iwae_samples", True),
+        (PriorConfig, "broad_weight", "0.1"),
+        (PriorConfig, "broad_components", 2.0),
+    ],
+)
+def test_case11_from_dict_checks_field_types(config_class, field, value):
+    with pytest.raises(TypeError, match=rf"{config_class.__name__}\.{field}\b"):
+        config_class.from_dict({field: value})
+
+
+def test_case11_from_dict_accepts_its_own_output_and_json_numbers():
+    config = HandVAEConfig(variant="so3", z_dim=4, hidden=16, iwae_samples=8)
+    assert HandVAEConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    converted = HandVAEConfig.from_dict({"min_std": 1})  # a JSON integer is a number
+    assert converted.min_std == 1.0 and isinstance(converted.min_std, float)
+    assert GlobalFlowConfig.from_dict({"actnorm": False}).actnorm is False
+
+
+# ---------------------------------------------------------------------------- case 12: project without autograd
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_case12_map_project_works_without_autograd(name, context, priors):
+    prior = priors[name]
+    x = synthetic_poses(2, prior.joints, seed=4)
+    kwargs = _map_kwargs(name)
+    expected = prior.project(x, noise_std=0.1, **kwargs)
+    manager = torch.no_grad() if context == "no_grad" else torch.inference_mode()
+    with manager:
+        pose = x.clone()  # created inside the context (an inference tensor under inference_mode)
+        got = prior.project(pose, noise_std=0.1, **kwargs)
+    assert got.shape == x.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert all(p.grad is None for p in prior.parameters())  # the prior's parameters are never touched
+
+
+# ---------------------------------------------------------------------------- case 14: posepriors-eval errors
+@pytest.fixture(scope="module")
+def eval_files(tmp_path_factory):
+    """A tiny saved Gaussian body prior, a valid body file, a single-pose file and a CRC-corrupt file."""
+    root = tmp_path_factory.mktemp("eval_cli")
+    body = synthetic_poses(40, tuple(range(1, 22)), seed=11).numpy()
+    posepriors.save_pretrained(GaussianPrior().fit(torch.from_numpy(body)), root / "gaussian")
+    np.savez(root / "body.npz", body_pose=body)
+    np.savez(root / "single.npz", body_pose=body[:1])
+    np.savez(root / "corrupt.npz", body_pose=body)
+    raw = bytearray((root / "corrupt.npz").read_bytes())
+    middle = len(raw) // 2  # inside the stored array data (uncompressed): the member's CRC-32 no longer matches
+    for offset in range(middle, middle + 8):
+        raw[offset] ^= 0xFF
+    (root / "corrupt.npz").write_bytes(bytes(raw))
+    return root
+
+
+def _run_eval(argv, capsys) -> tuple[int, str, str]:
+    """``evaluate.main(argv)`` -> (exit code, stdout, stderr); a SystemExit counts as its code."""
+    try:
+        code = evaluate.main([str(a) for a in argv])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("flags", "mentions"),
+    [
+        (["--max_poses", "-5"], "--max_poses"),
+        (["--max_poses", "0"], "--max_poses"),
+        (["--sigma", "0"], "--sigma"),
+        (["--sigma", "nan"], "--sigma"),
+        (["--num_samples", "1"], "--num_samples"),
+    ],
+)
+def test_case14_bad_numeric_flags_exit_2_with_a_message(flags, mentions, eval_files, capsys):
+    code, _, err = _run_eval([eval_files / "gaussian", "--data", eval_files / "body.npz", *flags], capsys)
+    assert code == 2
+    assert "error" in err and mentions in err and "Traceback" not in err
+
+
+def test_case14_missing_data_file_exits_2(eval_files, tmp_path, capsys):
+    missing = tmp_path / "absent.npz"
+    code, _, err = _run_eval([eval_files / "gaussian", "--data", missing], capsys)
+    assert code == 2 and "absent.npz" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: --device cuda is a valid choice")
+def test_case14_unavailable_device_exits_2(eval_files, capsys):
+    code, _, err = _run_eval([eval_files / "gaussian", "--data", eval_files / "body.npz", "--device", "cuda"], capsys)
+    assert code == 2 and "--device" in err and "CUDA" in err and "Traceback" not in err
+
+
+def test_case14_unknown_model_exits_2(eval_files, capsys):
+    code, _, err = _run_eval(["no_such_model", "--data", eval_files / "body.npz"], capsys)
+    assert code == 2 and "no_such_model" in err and "Traceback" not in err
+
+
+def test_case14_crc_corrupt_npz_exits_2(eval_files, capsys):
+    with pytest.raises(Exception, match="(?i)crc|corrupt"):  # the file really is damaged
+        np.load(eval_files / "corrupt.npz")["body_pose"]
+    code, _, err = _run_eval([eval_files / "gaussian", "--data", eval_files / "corrupt.npz"], capsys)
+    assert code == 2 and "corrupt.npz" in err and "Traceback" not in err
+
+
+def test_case14_single_pose_file_evaluates(eval_files, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    argv = [eval_files / "gaussian", "--data", eval_files / "single.npz", "--num_samples", "8", "--json", report]
+    code, out, err = _run_eval(argv, capsys)
+    assert code == 0, err
+    (entry,) = json.loads(report.read_text())
+    assert entry["poses"] == 1 and math.isfinite(entry["nll"]["mean"])
+    assert entry["samples"] is None  # one pose cannot serve as a reference and a held-out pose
+    assert "| 1 |" in out
+
+
+# ---------------------------------------------------------------------------- case 15: argument checks
+@pytest.mark.parametrize("name", FAMILIES)
+def test_case15_sample_count_and_generator_checks(name, priors):
+    prior = priors[name]
+    samples = prior.sample(np.int64(3), generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, prior.num_joints, 3) and torch.isfinite(samples).all()
+    with pytest.raises(TypeError, match=r"torch\.Generator"):
+        prior.sample(3, generator=0)
+
+
+@pytest.mark.parametrize("noise_std", [math.inf, -math.inf, math.nan, 0.0, -0.1])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_case15_non_finite_or_non_positive_noise_std_is_refused(name, noise_std, priors):
+    prior = priors[name]
+    x = synthetic_poses(2, prior.joints, seed=6)
+    with pytest.raises(ValueError, match="noise_std"):
+        prior.project(x, noise_std=noise_std)
+
+
+def test_case15_manifest_file_without_sha256_is_a_value_error(tmp_path):
+    path = tmp_path / "manifest.json"
+    files = {hub.CONFIG_NAME: {"sha256": "0" * 64, "size": 10}, hub.WEIGHTS_NAME: {"size": 20}}
+    path.write_text(json.dumps({"models": {"tiny": {"model_type": "gaussian", "files": files}}}))
+    with pytest.raises(ValueError, match=r"tiny.*model\.safetensors.*sha256"):
+        hub.read_manifest(path)
+    files[hub.WEIGHTS_NAME]["sha256"] = "f" * 64  # with it, the same manifest reads
+    path.write_text(json.dumps({"models": {"tiny": {"model_type": "gaussian", "files": files}}}))
+    assert hub.read_manifest(path)["tiny"].files[hub.WEIGHTS_NAME]["sha256"] == "f" * 64
