@@ -402,7 +402,9 @@ def random_joint_mask(
     device: torch.device,
 ) -> Tensor:
     """Random observed-joint masks for completion training: per pose, with ``probability``, hide one of: a whole
-    subtree (a limb, a hand, a finger chain) rooted at a random modelled joint, or independent random joints.
+    subtree (a limb, a hand, a finger chain) rooted at a random modelled joint or a whole part (the body, a hand:
+    when the prior models more than one part, or a part that is no single subtree, such as the hands without their
+    wrists), or independent random joints.
 
     Returns:
         Masks (B, J) bool, True = observed, with at least one joint hidden and one observed where masked.
@@ -417,10 +419,18 @@ def random_joint_mask(
             parent = skeleton.SMPLX_PARENTS[parent]
         if parent >= 0:
             subtree[position[parent]] |= subtree[position[j]]
+    whole_parts = [
+        torch.tensor([j in members for j in joints])
+        for members in (set(skeleton.PARTS[name]) for name in ("body", "left_hand", "right_hand"))
+        if members & set(joints)
+    ]
     cpu = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
     use = torch.rand(batch, generator=cpu) < probability
     roots = torch.randint(J, (batch,), generator=cpu)
     hide = subtree[roots]
+    if len(whole_parts) > 1:  # 30% of the structured masks hide a whole part
+        part = torch.stack(whole_parts)[torch.randint(len(whole_parts), (batch,), generator=cpu)]
+        hide = torch.where((torch.rand(batch, generator=cpu) < 0.3)[:, None], part, hide)
     scattered = torch.rand(batch, J, generator=cpu) < torch.rand(batch, 1, generator=cpu) * 0.5
     kind = torch.rand(batch, generator=cpu) < 0.5
     hide = torch.where(kind[:, None], hide, scattered)
