@@ -6,6 +6,7 @@ exact in both directions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,10 @@ __all__ = [
     "SMPLX_PARENTS",
     "Layout",
     "from_smplx",
+    "layouts_with",
     "mirror_index",
     "mirror_pose",
+    "pose_mapping",
     "resolve_joints",
     "to_smplx",
     "to_smplx_dict",
@@ -150,8 +153,28 @@ LAYOUTS: dict[str, Layout] = {
 }
 """Every supported layout by name."""
 
-_BY_COUNT = {55: "smplx", 53: "seed53", 52: "smplh", 24: "smpl", 23: "smpl_body", 21: "body"}
-_COUNTS = (55, 53, 52, 24, 23, 21, 15)
+_COUNTS = tuple(sorted({lay.num_joints for lay in LAYOUTS.values()}, reverse=True))
+"""Joint counts of the layouts in :data:`LAYOUTS` (an input's count picks its layout)."""
+
+
+def layouts_with(count: int) -> list[Layout]:
+    """The layouts of :data:`LAYOUTS` with ``count`` joints."""
+    return [lay for lay in LAYOUTS.values() if lay.num_joints == count]
+
+
+def _layout_by_count(count: int, hand: str) -> Layout:
+    """The layout an input of ``count`` joints is in: the only one with that count, or for MANO's 15 joints the
+    ``hand`` one; any other tie is an error that asks for ``layout=``."""
+    candidates = layouts_with(count)
+    if len(candidates) > 1 and all(lay.name.startswith("mano_") for lay in candidates):
+        candidates = [lay for lay in candidates if lay.name == f"mano_{hand}"]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"a pose of {count} joints could be any of the layouts {[lay.name for lay in candidates]}; "
+            "pass layout= to say which"
+        )
+    return candidates[0]
+
 
 DICT_KEYS: dict[str, tuple[int, ...]] = {
     "global_orient": PARTS["root"],
@@ -164,7 +187,24 @@ DICT_KEYS: dict[str, tuple[int, ...]] = {
 }
 """smplx-style keyword names and the SMPL-X joints each holds."""
 
-_IGNORED_KEYS = frozenset({"transl", "betas", "expression"})
+
+def _is_pose_key(key: Any) -> bool:
+    """Keys that name joint rotations (with ``pose`` or ``orient`` in them): unknown ones are refused as likely
+    typos."""
+    return isinstance(key, str) and ("pose" in key.lower() or "orient" in key.lower())
+
+
+_IGNORED_POSE_KEYS = frozenset({"full_pose"})  # smplx outputs: the same rotations as the part keys, concatenated
+
+
+def pose_mapping(pose: Any) -> Mapping[str, Any] | None:
+    """The pose dict of ``pose`` when it is one: a mapping, or an object such as ``smplx``'s ``ModelOutput`` (a
+    dataclass) whose fields include smplx-style pose keys; None otherwise (tensors, arrays)."""
+    if isinstance(pose, Mapping):
+        return pose
+    if dataclasses.is_dataclass(pose) and not isinstance(pose, type):
+        return {f.name: getattr(pose, f.name) for f in dataclasses.fields(pose)}
+    return None
 
 
 def _as_tensor(pose: Any, what: str) -> Tensor:
@@ -199,8 +239,7 @@ def _layout_for(pose: Tensor, layout: str | None, hand: str) -> tuple[Layout, Te
         pose = pose.reshape(*shape[:-1], J, 3)
     else:
         raise ValueError(f"expected a pose of shape (*, J, 3) or (*, 3J) with J in {_COUNTS}, got {shape}")
-    name = _BY_COUNT.get(J, f"mano_{hand}")
-    return LAYOUTS[name], pose
+    return _layout_by_count(J, hand), pose
 
 
 def _scatter(pose: Tensor, index: Sequence[int]) -> Tensor:
@@ -219,8 +258,9 @@ def to_smplx(
 
     Args:
         pose: Axis-angle rotations of shape (*, J, 3) or (*, 3J) with J in (55, 53, 52, 24, 23, 21, 15), or an
-            smplx-style dict (keys of :data:`DICT_KEYS`, each (*, 3k) or (*, k, 3); ``transl``, ``betas`` and
-            ``expression`` are ignored).
+            smplx-style dict (keys of :data:`DICT_KEYS`, each (*, 3k) or (*, k, 3); other keys such as
+            ``transl``, ``betas``, ``expression``, ``vertices``, ``joints`` and ``full_pose`` are ignored), or an
+            ``smplx`` ``ModelOutput`` (read as the dict of its fields).
         layout: Force a layout name from :data:`LAYOUTS` instead of detecting it from J.
         hand: Which hand a 15-joint (MANO) pose is: ``"left"`` or ``"right"``.
 
@@ -228,8 +268,9 @@ def to_smplx(
         ``(pose55, observed)``: the pose, shape (*, 55, 3), zeros at joints the input lacks; and which SMPL-X
         joints the input provided, shape (55,) bool.
     """
-    if isinstance(pose, Mapping):
-        return _dict_to_smplx(pose)
+    values = pose_mapping(pose)
+    if values is not None:
+        return _dict_to_smplx(values)
     pose = _as_tensor(pose, "pose")
     lay, pose = _layout_for(pose, layout, hand)
     observed = torch.zeros(NUM_JOINTS, dtype=torch.bool, device=pose.device)
@@ -240,7 +281,10 @@ def to_smplx(
 
 
 def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-    unknown = sorted(set(values) - set(DICT_KEYS) - _IGNORED_KEYS)
+    """The pose keys of ``values`` (:data:`DICT_KEYS`); other keys of smplx inputs and outputs (``vertices``,
+    ``joints``, ``betas``, ``transl``, ``expression``, ``full_pose``, ...) are ignored, unknown rotation keys
+    (with ``pose`` or ``orient`` in them: likely typos) refused."""
+    unknown = sorted(k for k in values if _is_pose_key(k) and k not in DICT_KEYS and k not in _IGNORED_POSE_KEYS)
     if unknown:
         raise ValueError(f"unknown pose keys {unknown}; expected keys from {list(DICT_KEYS)}")
     present = [k for k in DICT_KEYS if k in values and values[k] is not None]

@@ -604,14 +604,25 @@ def fit(
     if len(train) < 2 or len(val) < 1:
         raise ValueError(f"expected at least 2 training poses and 1 validation pose, got {len(train)} and {len(val)}")
     if out is None or int(os.environ.get("RANK", "0")) != 0:
-        return _fit(prior, train, val, cfg, out=out, resume=resume, run_info=run_info)
+        return _seeded_fit(prior, train, val, cfg, out=out, resume=resume, run_info=run_info)
     out_path = Path(out)
     with folder_lock(out_path):
         closed_form = getattr(prior, "closed_form", False)
         _check_output_folder(out_path, resume=resume, overwrite=overwrite, closed_form=closed_form)
         if overwrite:
             _clear_outputs(out_path)
-        return _fit(prior, train, val, cfg, out=out_path, resume=resume, run_info=run_info)
+        return _seeded_fit(prior, train, val, cfg, out=out_path, resume=resume, run_info=run_info)
+
+
+def _seeded_fit(
+    prior: PosePrior, train: TrainingData, val: TrainingData, cfg: TrainConfig, **kwargs: Any
+) -> TrainResult:
+    """:func:`_fit` with the global RNGs seeded from ``cfg.seed`` inside ``torch.random.fork_rng``: what the loop
+    draws without a generator of its own is reproducible, and the caller's global RNG state is restored after it."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.seed)
+        return _fit(prior, train, val, cfg, **kwargs)
 
 
 def _fit(
@@ -635,7 +646,6 @@ def _fit(
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     out_path = Path(out) if out is not None else None
-    torch.manual_seed(cfg.seed)
     prior.to(device).train()
     shuffle = torch.Generator().manual_seed(cfg.seed)
     noise = torch.Generator().manual_seed(cfg.seed + 1)

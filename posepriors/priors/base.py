@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import numbers
 import operator
@@ -40,6 +41,7 @@ from posepriors.rotations import LOG_SO3_VOLUME, exp_map_log_abs_det
 
 __all__ = [
     "MODEL_TYPES",
+    "PRIOR_LAYOUT",
     "PoseInput",
     "PosePrior",
     "PriorConfig",
@@ -50,6 +52,9 @@ __all__ = [
 ]
 
 PoseInput = Tensor | np.ndarray | Mapping[str, Any]
+
+PRIOR_LAYOUT = "prior"
+"""``layout=`` value of a pose tensor in the prior's own joints, in :attr:`PosePrior.joints` order."""
 """Anything a prior accepts as a pose: a tensor or array in any supported layout, or an smplx-style dict."""
 
 _VALIDATE = True
@@ -220,12 +225,13 @@ class PosePrior(nn.Module, ABC):
         self.config = config
         self.register_buffer("joint_index", torch.tensor(config.joints, dtype=torch.long), persistent=False)
         self.broad = MarginalMixture(3 * len(config.joints), config.broad_components) if config.broad_weight else None
-        # Inputs of the prior's own joint count are taken as already in its joint order, unless a standard
-        # layout with that count means other joints (then they go through skeleton.to_smplx).
-        same_count = [lay for lay in skeleton.LAYOUTS.values() if len(lay.smplx_index) == self.num_joints]
-        self._own_layout = all(tuple(lay.smplx_index) == self.joints for lay in same_count) or (
-            self.num_joints == 15 and any(tuple(lay.smplx_index) == self.joints for lay in same_count)
-        )
+        # Standard layouts with the prior's joint count but other joints: an input of that count is ambiguous
+        # between them and the prior's own order (layout= decides). MANO's two hands count as one layout whose
+        # hand the prior picks (_default_hand).
+        same_count = skeleton.layouts_with(self.num_joints)
+        if any(lay.smplx_index == self.joints for lay in same_count if lay.name.startswith("mano_")):
+            same_count = []
+        self._clashing_layouts = tuple(lay.name for lay in same_count if lay.smplx_index != self.joints)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -273,6 +279,7 @@ class PosePrior(nn.Module, ABC):
         mask: Tensor | np.ndarray | None = None,
         *,
         measure: Literal["lebesgue", "so3"] = "lebesgue",
+        layout: str | None = None,
     ) -> Tensor:
         """Log-density of poses.
 
@@ -283,11 +290,17 @@ class PosePrior(nn.Module, ABC):
                 the input does not carry (e.g. hands of a body-only pose) count as missing.
             measure: ``"lebesgue"`` (default) for the density of the axis-angle coordinates, ``"so3"`` for the
                 density on SO(3)^J relative to the normalised Haar measure.
+            layout: The layout of a tensor ``pose``: a name of :data:`posepriors.skeleton.LAYOUTS`, or
+                ``"prior"`` for the prior's own joints in :attr:`joints` order. Default: from the joint count; a
+                count that fits both the prior's own joints and a standard layout of other joints (e.g. 21 joints
+                for a prior of SMPL-X joints 0-20, or the ``body`` layout 1-21) is an error that asks for it.
 
         Returns:
             Log-density per pose in nats, shape (*,), in the promoted dtype of the pose and the prior.
         """
-        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask)
+        if measure not in ("lebesgue", "so3"):  # checked before any work
+            raise ValueError(f"expected measure 'lebesgue' or 'so3', got {measure!r}")
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
         if m is not None and not self.supports_mask:
             raise ValueError(
                 f"{type(self).__name__} has no exact marginal for missing joints "
@@ -296,11 +309,9 @@ class PosePrior(nn.Module, ABC):
         out = self._density(x, m)
         if measure == "so3":
             out = out + self._so3_correction(x, m)
-        elif measure != "lebesgue":
-            raise ValueError(f"expected measure 'lebesgue' or 'so3', got {measure!r}")
         return out.reshape(batch_shape).to(out_dtype)
 
-    def nll(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None) -> Tensor:
+    def nll(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, *, layout: str | None = None) -> Tensor:
         """Negative log-likelihood, ``-log_prob(pose, mask)``: differentiable w.r.t. the pose, for fitting.
 
         Typical use: ``loss = data_term + w * prior.nll(pose).sum()``.
@@ -308,11 +319,12 @@ class PosePrior(nn.Module, ABC):
         Args:
             pose: As in :meth:`log_prob`.
             mask: As in :meth:`log_prob`.
+            layout: As in :meth:`log_prob`.
 
         Returns:
             NLL per pose in nats, shape (*,).
         """
-        return -self.log_prob(pose, mask)
+        return -self.log_prob(pose, mask, layout=layout)
 
     def sample(
         self,
@@ -322,6 +334,7 @@ class PosePrior(nn.Module, ABC):
         temperature: float = 1.0,
         observed: PoseInput | None = None,
         mask: Tensor | np.ndarray | None = None,
+        layout: str | None = None,
     ) -> Tensor:
         """Draw poses from the prior.
 
@@ -349,7 +362,7 @@ class PosePrior(nn.Module, ABC):
                 broad = self.broad.sample(n, generator, temperature, out.dtype).reshape(out.shape)
                 out = torch.where(pick.to(out.device)[:, None, None], broad, out)
             return out
-        x, m, batch_shape, out_dtype, original = self._prepare_full(observed, mask)
+        x, m, batch_shape, out_dtype, original = self._prepare_full(observed, mask, layout)
         if m is None:
             m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         out = self._sample(n, generator, temperature, x, m).to(out_dtype)  # (n, B, J, 3)
@@ -362,6 +375,7 @@ class PosePrior(nn.Module, ABC):
         mask: Tensor | np.ndarray | None = None,
         *,
         noise_std: float | None = None,
+        layout: str | None = None,
         **kwargs: Any,
     ) -> Tensor:
         """Move poses to nearby plausible ones; with a mask, complete the missing joints.
@@ -386,7 +400,9 @@ class PosePrior(nn.Module, ABC):
             pose: As in :meth:`log_prob`.
             mask: As in :meth:`log_prob`.
             noise_std: Noise level of the MAP denoiser (finite, > 0), or None for the fast projection.
-            **kwargs: Family-specific settings.
+            layout: As in :meth:`log_prob`.
+            **kwargs: Family-specific settings of the mode that runs (:meth:`project_options` lists them); an
+                option of the other mode, or an unknown one, is a ``TypeError`` before any work.
 
         Returns:
             Projected poses in the prior's joint order, shape (*, J, 3), in the promoted dtype of the pose and the
@@ -394,7 +410,8 @@ class PosePrior(nn.Module, ABC):
         """
         if noise_std is not None:
             noise_std = _check_noise_std(noise_std)
-        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask)
+        self._check_project_options(noise_std is not None, kwargs)
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled():  # inference tensors cannot enter autograd: work on copies
                 stack.enter_context(torch.inference_mode(False))
@@ -404,6 +421,35 @@ class PosePrior(nn.Module, ABC):
             else:
                 out = self._map_project(x, m, noise_std, **kwargs)
         return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
+
+    def project_options(self, map_mode: bool = False) -> tuple[str, ...]:
+        """The keyword options :meth:`project` takes in the fast mode (``map_mode=False``) or the MAP mode
+        (``noise_std`` given), with the family's defaults in the signatures of ``_project`` / ``_map_project``."""
+        method = self._map_project if map_mode else self._project
+        skip = {"x", "mask", "noise_std"}
+        return tuple(
+            name
+            for name, param in inspect.signature(method).parameters.items()
+            if name not in skip and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+        )
+
+    def _check_project_options(self, map_mode: bool, options: Mapping[str, Any]) -> None:
+        allowed = self.project_options(map_mode)
+        unknown = sorted(set(options) - set(allowed))
+        if not unknown:
+            return
+        other = set(self.project_options(not map_mode))
+        mode = "the MAP mode (noise_std given)" if map_mode else "the fast mode (noise_std=None)"
+        hint = ""
+        if set(unknown) <= other:
+            hint = (
+                "; they belong to the fast mode: drop noise_std"
+                if map_mode
+                else "; they belong to the MAP mode: pass noise_std=..."
+            )
+        raise TypeError(
+            f"{type(self).__name__}.project: expected options of {mode} from {list(allowed)}, got {unknown}{hint}"
+        )
 
     def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 30) -> Tensor:
         """MAP estimate under Gaussian observation noise, by L-BFGS on the pose (parameters untouched)."""
@@ -527,18 +573,49 @@ class PosePrior(nn.Module, ABC):
         """Projection of ``x`` (B, J, 3) with optional observed mask (B, J); returns (B, J, 3)."""
 
     # ------------------------------------------------------------------ input handling
-    def _prepare(self, pose: PoseInput, mask: Tensor | np.ndarray | None) -> tuple[Tensor, Tensor | None, torch.Size]:
+    def _prepare(
+        self, pose: PoseInput, mask: Tensor | np.ndarray | None, layout: str | None = None
+    ) -> tuple[Tensor, Tensor | None, torch.Size]:
         """Normalise any supported input to ``(B, J, 3)`` in the prior's joint order.
 
         Returns:
             ``(x, mask, batch_shape)``: poses (B, J, 3) in the prior's dtype and device, the observed mask
             (B, J) or ``None`` when every joint is observed, and the input's batch shape.
         """
-        x, m, batch_shape, _, _ = self._prepare_full(pose, mask)
+        x, m, batch_shape, _, _ = self._prepare_full(pose, mask, layout)
         return x, m, batch_shape
 
+    def _own_order(self, pose: Tensor, layout: str | None) -> Tensor | None:
+        """``pose`` as (*, J, 3) when it is in the prior's own joint order, else None (see ``layout`` of
+        :meth:`log_prob`)."""
+        J = self.num_joints
+        if layout is not None and layout != PRIOR_LAYOUT:
+            if layout not in skeleton.LAYOUTS:
+                raise ValueError(
+                    f"unknown layout {layout!r}; expected {PRIOR_LAYOUT!r} or one of {sorted(skeleton.LAYOUTS)}"
+                )
+            return None
+        if pose.dim() >= 2 and pose.shape[-2:] == (J, 3):
+            own = pose
+        elif pose.dim() >= 1 and pose.shape[-1] == 3 * J:
+            own = pose.reshape(*pose.shape[:-1], J, 3)
+        elif layout == PRIOR_LAYOUT:
+            raise ValueError(
+                f"expected a pose in the prior's own layout of shape (*, {J}, 3) or (*, {3 * J}), "
+                f"got {tuple(pose.shape)}"
+            )
+        else:
+            return None
+        if layout is None and self._clashing_layouts:
+            raise ValueError(
+                f"a pose of {J} joints could be in this prior's own joint order (SMPL-X joints {list(self.joints)}) "
+                f"or in the layout {list(self._clashing_layouts)} of other joints; pass layout={PRIOR_LAYOUT!r} or "
+                f"layout={self._clashing_layouts[0]!r}"
+            )
+        return own
+
     def _prepare_full(
-        self, pose: PoseInput, mask: Tensor | np.ndarray | None
+        self, pose: PoseInput, mask: Tensor | np.ndarray | None, layout: str | None = None
     ) -> tuple[Tensor, Tensor | None, torch.Size, torch.dtype, Tensor]:
         """:meth:`_prepare`, plus the dtype of results and the poses before the cast to the prior's dtype.
 
@@ -550,17 +627,20 @@ class PosePrior(nn.Module, ABC):
         J = self.num_joints
         if isinstance(pose, np.ndarray):
             pose = torch.from_numpy(pose)
-        if isinstance(pose, Tensor) and self._own_layout and pose.dim() >= 2 and pose.shape[-2:] == (J, 3):
-            x, observed = pose, None
-        elif isinstance(pose, Tensor) and self._own_layout and pose.dim() >= 1 and pose.shape[-1] == 3 * J:
-            x, observed = pose.reshape(*pose.shape[:-1], J, 3), None
-        elif isinstance(pose, Tensor | Mapping):
-            full, observed55 = skeleton.to_smplx(pose, hand=self._default_hand())
+        own = self._own_order(pose, layout) if isinstance(pose, Tensor) else None
+        if own is not None:
+            x, observed = own, None
+        elif isinstance(pose, Tensor) or skeleton.pose_mapping(pose) is not None:
+            if layout is not None and not isinstance(pose, Tensor):
+                raise ValueError(f"layout= applies to pose tensors, not to a {type(pose).__name__} of pose keys")
+            full, observed55 = skeleton.to_smplx(pose, layout=layout, hand=self._default_hand())
             x = full.index_select(-2, self.joint_index.to(full.device))
             observed = observed55.to(self.joint_index.device)[self.joint_index]
             observed = None if bool(observed.all()) else observed
         else:
-            raise TypeError(f"expected a pose tensor, numpy array or smplx-style dict, got {type(pose).__name__}")
+            raise TypeError(
+                f"expected a pose tensor, numpy array, smplx-style dict or smplx ModelOutput, got {type(pose).__name__}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point pose tensor, got dtype {x.dtype}")
         if x.device != self.device:

@@ -194,16 +194,17 @@ class GlobalFlowPrior(PosePrior):
             return parts.sum(-1)
         return (parts * self._part_mask(mask)).sum(-1)
 
-    def log_prob_per_part(self, pose: Any) -> Tensor:
+    def log_prob_per_part(self, pose: Any, *, layout: str | None = None) -> Tensor:
         """Log-density of every part given the previous ones.
 
         Args:
             pose: Any supported pose input, batch shape (*).
+            layout: The layout of a pose tensor, as in :meth:`log_prob`.
 
         Returns:
             Per-part log-densities, shape (*, P), in the promoted dtype of the pose and the prior.
         """
-        x, _, batch_shape, out_dtype, _ = self._prepare_full(pose, None)
+        x, _, batch_shape, out_dtype, _ = self._prepare_full(pose, None, layout)
         return self._part_log_probs(x).reshape(*batch_shape, self.num_parts).to(out_dtype)
 
     def _decode(self, z_parts: list[Tensor | None], x: Tensor, observed_parts: Tensor | None) -> Tensor:
@@ -372,7 +373,9 @@ class GlobalFlowPrior(PosePrior):
         if self.completion is not None:
             mask = torch.ones(pose.shape[:2], dtype=torch.bool, device=pose.device)
             mask[: pose.shape[0] // 2] = False
-            u = torch.where(mask.repeat_interleave(3, -1), torch.randn_like(pose.flatten(1)), pose.flatten(1))
+            flat = pose.flatten(1)
+            noise = randn(flat.shape, generator=torch.Generator().manual_seed(0), device=flat.device, dtype=flat.dtype)
+            u = torch.where(mask.repeat_interleave(3, -1), noise, flat)
             self.completion.initialize(u.unsqueeze(1), self._completion_context(pose, mask))
 
 

@@ -349,7 +349,9 @@ class GMMPrior(PosePrior):
         return [(inverse == p, torch.nonzero(pattern).flatten()) for p, pattern in enumerate(patterns)]
 
     # ------------------------------------------------------------------ completion and projection
-    def complete(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None) -> Tensor:
+    def complete(
+        self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, *, layout: str | None = None
+    ) -> Tensor:
         """Fill missing joints with their conditional mean given the observed ones; observed joints are unchanged.
 
         Per component the conditional mean is ``mu_m + S_mo S_oo^-1 (x_o - mu_o)``; with several components they
@@ -359,11 +361,12 @@ class GMMPrior(PosePrior):
         Args:
             pose: As in :meth:`log_prob`.
             mask: Observed-joint mask, as in :meth:`log_prob`; joints the input does not carry count as missing.
+            layout: The layout of a pose tensor, as in :meth:`log_prob`.
 
         Returns:
             Completed poses in the prior's joint order, shape (*, J, 3).
         """
-        x, m, batch_shape = self._prepare(pose, mask)
+        x, m, batch_shape = self._prepare(pose, mask, layout)
         out = x.clone() if m is None else self._posterior_mean(x, m, 0.0)
         return out.reshape(*batch_shape, self.num_joints, 3)
 

@@ -309,7 +309,9 @@ class HandVAE(PosePrior):
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
         return self._bound(x, mask, self.config.iwae_samples, None, fixed=True)
 
-    def iwae_log_prob(self, pose: Any, num_samples: int, *, generator: torch.Generator | None = None) -> Tensor:
+    def iwae_log_prob(
+        self, pose: Any, num_samples: int, *, generator: torch.Generator | None = None, layout: str | None = None
+    ) -> Tensor:
         """Importance-weighted lower bound on ``log p(pose)`` with ``num_samples`` samples.
 
         Args:
@@ -317,6 +319,7 @@ class HandVAE(PosePrior):
             num_samples: Number of importance samples K (>= 1; K = 1 is the ELBO in expectation).
             generator: Generator of fresh samples for every hand. Default: the fixed noise table, which makes the
                 bound deterministic and a function of each pose alone (see the module docstring).
+            layout: The layout of a pose tensor, as in :meth:`log_prob`.
 
         Returns:
             The bound, shape (*,), in the promoted dtype of the pose and the prior.
@@ -324,23 +327,24 @@ class HandVAE(PosePrior):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"expected an integer num_samples >= 1, got {num_samples!r}")
         _check_generator(generator)
-        x, mask, batch_shape, out_dtype, _ = self._prepare_full(pose, None)
+        x, mask, batch_shape, out_dtype, _ = self._prepare_full(pose, None, layout)
         bound = self._bound(x, mask, num_samples, generator, fixed=generator is None)
         return bound.reshape(batch_shape).to(out_dtype)
 
-    def elbo(self, pose: Any, *, generator: torch.Generator | None = None) -> Tensor:
+    def elbo(self, pose: Any, *, generator: torch.Generator | None = None, layout: str | None = None) -> Tensor:
         """Evidence lower bound (one reparameterised sample), shape (*,).
 
         Args:
             pose: Any supported pose input, batch shape (*).
             generator: Generator of a fresh sample for every hand. Default: the first row of the fixed noise
                 table (deterministic, a function of each pose alone).
+            layout: The layout of a pose tensor, as in :meth:`log_prob`.
 
         Returns:
             The bound, shape (*,), in the promoted dtype of the pose and the prior.
         """
         _check_generator(generator)
-        x, mask, batch_shape, out_dtype, _ = self._prepare_full(pose, None)
+        x, mask, batch_shape, out_dtype, _ = self._prepare_full(pose, None, layout)
         bound = self._bound(x, mask, 1, generator, elbo=True, fixed=generator is None)
         return bound.reshape(batch_shape).to(out_dtype)
 

@@ -153,20 +153,23 @@ class JointFlowPrior(PosePrior):
         return f"{super().extra_repr()}, levels={self.num_levels}"
 
     # ------------------------------------------------------------------ public extras
-    def log_prob_per_joint(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None) -> Tensor:
+    def log_prob_per_joint(
+        self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, *, layout: str | None = None
+    ) -> Tensor:
         """Log-density of each joint's rotation given its parent's: which joint makes a pose implausible?
 
         Args:
             pose: Any input :meth:`log_prob` accepts, batch shape (*).
             mask: Optional observed-joint mask (see :meth:`log_prob`); must leave the missing joints closed under
                 descendants. Joints the input does not carry count as missing.
+            layout: The layout of a pose tensor, as in :meth:`log_prob`.
 
         Returns:
             Conditional log-densities ``log p(x_j | x_parent(j))`` in the prior's joint order, shape (*, J); missing
             joints get 0, so the terms sum to ``log_prob(pose, mask)``; in the promoted dtype of the pose and the
             prior.
         """
-        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask)
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
         return self._per_joint(x, m).reshape(*batch_shape, self.num_joints).to(out_dtype)
 
     def _map_project(

@@ -1,0 +1,186 @@
+"""Arguments are checked before any work, smplx outputs are read as they are, and no call touches the global RNG."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from posepriors import skeleton
+from posepriors import train as train_module
+from posepriors.data import PoseData
+from posepriors.priors import GlobalFlowConfig, GlobalFlowPrior
+from tests.families import NAMES, make, synthetic_poses
+
+
+@dataclasses.dataclass
+class FakeSMPLXOutput:
+    """The fields of ``smplx.utils.SMPLXOutput`` (a dataclass), with what a forward pass fills in."""
+
+    vertices: torch.Tensor | None = None
+    joints: torch.Tensor | None = None
+    full_pose: torch.Tensor | None = None
+    global_orient: torch.Tensor | None = None
+    transl: torch.Tensor | None = None
+    v_shaped: torch.Tensor | None = None
+    betas: torch.Tensor | None = None
+    body_pose: torch.Tensor | None = None
+    left_hand_pose: torch.Tensor | None = None
+    right_hand_pose: torch.Tensor | None = None
+    expression: torch.Tensor | None = None
+    jaw_pose: torch.Tensor | None = None
+
+
+def _smplx_outputs(pose55: torch.Tensor) -> dict[str, torch.Tensor]:
+    n = pose55.shape[0]
+    out = {k: v for k, v in skeleton.to_smplx_dict(pose55).items() if k not in ("leye_pose", "reye_pose")}
+    extra = {
+        "vertices": torch.zeros(n, 10475, 3),
+        "joints": torch.zeros(n, 127, 3),
+        "full_pose": pose55.reshape(n, 165),
+        "transl": torch.zeros(n, 3),
+        "v_shaped": torch.zeros(n, 10475, 3),
+        "betas": torch.zeros(n, 10),
+        "expression": torch.zeros(n, 10),
+    }
+    return {**out, **extra}
+
+
+# ---------------------------------------------------------------------------- smplx outputs (issue 14, point 2)
+@pytest.mark.parametrize("name", ["gaussian", "global_flow", "hand_vae"])
+def test_smplx_output_dicts_and_objects_are_read_as_they_are(name):
+    prior = make(name)
+    pose55 = torch.zeros(3, 55, 3)
+    pose55[:, prior.joints] = 0.1 * synthetic_poses(3, prior.joints, seed=2)
+    expected = prior.log_prob(pose55)
+    as_dict = _smplx_outputs(pose55)
+    torch.testing.assert_close(prior.log_prob(as_dict), expected)
+    torch.testing.assert_close(prior.log_prob(FakeSMPLXOutput(**as_dict)), expected)
+
+
+def test_a_pose_key_of_the_wrong_size_or_an_unknown_pose_key_is_still_refused():
+    prior = make("gaussian")
+    bad = {**_smplx_outputs(torch.zeros(2, 55, 3)), "body_pose": torch.zeros(2, 60)}
+    with pytest.raises(ValueError, match=r"body_pose of shape \(\*, 63\)"):
+        prior.log_prob(bad)
+    with pytest.raises(ValueError, match="unknown pose keys"):
+        prior.log_prob({"body_pose": torch.zeros(2, 63), "left_hand_poses": torch.zeros(2, 45)})
+    with pytest.raises(TypeError, match="smplx ModelOutput"):
+        prior.log_prob([torch.zeros(2, 63)])
+
+
+# ---------------------------------------------------------------------------- project options (point 4)
+@pytest.mark.parametrize("name", NAMES)
+def test_project_options_are_checked_against_the_mode_that_runs(name):
+    prior = make(name).eval()
+    x = synthetic_poses(2, prior.joints, seed=1)
+    fast, slow = set(prior.project_options()), set(prior.project_options(map_mode=True))
+    for option in sorted(slow - fast):  # a MAP option without noise_std
+        with pytest.raises(TypeError, match="MAP mode: pass noise_std"):
+            prior.project(x, **{option: 1})
+    for option in sorted(fast - slow):  # a fast-mode option with noise_std
+        with pytest.raises(TypeError, match="fast mode: drop noise_std"):
+            prior.project(x, noise_std=0.1, **{option: 1})
+    with pytest.raises(TypeError, match="bogus_option"):
+        prior.project(x, bogus_option=1)
+    with pytest.raises(TypeError, match="bogus_option"):
+        prior.project(x, noise_std=0.1, bogus_option=1)
+
+
+def test_map_options_work_in_the_map_mode():
+    prior = make("global_flow").eval()
+    x = synthetic_poses(2, prior.joints, seed=1)
+    assert "steps" in prior.project_options(map_mode=True)
+    assert prior.project(x, noise_std=0.1, steps=2).shape == x.shape
+
+
+# ---------------------------------------------------------------------------- argument checks first (point 5)
+def test_a_bad_measure_is_refused_before_the_forward_pass(monkeypatch):
+    prior = make("global_flow")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the density was computed before the measure was checked")
+
+    monkeypatch.setattr(prior, "_density", forbidden)
+    with pytest.raises(ValueError, match="expected measure 'lebesgue' or 'so3', got 'bogus'"):
+        prior.log_prob(synthetic_poses(2, prior.joints), measure="bogus")
+
+
+# ---------------------------------------------------------------------------- global RNG (point 6)
+def test_flow_initialisation_draws_nothing_from_the_global_rng():
+    prior = GlobalFlowPrior(GlobalFlowConfig(joints="body", hidden=8, num_layers=2, conditional=True))
+    data = synthetic_poses(64, prior.joints)
+    state = torch.get_rng_state()
+    prior.initialize_from_data(data)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_training_leaves_the_callers_global_rng_as_it_was(tmp_path):
+    prior = make("gaussian")
+    poses = torch.zeros(40, 55, 3)
+    poses[:, prior.joints] = synthetic_poses(40, prior.joints)
+    data = PoseData(
+        poses, torch.ones(40, 55, dtype=torch.bool), torch.arange(40) // 10, [f"s{i}" for i in range(4)], ["x.npz"]
+    )
+    train = train_module.prepare_data(data.subset(slice(0, 30)), prior.joints)
+    val = train_module.prepare_data(data.subset(slice(30, 40)), prior.joints)
+    cfg = train_module.TrainConfig(max_epochs=1, batch_size=16, logger="none", progress=False)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    train_module.fit(prior, train, val, cfg)
+    assert torch.equal(torch.rand(3), expected), "fit reseeded or advanced the caller's global RNG"
+
+
+# ---------------------------------------------------------------------------- layouts (point 1)
+def test_a_count_shared_by_the_priors_joints_and_another_layout_is_ambiguous():
+    from posepriors.priors import GaussianConfig, GaussianPrior
+
+    prior = GaussianPrior(GaussianConfig(joints=tuple(range(21))))  # SMPL-X 0-20: 21 joints, as the body layout
+    x = synthetic_poses(2, prior.joints, seed=3)
+    with pytest.raises(ValueError, match=r"layout='prior' or layout='body'"):
+        prior.log_prob(x)
+    own = prior.log_prob(x, layout="prior")
+    full = torch.zeros(2, 55, 3)
+    full[:, prior.joints] = x
+    torch.testing.assert_close(own, prior.log_prob(full))  # the same joints through the SMPL-X layout
+    as_body = prior.log_prob(x, layout="body")  # joints 1-21: joints 1-20 of the prior observed, the root missing
+    as_smplx, seen = skeleton.to_smplx(x, layout="body")
+    torch.testing.assert_close(as_body, prior.log_prob(as_smplx, seen))
+    assert not torch.allclose(as_body, own)
+    assert prior.project(x, layout="prior").shape == x.shape
+    assert prior.nll(x, layout="prior").shape == (2,)
+    assert prior.sample(2, observed=x, layout="prior", generator=torch.Generator().manual_seed(0)).shape == (
+        2,
+        2,
+        21,
+        3,
+    )
+
+
+def test_an_unambiguous_own_count_needs_no_layout_and_bad_layouts_are_refused():
+    prior = make("gaussian")  # body + right hand: 36 joints, no standard layout has 36
+    x = synthetic_poses(2, prior.joints, seed=3)
+    torch.testing.assert_close(prior.log_prob(x), prior.log_prob(x, layout="prior"))
+    with pytest.raises(ValueError, match="unknown layout 'bogus'"):
+        prior.log_prob(x, layout="bogus")
+    with pytest.raises(ValueError, match="own layout of shape"):
+        prior.log_prob(torch.zeros(2, 55, 3), layout="prior")
+    with pytest.raises(ValueError, match="expected a smplh pose"):
+        prior.log_prob(x, layout="smplh")
+    with pytest.raises(ValueError, match="layout= applies to pose tensors"):
+        prior.log_prob({"body_pose": torch.zeros(2, 63)}, layout="body")
+
+
+def test_layout_tables_come_from_the_layouts():
+    counts = {lay.num_joints for lay in skeleton.LAYOUTS.values()}
+    for count in counts:
+        names = [lay.name for lay in skeleton.layouts_with(count)]
+        pose = torch.zeros(1, count, 3)
+        if len(names) == 1:
+            assert skeleton.to_smplx(pose)[1].sum() == sum(j >= 0 for j in skeleton.LAYOUTS[names[0]].smplx_index)
+        else:  # MANO's two hands: the hand argument decides
+            assert set(names) == {"mano_left", "mano_right"}
+            left = skeleton.to_smplx(pose, hand="left")[1]
+            assert left[list(skeleton.PARTS["left_hand"])].all() and not left[list(skeleton.PARTS["right_hand"])].any()
