@@ -8,6 +8,7 @@ share is cut, into contiguous chunks, and a warning says so).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 import zipfile
@@ -46,6 +47,8 @@ class PoseData:
         labels: Per-frame label arrays of prepared files by key (e.g. ``source``, ``subject``, ``sequence``), each
             shape (N,) of str; a key is kept only when every file has it. Used to report metrics per group
             (``posepriors-eval --by source``).
+        rejected_labels: Keys of prepared files that were not taken as label arrays, with the reason (e.g.
+            ``"l.npz: shape (7,), expected (200,), one entry per frame"``), so that a request for one can say why.
     """
 
     poses: Tensor
@@ -54,6 +57,7 @@ class PoseData:
     sequence_names: list[str]
     source_files: list[str]
     labels: dict[str, np.ndarray] = field(default_factory=dict)
+    rejected_labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.poses.shape[0]
@@ -90,6 +94,7 @@ class PoseData:
             self.sequence_names,
             self.source_files,
             {key: values[rows] for key, values in self.labels.items()},
+            dict(self.rejected_labels),
         )
 
     def joints(self, spec: str | Sequence[int]) -> Tensor:
@@ -102,24 +107,41 @@ class PoseData:
         if not items:
             raise ValueError("expected at least one PoseData to concatenate, got none")
         offsets = np.cumsum([0] + [len(d.sequence_names) for d in items[:-1]])
+        common = _common_labels(items)
+        rejected: dict[str, str] = {}
+        for d in items:
+            for key, reason in d.rejected_labels.items():
+                rejected.setdefault(key, reason)
+        for key in sorted({key for d in items for key in d.labels} - set(common)):
+            have = [f for d in items if key in d.labels for f in d.source_files]
+            rejected.setdefault(
+                key, f"only {len(have)} of {sum(len(d.source_files) for d in items)} files have it ({have[:3]})"
+            )
         return PoseData(
             torch.cat([d.poses for d in items]),
             torch.cat([d.observed for d in items]),
             torch.cat([d.sequence + int(o) for d, o in zip(items, offsets, strict=True)]),
             [n for d in items for n in d.sequence_names],
             [f for d in items for f in d.source_files],
-            {key: np.concatenate([d.labels[key] for d in items]) for key in _common_labels(items)},
+            {key: np.concatenate([d.labels[key] for d in items]) for key in common},
+            rejected,
         )
 
     def split_by_sequence(self, val_fraction: float, *, seed: int = 0) -> tuple[PoseData, PoseData]:
-        """Split into train and validation by whole sequences (never frame by frame).
+        """Split into train and validation by whole sequences (never frame by frame), stratified by the joints the
+        frames observe.
 
-        Sequences are shuffled with ``seed`` and moved to validation until it holds ``val_fraction`` of the frames;
-        a sequence that would take validation past ``1.25 * val_fraction`` of the frames is skipped, so validation
-        never ends much bigger than asked. A sequence too long to ever fit (more than that) is first cut into
-        contiguous chunks of a quarter of the validation share, each treated as a sequence of its own (named
-        ``name[start:stop]``), and a ``UserWarning`` names it: its chunks may fall on both sides of the split. Pass
-        a separate validation set to keep every sequence whole.
+        Sequences are grouped by the joints their frames observe (e.g. body files, hand files, whole-body files:
+        each observed-joint pattern is a group; groups too small to give validation a frame of their own,
+        ``val_fraction * frames < 1``, are pooled), and every group is split on its own, so validation holds about
+        ``val_fraction`` of every kind of frame. Within a group, sequences are shuffled with ``seed`` and moved to
+        validation until it holds ``val_fraction`` of the group's frames; a sequence that would take it past
+        ``1.25 * val_fraction`` of them is skipped, so validation never ends much bigger than asked. A sequence too
+        long to ever fit (more than that) is first cut into contiguous chunks of a quarter of the group's
+        validation share, each treated as a sequence of its own (named ``name[start:stop]``), and a
+        ``UserWarning`` names it: its chunks may fall on both sides of the split. Pass a separate validation set to
+        keep every sequence whole. Data whose frames all observe the same joints are split exactly as without
+        groups; when no group can give validation a sequence (each holds a single one), all are split together.
 
         Args:
             val_fraction: Target fraction of frames in the validation split, in (0, 1).
@@ -139,50 +161,85 @@ class PoseData:
                 f"expected at least 2 frames to split into training and validation, got {n}; "
                 "add data or pass a separate validation set"
             )
-        target = val_fraction * n
-        limit = 1.25 * target
-        chunk = max(1, math.ceil(target / 4))
         counts = torch.bincount(self.sequence, minlength=len(self.sequence_names))
         by_sequence = torch.argsort(self.sequence, stable=True).split(counts.tolist())
-        names, sequence = list(self.sequence_names), self.sequence.clone()
+        present = [sid for sid, frames in enumerate(by_sequence) if len(frames)]
+        # the group of a sequence: the observed-joint pattern of its first frame (a file's frames share one)
+        _, pattern = torch.unique(self.observed, dim=0, return_inverse=True)
+        groups: dict[int, list[int]] = {}
+        for sid in present:
+            groups.setdefault(int(pattern[by_sequence[sid][0]]), []).append(sid)
+        small = [key for key, sids in groups.items() if val_fraction * sum(len(by_sequence[s]) for s in sids) < 1]
+        if len(small) > 1 or (small and len(groups) > 1):
+            pooled = sorted(sid for key in small for sid in groups.pop(key))
+            groups[-1] = pooled
+        strata = [groups[key] for key in sorted(groups)]
+        split = _split_units(self, by_sequence, strata, val_fraction, seed)
+        if not bool(split[0].any()) and len(strata) > 1:  # every group holds a single sequence: split them together
+            split = _split_units(self, by_sequence, [present], val_fraction, seed)
+        is_val, sequence, names, cut = split
+        if cut:
+            if all(c[1] == cut[0][1] for c in cut):
+                limit, chunk, size = cut[0][1]
+                group = "" if size == n else " frames observing the same joints"
+                bound, pieces = f"{limit:.0f} frames, 1.25 x {val_fraction} of {size}{group}", f"{chunk} frames"
+            else:
+                bound = f"1.25 x {val_fraction} of the frames observing the same joints"
+                pieces = "a quarter of that share"
+            listed = [c[0] for c in cut]
+            warnings.warn(
+                f"{len(cut)} sequence(s) are longer than the validation split may grow ({bound}) and were cut into "
+                f"contiguous chunks of {pieces}, which may fall on both sides of the split: {listed[:5]}"
+                f"{' ...' if len(cut) > 5 else ''}; pass a separate validation set to keep them whole",
+                stacklevel=2,
+            )
+        data = PoseData(
+            self.poses, self.observed, sequence, names, self.source_files, self.labels, self.rejected_labels
+        )
+        return data.subset(torch.nonzero(~is_val).flatten()), data.subset(torch.nonzero(is_val).flatten())
+
+
+def _split_units(
+    data: PoseData, by_sequence: Sequence[Tensor], strata: list[list[int]], val_fraction: float, seed: int
+) -> tuple[Tensor, Tensor, list[str], list[tuple[str, tuple[float, int, int]]]]:
+    """Pick the validation frames of :meth:`PoseData.split_by_sequence`, each stratum (a list of sequence ids) on
+    its own; returns (is_val per frame, new sequence ids, new sequence names, cut sequences with (limit, chunk,
+    stratum size))."""
+    generator = torch.Generator().manual_seed(seed)
+    names, sequence = list(data.sequence_names), data.sequence.clone()
+    is_val = torch.zeros(len(data), dtype=torch.bool)
+    cut: list[tuple[str, tuple[float, int, int]]] = []
+    for sids in strata:
+        size = sum(len(by_sequence[sid]) for sid in sids)
+        target = val_fraction * size
+        limit = 1.25 * target
+        chunk = max(1, math.ceil(target / 4))
         units: list[Tensor] = []
-        cut: list[str] = []
-        for sid, frames in enumerate(by_sequence):
-            if len(frames) == 0:
-                continue
+        for sid in sids:
+            frames = by_sequence[sid]
             if len(frames) <= max(limit, chunk):
                 units.append(frames)
                 continue
-            cut.append(f"{names[sid]} ({len(frames)} frames)")
+            cut.append((f"{names[sid]} ({len(frames)} frames)", (limit, chunk, size)))
             for start in range(0, len(frames), chunk):
                 piece = frames[start : start + chunk]
                 sequence[piece] = len(names)
-                names.append(f"{self.sequence_names[sid]}[{start}:{start + len(piece)}]")
+                names.append(f"{data.sequence_names[sid]}[{start}:{start + len(piece)}]")
                 units.append(piece)
-        if cut:
-            warnings.warn(
-                f"{len(cut)} sequence(s) are longer than the validation split may grow ({limit:.0f} frames, 1.25 x "
-                f"{val_fraction} of {n}) and were cut into contiguous chunks of {chunk} frames, which may fall on both "
-                f"sides of the split: {cut[:5]}{' ...' if len(cut) > 5 else ''}; "
-                "pass a separate validation set to keep them whole",
-                stacklevel=2,
-            )
-        order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
-        val_units: list[int] = []
+        order = torch.randperm(len(units), generator=generator).tolist()
+        chosen: list[int] = []
         total = 0
         for u in order:
-            if total >= target or len(val_units) == len(units) - 1:
+            if total >= target or len(chosen) == len(units) - 1:
                 break
-            size = len(units[u])
-            if val_units and total + size > limit:
+            unit_size = len(units[u])
+            if chosen and total + unit_size > limit:
                 continue
-            val_units.append(u)
-            total += size
-        is_val = torch.zeros(n, dtype=torch.bool)
-        for u in val_units:
+            chosen.append(u)
+            total += unit_size
+        for u in chosen:
             is_val[units[u]] = True
-        data = PoseData(self.poses, self.observed, sequence, names, self.source_files)
-        return data.subset(torch.nonzero(~is_val).flatten()), data.subset(torch.nonzero(is_val).flatten())
+    return is_val, sequence, names, cut
 
 
 def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: bool = True) -> PoseData:
@@ -197,22 +254,32 @@ def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: 
       ``reye_pose``, ``left_hand_pose``, ``right_hand_pose`` (N, 15, 3) or (N, 45); sequences from per-frame
       ``sequence`` (with ``subject``) or ``source`` keys, else one per file.
 
-    Other keys (``trans``, ``betas``, ``dmpls``, markers, ...) are ignored. Frames with NaN or Inf are dropped and
-    counted in one warning; angles beyond pi are wrapped to the canonical range.
+    Other keys (``trans``, ``betas``, ``dmpls``, markers, ...) are ignored. Angles beyond pi are wrapped to the
+    canonical range; frames with NaN or Inf (before or after wrapping: angles too large to wrap) are dropped and
+    counted in one warning. A file given on its own that holds no usable frame (0 frames, or all non-finite) is an
+    error naming it; inside a folder it is skipped (and named in a warning) as long as other files have frames.
 
     Args:
         path: A file or a folder (searched recursively for ``*.npz``, in sorted order).
-        fps: Target frame rate for AMASS sequences (keeps every ``round(source / fps)``-th frame).
+        fps: Target frame rate for AMASS sequences (keeps every ``round(source / fps)``-th frame), a finite number
+            > 0, or None to keep every frame.
         recursive: Search sub-folders too.
 
     Returns:
         The poses.
+
+    Raises:
+        TypeError: When ``fps`` is not a number.
+        ValueError: When no file has usable frames, or a file is malformed (a bad ``mocap_framerate``, a ``.npy``
+            array given as a file, arrays of the wrong shape...); the message names the file.
     """
     path = Path(path)
+    if fps is not None and (not isinstance(fps, numbers.Real) or isinstance(fps, bool)):
+        raise TypeError(f"expected fps to be a number (frames per second) or None, got {fps!r} ({type(fps).__name__})")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"expected a finite fps > 0, got {fps}")
     if not path.exists():
         raise FileNotFoundError(f"pose data not found: {path}")
-    if fps is not None and not fps > 0:
-        raise ValueError(f"expected fps > 0, got {fps}")
     if path.is_file():
         files, root = [path], path.parent
     else:
@@ -221,6 +288,7 @@ def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: 
     loaded: list[PoseData] = []
     skipped: list[str] = []
     dropped: dict[str, int] = {}
+    empty: list[str] = []  # files without a usable frame, with the reason
     total = 0
     for file in files:
         try:
@@ -235,8 +303,24 @@ def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: 
             dropped[str(file.relative_to(root))] = nonfinite
         if len(item):
             loaded.append(item)
+            continue
+        if nonfinite:
+            reason = f"all {nonfinite} frames have NaN/Inf in poses (or angles too large to wrap)"
+        else:
+            reason = "holds 0 frames"
+        if path.is_file():
+            raise ValueError(f"{file}: {reason}; expected at least one frame with finite poses")
+        empty.append(f"{file.relative_to(root)} ({reason})")
+        if not nonfinite:  # all-NaN files are counted in the dropped-frames warning already
+            skipped.append(f"{file.relative_to(root)} ({reason})")
     if not loaded:
         seen = [str(f.relative_to(root)) for f in files[:10]] + (["..."] if len(files) > 10 else [])
+        if empty:  # some files have pose keys but no usable frame: say so, not which keys are accepted
+            unusable = empty + [s for s in skipped if s not in empty]
+            raise ValueError(
+                f"no usable frames in {path}: saw {len(files)} .npz file(s), none with a finite frame: "
+                f"{unusable[:10]}{' ...' if len(unusable) > 10 else ''}"
+            )
         raise ValueError(
             f"no usable pose file in {path}: saw {len(files)} .npz file(s) {seen}"
             + (f", skipped {skipped[:10]}" if skipped else "")
@@ -276,6 +360,13 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
         npz = np.load(file, allow_pickle=False)
     except (ValueError, *_READ_ERRORS) as err:
         raise _UnusableFile(file, f"not a readable .npz ({err})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads a .npy array (whatever the file's name) as is
+        raise _UnusableFile(
+            file,
+            f"a .npy array of shape {np.shape(npz)}, not an .npz archive; expected a .npz file with named pose arrays, "
+            "e.g. np.savez(path, body_pose=poses)",
+            list_keys=False,
+        )
     with npz:
         keys = set(npz.files)
         name = str(file.relative_to(root)) if file.is_relative_to(root) else str(file)
@@ -287,6 +378,7 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
             pose55, observed = skeleton.to_smplx(torch.from_numpy(poses[::step]), layout=layout)
             seq_names, seq = [name], torch.zeros(len(pose55), dtype=torch.long)
             labels: dict[str, np.ndarray] = {}
+            rejected: dict[str, str] = {}
         elif keys & set(skeleton.DICT_KEYS):
             parts = {}
             for key in skeleton.DICT_KEYS:
@@ -300,33 +392,39 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
             except ValueError as err:
                 raise ValueError(f"{file}: {err}") from None
             seq_names, seq = _sequences(npz, file, name, len(pose55))
-            labels = _labels(npz, len(pose55))
+            labels, rejected = _labels(npz, len(pose55), name)
         else:
             raise _UnusableFile(file, f"none of the accepted keys (has {sorted(keys)[:12]})")
-    pose55 = pose55.to(torch.float32)
+    # wrapped first, then filtered: a huge finite angle (1e30) may overflow to NaN/Inf inside the wrap
+    pose55 = wrap_axis_angle(pose55.to(torch.float32))
     finite = torch.isfinite(pose55).all(-1).all(-1)
     nonfinite = int((~finite).sum())
     if nonfinite:
         pose55, seq = pose55[finite], seq[finite]
         labels = {key: values[finite.numpy()] for key, values in labels.items()}
-    pose55 = wrap_axis_angle(pose55)
     obs = observed.expand(len(pose55), -1).clone()
-    return PoseData(pose55, obs, seq, seq_names, [str(file)], labels), nonfinite
+    return PoseData(pose55, obs, seq, seq_names, [str(file)], labels, rejected), nonfinite
 
 
-def _labels(npz: np.lib.npyio.NpzFile, n: int) -> dict[str, np.ndarray]:
-    """Per-frame label arrays of a prepared file: 1-D string, integer or bool arrays of length ``n``, as str."""
-    out = {}
+def _labels(npz: np.lib.npyio.NpzFile, n: int, name: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Per-frame label arrays of a prepared file: 1-D string, integer or bool arrays of length ``n``, as str; and
+    the other keys with the reason each is not one (``name`` is the file's name for those reasons)."""
+    out, rejected = {}, {}
     for key in npz.files:
         if key in skeleton.DICT_KEYS:
             continue
         try:
             values = npz[key]
-        except (ValueError, *_READ_ERRORS):  # object arrays (pickle) or a damaged member: not a label
+        except (ValueError, *_READ_ERRORS) as err:  # object arrays (pickle) or a damaged member: not a label
+            rejected[key] = f"{name}: cannot be read ({type(err).__name__}: {err})"
             continue
-        if values.shape == (n,) and values.dtype.kind in "USiub":
+        if values.shape != (n,):
+            rejected[key] = f"{name}: shape {values.shape}, expected ({n},), one entry per frame"
+        elif values.dtype.kind not in "USiub":
+            rejected[key] = f"{name}: dtype {values.dtype}, expected strings, integers or booleans"
+        else:
             out[key] = values.astype(str)
-    return out
+    return out, rejected
 
 
 def _common_labels(items: Sequence[PoseData]) -> list[str]:
@@ -355,13 +453,25 @@ def _read_amass_or_seed(npz: np.lib.npyio.NpzFile, file: Path) -> tuple[np.ndarr
         rate = None
         for key in ("mocap_framerate", "mocap_frame_rate"):
             if key in npz.files:
-                rate = float(np.asarray(_read_array(npz, key, file)))
+                rate = _frame_rate(np.asarray(_read_array(npz, key, file)), key, file)
                 break
         return poses, _AMASS_WIDTHS[poses.shape[1]], rate
     raise ValueError(
         f"{file}: expected 'poses' of shape (T, 156) SMPL-H, (T, 165) SMPL-X, (T, 72) SMPL or (N, 53, 3) seed, "
         f"got {poses.shape}"
     )
+
+
+def _frame_rate(value: np.ndarray, key: str, file: Path) -> float:
+    """A file's frame rate: a single finite number > 0 (else ``ValueError`` naming the file and the key)."""
+    shown = np.array2string(value, threshold=6) if value.size else f"an empty array of shape {value.shape}"
+    if value.size != 1 or value.dtype.kind not in "iuf":
+        what = f"{value.size} values" if value.size != 1 else f"dtype {value.dtype}"
+        raise ValueError(f"{file}: expected {key} to be a single number > 0 (frames per second), got {shown} ({what})")
+    rate = float(value.reshape(()))
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"{file}: expected a finite {key} > 0 (frames per second), got {rate}")
+    return rate
 
 
 def _sequences(npz: np.lib.npyio.NpzFile, file: Path, name: str, n: int) -> tuple[list[str], Tensor]:

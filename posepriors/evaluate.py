@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import warnings
 import zipfile
@@ -437,10 +438,16 @@ def group_by(data: PoseData, key: str) -> dict[str, PoseData]:
     if key not in data.labels:
         raise ValueError(
             f"expected a per-pose label array {key!r} in the data (a 1-D key of the .npz with one entry per pose), "
-            f"got label keys {sorted(data.labels)}"
+            f"got label keys {sorted(data.labels)}{_rejected_label(data, key)}"
         )
     values = data.labels[key]
     return {str(v): data.subset(torch.from_numpy((values == v).nonzero()[0])) for v in sorted(set(values.tolist()))}
+
+
+def _rejected_label(data: PoseData, key: str) -> str:
+    """Why the data's key ``key`` is not a label array (``"; ..."``), or ``""`` when no file has such a key."""
+    reason = data.rejected_labels.get(key)
+    return f"; the key {key!r} exists but was not taken as a label array: {reason}" if reason else ""
 
 
 def evaluate_by(prior: PosePrior, data: PoseData, key: str, **kwargs: Any) -> list[EvalReport]:
@@ -569,11 +576,37 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for path in [*args.data, *([args.gmm] if args.gmm is not None else [])]:
         if not path.exists():
             parser.error(f"no such file or folder: {path}")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plots", args.plots)):
+        if path is not None:
+            problem = _output_problem(path, folder=flag == "--plots")
+            if problem:
+                parser.error(f"{flag} {path}: {problem}")
     try:
         resolve_device(args.device)
     except ValueError as err:
         parser.error(f"--device: {err}")
     return args
+
+
+def _output_problem(path: Path, *, folder: bool) -> str | None:
+    """Why ``path`` cannot be written (a file for ``--json`` / ``--markdown``, a folder for ``--plots``), or None.
+
+    Checked before the evaluation, so that its results are not lost to a bad path at the end.
+    """
+    if folder and path.exists() and not path.is_dir():
+        return "expected a folder for the plots, got an existing file"
+    if not folder and path.is_dir():
+        return "expected a file name, got an existing folder"
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        return "the file exists and is not writable"
+    base = path if folder else path.parent
+    while not base.exists() and base != base.parent:  # the nearest existing folder, where the rest is created
+        base = base.parent
+    if not base.is_dir():
+        return f"cannot create it: {base} is a file, not a folder"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"cannot create it: the folder {base} is not writable"
+    return None
 
 
 def _fail(message: str) -> int:
@@ -583,7 +616,12 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``posepriors-eval``; returns the process exit code."""
+    """Entry point of ``posepriors-eval``; returns the process exit code.
+
+    Exit codes: 0 when every report was written; 2 (a ``posepriors-eval: error:`` line, no traceback) for bad flags,
+    an output path that cannot be written (checked before the evaluation), models or data that cannot be read, data
+    the evaluation refuses, nothing to evaluate (no model shares joints with any data set), or a failed write.
+    """
     from posepriors.hub import load
 
     args = _parse(argv)
@@ -604,7 +642,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{name}: {err}")
     for name, data in datasets.items():
         if args.by is not None and args.by not in data.labels:
-            return _fail(f"{name}: --by {args.by}: no per-pose label array {args.by!r} (has {sorted(data.labels)})")
+            return _fail(
+                f"{name}: --by {args.by}: no per-pose label array {args.by!r} (has {sorted(data.labels)})"
+                + _rejected_label(data, args.by)
+            )
     for name, data in datasets.items():
         count = min(len(data), args.max_poses or len(data))
         if count < MIN_SAMPLE_POSES and not args.no_samples:
@@ -612,43 +653,56 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{name}: {count} pose; the sample-quality metrics need >= {MIN_SAMPLE_POSES}: skipped", file=sys.stderr
             )
     reports: list[EvalReport] = []
+    skipped: list[str] = []
     for data_name, data in datasets.items():
         for model_name, prior in priors.items():
             observed = data.observed[:, torch.tensor(prior.joints)].all(0)
             if not bool(observed.any()):
                 print(f"skipping {model_name} on {data_name}: the data has none of its joints", file=sys.stderr)
+                skipped.append(f"{model_name} on {Path(data_name).name}")
                 continue
-            reports.extend(
-                _evaluate_grouped(
-                    args.by,
-                    prior,
-                    data,
-                    model_name=model_name,
-                    data_name=Path(data_name).name,
-                    sigma=args.sigma,
-                    num_samples=args.num_samples,
-                    max_poses=args.max_poses,
-                    seed=args.seed,
-                    samples=not args.no_samples and min(len(data), args.max_poses or len(data)) >= MIN_SAMPLE_POSES,
-                    denoise=not args.no_denoise,
-                    completion=not args.no_completion,
-                    completion_noise=args.completion_noise or None,
+            try:
+                reports.extend(
+                    _evaluate_grouped(
+                        args.by,
+                        prior,
+                        data,
+                        model_name=model_name,
+                        data_name=Path(data_name).name,
+                        sigma=args.sigma,
+                        num_samples=args.num_samples,
+                        max_poses=args.max_poses,
+                        seed=args.seed,
+                        samples=not args.no_samples and min(len(data), args.max_poses or len(data)) >= MIN_SAMPLE_POSES,
+                        denoise=not args.no_denoise,
+                        completion=not args.no_completion,
+                        completion_noise=args.completion_noise or None,
+                    )
                 )
-            )
+            except (ValueError, FloatingPointError) as err:  # bad data, e.g. poses the prior cannot score
+                return _fail(f"evaluating {model_name} on {data_name} failed: {err}")
+    if not reports:
+        return _fail(
+            f"nothing was evaluated: no model shares joints with the data (skipped {', '.join(skipped[:10])}); "
+            "evaluate a body prior on body data and a hand prior on hand data"
+        )
     table = to_markdown(reports)
     print(table)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
-    if args.plots:
-        from posepriors.plots import write_evaluation_plots
+    try:
+        if args.markdown:
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(table + "\n")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+        if args.plots:
+            from posepriors.plots import write_evaluation_plots
 
-        pooled = [r for r in reports if r.group in (None, POOLED)]
-        paths = write_evaluation_plots(priors, datasets, pooled, args.plots, seed=args.seed)
-        print(f"wrote {len(paths)} plots to {args.plots}")
+            pooled = [r for r in reports if r.group in (None, POOLED)]
+            paths = write_evaluation_plots(priors, datasets, pooled, args.plots, seed=args.seed)
+            print(f"wrote {len(paths)} plots to {args.plots}")
+    except OSError as err:
+        return _fail(f"could not write the results (the table above is complete): {err}")
     return 0
 
 

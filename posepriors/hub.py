@@ -188,8 +188,16 @@ def save_pretrained(prior: PosePrior, directory: str | os.PathLike) -> Path:
     from posepriors import __version__
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"expected a folder to save the prior into, got {directory}, which is a file")
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in prior.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"expected finite weights, but {bad[:5]} hold NaN or Inf values (a diverged training run?); "
+            "not saving a prior that cannot score poses"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
     config = {
         "format_version": FORMAT_VERSION,
         "model_type": prior.model_type,
@@ -268,7 +276,7 @@ def load_pretrained(
     Args:
         directory: Folder holding ``config.json`` and ``model.safetensors``.
         device: Where to put the prior (``"auto"`` picks cuda > mps > cpu).
-        dtype: Optional floating dtype to convert the parameters to.
+        dtype: Optional floating dtype to convert the parameters to (default: the dtype they were saved in).
         frozen: Return the prior in eval mode with ``requires_grad=False`` on every parameter.
 
     Returns:
@@ -316,6 +324,9 @@ def _load_folder(
     except RuntimeError as err:
         raise ValueError(f"weights in {weights_path} do not match the config in {config_path}: {err}") from err
     prior = prior.to(device=resolve_device(device))
+    if dtype is None:  # keep the saved precision (a float64 prior comes back in float64)
+        saved = {v.dtype for v in state.values() if v.is_floating_point()}
+        dtype = saved.pop() if len(saved) == 1 else None
     if dtype is not None:
         prior = prior.to(dtype=dtype)
     if frozen:

@@ -24,6 +24,7 @@ __all__ = [
     "SMPLX_JOINT_NAMES",
     "SMPLX_PARENTS",
     "Layout",
+    "describe_joints",
     "from_smplx",
     "layouts_with",
     "mirror_index",
@@ -398,3 +399,14 @@ def mirror_pose(pose: Tensor, joints: Sequence[int] = tuple(range(NUM_JOINTS))) 
     swapped = pose.index_select(-2, index)
     sign = pose.new_tensor([1.0, -1.0, -1.0])
     return swapped * sign
+
+
+def describe_joints(joints: Sequence[int]) -> str:
+    """A part spec for a joint set: whole parts by name, other joints by joint name (``"body+jaw"``)."""
+    rest, names = set(joints), []
+    for part, index in PARTS.items():
+        if set(index) <= rest:
+            names.append(part)
+            rest -= set(index)
+    names += [SMPLX_JOINT_NAMES[j] for j in sorted(rest)]
+    return "+".join(names) or "none"

@@ -21,8 +21,10 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import sys
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
@@ -69,13 +72,13 @@ class TrainConfig:
         weight_decay: Weight decay (decoupled for AdamW).
         scheduler: ``"cosine"`` (to zero over ``max_epochs``), ``"step"`` (x ``gamma`` every ``step_size``
             epochs) or ``"none"``.
-        step_size: Epochs between decays of the step scheduler.
-        gamma: Decay factor of the step scheduler.
-        grad_clip: Max gradient norm (0: off).
+        step_size: Epochs between decays of the step scheduler (>= 1).
+        gamma: Decay factor of the step scheduler (finite, > 0).
+        grad_clip: Max gradient norm (0 or None: off).
         max_epochs: Number of epochs.
         batch_size: Global batch size (split across processes).
-        patience: Early-stopping patience in epochs without a better validation NLL (0: off).
-        seed: Seed of initialisation, shuffling, pairing and training noise.
+        patience: Early-stopping patience in epochs without a better validation NLL (0 or None: off).
+        seed: Seed of initialisation, shuffling, pairing and training noise, in [0, 2**63 - 1].
         device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``mps``...
         amp: Mixed precision (CUDA only).
         val_batch_size: Batch size of validation passes.
@@ -407,6 +410,16 @@ def _refuse_changes(out: Path, refused: list[str]) -> NoReturn:
     )
 
 
+def _data_sha256(data: TrainingData) -> str:
+    """SHA-256 of a data set's content: the poses' and the observed mask's bytes, dtypes and shapes."""
+    digest = hashlib.sha256()
+    for tensor in (data.poses, data.observed):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
 def _check_resumable(
     prior: PosePrior, cfg: TrainConfig, sizes: dict[str, int], folder: Path, meta: dict[str, Any], out: Path
 ) -> dict[str, tuple[Any, Any]]:
@@ -425,11 +438,30 @@ def _check_resumable(
     if refused:
         _refuse_changes(out, refused)
     then = meta.get("data")
+    saved_flags = (meta.get("run_info") or {}).get("data") or {}
+    used = ", ".join(
+        f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+        for name, value in saved_flags.items()
+        if value is not None
+    )
+    advice = "pass the same --data_dir, --val_dir, --val_fraction and --fps" + (
+        f" (the run used {used})" if used else ""
+    )
     if then and (then["train_poses"], then["val_poses"]) != (sizes["train_poses"], sizes["val_poses"]):
         raise ValueError(
             f"--resume: expected the data of the run in {out} ({then['train_poses']} training and "
-            f"{then['val_poses']} validation poses), got {sizes['train_poses']} and {sizes['val_poses']}; "
-            "pass the same --data_dir, --val_dir, --val_fraction and --fps"
+            f"{then['val_poses']} validation poses), got {sizes['train_poses']} and {sizes['val_poses']}; {advice}"
+        )
+    # runs saved before data hashes were recorded have none: they resume on the sizes check alone
+    changed = [
+        f"the {what} data (sha256 {sizes[key][:12]}..., the run's {then[key][:12]}...)"
+        for what, key in (("training", "train_sha256"), ("validation", "val_sha256"))
+        if then and then.get(key) and sizes.get(key) and then[key] != sizes[key]
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume: expected the data of the run in {out}, got other content with the same sizes: "
+            f"{' and '.join(changed)} differ; {advice}"
         )
     return changes
 
@@ -588,7 +620,8 @@ def fit(
         out: Folder for the best model, checkpoints and ``metrics.json`` (None: write nothing). It must be new or
             empty unless ``resume`` or ``overwrite``.
         resume: Continue the run saved in ``out`` from its last checkpoint. The prior's config and every loop
-            setting but :data:`SAFE_ON_RESUME` must equal the run's; the data must have the same sizes.
+            setting but :data:`SAFE_ON_RESUME` must equal the run's; the data must have the same sizes and the same
+            content (SHA-256 of the poses and observed masks, recorded by runs since the hash was added).
         overwrite: Delete the earlier run's files from ``out`` (:data:`OUTPUT_NAMES`) and start afresh.
         run_info: Extra entries for ``metrics.json`` (e.g. the command line).
 
@@ -665,7 +698,9 @@ def _fit(
 
     start_epoch, history, since_best = 0, [], 0
     best = {"val_nll": math.inf, "epoch": 0}
-    sizes = {"train_poses": len(train), "val_poses": len(val)}
+    sizes: dict[str, Any] = {"train_poses": len(train), "val_poses": len(val)}
+    if out_path is not None:  # content hashes (computed once) make --resume refuse other data of the same sizes
+        sizes.update(train_sha256=_data_sha256(train), val_sha256=_data_sha256(val))
     run_id, run_info = _new_run_id(prior.model_type), dict(run_info or {})
     if resume:
         if out_path is None:
@@ -721,7 +756,7 @@ def _fit(
     epoch = start_epoch
     for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
         tic = time.perf_counter()
-        epoch_rng = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        epoch_rng = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) % 2**64)  # the same below 2**64
         poses = augment(train.complete(epoch_rng), prior.joints, cfg.mirror, cfg.input_noise, epoch_rng)
         order = torch.randperm(len(poses), generator=shuffle)
         total, count = 0.0, 0
@@ -740,7 +775,7 @@ def _fit(
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if scaler is not None:
                 scaler.step(optimizer)
@@ -812,6 +847,7 @@ def _fit(
             "parameters": sum(p.numel() for p in prior.parameters()),
             "train_poses": len(train),
             "val_poses": len(val),
+            "data_sha256": {"train": sizes.get("train_sha256"), "val": sizes.get("val_sha256")},
             "train_config": dataclasses.asdict(cfg),
             "model_config": prior.config.to_dict(),
             "history": history,
@@ -874,6 +910,7 @@ def _fit_closed_form(
             "parameters": sum(p.numel() for p in prior.parameters()),
             "train_poses": len(train),
             "val_poses": len(val),
+            "data_sha256": {"train": _data_sha256(train), "val": _data_sha256(val)},
             "train_config": dataclasses.asdict(cfg),
             "model_config": prior.config.to_dict(),
             "history": history,
@@ -904,21 +941,51 @@ def _stop(reason: str, epoch: int, best: dict[str, Any], out: Path | None) -> No
 
 
 def _check_train_config(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` naming the first loop setting that has the wrong type or is out of range."""
+
     def one_of(values: tuple[str, ...]) -> str:
         quoted = [repr(v) for v in values]
         return ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
 
-    checks = {
-        **{name: (getattr(cfg, name) in values, one_of(values)) for name, values in LOOP_CHOICES.items()},
-        "learning_rate": (cfg.learning_rate > 0, "> 0"),
-        "batch_size": (cfg.batch_size >= 1, ">= 1"),
-        "max_epochs": (cfg.max_epochs >= 1, ">= 1"),
-        "grad_clip": (cfg.grad_clip >= 0, ">= 0"),
-        "weight_decay": (cfg.weight_decay >= 0, ">= 0"),
-        "input_noise": (0 <= cfg.input_noise < math.inf, ">= 0 and finite"),
+    def real(value: Any) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def number(low: float, strict: bool = False, off: bool = False) -> Callable[[Any], bool]:
+        def ok(value: Any) -> bool:
+            if value is None:
+                return off
+            return real(value) and math.isfinite(value) and (value > low if strict else value >= low)
+
+        return ok
+
+    def count(low: int, high: int | None = None, off: bool = False) -> Callable[[Any], bool]:
+        def ok(value: Any) -> bool:
+            if value is None:
+                return off
+            return integer(value) and value >= low and (high is None or value <= high)
+
+        return ok
+
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        **{name: (lambda v, values=values: v in values, one_of(values)) for name, values in LOOP_CHOICES.items()},
+        "learning_rate": (number(0, strict=True), "a finite number > 0"),
+        "weight_decay": (number(0), "a finite number >= 0"),
+        "step_size": (count(1), "an integer >= 1 (epochs between decays of the step scheduler)"),
+        "gamma": (number(0, strict=True), "a finite number > 0 (the step scheduler's decay factor)"),
+        "grad_clip": (number(0, off=True), "a finite number >= 0 (0: no clipping)"),
+        "max_epochs": (count(1), "an integer >= 1"),
+        "batch_size": (count(1), "an integer >= 1"),
+        "patience": (count(0, off=True), "an integer >= 0 (0: no early stopping)"),
+        "seed": (count(0, 2**63 - 1), "an integer in [0, 2**63 - 1]"),
+        "val_batch_size": (count(1), "an integer >= 1"),
+        "sample_every": (count(0), "an integer >= 0 (0: only at the end)"),
+        "input_noise": (number(0), "a finite number >= 0"),
     }
     for name, (ok, expected) in checks.items():
-        if not ok:
+        if not ok(getattr(cfg, name)):
             raise ValueError(f"expected {name} {expected}, got {getattr(cfg, name)!r}")
 
 
@@ -1078,17 +1145,6 @@ def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str], dests: set
     return {dest for dest, value in vars(namespace).items() if value is not None}
 
 
-def _describe_joints(joints: Sequence[int]) -> str:
-    """A part spec for a joint set: whole parts by name, other joints by joint name."""
-    rest, names = set(joints), []
-    for part, index in skeleton.PARTS.items():
-        if set(index) <= rest:
-            names.append(part)
-            rest -= set(index)
-    names += [skeleton.SMPLX_JOINT_NAMES[j] for j in sorted(rest)]
-    return "+".join(names) or "none"
-
-
 def _default_joints(
     model_type: str, config_class: type[PriorConfig], parts: Sequence[str], data: PoseData
 ) -> tuple[tuple[int, ...], str]:
@@ -1099,7 +1155,7 @@ def _default_joints(
     """
     if parts:
         joints = tuple(sorted({j for spec in parts for j in skeleton.resolve_joints(spec)}))
-        return joints, f"{_describe_joints(joints)} ({len(joints)} joints, the union of --parts)"
+        return joints, f"{skeleton.describe_joints(joints)} ({len(joints)} joints, the union of --parts)"
     family = config_class().joints
     seen = set(torch.nonzero(data.observed.any(0)).flatten().tolist())
     joints = tuple(j for j in family if j in seen)
@@ -1108,13 +1164,13 @@ def _default_joints(
         joints = tuple(sorted(seen & articulated))
     if not joints:
         raise ValueError(
-            f"expected training data with some of {model_type}'s joints ({_describe_joints(family)}) or any body or "
-            f"hand joint, got data that observes {_describe_joints(sorted(seen))}; pass --joints"
+            f"expected training data with some of {model_type}'s joints ({skeleton.describe_joints(family)}) or any "
+            f"body or hand joint, got data that observes {skeleton.describe_joints(sorted(seen))}; pass --joints"
         )
-    observed = _describe_joints(sorted(seen))
+    observed = skeleton.describe_joints(sorted(seen))
     return joints, (
-        f"{_describe_joints(joints)} ({len(joints)} joints; the training data observes {observed}, "
-        f"{model_type}'s default is {_describe_joints(family)}; pass --joints to choose)"
+        f"{skeleton.describe_joints(joints)} ({len(joints)} joints; the training data observes {observed}, "
+        f"{model_type}'s default is {skeleton.describe_joints(family)}; pass --joints to choose)"
     )
 
 
@@ -1188,6 +1244,39 @@ def _resume_settings(
     return saved_config, loop, data_flags
 
 
+def _check_distinct_files(sets: Sequence[tuple[str, PoseData]]) -> None:
+    """Refuse a data file read twice (given twice, inside a folder given too, or in both --data_dir and --val_dir):
+    its frames would be trained on twice, or validated on while trained on."""
+    seen: dict[Path, str] = {}
+    for flag, data in sets:
+        for file in data.source_files:
+            key = Path(file).resolve()
+            if key in seen:
+                where = f"{flag} twice" if seen[key] == flag else f"{seen[key]} and {flag}"
+                both = flag.startswith("--val_dir") != seen[key].startswith("--val_dir")
+                why = "validated on the frames it trains on" if both else "trained on twice"
+                raise ValueError(
+                    f"expected every data file once, got {file} in {where}: the run would be {why}; "
+                    "pass each file (or a folder holding it) once"
+                )
+            seen[key] = flag
+
+
+def _check_can_push(repo_id: str) -> None:
+    """Refuse ``--push_to_hub`` before training when it cannot work: huggingface_hub missing or offline mode."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        raise ValueError(
+            f"--push_to_hub {repo_id} needs huggingface_hub: pip install huggingface_hub (or drop --push_to_hub)"
+        ) from None
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"--push_to_hub {repo_id} needs the network, but HF_HUB_OFFLINE is set; unset it, or train without "
+            "--push_to_hub and upload later with posepriors.push_to_hub"
+        )
+
+
 def _missing_folders(folder: Path) -> list[Path]:
     """``folder`` and those of its parents that do not exist yet, innermost first."""
     missing = []
@@ -1209,10 +1298,11 @@ def _remove_if_empty(folders: list[Path]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``posepriors-train``; returns the process exit code.
 
-    Exit codes: 0 when the run finished; 2 (with a message, before any training) for bad flags or data, an ``--out``
-    that is in use by another run, holds another run (without ``--resume`` / ``--overwrite``) or cannot be written,
-    and a ``--resume`` without a checkpoint or with changed settings; 1 when the run stopped later (a non-finite
-    loss or validation NLL, a failed write).
+    Exit codes: 0 when the run finished; 2 (with a message, before any training) for bad flags or data (a data file
+    given twice included), an ``--out`` that is in use by another run, holds another run (without ``--resume`` /
+    ``--overwrite``) or cannot be written, a ``--resume`` without a checkpoint or with changed settings or data, and
+    a ``--push_to_hub`` that cannot work (offline mode); 1 when the run stopped later (a non-finite loss or
+    validation NLL, a failed write, a failed upload after training: the model stays in ``--out``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     families = available_model_types()
@@ -1254,9 +1344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = TrainConfig(**loop_kwargs)
             _check_train_config(cfg)
             resolve_device(cfg.device)
-            data = PoseData.concat([load_poses(p, fps=data_flags["fps"]) for p in args.data_dir])
-            if args.val_dir:
-                val_data = PoseData.concat([load_poses(p, fps=data_flags["fps"]) for p in args.val_dir])
+            if args.push_to_hub and lead:
+                _check_can_push(args.push_to_hub)
+            train_sets = [(f"--data_dir {p}", load_poses(p, fps=data_flags["fps"])) for p in args.data_dir]
+            val_sets = [(f"--val_dir {p}", load_poses(p, fps=data_flags["fps"])) for p in args.val_dir or []]
+            _check_distinct_files(train_sets + val_sets)
+            data = PoseData.concat([d for _, d in train_sets])
+            if val_sets:
+                val_data = PoseData.concat([d for _, d in val_sets])
             else:
                 data, val_data = data.split_by_sequence(data_flags["val_fraction"], seed=cfg.seed)
             if config is None:
@@ -1292,9 +1387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as err:
             fail(f"could not write the run's files: {err}", 1)
     if args.push_to_hub and lead:
-        from posepriors.hub import push_to_hub
+        from posepriors import hub
 
-        commit = push_to_hub(prior, args.push_to_hub)
+        try:
+            commit = hub.push_to_hub(prior, args.push_to_hub)
+        except (OSError, ValueError, ImportError, RuntimeError) as err:  # offline, no login, no such repo, ...
+            fail(
+                f"training finished and the model is kept in --out {out}, but --push_to_hub {args.push_to_hub} "
+                f"failed ({type(err).__name__}: {err}); upload it later with "
+                f"posepriors.push_to_hub(posepriors.load({str(out)!r}), {args.push_to_hub!r})",
+                1,
+            )
         print(f"pushed to {args.push_to_hub} (commit {commit})")
     return 0 if math.isfinite(result.best_val_nll) else 1
 

@@ -95,7 +95,14 @@ class PriorConfig:
     broad_min_std: float = 0.02
 
     def __post_init__(self) -> None:
-        # Frozen dataclass: normalise fields in place through object.__setattr__.
+        # Frozen dataclass: normalise fields in place through object.__setattr__. Every field is checked against
+        # its annotation first (as from_dict does), so a wrong type names its field instead of failing later.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            checked = _check_field(type(self).__name__, f.name, hints.get(f.name, Any), value)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
         object.__setattr__(self, "joints", skeleton.resolve_joints(self.joints))
         if not 0 <= self.broad_weight < 1:
             raise ValueError(f"expected 0 <= broad_weight < 1, got {self.broad_weight!r}")
@@ -437,6 +444,18 @@ class PosePrior(nn.Module, ABC):
         allowed = self.project_options(map_mode)
         unknown = sorted(set(options) - set(allowed))
         if not unknown:
+            for name, value in options.items():
+                if name in _OPTION_CHECKS:
+                    expected, test = _OPTION_CHECKS[name]
+                    try:
+                        ok = bool(test(value))
+                    except TypeError:
+                        ok = False
+                    if not ok:
+                        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+                        raise (ValueError if number else TypeError)(
+                            f"{type(self).__name__}.project: expected {name} to be {expected}, got {value!r}"
+                        )
             return
         other = set(self.project_options(not map_mode))
         mode = "the MAP mode (noise_std given)" if map_mode else "the fast mode (noise_std=None)"
@@ -659,6 +678,11 @@ class PosePrior(nn.Module, ABC):
             observed = observed.expand(x.shape[0], J)
             m = observed if m is None else (m & observed)
         if m is not None and not bool(m.any(-1).all()):
+            if mask is None:
+                raise ValueError(
+                    f"the input has none of the joints this prior models ({self.num_joints} joints: "
+                    f"{skeleton.describe_joints(self.joints)}); pass poses that include them"
+                )
             raise ValueError("every pose needs at least one observed joint; got a mask that hides all of them")
         return x, m, batch_shape, out_dtype, original
 
@@ -777,22 +801,36 @@ def _check_generator(generator: Any) -> None:
 
 def _check_noise_std(noise_std: Any) -> float:
     """The MAP denoiser's noise level: a finite real number > 0."""
-    if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real | Tensor):
-        raise TypeError(f"expected noise_std to be a number or None, got {type(noise_std).__name__}")
-    try:
-        value = float(noise_std)
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a tensor of several values
-        raise TypeError(f"expected noise_std to be a number or None, got {noise_std!r}") from err
+    value = _real("noise_std", noise_std)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"expected a finite noise_std > 0 (radians), got {noise_std!r}")
     return value
 
 
-def _check_temperature(temperature: float) -> float:
-    t = float(temperature)
+def _check_temperature(temperature: Any) -> float:
+    """The sampling temperature: a finite real number >= 0."""
+    t = _real("temperature", temperature)
     if not math.isfinite(t) or t < 0:
         raise ValueError(f"expected a finite temperature >= 0, got {temperature!r}")
     return t
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float when it is a real number (or a one-element tensor), else a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | Tensor):
+        raise TypeError(f"expected {name} to be a number, got {value!r} ({type(value).__name__})")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a tensor of several values
+        raise TypeError(f"expected {name} to be a number, got {value!r}") from err
+
+
+_OPTION_CHECKS: dict[str, tuple[str, Any]] = {
+    "steps": ("an integer >= 0", lambda v: not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 0),
+    "lr": ("a finite number > 0", lambda v: math.isfinite(_real("lr", v)) and _real("lr", v) > 0),
+    "max_sigma": ("a finite number > 0", lambda v: math.isfinite(_real("max_sigma", v)) and _real("max_sigma", v) > 0),
+}
+"""Checks of the projection options that several families share: what each must be, and the test."""
 
 
 def randn(

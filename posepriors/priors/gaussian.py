@@ -30,8 +30,8 @@ class GaussianConfig(PriorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.min_std > 0:
-            raise ValueError(f"expected min_std > 0, got {self.min_std}")
+        if not (math.isfinite(self.min_std) and self.min_std > 0):
+            raise ValueError(f"expected a finite min_std > 0, got {self.min_std}")
 
 
 class GaussianPrior(PosePrior):
@@ -71,6 +71,8 @@ class GaussianPrior(PosePrior):
         if pose.dim() != 3 or pose.shape[1:] != (self.num_joints, 3):
             raise ValueError(f"expected poses of shape (N, {self.num_joints}, 3), got {tuple(pose.shape)}")
         pose = pose.to(device=self.mean.device, dtype=torch.float64)
+        if not bool(torch.isfinite(pose).all()):
+            raise ValueError("expected finite training poses, got NaN or Inf values; drop those frames first")
         if observed is None:
             observed = torch.ones(pose.shape[:2], dtype=torch.bool, device=pose.device)
         elif observed.shape != pose.shape[:2] or observed.dtype != torch.bool:

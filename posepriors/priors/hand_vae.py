@@ -90,8 +90,8 @@ class HandVAEConfig(PriorConfig):
         for name in ("z_dim", "hidden", "num_hidden_layers", "iwae_samples", "val_iwae_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
-        if not self.min_std > 0:
-            raise ValueError(f"expected min_std > 0, got {self.min_std}")
+        if not (math.isfinite(self.min_std) and self.min_std > 0):
+            raise ValueError(f"expected a finite min_std > 0, got {self.min_std}")
 
 
 @dataclass

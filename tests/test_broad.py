@@ -1,0 +1,124 @@
+"""The broad component: an exact, normalised mixture ``(1 - w) p + w b`` that keeps a prior finite off its data."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import posepriors
+from posepriors import skeleton
+from posepriors.priors import GaussianConfig, GaussianPrior
+from posepriors.priors.broad import MarginalMixture
+from tests.families import make, synthetic_poses
+
+
+def _grid(dim: int, points: int, half_width: float) -> tuple[torch.Tensor, float]:
+    axis = torch.linspace(-half_width, half_width, points, dtype=torch.float64)
+    mesh = torch.stack(torch.meshgrid(*[axis] * dim, indexing="ij"), -1).reshape(-1, dim)
+    return mesh, (axis[1] - axis[0]).item() ** dim
+
+
+def test_marginal_mixture_normalises_and_fits_by_em():
+    g = torch.Generator().manual_seed(0)
+    data = torch.cat([torch.randn(300, 2, generator=g) * 0.2 - 1, torch.randn(200, 2, generator=g) * 0.3 + 1])
+    mix = MarginalMixture(2, 3).double()
+    mix.fit(data.double(), min_std=0.05)
+    grid, cell = _grid(2, 241, 4.0)
+    total = mix.log_prob(grid).exp().sum().item() * cell
+    assert total == pytest.approx(1.0, abs=1e-3)
+    assert (mix.stds >= 0.05).all()
+    one = MarginalMixture(2, 1).double()
+    one.fit(data.double(), min_std=0.05)
+    assert mix.log_prob(data.double()).mean() > one.log_prob(data.double()).mean() + 0.2  # two clusters per axis
+
+
+def _with_broad(prior: GaussianPrior, weight: float = 0.2) -> GaussianPrior:
+    mixed = GaussianPrior(dataclasses.replace(prior.config, broad_weight=weight))
+    mixed.load_state_dict(prior.state_dict(), strict=False)
+    return mixed
+
+
+def test_a_prior_with_a_broad_component_is_the_exact_normalised_mixture():
+    prior = GaussianPrior(GaussianConfig(joints=(1,), min_std=0.01)).double()  # one joint: 3-D, integrable
+    data = 0.3 * synthetic_poses(400, prior.joints, seed=1).double()
+    prior.fit(data)
+    mixed = _with_broad(prior).double()
+    mixed.fit_broad(data * 1.5)  # a broader component, so that the two parts differ
+    grid, cell = _grid(3, 97, 3.0)
+    pose = grid.reshape(-1, 1, 3)
+    total = mixed.log_prob(pose).exp().sum().item() * cell
+    assert total == pytest.approx(1.0, abs=2e-3)
+    expected = torch.logaddexp(prior.log_prob(pose) + math.log(0.8), mixed.broad.log_prob(grid) + math.log(0.2))
+    torch.testing.assert_close(mixed.log_prob(pose), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_give_the_mixture_of_the_marginals():
+    prior = GaussianPrior(GaussianConfig(joints="body")).double()
+    data = synthetic_poses(200, prior.joints, seed=2).double()
+    prior.fit(data)
+    mixed = _with_broad(prior, 0.1).double()
+    mixed.fit_broad(data)
+    mask = torch.ones(21, dtype=torch.bool)
+    mask[[15, 17, 19]] = False  # the left arm hidden
+    x = data[:5]
+    dims = mask.repeat_interleave(3).expand(5, -1)
+    expected = torch.logaddexp(
+        prior.log_prob(x, mask) + math.log(0.9), mixed.broad.log_prob(x.flatten(1), dims) + math.log(0.1)
+    )
+    torch.testing.assert_close(mixed.log_prob(x, mask), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_far_from_the_data_the_mixture_stays_near_the_broad_component():
+    prior = GaussianPrior(GaussianConfig(joints="body", min_std=0.01))
+    data = synthetic_poses(300, prior.joints, seed=3)
+    prior.fit(0.05 * data)  # a sharp family
+    mixed = _with_broad(prior, 0.1)
+    mixed.fit_broad(data)  # that knows the wider range
+    far = data[:10]
+    assert (mixed.log_prob(far) > prior.log_prob(far) + 50).all()
+    near = mixed.log_prob(0.05 * data[:10]) - prior.log_prob(0.05 * data[:10])
+    assert (near > math.log(0.9) - 1e-4).all()  # at most -log(1 - w) lost where the family is sharp and right
+
+
+def test_sampling_mixes_and_is_reproducible(tmp_path):
+    prior = GaussianPrior(GaussianConfig(joints="body"))
+    data = synthetic_poses(300, prior.joints, seed=4)
+    prior.fit(data)
+    mixed = _with_broad(prior, 0.5)
+    mixed.fit_broad(data + 1.0)  # a component far from the family's, so draws show where they came from
+    draws = mixed.sample(400, generator=torch.Generator().manual_seed(0))
+    from_broad = (draws.mean((1, 2)) > 0.5).float().mean().item()
+    assert 0.4 < from_broad < 0.6
+    again = mixed.sample(400, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    posepriors.save_pretrained(mixed, tmp_path / "m")
+    loaded = posepriors.load(tmp_path / "m")
+    torch.testing.assert_close(loaded.log_prob(data[:8]), mixed.eval().log_prob(data[:8]))
+
+
+def test_fit_broad_needs_a_broad_component():
+    with pytest.raises(ValueError, match="broad_weight 0"):
+        make("gaussian").fit_broad(torch.zeros(4, 36, 3))
+
+
+# ---------------------------------------------------------------------------- mirroring (an augmentation)
+def test_mirroring_is_an_involution_that_maps_left_joints_to_right_ones():
+    x = torch.randn(6, 55, 3, generator=torch.Generator().manual_seed(0))
+    mirrored = skeleton.mirror_pose(x)
+    torch.testing.assert_close(skeleton.mirror_pose(mirrored), x)
+    names = skeleton.SMPLX_JOINT_NAMES
+    left_wrist, right_wrist = names.index("left_wrist"), names.index("right_wrist")
+    torch.testing.assert_close(mirrored[:, right_wrist], x[:, left_wrist] * torch.tensor([1.0, -1.0, -1.0]))
+    for j, name in enumerate(names):
+        partner = skeleton.MIRROR_JOINTS[j]
+        if name.startswith("left_"):
+            assert names[partner] == "right_" + name[len("left_") :]
+        elif not name.startswith("right_"):
+            assert partner == j
+    body = skeleton.PARTS["body"]
+    torch.testing.assert_close(skeleton.mirror_pose(x[:, body], body), mirrored[:, body])
+    with pytest.raises(ValueError, match="closed under left-right mirroring"):
+        skeleton.mirror_pose(x[:, skeleton.PARTS["left_hand"]], skeleton.PARTS["left_hand"])
