@@ -838,25 +838,9 @@ def _fit(
         prior.load_state_dict(load_pretrained(out_path, device=device, frozen=False).state_dict())
     result = TrainResult(best["epoch"], best["val_nll"], epoch, history, out_path if writer else None)
     if writer:
-        summary = {
-            "model_type": prior.model_type,
-            "best_epoch": best["epoch"],
-            "val_nll": best["val_nll"],
-            "val_bits_per_dim": best["val_nll"] / (prior.dim * math.log(2)),
-            "dims": prior.dim,
-            "parameters": sum(p.numel() for p in prior.parameters()),
-            "train_poses": len(train),
-            "val_poses": len(val),
-            "data_sha256": {"train": sizes.get("train_sha256"), "val": sizes.get("val_sha256")},
-            "train_config": dataclasses.asdict(cfg),
-            "model_config": prior.config.to_dict(),
-            "history": history,
-            "run_id": run_id,
-            **run_info,
-        }
-        with atomic_write(out_path / "metrics.json", "w") as handle:
-            handle.write(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
-        _print_summary(history, best)
+        data_sha256 = {"train": sizes.get("train_sha256"), "val": sizes.get("val_sha256")}
+        extra = {"run_id": run_id, **run_info}
+        _write_summary(out_path, prior, cfg, (len(train), len(val)), data_sha256, history, best, extra)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -901,26 +885,41 @@ def _fit_closed_form(
         logger.close()
     if writer:
         save_pretrained(prior, out_path)
-        summary = {
-            "model_type": prior.model_type,
-            "best_epoch": 1,
-            "val_nll": metrics["val_nll"],
-            "val_bits_per_dim": metrics["val_bits_per_dim"],
-            "dims": prior.dim,
-            "parameters": sum(p.numel() for p in prior.parameters()),
-            "train_poses": len(train),
-            "val_poses": len(val),
-            "data_sha256": {"train": _data_sha256(train), "val": _data_sha256(val)},
-            "train_config": dataclasses.asdict(cfg),
-            "model_config": prior.config.to_dict(),
-            "history": history,
-            "closed_form": True,
-            **(run_info or {}),
-        }
-        with atomic_write(out_path / "metrics.json", "w") as handle:
-            handle.write(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
-        _print_summary(history, best)
+        data_sha256 = {"train": _data_sha256(train), "val": _data_sha256(val)}
+        extra = {"closed_form": True, **(run_info or {})}
+        _write_summary(out_path, prior, cfg, (len(train), len(val)), data_sha256, history, best, extra)
     return TrainResult(1, metrics["val_nll"], 1, history, out_path if writer else None)
+
+
+def _write_summary(
+    out: Path,
+    prior: PosePrior,
+    cfg: TrainConfig,
+    sizes: tuple[int, int],
+    data_sha256: dict[str, str | None],
+    history: list[dict[str, float]],
+    best: dict[str, Any],
+    extra: dict[str, Any],
+) -> None:
+    """Write ``metrics.json`` (the best epoch, both configs as used, the data, the history) and print the summary."""
+    summary = {
+        "model_type": prior.model_type,
+        "best_epoch": best["epoch"],
+        "val_nll": best["val_nll"],
+        "val_bits_per_dim": best["val_nll"] / (prior.dim * math.log(2)),
+        "dims": prior.dim,
+        "parameters": sum(p.numel() for p in prior.parameters()),
+        "train_poses": sizes[0],
+        "val_poses": sizes[1],
+        "data_sha256": data_sha256,
+        "train_config": dataclasses.asdict(cfg),
+        "model_config": prior.config.to_dict(),
+        "history": history,
+        **extra,
+    }
+    with atomic_write(out / "metrics.json", "w") as handle:
+        handle.write(json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+    _print_summary(history, best)
 
 
 def _stop(reason: str, epoch: int, best: dict[str, Any], out: Path | None) -> NoReturn:

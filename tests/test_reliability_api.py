@@ -25,6 +25,7 @@ from posepriors.priors import (
     HandVAEConfig,
     PriorConfig,
 )
+from tests.cli import run_cli
 from tests.families import make, synthetic_poses
 
 FAMILIES = ("gaussian", "gmm", "joint_flow", "global_flow", "hand_vae", "hand_vae_so3")
@@ -260,13 +261,7 @@ def eval_files(tmp_path_factory):
 
 
 def _run_eval(argv, capsys) -> tuple[int, str, str]:
-    """``evaluate.main(argv)`` -> (exit code, stdout, stderr); a SystemExit counts as its code."""
-    try:
-        code = evaluate.main([str(a) for a in argv])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(evaluate.main, argv, capsys)
 
 
 @pytest.mark.parametrize(

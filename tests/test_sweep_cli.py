@@ -19,6 +19,7 @@ from posepriors import evaluate
 from posepriors import train as train_module
 from posepriors.data import PoseData, load_poses
 from posepriors.priors.gaussian import GaussianPrior
+from tests.cli import run_cli
 from tests.families import synthetic_poses
 from tests.test_train_reliability import _read_only_folder
 
@@ -40,23 +41,11 @@ def _hands(path: Path, n: int = 64, seed: int = 5) -> Path:
 
 
 def _train(argv, capsys) -> tuple[int, str, str]:
-    """``posepriors-train`` -> (exit code, stdout, stderr); a SystemExit counts as its code."""
-    try:
-        code = train_module.main([str(a) for a in argv])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(train_module.main, argv, capsys)
 
 
 def _eval(argv, capsys) -> tuple[int, str, str]:
-    """``posepriors-eval`` -> (exit code, stdout, stderr); a SystemExit counts as its code."""
-    try:
-        code = evaluate.main([str(a) for a in argv])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(evaluate.main, argv, capsys)
 
 
 def _gaussian_args(out: Path, *data: Path, epochs: int = 1, extra=()) -> list[str]:
