@@ -21,9 +21,12 @@ TREE_DEPTHS = (0, 0, 1, 1, 2, 3)
 BODY_HAND = "body+right_hand"
 
 
-def tiny(joints=TREE, **kwargs) -> JointFlowPrior:
+def tiny(joints=TREE, seed: int = 0, **kwargs) -> JointFlowPrior:
+    """A small prior whose initial weights come from ``seed`` (not from wherever the global RNG stands)."""
     kwargs = {"hidden": 16, "num_layers": 2, **kwargs}
-    return JointFlowPrior(JointFlowConfig(joints=joints, **kwargs))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return JointFlowPrior(JointFlowConfig(joints=joints, **kwargs))
 
 
 def poses(n: int, joints, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

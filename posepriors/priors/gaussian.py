@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,20 +122,16 @@ class GaussianPrior(PosePrior):
         eps = randn(shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + temperature * self.std * eps
 
-    def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float, **kwargs: Any) -> Tensor:
+    def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float) -> Tensor:
         """Closed-form MAP (the Wiener filter per coordinate); missing joints take the mean."""
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for GaussianPrior.project: {sorted(kwargs)}")
         var = self.std.square()
         out = (x * var + self.mean * noise_std**2) / (var + noise_std**2)
         if mask is not None:
             out = torch.where(mask[..., None], out, self.mean.expand_as(out))
         return out
 
-    def _project(self, x: Tensor, mask: Tensor | None, max_sigma: float = 2.0, **kwargs: Any) -> Tensor:
+    def _project(self, x: Tensor, mask: Tensor | None, max_sigma: float = 2.0) -> Tensor:
         """Clamp to ``mean ± max_sigma * std``; missing joints take the mean."""
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for GaussianPrior.project: {sorted(kwargs)}")
         if not max_sigma >= 0:
             raise ValueError(f"expected max_sigma >= 0, got {max_sigma}")
         std = self.std

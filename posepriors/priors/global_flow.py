@@ -303,12 +303,8 @@ class GlobalFlowPrior(PosePrior):
             raise ValueError(self._mask_error("a mask that is not a trailing-part pattern"))
         return out.reshape(n, B, self.num_joints, 3)
 
-    def _project(
-        self, x: Tensor, mask: Tensor | None, shrink: float = 0.5, keep_observed: bool = False, **kwargs: Any
-    ) -> Tensor:
+    def _project(self, x: Tensor, mask: Tensor | None, shrink: float = 0.5, keep_observed: bool = False) -> Tensor:
         """Latent shrinkage ``x' = f^-1(shrink * f(x))``; missing joints completed at latent zero."""
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for GlobalFlowPrior.project: {sorted(kwargs)}")
         if not 0 <= shrink <= 1:
             raise ValueError(f"expected 0 <= shrink <= 1, got {shrink}")
         observed_parts = None
@@ -330,12 +326,10 @@ class GlobalFlowPrior(PosePrior):
         return self._decode([shrink * z for z in zs], x, None)
 
     def _map_project(
-        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 200, lr: float = 0.05, **kwargs: Any
+        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 200, lr: float = 0.05
     ) -> Tensor:
         """MAP in the latent space (see :func:`~posepriors.priors.base.latent_map`), from the encoded pose with
         missing joints first completed by :meth:`_project`."""
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for GlobalFlowPrior.project: {sorted(kwargs)}")
         start = x if mask is None else torch.where(mask[..., None], x, self._project(x, mask, keep_observed=True))
         sizes = [3 * len(idx) for idx in self._part_index]
         z0 = torch.cat(self._encode(start), dim=-1)

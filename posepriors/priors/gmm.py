@@ -387,18 +387,14 @@ class GMMPrior(PosePrior):
             out[rows] = est.to(x.dtype)
         return out.reshape(B, self.num_joints, 3)
 
-    def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float, **kwargs: Any) -> Tensor:
+    def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float) -> Tensor:
         """Closed-form posterior mean under N(0, noise_std^2) noise on the observed joints (the Wiener filter for
         one component, then also the MAP); missing joints take their posterior mean."""
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for GMMPrior.project: {sorted(kwargs)}")
         return self._posterior_mean(x, mask, noise_std**2)
 
-    def _project(self, x: Tensor, mask: Tensor | None, max_sigma: float = 2.0, **kwargs: Any) -> Tensor:
+    def _project(self, x: Tensor, mask: Tensor | None, max_sigma: float = 2.0) -> Tensor:
         """Clamp the observed joints to ``max_sigma`` standard deviations along the principal axes of the most
         responsible component's marginal; missing joints take their conditional mean given the clamped ones."""
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for GMMPrior.project: {sorted(kwargs)}")
         if not max_sigma >= 0:
             raise ValueError(f"expected max_sigma >= 0, got {max_sigma}")
         B = x.shape[0]

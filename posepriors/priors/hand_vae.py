@@ -417,11 +417,9 @@ class HandVAE(PosePrior):
                 optimizer.step()
         return z.detach()
 
-    def _project(self, x: Tensor, mask: Tensor | None, steps: int = 100, lr: float = 0.05, **kwargs: Any) -> Tensor:
+    def _project(self, x: Tensor, mask: Tensor | None, steps: int = 100, lr: float = 0.05) -> Tensor:
         """Without a mask: decoder mean of the encoder mean. With a mask: the decoder mean of the latent code that
         best explains the observed joints (:meth:`_fit_latent`) fills the missing joints; observed joints are kept."""
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for HandVAE.project: {sorted(kwargs)}")
         hands, hand_mask = self._split_hands(x, mask)
         if hand_mask is None:
             return self._merge_hands(self.decode(self.encode(hands).mean).pose, x.shape[0])
@@ -430,13 +428,11 @@ class HandVAE(PosePrior):
         return self._merge_hands(completed, x.shape[0])
 
     def _map_project(
-        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 100, lr: float = 0.05, **kwargs: Any
+        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 100, lr: float = 0.05
     ) -> Tensor:
         """MAP denoising: the latent code that best explains the noisy hand (decoder scales widened by the noise),
         then per joint the noise-weighted combination of observation and decoder mean (Wiener filter; along the
         geodesic for ``so3``). Missing joints take the decoder mean."""
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for HandVAE.project: {sorted(kwargs)}")
         hands, hand_mask = self._split_hands(x, mask)
         decoded = self.decode(self._fit_latent(hands, hand_mask, steps, lr, noise_std))
         var = decoded.scale.square()

@@ -16,7 +16,6 @@ only that level's slice of the grouped weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -173,12 +172,10 @@ class JointFlowPrior(PosePrior):
         return self._per_joint(x, m).reshape(*batch_shape, self.num_joints).to(out_dtype)
 
     def _map_project(
-        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 50, lr: float = 0.05, **kwargs: Any
+        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 50, lr: float = 0.05
     ) -> Tensor:
         """MAP in the latent space (see :func:`~posepriors.priors.base.latent_map`) from the encoded pose, missing
         joints first completed at latent zero."""
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for JointFlowPrior.project: {sorted(kwargs)}")
         start = x if mask is None else self._project(x, mask, keep_observed=True)
         z0, _ = self.flow(start, self._context(start))
         return latent_map(lambda z: self._decode(z, start), z0, x, mask, noise_std, steps, lr)
@@ -234,7 +231,6 @@ class JointFlowPrior(PosePrior):
         mask: Tensor | None,
         shrink: float = 0.5,
         keep_observed: bool = False,
-        **kwargs: Any,
     ) -> Tensor:
         """Latent shrinkage along the tree (see the class docstring).
 
@@ -245,8 +241,6 @@ class JointFlowPrior(PosePrior):
                 to its conditional mode-like point ``f_j^{-1}(0 | parent)``.
             keep_observed: Keep the observed joints exactly and only fill the missing ones.
         """
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments for JointFlowPrior.project: {sorted(kwargs)}")
         shrink = float(shrink)
         if not 0 <= shrink <= 1:
             raise ValueError(f"expected 0 <= shrink <= 1, got {shrink}")
