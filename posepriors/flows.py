@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from posepriors.utils import LOG_2PI
+
 __all__ = [
     "ActNorm",
     "AffineCoupling",
@@ -49,7 +51,6 @@ __all__ = [
     "standard_normal_log_prob",
 ]
 
-_LOG_2PI = math.log(2 * math.pi)
 # name -> (module, function, in-place function). The in-place form runs where autograd does not record (inference):
 # a large batch then skips allocating (and, on CPU, page-faulting in) a fresh hidden-activation tensor per layer.
 _ACTIVATIONS: dict[str, tuple[type[nn.Module], Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
@@ -74,7 +75,7 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     Returns:
         Log-densities, shape (B, G).
     """
-    return z.square().sum(-1).mul(-0.5).sub(0.5 * z.shape[-1] * _LOG_2PI)
+    return z.square().sum(-1).mul(-0.5).sub(0.5 * z.shape[-1] * LOG_2PI)
 
 
 def _check_input(x: Tensor, groups: int | None, dim: int, name: str = "input") -> None:

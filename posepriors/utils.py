@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -16,12 +17,16 @@ import torch
 
 __all__ = [
     "LOCK_NAME",
+    "LOG_2PI",
     "FolderLockedError",
     "atomic_write",
     "folder_lock",
     "resolve_device",
     "sha256_file",
 ]
+
+LOG_2PI = math.log(2 * math.pi)
+"""``log(2 pi)``, the constant of every Gaussian log-density."""
 
 LOCK_NAME = ".posepriors.lock"
 """Name of the lock file that :func:`folder_lock` creates inside the locked folder."""

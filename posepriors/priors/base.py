@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.priors.broad import MarginalMixture
+from posepriors.priors.draws import rand
 from posepriors.rotations import LOG_SO3_VOLUME, exp_map_log_abs_det
 
 __all__ = [
@@ -365,7 +366,7 @@ class PosePrior(nn.Module, ABC):
                 raise ValueError("a mask needs the observed poses it refers to: pass observed=pose")
             out = self._sample(n, generator, temperature, None, None)
             if self.broad is not None:  # each draw comes from the broad component with probability broad_weight
-                pick = torch.rand(n, generator=generator) < self.config.broad_weight
+                pick = rand((n,), generator, out.device, torch.float32) < self.config.broad_weight
                 broad = self.broad.sample(n, generator, temperature, out.dtype).reshape(out.shape)
                 out = torch.where(pick.to(out.device)[:, None, None], broad, out)
             return out
@@ -831,20 +832,3 @@ _OPTION_CHECKS: dict[str, tuple[str, Any]] = {
     "max_sigma": ("a finite number > 0", lambda v: math.isfinite(_real("max_sigma", v)) and _real("max_sigma", v) > 0),
 }
 """Checks of the projection options that several families share: what each must be, and the test."""
-
-
-def randn(
-    shape: tuple[int, ...],
-    *,
-    generator: torch.Generator | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Tensor:
-    """Standard normal noise on ``device`` drawn from ``generator`` (which may live on another device).
-
-    The draws are made in float32 and then cast, so that float32 and float64 priors given the same generator see
-    the same noise.
-    """
-    if generator is None:
-        return torch.randn(shape, device=device).to(dtype)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)

@@ -17,9 +17,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MarginalMixture"]
+from posepriors.priors.draws import randn
+from posepriors.utils import LOG_2PI
 
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+__all__ = ["MarginalMixture"]
 
 
 class MarginalMixture(nn.Module):
@@ -93,7 +94,7 @@ class MarginalMixture(nn.Module):
     def _terms(x: Tensor, mu: Tensor, sd: Tensor, log_w: Tensor) -> Tensor:
         """Per-component, per-coordinate log-densities plus log-weights, shape (N, K, D)."""
         z = (x[:, None, :] - mu) / sd
-        return log_w - 0.5 * z.square() - sd.log() - _LOG_SQRT_2PI
+        return log_w - 0.5 * z.square() - sd.log() - 0.5 * LOG_2PI
 
     def log_prob(self, x: Tensor, observed: Tensor | None = None) -> Tensor:
         """Log-density of the observed coordinates (the exact marginal: the others integrate to one).
@@ -114,10 +115,10 @@ class MarginalMixture(nn.Module):
         self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0, dtype: torch.dtype = None
     ) -> Tensor:
         """Draws, shape (n, D), with every std scaled by ``temperature``."""
-        from posepriors.priors.base import randn  # the base module imports this one
-
         device = self.means.device
-        probs = self.log_weights.exp().T.cpu()  # (D, K); multinomial draws on the CPU generator
+        probs = self.log_weights.exp().T  # (D, K); the multinomial draws happen where the generator lives
+        if generator is not None:
+            probs = probs.to(generator.device)
         k = torch.multinomial(probs, n, replacement=True, generator=generator).T.to(device)  # (n, D)
         mu = self.means.gather(0, k)
         sd = self.stds.gather(0, k)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from posepriors.priors.base import PosePrior, PriorConfig, randn
+from posepriors.priors.base import PosePrior, PriorConfig
+from posepriors.priors.draws import randn
+from posepriors.utils import LOG_2PI
 
 __all__ = ["GaussianConfig", "GaussianPrior"]
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class GaussianPrior(PosePrior):
             Log-density of each joint's rotation, shape (*, J).
         """
         std = self.std
-        lp = (-0.5 * (((x - self.mean) / std).square() + _LOG_2PI) - std.log()).sum(-1)
+        lp = (-0.5 * (((x - self.mean) / std).square() + LOG_2PI) - std.log()).sum(-1)
         return lp if mask is None else lp * mask.to(lp.dtype)
 
     def _sample(

@@ -8,7 +8,6 @@ gives ``p(missing | observed)`` for any mask.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +16,11 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import FlowSequence, build_flow, check_flow_settings, flow_settings
-from posepriors.priors.base import PosePrior, PriorConfig, latent_map, randn
+from posepriors.priors.base import PosePrior, PriorConfig, latent_map
+from posepriors.priors.draws import randn
+from posepriors.utils import LOG_2PI
 
 __all__ = ["GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -256,7 +255,7 @@ class GlobalFlowPrior(PosePrior):
         m = mask.repeat_interleave(3, dim=-1)
         u = torch.where(m, noise, x.flatten(1)).unsqueeze(1)
         joint = self.completion.log_prob(u, self._completion_context(x, mask))[:, 0]
-        return joint - (-0.5 * (noise.square() + _LOG_2PI) * m).sum(-1)
+        return joint - (-0.5 * (noise.square() + LOG_2PI) * m).sum(-1)
 
     def _complete(self, x: Tensor, mask: Tensor, z: Tensor) -> Tensor:
         """Missing joints from the completion flow at latent ``z`` (B, 1, 3J); observed joints kept."""

@@ -28,11 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, randn
+from posepriors.priors.base import PoseInput, PosePrior, PriorConfig
+from posepriors.priors.draws import categorical, rand, randn
+from posepriors.utils import LOG_2PI
 
 __all__ = ["GMMConfig", "GMMPrior"]
 
-_LOG_2PI = math.log(2 * math.pi)
 _JITTER = 1e-6  # relative to min_std^2: keeps the Cholesky factor of cov - min_std^2 I defined when it is singular
 _CHUNK = 8192  # poses per E-step block (bounds the (chunk, K, D) conditional means of frames with missing joints)
 
@@ -329,7 +330,7 @@ class GMMPrior(PosePrior):
         sol = torch.linalg.solve_triangular(tril, diff.transpose(-1, -2), upper=False)  # (K, d, B): one solve each
         d = mean.shape[-1]
         log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        log_norm = -0.5 * sol.square().sum(-2).transpose(0, 1) - log_det - 0.5 * d * _LOG_2PI
+        log_norm = -0.5 * sol.square().sum(-2).transpose(0, 1) - log_det - 0.5 * d * LOG_2PI
         return log_norm + torch.log_softmax(self.logits, -1)
 
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -431,14 +432,14 @@ class GMMPrior(PosePrior):
         device, dtype = self.means.device, self.means.dtype
         mean, cov, log_w = self._params64()
         if observed is None or mask is None:
-            k = _categorical(log_w.exp().expand(n, -1), generator)
+            k = categorical(log_w.exp().expand(n, -1), generator)
             eps = randn((n, self.dim), generator=generator, device=device, dtype=torch.float64)
             tril = torch.linalg.cholesky(cov)
             x = mean[k] + temperature * (tril[k] @ eps.unsqueeze(-1)).squeeze(-1)
             return x.to(dtype).reshape(n, self.num_joints, 3)
         B = observed.shape[0]
         flat = observed.reshape(B, self.dim)
-        u = _uniform((n, B), generator, device)  # all draws up front: independent of the order of the patterns
+        u = rand((n, B), generator, device)  # all draws up front: independent of the order of the patterns
         eps = randn((n, B, self.dim), generator=generator, device=device, dtype=torch.float64)
         out = flat.double().expand(n, B, self.dim).clone()
         for rows, dims in self._patterns(mask):
@@ -447,7 +448,7 @@ class GMMPrior(PosePrior):
             if not bool(missing.any()):
                 continue
             post = _Posterior(mean, cov, log_w, flat[rows][:, dims].double(), dims, 0.0)
-            k = _categorical(torch.softmax(post.log_joint, -1), None, u[:, rows])  # (n, b)
+            k = categorical(torch.softmax(post.log_joint, -1), None, u[:, rows])  # (n, b)
             cond_mean = post.mean()[torch.arange(k.shape[1], device=device), k][..., missing]  # (n, b, m)
             tril = torch.linalg.cholesky(post.missing_covariance(missing))  # (K, m, m)
             noise = (tril[k] @ eps[:, rows][..., missing].unsqueeze(-1)).squeeze(-1)
@@ -475,7 +476,7 @@ class _Posterior:
         self._diff = y[None, :, :] - mean[:, None, dims]  # (K, b, d)
         white = torch.linalg.solve_triangular(self._chol, self._diff.transpose(-1, -2), upper=False)  # (K, d, b)
         log_det = self._chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        log_norm = -0.5 * white.square().sum(-2).transpose(0, 1) - log_det - 0.5 * len(dims) * _LOG_2PI
+        log_norm = -0.5 * white.square().sum(-2).transpose(0, 1) - log_det - 0.5 * len(dims) * LOG_2PI
         self.log_joint = log_w + log_norm
         self._gain: Tensor | None = None
 
@@ -542,25 +543,6 @@ def _mean_log_likelihood(mean: Tensor, cov: Tensor, log_w: Tensor, x: Tensor, w:
     return total / x.shape[0]
 
 
-def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Uniform [0, 1) draws in float64 on ``device`` from ``generator`` (which may live on another device)."""
-    if generator is None:
-        return torch.rand(shape, device=device, dtype=torch.float64)
-    return torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64).to(device)
-
-
-def _categorical(probs: Tensor, generator: torch.Generator | None, u: Tensor | None = None) -> Tensor:
-    """Indices drawn from the categorical distributions ``probs`` (*, K) (rows need not be normalised), shape (*,);
-    ``u`` (*,) are the uniform draws to use (default: fresh ones from ``generator``)."""
-    if u is None:
-        u = _uniform(tuple(probs.shape[:-1]), generator, probs.device)
-    shape = torch.broadcast_shapes(u.shape, probs.shape[:-1])
-    cdf = probs.cumsum(-1)
-    cdf = (cdf / cdf[..., -1:]).expand(*shape, probs.shape[-1]).contiguous()
-    u = u.to(cdf.dtype).expand(shape).unsqueeze(-1).contiguous()
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_max(probs.shape[-1] - 1)
-
-
 def _kmeans(points: Tensor, K: int, generator: torch.Generator | None, init: str, iters: int = 10) -> Tensor:
     """Cluster labels (N,) of ``points`` (N, D): k-means++ (or random distinct) seeds, then Lloyd iterations."""
     N = points.shape[0]
@@ -571,11 +553,11 @@ def _kmeans(points: Tensor, K: int, generator: torch.Generator | None, init: str
             pick = torch.randperm(N, generator=generator, device=generator.device)[:K].to(points.device)
         centres = points[pick]
     else:
-        first = _categorical(points.new_ones(N), generator)
+        first = categorical(points.new_ones(N), generator)
         centres = points[first][None]
         dist = (points - centres[0]).square().sum(-1)
         for _ in range(1, K):
-            nxt = _categorical(dist + 1e-300, generator)  # D^2 sampling (a tiny floor for all-duplicate data)
+            nxt = categorical(dist + 1e-300, generator)  # D^2 sampling (a tiny floor for all-duplicate data)
             centres = torch.cat([centres, points[nxt][None]])
             dist = torch.minimum(dist, (points - points[nxt]).square().sum(-1))
     labels = torch.cdist(points, centres).argmin(-1)

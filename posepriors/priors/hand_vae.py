@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import GroupedMLP
-from posepriors.priors.base import PosePrior, PriorConfig, _check_generator, randn
+from posepriors.priors.base import PosePrior, PriorConfig, _check_generator
+from posepriors.priors.draws import randn
 from posepriors.rotations import (
     axis_angle_geodesic,
     axis_angle_to_matrix,
@@ -43,10 +44,10 @@ from posepriors.rotations import (
     mirror_axis_angle,
     rotation_6d_to_matrix,
 )
+from posepriors.utils import LOG_2PI
 
 __all__ = ["HandDecoding", "HandEncoding", "HandVAE", "HandVAEConfig"]
 
-_LOG_2PI = math.log(2 * math.pi)
 _HANDS = (("left", skeleton.PARTS["left_hand"]), ("right", skeleton.PARTS["right_hand"]))
 
 
@@ -231,7 +232,7 @@ class HandVAE(PosePrior):
             per_joint = (
                 -0.5 * rel.square().sum(-1) / scale.square()
                 - 3 * scale.log()
-                - 1.5 * _LOG_2PI
+                - 1.5 * LOG_2PI
                 + exp_map_log_abs_det(target)
                 - exp_map_log_abs_det(rel)
             )
@@ -239,7 +240,7 @@ class HandVAE(PosePrior):
             mean = (self.pose_mean + self.pose_std * out[:, :45]).reshape(-1, 15, 3)
             scale = (self._scale(out[:, 45:] + self.pose_std.log()).square() + noise_std**2).sqrt()
             scale = scale.reshape(-1, 15, 3)
-            per_joint = (-0.5 * ((target - mean) / scale).square() - scale.log() - 0.5 * _LOG_2PI).sum(-1)
+            per_joint = (-0.5 * ((target - mean) / scale).square() - scale.log() - 0.5 * LOG_2PI).sum(-1)
         per_joint = per_joint.reshape(S, B, 15)
         if mask is not None:
             per_joint = per_joint * mask
@@ -286,8 +287,8 @@ class HandVAE(PosePrior):
             k = min(chunk, num_samples - start)
             eps = self._noise(k, B, generator, table, start, hand)
             z = enc.mean + std * eps
-            log_prior = -0.5 * (z.square().sum(-1) + Z * _LOG_2PI)
-            log_q = -0.5 * (eps.square().sum(-1) + Z * _LOG_2PI) - 0.5 * enc.log_var.sum(-1)
+            log_prior = -0.5 * (z.square().sum(-1) + Z * LOG_2PI)
+            log_q = -0.5 * (eps.square().sum(-1) + Z * LOG_2PI) - 0.5 * enc.log_var.sum(-1)
             terms.append(self._log_likelihood(hand, z, mask) + log_prior - log_q)
         return torch.logsumexp(torch.cat(terms), dim=0) - math.log(num_samples)
 

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import build_flow, check_flow_settings, flow_settings, standard_normal_log_prob
-from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, latent_map, randn
+from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, latent_map
+from posepriors.priors.draws import randn
 from posepriors.rotations import axis_angle_to_rotation_6d
 
 __all__ = ["JointFlowConfig", "JointFlowPrior"]
