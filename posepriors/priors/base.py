@@ -97,7 +97,7 @@ class PriorConfig:
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise fields in place through object.__setattr__. Every field is checked against
-        # its annotation first (as from_dict does), so a wrong type names its field instead of failing later.
+        # its annotation first, so a wrong type names its field instead of failing later.
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -122,9 +122,9 @@ class PriorConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> PriorConfig:
         """Build the config from :meth:`to_dict` output (e.g. the ``config`` object of a ``config.json``).
 
-        Every value is checked against its field's annotation, as JSON types: ``bool`` fields take ``true`` /
-        ``false`` only, ``int`` fields integers, ``float`` fields numbers, ``str`` fields strings and tuple fields
-        lists (``joints`` also takes a part spec string).
+        Every value is checked against its field's annotation on construction (``__post_init__``), as JSON types:
+        ``bool`` fields take ``true`` / ``false`` only, ``int`` fields integers, ``float`` fields numbers, ``str``
+        fields strings and tuple fields lists (``joints`` also takes a part spec string).
 
         Raises:
             ValueError: On unknown keys.
@@ -136,11 +136,7 @@ class PriorConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(names)}")
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in values.items():
-            kwargs[key] = _check_field(cls.__name__, key, hints.get(key, Any), value)
-        return cls(**kwargs)
+        return cls(**values)
 
 
 def _to_json(value: Any) -> Any:
