@@ -157,11 +157,11 @@ class GlobalFlowPrior(PosePrior):
             return None
         return torch.cat(pieces, dim=-1).unsqueeze(1)
 
-    def _part_log_probs(self, x: Tensor) -> Tensor:
-        """Log-density of every part given the previous ones, (B, P)."""
+    def _part_log_probs(self, x: Tensor, num_parts: int | None = None) -> Tensor:
+        """Log-density of the first ``num_parts`` parts (default: all), each given the previous ones, (B, P)."""
         ctx = self._get_context(x.shape[0])
         out = []
-        for k, flow in enumerate(self.flows):
+        for k, flow in enumerate(self.flows[:num_parts]):
             xk = x[:, getattr(self, f"part_index_{k}")].reshape(x.shape[0], 1, -1)
             out.append(flow.log_prob(xk, self._part_context(x, k, ctx)))  # (B, 1)
         return torch.cat(out, dim=-1)
@@ -188,10 +188,13 @@ class GlobalFlowPrior(PosePrior):
         )
 
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        parts = self._part_log_probs(x)
         if mask is None:
-            return parts.sum(-1)
-        return (parts * self._part_mask(mask)).sum(-1)
+            return self._part_log_probs(x).sum(-1)
+        observed_parts = self._part_mask(mask)
+        # trailing parts that no pose of the batch observes are not run at all (a body-only input skips the hands)
+        needed = int(observed_parts.any(0).sum())
+        parts = self._part_log_probs(x, needed)
+        return (parts * observed_parts[:, :needed]).sum(-1)
 
     def log_prob_per_part(self, pose: Any, *, layout: str | None = None) -> Tensor:
         """Log-density of every part given the previous ones.
