@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from posepriors import flows
+from posepriors.flows.sequence import _FoldedAffine
 
 # (groups, dim, context features): the global flow's body (63-D), a conditional global flow, the per-joint flows
 CASES = [(1, 63, 0), (1, 10, 5), (55, 3, 6), (4, 2, 0)]
@@ -339,7 +340,7 @@ def test_frozen_inference_folds_linear_blocks_exactly(case, mixing):
     assert flow._frozen_steps(False) is None  # parameters require grad: block by block
     flow.requires_grad_(False)
     steps = flow._frozen_steps(False)
-    assert steps is not None and any(isinstance(s, flows._FoldedAffine) for s in steps)
+    assert steps is not None and any(isinstance(s, _FoldedAffine) for s in steps)
     z, logdet = flow(x, c)
     torch.testing.assert_close(z, z_ref, atol=1e-10, rtol=0)
     torch.testing.assert_close(logdet, logdet_ref, atol=1e-10, rtol=0)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.flows import GroupedMLP
+from posepriors.grouped import GroupedMLP
 from posepriors.priors.base import PosePrior, PriorConfig, _check_generator
 from posepriors.priors.draws import randn
 from posepriors.rotations import (

@@ -1,0 +1,221 @@
+"""Composition of flow blocks, with the frozen-inference fast path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from posepriors.flows.core import _Block, _check_context, _check_input, _full_logdet, _LogDet, standard_normal_log_prob
+from posepriors.flows.couplings import _Coupling
+from posepriors.flows.linear import ActNorm, LULinear, Permutation
+
+__all__ = ["FlowSequence"]
+
+_LINEAR_BLOCKS = (ActNorm, LULinear, Permutation)
+
+
+class _FoldedAffine:
+    """A run of linear blocks as one precomputed map ``z = x @ A + c`` (or its inverse), for frozen inference."""
+
+    def __init__(self, matrix: Tensor, offset: Tensor, logdet: Tensor) -> None:
+        self.matrix, self.offset, self.logdet = matrix, offset, logdet  # (G, D, D), (G, D), (G,)
+        self.single = matrix.shape[0] == 1
+        if self.single:  # one group: the 2-D factors of a plain GEMM, taken once
+            self.matrix_2d, self.offset_2d = matrix[0], offset[0]
+
+    @classmethod
+    def from_blocks(cls, blocks: list[nn.Module], inverse: bool, dtype: torch.dtype) -> _FoldedAffine:
+        """Compose the blocks' affine maps in float64 and cast to ``dtype``; the inverse map when ``inverse``."""
+        matrix = offset = logdet = None
+        for block in blocks:
+            a, c, ld = (t.double() for t in block._affine())
+            if matrix is None:
+                matrix, offset, logdet = a, c, ld
+            else:
+                matrix = matrix @ a
+                offset = (offset.unsqueeze(-2) @ a).squeeze(-2) + c
+                logdet = logdet + ld
+        if inverse:  # x = (z - c) A^-1
+            matrix = torch.linalg.inv(matrix)
+            offset = -(offset.unsqueeze(-2) @ matrix).squeeze(-2)
+            logdet = -logdet
+        groups = max(matrix.shape[0], offset.shape[0])
+        matrix = matrix.expand(groups, -1, -1)
+        offset = offset.expand(groups, -1)
+        return cls(matrix.to(dtype).contiguous(), offset.to(dtype).contiguous(), logdet.to(dtype).expand(groups))
+
+    def __call__(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.single:  # one group: a plain GEMM
+            return torch.addmm(self.offset_2d, x.squeeze(1), self.matrix_2d).unsqueeze(1), self.logdet
+        z = torch.baddbmm(self.offset.unsqueeze(1), x.transpose(0, 1), self.matrix)
+        return z.transpose(0, 1), self.logdet
+
+
+class FlowSequence(nn.Module):
+    """A composition of blocks: ``forward`` runs them in order (data -> latent) and sums their log-determinants,
+    ``inverse`` runs their inverses in reverse order.
+
+    The input (and context) shapes are checked once here; the blocks then run unchecked.
+
+    Args:
+        blocks: The blocks (:class:`ActNorm`, :class:`LULinear`, :class:`Permutation`, the couplings, or any module
+            with ``forward``/``inverse`` returning ``(tensor, logabsdet (B, G))``).
+        groups: Number of groups G.
+        dim: Dimension per group D.
+    """
+
+    def __init__(self, blocks: Iterable[nn.Module], groups: int, dim: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.groups, self.dim = groups, dim
+        self.context_features = max((getattr(b, "context_features", 0) for b in self.blocks), default=0)
+        # frozen inference runs batches larger than this in chunks of about 2^20 hidden activations (see _run)
+        hidden = [b.conditioner._linears[0].out_features for b in self.blocks if isinstance(b, _Coupling)]
+        widest = max(hidden, default=1)
+        self._chunk_rows = max(64, 2**20 // (groups * widest))
+        # inference cache of folded linear blocks, {inverse: (key, steps)}; see _frozen_steps
+        self._folded: dict[bool, tuple[tuple[tuple[int, int], ...], list[Callable[..., tuple[Tensor, _LogDet]]]]] = {}
+
+    def _check(self, x: Tensor, context: Tensor | None) -> None:
+        _check_input(x, self.groups, self.dim)
+        _check_context(context, x, self.context_features)
+
+    @staticmethod
+    def _steps(blocks: Iterable[nn.Module], inverse: bool) -> list[Callable[..., tuple[Tensor, _LogDet]]]:
+        out = []
+        for block in blocks:
+            if isinstance(block, _Block):
+                out.append(block._inverse if inverse else block._forward)
+            else:
+                out.append(block.inverse if inverse else block)
+        return out
+
+    def _frozen_steps(self, inverse: bool) -> list[Callable[..., tuple[Tensor, _LogDet]]] | None:
+        """The steps with every run of linear blocks (ActNorm, LU, permutations) folded into one affine map.
+
+        Only for inference: in eval mode, and when no gradient can reach the folded parameters (they do not
+        require grad, or grad mode is off). The folded maps are computed once (in float64) and cached, keyed by
+        the parameters' storage and version counters, so an in-place update, ``load_state_dict`` or ``.to()``
+        rebuilds them. Returns None when the flow must run block by block.
+        """
+        if self.training:
+            return None
+        linear = [b for b in self.blocks if isinstance(b, _LINEAR_BLOCKS)]
+        if not linear:
+            return None
+        params = [p for b in linear for p in b._parameters.values()]  # leaf blocks: no recursion needed
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        try:
+            key = tuple((p.data_ptr(), p._version) for p in params)
+        except RuntimeError:  # inference tensors have no version counter: do not cache
+            return None
+        cached = self._folded.get(inverse)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        with torch.no_grad():
+            forward_steps: list[Callable[..., tuple[Tensor, _LogDet]]] = []
+            run: list[nn.Module] = []
+            for block in self.blocks:
+                if isinstance(block, _LINEAR_BLOCKS):
+                    run.append(block)
+                    continue
+                if run:
+                    forward_steps.append(_FoldedAffine.from_blocks(run, inverse, dtype))
+                    run = []
+                forward_steps.extend(self._steps([block], inverse))
+            if run:
+                forward_steps.append(_FoldedAffine.from_blocks(run, inverse, dtype))
+        steps = forward_steps[::-1] if inverse else forward_steps
+        self._folded[inverse] = (key, steps)
+        return steps
+
+    def _run(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        steps = self._frozen_steps(inverse)
+        if steps is None:
+            steps = self._steps(reversed(self.blocks) if inverse else self.blocks, inverse)
+        elif (
+            x.shape[0] > self._chunk_rows
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or (context is not None and context.requires_grad)))
+        ):
+            # Frozen inference on a large CPU batch: run it in chunks, so that each layer's hidden activations stay
+            # in cache (up to ~2x faster for the per-joint flows, whose layers are memory-bound). A GPU gets the
+            # whole batch at once.
+            n = self._chunk_rows
+            chunks = [
+                self._run_steps(steps, x[i : i + n], None if context is None else context[i : i + n])
+                for i in range(0, x.shape[0], n)
+            ]
+            return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        return self._run_steps(steps, x, context)
+
+    @staticmethod
+    def _run_steps(
+        steps: list[Callable[..., tuple[Tensor, _LogDet]]], x: Tensor, context: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        total: Tensor | None = None
+        for step in steps:
+            x, logdet = step(x, context)
+            if logdet is not None:
+                total = logdet if total is None else total + logdet
+        return x, _full_logdet(total, x)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Data to latent.
+
+        Args:
+            x: Inputs, shape (B, G, D).
+            context: Conditioner inputs, shape (B, G, C), or None for a flow without context.
+
+        Returns:
+            The latent codes, shape (B, G, D), and ``log |det dz/dx|`` per group, shape (B, G).
+        """
+        self._check(x, context)
+        return self._run(x, context, inverse=False)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Latent to data.
+
+        Args:
+            z: Latent codes, shape (B, G, D).
+            context: Conditioner inputs, shape (B, G, C), or None for a flow without context.
+
+        Returns:
+            The data, shape (B, G, D), and ``log |det dx/dz|`` per group, shape (B, G).
+        """
+        self._check(z, context)
+        return self._run(z, context, inverse=True)
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Log-density under a standard-normal base.
+
+        Args:
+            x: Inputs, shape (B, G, D).
+            context: Conditioner inputs, shape (B, G, C), or None.
+
+        Returns:
+            Log-density per group, shape (B, G).
+        """
+        z, logdet = self(x, context)
+        return standard_normal_log_prob(z) + logdet
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor, context: Tensor | None = None) -> None:
+        """Data-dependent initialisation: run ``x`` through, initialising every ActNorm on its own input.
+
+        Args:
+            x: A representative batch, shape (N, G, D) with N >= 2.
+            context: Its conditioner inputs, shape (N, G, C), or None.
+        """
+        self._check(x, context)
+        for block, step in zip(self.blocks, self._steps(self.blocks, inverse=False), strict=True):
+            if isinstance(block, ActNorm):
+                block.initialize(x)
+            x, _ = step(x, context)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, dim={self.dim}, context_features={self.context_features}"

@@ -1,0 +1,167 @@
+"""Grouped linear maps and MLPs: G independent networks applied at once, as one batched matrix product.
+
+Inputs have shape (B, G, features); every parameter has the group as its first dim, so the networks of a subset
+of groups run by passing the parameters' rows to :func:`torch.func.functional_call`. Used by the flows'
+coupling conditioners and by the hand VAE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ACTIVATIONS", "GroupedLinear", "GroupedMLP", "check_grouped"]
+
+ACTIVATIONS: dict[str, tuple[type[nn.Module], Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "silu": (nn.SiLU, F.silu, lambda h: F.silu(h, inplace=True)),
+    "relu": (nn.ReLU, F.relu, torch.relu_),
+    "elu": (nn.ELU, F.elu, lambda h: F.elu(h, inplace=True)),
+    "gelu": (nn.GELU, F.gelu, F.gelu),  # no in-place form
+    "tanh": (nn.Tanh, torch.tanh, torch.tanh_),
+}
+"""name -> (module, function, in-place function). The in-place form runs where autograd does not record
+(inference): a large batch then skips allocating (and, on CPU, page-faulting in) a fresh hidden-activation tensor
+per layer."""
+
+
+def check_grouped(x: Tensor, groups: int | None, dim: int, name: str = "input") -> None:
+    """Raise unless ``x`` is a Tensor of shape (B, groups, dim) (any G when ``groups`` is None).
+
+    Raises:
+        TypeError: When ``x`` is not a Tensor.
+        ValueError: On a wrong shape, naming the expected and the given one.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected {name} to be a Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[2] != dim or (groups is not None and x.shape[1] != groups):
+        expected = f"(B, {'G' if groups is None else groups}, {dim})"
+        raise ValueError(f"expected {name} of shape {expected}, got {tuple(x.shape)}")
+
+
+class GroupedLinear(nn.Module):
+    """G independent linear maps applied at once: (B, G, in) -> (B, G, out).
+
+    The weights are stacked as (G, in, out) so that the grouped product is a single :func:`torch.baddbmm` over
+    the groups; the bias is (G, out). Initialised like :class:`torch.nn.Linear`: uniform in
+    ``+-1 / sqrt(in_features)`` (from the global RNG, like every torch layer).
+
+    Args:
+        groups: Number of groups G.
+        in_features: Input features per group.
+        out_features: Output features per group.
+        bias: Whether to add a bias.
+    """
+
+    def __init__(self, groups: int, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        for name, value in (("groups", groups), ("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "in_features" else 1):
+                raise ValueError(f"expected {name} to be a positive integer, got {value!r}")
+        self.groups, self.in_features, self.out_features = groups, in_features, out_features
+        bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0
+        self.weight = nn.Parameter(torch.empty(groups, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(groups, out_features).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply each group's map.
+
+        Args:
+            x: Inputs, shape (B, G, in_features).
+
+        Returns:
+            Outputs, shape (B, G, out_features).
+        """
+        check_grouped(x, self.weight.shape[0], self.in_features)
+        weight, bias = self.weight, self.bias
+        if weight.shape[0] == 1:  # one group: a plain GEMM (the global flow's case)
+            return F.linear(x, weight[0].T, None if bias is None else bias[0])
+        h = x.transpose(0, 1)  # (G, B, in): one batched GEMM over the groups
+        h = torch.bmm(h, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight)
+        return h.transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"groups={self.groups}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class GroupedMLP(nn.Sequential):
+    """Per-group MLP: ``num_hidden_layers`` hidden layers of width ``hidden`` between grouped linear maps.
+
+    The layers are held as an :class:`torch.nn.Sequential` (``0`` linear, ``1`` activation, ``2`` linear, ...), but
+    ``forward`` runs them as one :func:`torch.baddbmm` per layer in a (G, B, features) layout, without a module call
+    per layer. With ``zero_init_last`` the last layer starts at zero, so couplings start as the identity.
+
+    Args:
+        groups: Number of groups G.
+        in_features: Inputs per group.
+        out_features: Outputs per group.
+        hidden: Hidden width.
+        num_hidden_layers: Number of hidden layers (>= 1).
+        activation: ``"silu"``, ``"relu"``, ``"elu"``, ``"gelu"`` or ``"tanh"``.
+        zero_init_last: Zero the last layer's weights and bias.
+    """
+
+    def __init__(
+        self,
+        groups: int,
+        in_features: int,
+        out_features: int,
+        hidden: int,
+        num_hidden_layers: int = 2,
+        activation: str = "silu",
+        zero_init_last: bool = True,
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"expected activation in {sorted(ACTIVATIONS)}, got {activation!r}")
+        if isinstance(num_hidden_layers, bool) or not isinstance(num_hidden_layers, int) or num_hidden_layers < 1:
+            raise ValueError(f"expected num_hidden_layers to be an integer >= 1, got {num_hidden_layers!r}")
+        module, function, inplace = ACTIVATIONS[activation]
+        layers: list[nn.Module] = []
+        width = in_features
+        for _ in range(num_hidden_layers):
+            layers += [GroupedLinear(groups, width, hidden), module()]
+            width = hidden
+        last = GroupedLinear(groups, width, out_features)
+        if zero_init_last:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        super().__init__(*layers, last)
+        self.in_features, self.out_features = in_features, out_features
+        self._activation, self._activation_ = function, inplace
+        # the linear layers, read at call time (so torch.func.functional_call can swap their parameters)
+        self._linears: tuple[GroupedLinear, ...] = tuple(layers[::2]) + (last,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply each group's MLP.
+
+        Args:
+            x: Inputs, shape (B, G, in_features).
+
+        Returns:
+            Outputs, shape (B, G, out_features).
+        """
+        check_grouped(x, self._linears[0].weight.shape[0], self.in_features)
+        return self._run(x)
+
+    def _run(self, x: Tensor) -> Tensor:
+        """``forward`` without input checks."""
+        *hidden_layers, last = self._linears
+        act, act_ = self._activation, self._activation_
+        # Each hidden output is a fresh tensor: when autograd does not record it, the activation runs in place.
+        if x.shape[1] == 1 and last.weight.shape[0] == 1:  # one group (the global flow): plain 2-D GEMMs
+            h = x.squeeze(1)  # a view whose backward is a view too (a select's backward allocates)
+            for layer in hidden_layers:
+                h = torch.addmm(layer.bias[0], h, layer.weight[0])
+                h = act(h) if h.requires_grad else act_(h)
+            return torch.addmm(last.bias[0], h, last.weight[0]).unsqueeze(1)
+        h = x.transpose(0, 1)  # (G, B, in): one batched GEMM per layer over the groups
+        for layer in hidden_layers:
+            h = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight)
+            h = act(h) if h.requires_grad else act_(h)
+        return torch.baddbmm(last.bias.unsqueeze(1), h, last.weight).transpose(0, 1)
