@@ -133,6 +133,7 @@ class GroupedMLP(nn.Sequential):
             nn.init.zeros_(last.bias)
         super().__init__(*layers, last)
         self.in_features, self.out_features = in_features, out_features
+        self.activation = activation
         self._activation, self._activation_ = function, inplace
         # the linear layers, read at call time (so torch.func.functional_call can swap their parameters)
         self._linears: tuple[GroupedLinear, ...] = tuple(layers[::2]) + (last,)
@@ -165,3 +166,71 @@ class GroupedMLP(nn.Sequential):
             h = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight)
             h = act(h) if h.requires_grad else act_(h)
         return torch.baddbmm(last.bias.unsqueeze(1), h, last.weight).transpose(0, 1)
+
+    # ------------------------------------------------------------------ frozen fast path (see flows.couplings)
+    @property
+    def has_input_vjp(self) -> bool:
+        """Whether :meth:`run_saving` / :meth:`input_vjp` support this MLP's activation."""
+        return self.activation in _DERIVATIVES
+
+    def run_saving(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """``forward`` without checks that also returns what :meth:`input_vjp` needs (no autograd recording).
+
+        Args:
+            x: Inputs, shape (B, G, in_features).
+
+        Returns:
+            The outputs (B, G, out_features) and, per hidden layer, its pre-activation and activation.
+        """
+        *hidden_layers, last = self._linears
+        act = self._activation
+        saved = []
+        if x.shape[1] == 1 and last.weight.shape[0] == 1:  # one group: plain 2-D GEMMs
+            h = x.squeeze(1)
+            for layer in hidden_layers:
+                a = torch.addmm(layer.bias[0], h, layer.weight[0])
+                h = act(a)
+                saved.append((a, h))
+            return torch.addmm(last.bias[0], h, last.weight[0]).unsqueeze(1), saved
+        h = x.transpose(0, 1)  # (G, B, in)
+        for layer in hidden_layers:
+            a = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight)
+            h = act(a)
+            saved.append((a, h))
+        return torch.baddbmm(last.bias.unsqueeze(1), h, last.weight).transpose(0, 1), saved
+
+    def input_vjp(self, saved: list[tuple[Tensor, Tensor]], grad: Tensor) -> Tensor:
+        """The gradient w.r.t. the input of ``(outputs * grad).sum()``, for frozen weights.
+
+        Args:
+            saved: What :meth:`run_saving` returned with the outputs.
+            grad: Gradient w.r.t. the outputs, shape (B, G, out_features).
+
+        Returns:
+            Gradient w.r.t. the inputs, shape (B, G, in_features).
+        """
+        derivative = _DERIVATIVES[self.activation]
+        linears = self._linears
+        if grad.shape[1] == 1 and linears[-1].weight.shape[0] == 1:  # one group: plain 2-D GEMMs
+            g = grad.squeeze(1)
+            for layer, (a, h) in zip(reversed(linears[1:]), reversed(saved), strict=True):
+                g = (g @ layer.weight[0].T) * derivative(a, h)
+            return (g @ linears[0].weight[0].T).unsqueeze(1)
+        g = grad.transpose(0, 1)  # (G, B, out)
+        for layer, (a, h) in zip(reversed(linears[1:]), reversed(saved), strict=True):
+            g = torch.bmm(g, layer.weight.transpose(1, 2)) * derivative(a, h)
+        return torch.bmm(g, linears[0].weight.transpose(1, 2)).transpose(0, 1)
+
+
+def _silu_derivative(a: Tensor, h: Tensor) -> Tensor:
+    sig = torch.sigmoid(a)  # silu'(a) = sig + silu(a) (1 - sig)
+    return torch.addcmul(sig, h, 1 - sig)
+
+
+_DERIVATIVES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "silu": _silu_derivative,
+    "relu": lambda a, h: (a > 0).to(a.dtype),
+    "tanh": lambda a, h: 1 - h.square(),
+    "elu": lambda a, h: torch.where(a > 0, 1.0, h + 1),
+}
+"""Activation derivatives from the pre-activation ``a`` and the activation ``h`` (no entry: no fast path)."""

@@ -95,8 +95,72 @@ class _Coupling(_Block):
         x2, logdet = self._transform(z2, self._params(z1, context), inverse=True)
         return self._merge(z, z1, x2), logdet
 
+    # ------------------------------------------------------------------ frozen fast path
+    def _frozen_forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, _LogDet]:
+        """``_forward`` for frozen weights (no parameter needs a gradient; the caller checks).
+
+        When a gradient w.r.t. the input or the context is needed, the whole layer is one autograd node whose
+        backward is written out (:class:`_FrozenCoupling`): a fitting step then records one node per coupling
+        instead of one per tensor op. Otherwise it is the plain forward.
+        """
+        if torch.is_grad_enabled() and (x.requires_grad or (context is not None and context.requires_grad)):
+            if self.conditioner.has_input_vjp:
+                return _FrozenCoupling.apply(self, x, context)
+        return self._forward(x, context)
+
+    def _join(self, a1: Tensor, a2: Tensor) -> Tensor:
+        """A (B, G, D) tensor from its conditioning part ``a1`` and transformed part ``a2``."""
+        if self._layout == 1:
+            return torch.cat([a1, a2], dim=-1)
+        if self._layout == 2:
+            return torch.cat([a2, a1], dim=-1)
+        out = a1.new_empty(*a1.shape[:-1], self.dim)
+        return out.index_copy_(-1, self.conditioning_index, a1).index_copy_(-1, self.transformed_index, a2)
+
+    def _transform_saving(self, x2: Tensor, params: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """The forward transform, its log-determinant (B, G) and what :meth:`_transform_vjp` needs."""
+        raise NotImplementedError
+
+    def _transform_vjp(self, saved: tuple[Tensor, ...], grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradients w.r.t. the transformed inputs (B, G, n) and the conditioner outputs (B, G, n * P), given those
+        w.r.t. the outputs (B, G, n) and the log-determinant (B, G)."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"mask={self.mask.int().tolist()}, context_features={self.context_features}"
+
+
+class _FrozenCoupling(torch.autograd.Function):
+    """A coupling layer with frozen weights as one autograd node: ``(x, context) -> (z, log |det dz/dx|)``.
+
+    The forward runs without recording; the backward is the layer's vector-Jacobian product written out (the
+    element-wise transform's partial derivatives, then the conditioner's input VJP), so a fitting step's backward
+    costs a few dozen small ops per layer instead of an autograd node per forward op. Gradients flow to ``x`` and
+    ``context`` only; the weights get none (the caller uses this only when no weight requires grad). First
+    derivatives only: a double backward raises.
+    """
+
+    @staticmethod
+    def forward(ctx, coupling: _Coupling, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        x1, x2 = coupling._split(x)
+        h = x1 if context is None or not coupling.context_features else torch.cat([x1, context], dim=-1)
+        params, hidden = coupling.conditioner.run_saving(h)
+        y2, logdet, saved = coupling._transform_saving(x2, params)
+        ctx.coupling, ctx.hidden, ctx.saved = coupling, hidden, saved
+        ctx.context_shape = None if h is x1 else context.shape
+        return coupling._merge(x, x1, y2), logdet
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None]:  # noqa: ANN001
+        coupling: _Coupling = ctx.coupling
+        grad_z1, grad_z2 = coupling._split(grad_z)
+        grad_x2, grad_params = coupling._transform_vjp(ctx.saved, grad_z2, grad_logdet)
+        grad_h = coupling.conditioner.input_vjp(ctx.hidden, grad_params)
+        grad_context = None
+        if ctx.context_shape is not None:
+            grad_h, grad_context = grad_h.split((coupling.num_conditioning, ctx.context_shape[-1]), dim=-1)
+        return None, coupling._join(grad_z1 + grad_h, grad_x2), grad_context
 
 
 class AffineCoupling(_Coupling):
@@ -144,6 +208,23 @@ class AffineCoupling(_Coupling):
         if inverse:
             return (x2 - shift) * torch.exp(-s), -s.sum(-1)
         return torch.addcmul(shift, x2, torch.exp(s)), s.sum(-1)
+
+    def _transform_saving(self, x2: Tensor, params: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        raw, shift = params.chunk(2, dim=-1)
+        if self.scale_fn == "softclamp":
+            bounded = torch.tanh(raw * (1 / self.clamp))
+            s, ds_draw = bounded * self.clamp, 1 - bounded.square()
+        else:
+            s, ds_draw = raw, None
+        scale = torch.exp(s)
+        return torch.addcmul(shift, x2, scale), s.sum(-1), (x2, scale, ds_draw)
+
+    def _transform_vjp(self, saved: tuple[Tensor, ...], grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:
+        x2, scale, ds_draw = saved
+        grad_x2 = grad_y * scale
+        grad_s = torch.addcmul(grad_logdet.unsqueeze(-1), grad_x2, x2)  # d/ds: grad_y * x2 * e^s + grad_logdet
+        grad_raw = grad_s if ds_draw is None else grad_s * ds_draw
+        return grad_x2, torch.cat([grad_raw, grad_y], dim=-1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale_fn={self.scale_fn!r}, clamp={self.clamp}"
@@ -253,6 +334,72 @@ class RQSplineCoupling(_Coupling):
         out = torch.where(outside, x2, out)
         logdet = logdet.masked_fill(outside, 0.0).sum(-1)
         return out, (-logdet if inverse else logdet)
+
+    def _transform_saving(self, x2: Tensor, params: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        # The forward spline of _transform in the bin-local form that _transform_vjp differentiates:
+        # xi = (x - x_k) / w_k, s = h_k / w_k, t = xi (1 - xi), y = y_k + h_k P / Q with P = s xi^2 + d_k t and
+        # Q = s + c t, c = d_k + d_k1 - 2 s; dy/dx = s^2 M / Q^2 with M = d_k1 xi^2 + 2 s t + d_k (1 - xi)^2.
+        K, B = self.bins, self.bound
+        raw_sizes, raw_derivs = params.unflatten(-1, (self.num_transformed, 3 * K - 1)).split((2 * K, K - 1), -1)
+        scale, offset = self._factors(params)
+        probs = torch.softmax(raw_sizes.unflatten(-1, (2, K)), -1)
+        sizes = torch.addcmul(offset, probs, scale)
+        left = torch.cumsum(sizes, -1).sub_(sizes).sub_(B)
+        shifted = raw_derivs + self._derivative_shift
+        derivs = F.pad(F.softplus(shifted).add_(self.min_derivative), (1, 1), value=1.0)
+        table = torch.cat([left.flatten(-2), sizes.flatten(-2), derivs], -1)
+        v = F.hardtanh(x2, -B, B)
+        columns = (v.unsqueeze(-1) >= left[..., 0, 1:]).sum(-1, keepdim=True) + self._columns
+        x_k, y_k, w_k, h_k, d_k, d_k1 = table.gather(-1, columns).unbind(-1)
+        s_k = h_k / w_k
+        xi = (v - x_k).div_(w_k)
+        xi_1m = 1 - xi
+        t = xi * xi_1m
+        c = (d_k + d_k1).sub_(s_k, alpha=2)
+        q = torch.addcmul(s_k, c, t)
+        xi_sq = xi.square()
+        p = torch.addcmul(d_k * t, s_k, xi_sq)
+        g = p / q
+        m = torch.addcmul(torch.addcmul(d_k1 * xi_sq, s_k, t, value=2), d_k, xi_1m.square())
+        outside = v != x2  # the ends and beyond: the identity (the spline's value and slope there)
+        out = torch.where(outside, x2, torch.addcmul(y_k, h_k, g))
+        logdet = torch.log(m * s_k.square()).sub_(torch.log(q), alpha=2).masked_fill_(outside, 0.0).sum(-1)
+        saved = (probs, shifted, columns, xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside)
+        return out, logdet, saved
+
+    def _transform_vjp(self, saved: tuple[Tensor, ...], grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:
+        probs, shifted, columns, xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside = saved
+        K = self.bins
+        inside = (~outside).to(grad_y.dtype)
+        gy = grad_y * inside  # the tails are the identity: no gradient to the spline's parameters there
+        gl = (grad_logdet.unsqueeze(-1) * inside).unsqueeze(-1)
+        inv_q, inv_m = q.reciprocal(), m.reciprocal()
+        one_2t = 1 - 2 * t
+        one_2xi = 1 - 2 * xi
+        # partials w.r.t. (xi, s, d_k, d_k1): of P / Q times Q^2, and of the log-determinant ld = log(s^2 M / Q^2)
+        dy = torch.stack([s_k * m, xi_sq * q - p * one_2t, t * (q - p), -t * p], -1)
+        dm = torch.stack([2 * (d_k1 * xi + s_k * one_2xi - d_k * xi_1m), 2 * t, xi_1m.square(), xi_sq], -1)
+        dq = torch.stack([c * one_2xi, one_2t, t, t], -1)
+        dld = torch.addcmul(dm * inv_m.unsqueeze(-1), dq, inv_q.unsqueeze(-1), value=-2)
+        dld[..., 1] += 2 / s_k
+        a_xi, a_s, a_d0, a_d1 = torch.addcmul(gl * dld, dy, (gy * h_k * inv_q.square()).unsqueeze(-1)).unbind(-1)
+        # through xi = (x - x_k) / w_k and s = h_k / w_k to the table entries (x_k, y_k, w_k, h_k, d_k, d_k1)
+        inv_w = w_k.reciprocal()
+        grad_xi = a_xi * inv_w
+        grad_x2 = torch.where(outside, grad_y, grad_xi)
+        grad_s = a_s * inv_w
+        grad_w = torch.addcmul(grad_s * s_k, xi, grad_xi).neg_()
+        grad_h = torch.addcmul(grad_s, gy, g)
+        entries = torch.stack([-grad_xi, gy, grad_w, grad_h, a_d0, a_d1], -1)
+        table = entries.new_zeros(*entries.shape[:-1], 5 * K + 1).scatter_add_(-1, columns, entries)
+        grad_left, grad_sizes, grad_derivs = table.split((2 * K, 2 * K, K + 1), -1)
+        grad_left = grad_left.unflatten(-1, (2, K))
+        # a left knot is the sum of the sizes before it: sizes get the sum of the left-knot gradients after them
+        grad_sizes = grad_sizes.unflatten(-1, (2, K)) + grad_left.sum(-1, keepdim=True) - grad_left.cumsum(-1)
+        grad_probs = grad_sizes * self._factors(grad_y)[0]
+        grad_raw_sizes = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+        grad_raw_derivs = grad_derivs[..., 1:K] * torch.sigmoid(shifted)
+        return grad_x2, torch.cat([grad_raw_sizes.flatten(-2), grad_raw_derivs], -1).flatten(-2)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bins={self.bins}, bound={self.bound}"

@@ -95,8 +95,9 @@ class FlowSequence(nn.Module):
     def _frozen_steps(self, inverse: bool) -> list[Callable[..., tuple[Tensor, _LogDet]]] | None:
         """The steps with every run of linear blocks (ActNorm, LU, permutations) folded into one affine map.
 
-        Only for inference: in eval mode, and when no gradient can reach the folded parameters (they do not
-        require grad, or grad mode is off). The folded maps are computed once (in float64) and cached, keyed by
+        Only for inference: in eval mode, and when no gradient can reach the flow's parameters (none requires
+        grad, or grad mode is off). The couplings then run their frozen forward, one autograd node per layer with a
+        written-out backward when the input needs a gradient (see ``_Coupling._frozen_forward``). The folded maps are computed once (in float64) and cached, keyed by
         the parameters' storage and version counters, so an in-place update, ``load_state_dict`` or ``.to()``
         rebuilds them. Returns None when the flow must run block by block.
         """
@@ -106,7 +107,7 @@ class FlowSequence(nn.Module):
         if not linear:
             return None
         params = [p for b in linear for p in b._parameters.values()]  # leaf blocks: no recursion needed
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return None
         try:
             key = tuple((p.data_ptr(), p._version) for p in params)
@@ -126,7 +127,10 @@ class FlowSequence(nn.Module):
                 if run:
                     forward_steps.append(_FoldedAffine.from_blocks(run, inverse, dtype))
                     run = []
-                forward_steps.extend(self._steps([block], inverse))
+                if isinstance(block, _Coupling) and not inverse:
+                    forward_steps.append(block._frozen_forward)  # one autograd node per layer when fitting
+                else:
+                    forward_steps.extend(self._steps([block], inverse))
             if run:
                 forward_steps.append(_FoldedAffine.from_blocks(run, inverse, dtype))
         steps = forward_steps[::-1] if inverse else forward_steps
