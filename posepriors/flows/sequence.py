@@ -99,7 +99,8 @@ class FlowSequence(nn.Module):
         grad, or grad mode is off). The couplings then run their frozen forward, one autograd node per layer with a
         written-out backward when the input needs a gradient (see ``_Coupling._frozen_forward``). The folded maps
         are computed once (in float64) and cached, keyed by the parameters' storage and version counters, so an
-        in-place update, ``load_state_dict`` or ``.to()`` rebuilds them. Returns None when the flow must run block by block.
+        in-place update, ``load_state_dict`` or ``.to()`` rebuilds them. Returns None when the flow
+        must run block by block.
         """
         if self.training:
             return None
