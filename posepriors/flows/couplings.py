@@ -278,28 +278,45 @@ class RQSplineCoupling(_Coupling):
         self._derivative_shift = math.log(math.expm1(1 - self.min_derivative))
         # bin widths (row 0) and heights (row 1) in data units are softmax * scale + offset (summing to 2 * bound);
         # the (2, 1) factors per dtype and device, made from the Python floats (a buffer would round them once)
-        self._size_factors: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._size_factors: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
         # columns of a bin's left x knot, left y knot, width, height, left and right derivative in the table
         # [x knots (K) | y knots (K) | widths (K) | heights (K) | derivatives (K + 1)] built by _transform
         K = bins
         self.register_buffer("_columns", torch.tensor([0, K, 2 * K, 3 * K, 4 * K, 4 * K + 1]), persistent=False)
 
-    def _factors(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """The bin sizes' (2, 1) scale and offset in ``like``'s dtype and device."""
+    def _factors(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The bin sizes' (2, 1) scale and offset, and a (K, K) matrix of ones, in ``like``'s dtype and device."""
         key = (like.dtype, like.device)
         if key not in self._size_factors:
             minimum = torch.tensor([[self.min_width], [self.min_height]], dtype=torch.float64)
             scale, offset = 2 * self.bound * (1 - minimum * self.bins), 2 * self.bound * minimum
-            self._size_factors[key] = (scale.to(like.device, like.dtype), offset.to(like.device, like.dtype))
+            ones = torch.ones(self.bins, self.bins, dtype=like.dtype, device=like.device)
+            self._size_factors[key] = (scale.to(like.device, like.dtype), offset.to(like.device, like.dtype), ones)
         return self._size_factors[key]
+
+    _LOGIT_LIMIT = 50.0
+    """Bin logits are clamped to +-this before the softmax: exp cannot overflow, and the sizes' floor makes the
+    clamp invisible (beyond it a bin is already at its minimum or holds all the rest)."""
+
+    def _bin_probabilities(self, raw_sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """Softmax over the K bins of the (..., 2, K) width and height logits, and where the clamp is inactive.
+
+        Written as exp / (exp @ ones) on a contiguous copy: PyTorch's CPU softmax over a last dim of a few bins,
+        and any element-wise op on the strided slice of the conditioner outputs, are an order of magnitude slower.
+        """
+        limit = self._LOGIT_LIMIT
+        logits = raw_sizes.clamp(-limit, limit)
+        weights = logits.exp()
+        probs = weights / (weights @ self._factors(raw_sizes)[2])
+        return probs, raw_sizes.abs() < limit
 
     def _transform(self, x2: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         # Written for few tensor ops (each op costs microseconds of overhead on a single pose, forward and
         # backward): one softmax and one cumsum for widths and heights together, one table, one gather.
         K, B = self.bins, self.bound
         raw_sizes, raw_derivs = params.unflatten(-1, (self.num_transformed, 3 * K - 1)).split((2 * K, K - 1), -1)
-        scale, offset = self._factors(params)
-        sizes = torch.addcmul(offset, torch.softmax(raw_sizes.unflatten(-1, (2, K)), -1), scale)
+        scale, offset, _ = self._factors(params)
+        sizes = torch.addcmul(offset, self._bin_probabilities(raw_sizes.unflatten(-1, (2, K)))[0], scale)
         left = torch.cumsum(sizes, -1).sub(sizes).sub(B)  # (B, G, n, 2, K): left knots; the first is exactly -B
         derivs = F.pad(F.softplus(raw_derivs + self._derivative_shift) + self.min_derivative, (1, 1), value=1.0)
         table = torch.cat([left.flatten(-2), sizes.flatten(-2), derivs], -1)  # (B, G, n, 5K + 1)
@@ -341,8 +358,8 @@ class RQSplineCoupling(_Coupling):
         # Q = s + c t, c = d_k + d_k1 - 2 s; dy/dx = s^2 M / Q^2 with M = d_k1 xi^2 + 2 s t + d_k (1 - xi)^2.
         K, B = self.bins, self.bound
         raw_sizes, raw_derivs = params.unflatten(-1, (self.num_transformed, 3 * K - 1)).split((2 * K, K - 1), -1)
-        scale, offset = self._factors(params)
-        probs = torch.softmax(raw_sizes.unflatten(-1, (2, K)), -1)
+        scale, offset, _ = self._factors(params)
+        probs, unclamped = self._bin_probabilities(raw_sizes.unflatten(-1, (2, K)))
         sizes = torch.addcmul(offset, probs, scale)
         left = torch.cumsum(sizes, -1).sub_(sizes).sub_(B)
         shifted = raw_derivs + self._derivative_shift
@@ -350,7 +367,8 @@ class RQSplineCoupling(_Coupling):
         table = torch.cat([left.flatten(-2), sizes.flatten(-2), derivs], -1)
         v = F.hardtanh(x2, -B, B)
         columns = (v.unsqueeze(-1) >= left[..., 0, 1:]).sum(-1, keepdim=True) + self._columns
-        x_k, y_k, w_k, h_k, d_k, d_k1 = table.gather(-1, columns).unbind(-1)
+        # each entry as its own contiguous tensor: element-wise ops on a stride-6 view are several times slower
+        x_k, y_k, w_k, h_k, d_k, d_k1 = table.gather(-1, columns).movedim(-1, 0).contiguous()
         s_k = h_k / w_k
         xi = (v - x_k).div_(w_k)
         xi_1m = 1 - xi
@@ -364,25 +382,27 @@ class RQSplineCoupling(_Coupling):
         outside = v != x2  # the ends and beyond: the identity (the spline's value and slope there)
         out = torch.where(outside, x2, torch.addcmul(y_k, h_k, g))
         logdet = torch.log(m * s_k.square()).sub_(torch.log(q), alpha=2).masked_fill_(outside, 0.0).sum(-1)
-        saved = (probs, shifted, columns, xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside)
-        return out, logdet, saved
+        bins = (probs, unclamped, shifted, columns)
+        return out, logdet, (bins, (xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside))
 
     def _transform_vjp(self, saved: tuple[Tensor, ...], grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:
-        probs, shifted, columns, xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside = saved
+        (probs, unclamped, shifted, columns), elements = saved
+        xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside = elements
         K = self.bins
         inside = (~outside).to(grad_y.dtype)
         gy = grad_y * inside  # the tails are the identity: no gradient to the spline's parameters there
-        gl = (grad_logdet.unsqueeze(-1) * inside).unsqueeze(-1)
+        gl = grad_logdet.unsqueeze(-1) * inside
         inv_q, inv_m = q.reciprocal(), m.reciprocal()
         one_2t = 1 - 2 * t
         one_2xi = 1 - 2 * xi
         # partials w.r.t. (xi, s, d_k, d_k1): of P / Q times Q^2, and of the log-determinant ld = log(s^2 M / Q^2)
-        dy = torch.stack([s_k * m, xi_sq * q - p * one_2t, t * (q - p), -t * p], -1)
-        dm = torch.stack([2 * (d_k1 * xi + s_k * one_2xi - d_k * xi_1m), 2 * t, xi_1m.square(), xi_sq], -1)
-        dq = torch.stack([c * one_2xi, one_2t, t, t], -1)
-        dld = torch.addcmul(dm * inv_m.unsqueeze(-1), dq, inv_q.unsqueeze(-1), value=-2)
-        dld[..., 1] += 2 / s_k
-        a_xi, a_s, a_d0, a_d1 = torch.addcmul(gl * dld, dy, (gy * h_k * inv_q.square()).unsqueeze(-1)).unbind(-1)
+        # (stacked in front, so that every slice stays contiguous)
+        dy = torch.stack([s_k * m, xi_sq * q - p * one_2t, t * (q - p), -t * p])
+        dm = torch.stack([2 * (d_k1 * xi + s_k * one_2xi - d_k * xi_1m), 2 * t, xi_1m.square(), xi_sq])
+        dq = torch.stack([c * one_2xi, one_2t, t, t])
+        dld = torch.addcmul(dm * inv_m, dq, inv_q, value=-2)
+        dld[1] += 2 / s_k
+        a_xi, a_s, a_d0, a_d1 = torch.addcmul(gl * dld, dy, gy * h_k * inv_q.square())
         # through xi = (x - x_k) / w_k and s = h_k / w_k to the table entries (x_k, y_k, w_k, h_k, d_k, d_k1)
         inv_w = w_k.reciprocal()
         grad_xi = a_xi * inv_w
@@ -397,7 +417,7 @@ class RQSplineCoupling(_Coupling):
         # a left knot is the sum of the sizes before it: sizes get the sum of the left-knot gradients after them
         grad_sizes = grad_sizes.unflatten(-1, (2, K)) + grad_left.sum(-1, keepdim=True) - grad_left.cumsum(-1)
         grad_probs = grad_sizes * self._factors(grad_y)[0]
-        grad_raw_sizes = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+        grad_raw_sizes = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True)) * unclamped
         grad_raw_derivs = grad_derivs[..., 1:K] * torch.sigmoid(shifted)
         return grad_x2, torch.cat([grad_raw_sizes.flatten(-2), grad_raw_derivs], -1).flatten(-2)
 

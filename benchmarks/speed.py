@@ -1,0 +1,283 @@
+"""Speed of the shipped priors where users feel it, against the physical limit measured in the same run.
+
+    python benchmarks/speed.py [--threads 2] [--rounds 5] [--steps 300]
+
+Three measurements, each in interleaved rounds (every contender once per round, so that the machine's drift hits
+all of them alike), reported as medians and as per-round ratios ``median [min, max]``:
+
+1. **Scoring at batch 4096** (``log_prob``, no gradient) of every shipped model, against **its own matrix
+   multiplies alone**: the GEMMs (``mm``, ``addmm``, ``bmm``, ``baddbmm``) a call runs are recorded with a
+   :class:`~torch.utils._python_dispatch.TorchDispatchMode` and replayed on random operands of the same shapes and
+   strides. Their time is what these cores need for the model's arithmetic; the ratio is the overhead on top.
+2. **A fitting step's prior term**: ``nll`` forward + backward w.r.t. a body-only pose (what
+   :func:`posepriors.fitting.fit_keypoints` asks of a prior) at batch 1 and 256, next to the Gaussian, and for the
+   flows also on the op-by-op autograd graph (the frozen couplings' one-node fast path switched off), and at batch
+   256 against the GEMMs of the same forward + backward.
+3. **Keypoint fits** (:func:`posepriors.fitting.fit_keypoints`, ``--steps`` Adam steps, all 22 keypoints seen) of 1
+   pose and of 256 poses per shipped body prior, next to the Gaussian and SMPLify's GMM (when
+   ``../shared/baselines/smplify_gmm_08.npz`` is there): wall time per step.
+
+Only ratios from one run are comparable: the machine matters, and a shared VM's timings drift within minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import posepriors
+from posepriors.fitting import body_keypoints, fit_keypoints
+from posepriors.grouped import GroupedMLP
+from posepriors.priors import GMMPrior, PosePrior
+
+ROOT = Path(__file__).resolve().parents[1]
+GMM_FILE = ROOT.parent / "shared" / "baselines" / "smplify_gmm_08.npz"
+BODY_PRIORS = ("gaussian", "gaussian_full", "joint_flow", "global_flow")
+DEFAULT_BODY_PRIOR = "global_flow"
+_GEMMS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+}
+
+
+class GemmRecorder(TorchDispatchMode):
+    """Records the matrix multiplies that run inside the mode (forward and backward) as replayable calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[object, tuple[object, ...], dict[str, object]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in _GEMMS:
+            self.calls.append((func, tuple(_operand(a) for a in args), dict(kwargs)))
+        return func(*args, **kwargs)
+
+    def replay(self) -> Callable[[], None]:
+        """A function that runs the recorded GEMMs again on fresh random operands of the same shapes and strides."""
+        calls = [(func, tuple(_materialise(a) for a in args), kwargs) for func, args, kwargs in self.calls]
+
+        def run() -> None:
+            for func, args, kwargs in calls:
+                func(*args, **kwargs)
+
+        return run
+
+    @property
+    def flops(self) -> float:
+        total = 0.0
+        for func, args, _ in self.calls:
+            a, b = args[-2], args[-1]  # the two matrix operands come last (after the bias of addmm / baddbmm)
+            (a_shape, _, _), (b_shape, _, _) = a, b
+            batch = a_shape[0] if len(a_shape) == 3 else 1
+            total += 2.0 * batch * a_shape[-2] * a_shape[-1] * b_shape[-1]
+        return total
+
+
+def _operand(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), tuple(value.stride()), value.dtype)
+    return value
+
+
+def _materialise(value: object) -> object:
+    if isinstance(value, tuple) and len(value) == 3 and isinstance(value[2], torch.dtype):
+        shape, stride, dtype = value
+        size = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) if all(shape) else 0
+        return torch.randn(max(size, 1), dtype=dtype).as_strided(shape, stride)
+    return value
+
+
+def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` over ``repeat`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def spread(values: list[float], unit: str = "x") -> str:
+    return f"{statistics.median(values):.2f}{unit} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def nll_step(prior: PosePrior, pose: torch.Tensor) -> Callable[[], None]:
+    """One fitting step's prior term: ``nll`` forward + backward w.r.t. the pose."""
+
+    def step() -> None:
+        x = pose.clone().requires_grad_(True)
+        prior.nll(x).sum().backward()
+
+    return step
+
+
+@contextlib.contextmanager
+def autograd_reference() -> Iterator[None]:
+    """Switch off the frozen couplings' one-node fast path: every op is recorded by autograd."""
+    original = GroupedMLP.has_input_vjp
+    GroupedMLP.has_input_vjp = property(lambda self: False)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        GroupedMLP.has_input_vjp = original  # type: ignore[method-assign]
+
+
+def recorded(fn: Callable[[], object]) -> GemmRecorder:
+    recorder = GemmRecorder()
+    with recorder:
+        fn()
+    return recorder
+
+
+def scoring(args: argparse.Namespace, names: list[str]) -> None:
+    print(f"\n1. log_prob at batch {args.batch} (no gradient), against the model's own GEMMs replayed alone")
+    contenders: dict[str, tuple[Callable[[], object], Callable[[], None], float]] = {}
+    for name in names:
+        prior = posepriors.load(name)
+        pose = prior.sample(args.batch, generator=torch.Generator().manual_seed(0))
+
+        def score(p: PosePrior = prior, q: torch.Tensor = pose) -> None:
+            with torch.no_grad():
+                p.log_prob(q)
+
+        score()  # warm-up (the frozen flows fold their linear blocks once)
+        gemms = recorded(score)
+        contenders[name] = (score, gemms.replay(), gemms.flops)
+    model_s: dict[str, list[float]] = {n: [] for n in contenders}
+    gemm_s: dict[str, list[float]] = {n: [] for n in contenders}
+    for _ in range(args.rounds):
+        for name, (score, gemm, _) in contenders.items():
+            model_s[name].append(timed(score, 3))
+            gemm_s[name].append(timed(gemm, 3))
+    print(f"{'model':<16}{'poses/s':>12}{'GEMM GFLOP':>12}{'GEMMs alone ms':>16}{'model ms':>10}  model / GEMMs")
+    for name, (_, _, flops) in contenders.items():
+        m, g = statistics.median(model_s[name]), statistics.median(gemm_s[name])
+        ratios = [a / b for a, b in zip(model_s[name], gemm_s[name], strict=True)]
+        print(
+            f"{name:<16}{args.batch / m:>12.0f}{flops / 1e9:>12.2f}{1000 * g:>16.1f}{1000 * m:>10.1f}  {spread(ratios)}"
+        )
+
+
+def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
+    print("\n2. nll forward + backward w.r.t. a body-only pose (a fitting step's prior term)")
+    g = torch.Generator().manual_seed(1)
+    body = 0.2 * torch.randn(256, 21, 3, generator=g)
+    priors = {name: posepriors.load(name) for name in names}
+    gaussian = priors["gaussian"]
+    flows = [n for n in names if n in ("global_flow", "joint_flow")]
+    results: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        results.setdefault(key, []).append(value)
+
+    steps: dict[str, Callable[[], None]] = {}
+    for name, prior in priors.items():
+        for batch in (1, 256):
+            steps[f"{name} b{batch}"] = nll_step(prior, body[:batch])
+    gemms = {}
+    for name in flows:
+        step = steps[f"{name} b256"]
+        step()
+        gemms[name] = recorded(step).replay()
+    for _ in range(args.rounds):
+        for key, step in steps.items():
+            add(key, timed(step, args.repeat if key.endswith("b1") else 5))
+        for name in flows:
+            with autograd_reference():
+                for batch in (1, 256):
+                    key = f"{name} b{batch}"
+                    add(f"{key} autograd", timed(steps[key], args.repeat if batch == 1 else 5))
+            add(f"{name} gemms", timed(gemms[name], 5))
+    med = {k: 1000 * statistics.median(v) for k, v in results.items()}
+    print(f"{'model':<16}{'b=1 ms':>10}{'b=256 ms':>10}   b=1 / gaussian")
+    for name in priors:
+        ratio = [a / b for a, b in zip(results[f"{name} b1"], results["gaussian b1"], strict=True)]
+        print(f"{name:<16}{med[f'{name} b1']:>10.3f}{med[f'{name} b256']:>10.2f}   {spread(ratio)}")
+    for name in flows:
+        speedup1 = [a / b for a, b in zip(results[f"{name} b1 autograd"], results[f"{name} b1"], strict=True)]
+        speedup256 = [a / b for a, b in zip(results[f"{name} b256 autograd"], results[f"{name} b256"], strict=True)]
+        over = [a / b for a, b in zip(results[f"{name} b256"], results[f"{name} gemms"], strict=True)]
+        print(
+            f"  {name}: op-by-op autograd {med[f'{name} b1 autograd']:.3f} ms at b=1 (fast path {spread(speedup1)} "
+            f"faster), {med[f'{name} b256 autograd']:.2f} ms at b=256 (fast path {spread(speedup256)} faster)"
+        )
+        print(f"  {name}: b=256 forward + backward / its GEMMs alone ({med[f'{name} gemms']:.2f} ms): {spread(over)}")
+    del gaussian
+
+
+def keypoint_fits(args: argparse.Namespace, names: list[str]) -> None:
+    print(f"\n3. keypoint fits, {args.steps} Adam steps, all 22 keypoints seen: ms per step")
+    g = torch.Generator().manual_seed(2)
+    truth = 0.2 * torch.randn(256, 21, 3, generator=g)
+    keypoints = body_keypoints(truth)
+    priors: dict[str, PosePrior | None] = {"none": None}
+    priors.update({name: posepriors.load(name) for name in names if name in BODY_PRIORS})
+    if GMM_FILE.is_file():
+        priors["smplify_gmm"] = GMMPrior.from_smplify(GMM_FILE).eval().requires_grad_(False)
+    else:
+        print(f"  ({GMM_FILE} not found: no SMPLify GMM)")
+    per_step: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for name, prior in priors.items():
+            for batch in (1, 256):
+                start = time.perf_counter()
+                fit_keypoints(keypoints[:batch], prior=prior, weight=2e-5, steps=args.steps)
+                per_step.setdefault(f"{name} b{batch}", []).append((time.perf_counter() - start) / args.steps)
+    print(f"{'prior':<16}{'1 pose ms':>11}{'256 poses ms':>14}   1 pose / gaussian   256 poses / gaussian")
+    for name in priors:
+        r1 = [a / b for a, b in zip(per_step[f"{name} b1"], per_step["gaussian b1"], strict=True)]
+        r256 = [a / b for a, b in zip(per_step[f"{name} b256"], per_step["gaussian b256"], strict=True)]
+        m1 = 1000 * statistics.median(per_step[f"{name} b1"])
+        m256 = 1000 * statistics.median(per_step[f"{name} b256"])
+        print(f"{name:<16}{m1:>11.3f}{m256:>14.2f}   {spread(r1):<20}{spread(r256)}")
+    if DEFAULT_BODY_PRIOR in priors:
+        prior = priors[DEFAULT_BODY_PRIOR]
+        step = nll_step(prior, truth)
+        step()
+        gemm = recorded(step).replay()
+        gemm_ms = 1000 * timed(gemm, 5)
+        fit_ms = 1000 * statistics.median(per_step[f"{DEFAULT_BODY_PRIOR} b256"])
+        print(
+            f"  {DEFAULT_BODY_PRIOR}: 256-pose fitting step {fit_ms:.2f} ms = {fit_ms / gemm_ms:.2f}x the GEMMs of its "
+            f"nll forward + backward alone ({gemm_ms:.2f} ms, timed after the fits)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--repeat", type=int, default=50, help="batch-1 calls per round (median)")
+    parser.add_argument("--batch", type=int, default=4096, help="batch of the scoring measurement")
+    parser.add_argument("--steps", type=int, default=300, help="Adam steps per keypoint fit")
+    parser.add_argument("--only", choices=("scoring", "terms", "fits"), help="run one measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    posepriors.set_validation(False)  # the finite-value check is a sync per call; fitting loops turn it off
+    names = posepriors.list_models()
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, models {names}")
+    try:
+        if args.only in (None, "scoring"):
+            scoring(args, names)
+        if args.only in (None, "terms"):
+            fitting_terms(args, [n for n in names if n in BODY_PRIORS])
+        if args.only in (None, "fits"):
+            keypoint_fits(args, names)
+    finally:
+        posepriors.set_validation(True)
+
+
+if __name__ == "__main__":
+    main()
