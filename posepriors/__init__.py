@@ -23,6 +23,7 @@ from posepriors.priors import (  # noqa: E402
     PriorConfig,
     get_validation,
     set_validation,
+    validation,
 )
 
 __all__ = [
@@ -40,5 +41,6 @@ __all__ = [
     "rotations",
     "save_pretrained",
     "set_validation",
+    "validation",
     "skeleton",
 ]

@@ -30,9 +30,10 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 import numpy as np
@@ -116,29 +117,11 @@ class TrainConfig:
     input_noise: float = 0.0
 
 
-# The seed's settings, kept as flags; where they are poor on real data the default differs and --help says why.
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gaussian": {"learning_rate": 1e-2, "scheduler": "step", "step_size": 30, "max_epochs": 20, "batch_size": 1024},
-    "joint_flow": {
-        "learning_rate": 1e-3,
-        "weight_decay": 1e-5,
-        "grad_clip": 1.0,
-        "max_epochs": 50,
-        "batch_size": 256,
-        "scheduler": "cosine",
-    },
-    "global_flow": {
-        "learning_rate": 1e-3,
-        "max_epochs": 30,
-        "batch_size": 256,
-        "scheduler": "cosine",
-        "grad_clip": 1.0,
-    },
-    "hand_vae": {"learning_rate": 3e-4, "max_epochs": 100, "batch_size": 8192, "scheduler": "cosine"},
-    "gmm": {"learning_rate": 1e-2, "max_epochs": 20, "batch_size": 1024},
-}
-SEED_BATCH_SIZES = {"gaussian": 32, "joint_flow": 16, "global_flow": 32}
-ALIASES = {"num_layers": "K", "variant": "model_type"}
+FAMILY_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {name: cls.training_defaults for name, cls in available_model_types().items()}
+)
+"""Deprecated, kept for old code: the loop defaults of each family, now the families' own
+:attr:`~posepriors.priors.base.PosePrior.training_defaults` (read those; families registered later are not here)."""
 SAFE_ON_RESUME = (
     "max_epochs",
     "patience",
@@ -574,12 +557,7 @@ def _validate(prior: PosePrior, val: Tensor, batch_size: int) -> dict[str, float
     nll = torch.cat([prior.validation_nll(val[i : i + batch_size]) for i in range(0, len(val), batch_size)])
     mean = nll.mean().item()
     metrics = {"val_nll": mean, "val_bits_per_dim": mean / (prior.dim * math.log(2))}
-    round_trip = getattr(prior, "round_trip_error", None)
-    if round_trip is not None:
-        metrics["round_trip_error"] = round_trip(val[:batch_size]).item()
-    recon = getattr(prior, "reconstruction_error", None)
-    if recon is not None:
-        metrics["reconstruction_deg"] = recon(val[:batch_size]).item()
+    metrics.update(prior.diagnostics(val[:batch_size]))
     return metrics
 
 
@@ -640,8 +618,7 @@ def fit(
         return _seeded_fit(prior, train, val, cfg, out=out, resume=resume, run_info=run_info)
     out_path = Path(out)
     with folder_lock(out_path):
-        closed_form = getattr(prior, "closed_form", False)
-        _check_output_folder(out_path, resume=resume, overwrite=overwrite, closed_form=closed_form)
+        _check_output_folder(out_path, resume=resume, overwrite=overwrite, closed_form=prior.closed_form)
         if overwrite:
             _clear_outputs(out_path)
         return _seeded_fit(prior, train, val, cfg, out=out_path, resume=resume, run_info=run_info)
@@ -672,7 +649,7 @@ def _fit(
     if cfg.mirror:
         skeleton.mirror_index(prior.joints)  # raises now, not after the first epoch, when joints lack counterparts
     device = resolve_device(cfg.device)
-    if getattr(prior, "closed_form", False):  # e.g. gmm: one exact fit (EM) on every training frame, no SGD
+    if prior.closed_form:  # e.g. gmm: one exact fit (EM) on every training frame, no SGD
         return _fit_closed_form(prior, train, val, cfg, device, out, run_info)
     distributed = _init_distributed(device)
     rank, world = _dist_info()
@@ -1046,12 +1023,6 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
         "--val_fraction", type=float, default=0.1, help="validation share when no --val_dir (by sequence)"
     )
     data.add_argument("--fps", type=float, default=None, help="subsample AMASS sequences to this frame rate")
-    data.add_argument(
-        "--num_workers",
-        type=int,
-        default=0,
-        help="data loading workers (data is held in memory; kept for compatibility, 0 is fastest)",
-    )
     run = parser.add_argument_group("run")
     run.add_argument(
         "--out",
@@ -1072,14 +1043,16 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
         help=f"replace the run in --out: delete its {', '.join(OUTPUT_NAMES)} first (other files stay)",
     )
     run.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload the best model to this Hub repo")
-    defaults = {**dataclasses.asdict(TrainConfig()), **FAMILY_DEFAULTS.get(model_type or "", {})}
+    family = families[model_type] if model_type is not None else None
+    defaults = {**dataclasses.asdict(TrainConfig()), **(family.training_defaults if family is not None else {})}
+    seed_batch = family.seed_batch_size if family is not None else None
     loop = parser.add_argument_group("training loop")
     helps = {
         "batch_size": "global batch size"
         + (
-            f" (the seed used {SEED_BATCH_SIZES[model_type]}: too small for ~10k-100k poses on CPU, slow and noisy; "
+            f" (the seed used {seed_batch}: too small for ~10k-100k poses on CPU, slow and noisy; "
             "the default is larger with the same learning rate)"
-            if model_type in SEED_BATCH_SIZES
+            if seed_batch is not None and seed_batch != defaults["batch_size"]
             else ""
         ),
         "logger": "where to log; every run gets its own sub-folder of --log_dir",
@@ -1095,9 +1068,9 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
             f.type,
             choices=LOOP_CHOICES.get(f.name),
         )
-    if model_type is not None:
+    if family is not None:
         group = parser.add_argument_group(f"{model_type} model")
-        config_class = families[model_type].config_class
+        config_class = family.config_class
         for f in _config_fields(config_class):
             default = getattr(config_class(), f.name)
             if f.name == "joints":
@@ -1109,8 +1082,10 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
                     "when the data observes none of them, the body and hand joints it observes; the log says which)",
                 )
                 continue
-            names = [f"--{f.name}"] + ([f"--{ALIASES[f.name]}"] if f.name in ALIASES else [])
-            _add_flag(group, f.name, default, f.name.replace("_", " "), f.type, names, MODEL_CHOICES.get(f.name))
+            old = family.flag_aliases.get(f.name)
+            names = [f"--{f.name}"] + ([f"--{old}"] if old else [])
+            help_text = f.name.replace("_", " ") + (f" (--{old}: its old name, still accepted)" if old else "")
+            _add_flag(group, f.name, default, help_text, f.type, names, MODEL_CHOICES.get(f.name))
     return parser
 
 
@@ -1322,7 +1297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(text, flush=True)
 
     with contextlib.ExitStack() as stack:
-        closed_form = getattr(family, "closed_form", False)
+        closed_form = family.closed_form
         try:
             if args.resume and args.overwrite:
                 raise ValueError("expected --resume (continue the run in --out) or --overwrite (replace it), got both")

@@ -68,11 +68,6 @@ def synthetic_poses(n: int, joints: tuple[int, ...], seed: int = 0, latent: int 
     return x.reshape(n, len(joints), 3)
 
 
-def full_pose(prior: PosePrior, x: torch.Tensor) -> torch.Tensor:
-    """Poses in the prior's joint order placed into the SMPL-X layout."""
-    return prior.to_smplx(x)
-
-
 def train(prior: PosePrior, steps: int = 60, n: int = 512, seed: int = 0) -> tuple[PosePrior, torch.Tensor]:
     """Fit ``prior`` briefly on synthetic data; returns it and held-out poses."""
     data = synthetic_poses(n, prior.joints, seed)

@@ -27,7 +27,7 @@ import operator
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -50,6 +50,7 @@ __all__ = [
     "latent_map",
     "register_model",
     "set_validation",
+    "validation",
 ]
 
 PoseInput = Tensor | np.ndarray | Mapping[str, Any]
@@ -73,6 +74,28 @@ def set_validation(enabled: bool) -> None:
 def get_validation() -> bool:
     """Whether data-dependent input checks are on (default: on)."""
     return _VALIDATE
+
+
+@contextlib.contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Turn the data-dependent input checks on or off inside a ``with`` block (see :func:`set_validation`).
+
+    The previous setting comes back when the block ends, also when it ends with an exception.
+
+    Example:
+        >>> import posepriors
+        >>> with posepriors.validation(False):
+        ...     posepriors.get_validation()
+        False
+        >>> posepriors.get_validation()
+        True
+    """
+    previous = _VALIDATE
+    set_validation(enabled)
+    try:
+        yield
+    finally:
+        set_validation(previous)
 
 
 @dataclass(frozen=True)
@@ -200,8 +223,9 @@ def _check_field(owner: str, name: str, annotation: Any, value: Any) -> Any:
 class PosePrior(nn.Module, ABC):
     """A density over SMPL-X joint rotations (axis-angle), with sampling and projection.
 
-    Subclasses set ``model_type`` and ``config_class`` and implement :meth:`_log_prob`, :meth:`_sample` and
-    :meth:`_project` on normalised inputs of shape ``(B, J, 3)`` in the prior's own joint order. This class turns
+    Subclasses set ``model_type`` and ``config_class`` and implement :meth:`_log_prob`, :meth:`_sample`,
+    :meth:`_project` and :meth:`_map_project` on normalised inputs of shape ``(B, J, 3)`` in the prior's own joint
+    order, and declare what they can do in the capability attributes below. This class turns
     every supported input (see :func:`posepriors.skeleton.to_smplx`) into that shape, checks it, and puts the
     batch shape back.
 
@@ -217,8 +241,28 @@ class PosePrior(nn.Module, ABC):
 
     model_type: ClassVar[str]
     config_class: ClassVar[type[PriorConfig]]
-    supports_mask: ClassVar[bool] = True
-    """Whether :meth:`log_prob` under a mask is an exact marginal (else missing joints raise an error)."""
+
+    # Capabilities and training defaults: generic code (training, evaluation, fitting, tests) reads these instead of
+    # naming families.
+    exact_log_prob: ClassVar[bool] = True
+    """Whether :meth:`log_prob` is the exact log-density (False: a lower bound, e.g. ``hand_vae``'s IWAE bound)."""
+    mask_marginals: ClassVar[str] = "any"
+    """Which masks :meth:`log_prob` marginalises exactly: ``"any"``; ``"descendant_closed"`` (missing joints take
+    their modelled descendants along); ``"trailing_parts"`` (whole trailing parts missing); ``"whole_hands"`` (whole
+    hands missing; partly observed hands get a bound); ``"none"`` (a mask with missing joints is an error)."""
+    per_joint_log_prob: ClassVar[bool] = False
+    """Whether :meth:`log_prob_per_joint` gives a per-joint breakdown (families whose density factorises over
+    joints); else it raises ``NotImplementedError``."""
+    reconstructs: ClassVar[bool] = False
+    """Whether the family is an auto-encoder with a :meth:`reconstruction_error`."""
+    closed_form: ClassVar[bool] = False
+    """``posepriors-train`` fits the family once with ``fit(poses, observed, generator=...)`` instead of SGD."""
+    training_defaults: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+    """Defaults of ``posepriors-train``'s loop flags for this family (:class:`posepriors.train.TrainConfig` fields)."""
+    seed_batch_size: ClassVar[int | None] = None
+    """The batch size the seed code base used, when the default differs (``--help`` says why)."""
+    flag_aliases: ClassVar[Mapping[str, str]] = types.MappingProxyType({})
+    """Old ``posepriors-train`` flag names that still work: config field -> old name (``num_layers`` -> ``K``)."""
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()
@@ -238,6 +282,11 @@ class PosePrior(nn.Module, ABC):
         self._clashing_layouts = tuple(lay.name for lay in same_count if lay.smplx_index != self.joints)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def supports_mask(self) -> bool:
+        """Whether :meth:`log_prob` accepts masks with missing joints (``mask_marginals != "none"``)."""
+        return self.mask_marginals != "none"
+
     @property
     def joints(self) -> tuple[int, ...]:
         """SMPL-X indices (into the 55-joint layout) of the joints this prior models, in its own order."""
@@ -307,13 +356,44 @@ class PosePrior(nn.Module, ABC):
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
         if m is not None and not self.supports_mask:
             raise ValueError(
-                f"{type(self).__name__} has no exact marginal for missing joints "
-                f"({int((~m).sum())} missing entries); pass all of its {self.num_joints} joints"
+                f"{type(self).__name__} has no marginal for missing joints (mask_marginals='none'; "
+                f"{int((~m).sum())} missing entries); pass all of its {self.num_joints} joints"
             )
         out = self._density(x, m)
         if measure == "so3":
             out = out + self._so3_correction(x, m)
         return out.reshape(batch_shape).to(out_dtype)
+
+    def log_prob_per_joint(
+        self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, *, layout: str | None = None
+    ) -> Tensor:
+        """Log-density of each joint's term, for families whose density factorises over joints
+        (:attr:`per_joint_log_prob`): which joint makes a pose implausible?
+
+        The terms are the family's own density (the broad component, when there is one, mixes whole poses and has
+        no per-joint split); without it they sum to ``log_prob(pose, mask)``.
+
+        Args:
+            pose: Any input :meth:`log_prob` accepts, batch shape (*).
+            mask: Optional observed-joint mask, as in :meth:`log_prob`; joints the input does not carry count as
+                missing.
+            layout: The layout of a pose tensor, as in :meth:`log_prob`.
+
+        Returns:
+            Per-joint log-densities in the prior's joint order, shape (*, J), 0 at missing joints, in the promoted
+            dtype of the pose and the prior.
+
+        Raises:
+            NotImplementedError: For a family without a per-joint breakdown, naming it.
+        """
+        if not self.per_joint_log_prob:
+            per_joint = sorted(name for name, cls in MODEL_TYPES.items() if cls.per_joint_log_prob)
+            raise NotImplementedError(
+                f"{type(self).__name__} ({self.model_type!r}) has no per-joint breakdown of its log-density "
+                f"(per_joint_log_prob=False); expected a family that factorises over joints, such as {per_joint}"
+            )
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
+        return self._log_prob_per_joint(x, m).reshape(*batch_shape, self.num_joints).to(out_dtype)
 
     def nll(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, *, layout: str | None = None) -> Tensor:
         """Negative log-likelihood, ``-log_prob(pose, mask)``: differentiable w.r.t. the pose, for fitting.
@@ -390,8 +470,9 @@ class PosePrior(nn.Module, ABC):
           for the VAE, clamping for the Gaussian); family keyword arguments tune it.
         - ``noise_std=s``: the MAP denoiser for poses observed with Gaussian noise of std ``s`` radians per
           axis-angle coordinate, ``argmax_x' log p(x') - |x' - x|^2 / (2 s^2)`` over the observed joints (missing
-          joints are free). Closed form where the family allows it, else L-BFGS on the pose (``steps``
-          iterations, default 30) from the fast projection. To fill in an occluded limb, prefer this mode with a
+          joints are free). Closed form where the family allows it (``gaussian``, ``gmm``), else Adam in the
+          family's latent space from the fast projection (the flows: :func:`latent_map`, ``steps``/``lr``; the
+          VAE: the latent code that best explains the noisy hand). To fill in an occluded limb, prefer this mode with a
           small ``noise_std`` (e.g. 0.05): for the shipped ``global_flow`` it is far closer to the truth than the
           fast mode (docs/models.md).
 
@@ -467,28 +548,13 @@ class PosePrior(nn.Module, ABC):
             f"{type(self).__name__}.project: expected options of {mode} from {list(allowed)}, got {unknown}{hint}"
         )
 
-    def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 30) -> Tensor:
-        """MAP estimate under Gaussian observation noise, by L-BFGS on the pose (parameters untouched)."""
-        start = x.detach()
-        if mask is not None:  # missing joints start from the fast completion, observed ones from the data
-            start = torch.where(mask[..., None], start, self._project(x, mask).detach())
-        weight = 1.0 / (2 * noise_std**2)
-        observed = mask[..., None].to(x.dtype) if mask is not None else 1.0
-        target = x.detach()
-        with torch.enable_grad():
-            estimate = start.clone().requires_grad_(True)
-            optimizer = torch.optim.LBFGS([estimate], max_iter=steps, line_search_fn="strong_wolfe")
+    @abstractmethod
+    def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float) -> Tensor:
+        """MAP estimate of ``x`` (B, J, 3) observed with Gaussian noise of std ``noise_std`` on the joints of ``mask``
+        (B, J) (None: all), returns (B, J, 3); the prior's parameters are not touched.
 
-            def objective() -> Tensor:
-                optimizer.zero_grad()
-                data = weight * ((estimate - target).square() * observed).sum()
-                loss = data - self._density(estimate, None).sum()
-                (grad,) = torch.autograd.grad(loss, [estimate])
-                estimate.grad = grad.contiguous()
-                return loss.detach()
-
-            optimizer.step(objective)
-        return estimate.detach()
+        Families add their options as keyword arguments with defaults (:meth:`project_options` lists them): closed
+        form where the family has one, else :func:`latent_map` (the flows, the VAE's latent fit)."""
 
     def to_smplx(self, pose: Tensor) -> Tensor:
         """Place poses in this prior's joint order into the SMPL-X layout (other joints zero).
@@ -504,6 +570,35 @@ class PosePrior(nn.Module, ABC):
         out = pose.new_zeros(*pose.shape[:-2], skeleton.NUM_JOINTS, 3)
         out[..., self.joint_index, :] = pose
         return out
+
+    def reconstruction_error(self, pose: Tensor) -> Tensor:
+        """Mean geodesic error (degrees) of encoding and decoding poses, for auto-encoders (:attr:`reconstructs`).
+
+        Args:
+            pose: Poses in the prior's joint order, shape (B, J, 3).
+
+        Returns:
+            The error, shape ().
+
+        Raises:
+            NotImplementedError: For a family that is no auto-encoder, naming it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} ({self.model_type!r}) is no auto-encoder (reconstructs=False): "
+            "it has no reconstruction error"
+        )
+
+    def diagnostics(self, pose: Tensor) -> dict[str, float]:
+        """Numerical health metrics that ``posepriors-train`` logs at every validation (none by default; the flows
+        give their inversion error, the VAE its reconstruction error).
+
+        Args:
+            pose: Validation poses in the prior's joint order, shape (B, J, 3).
+
+        Returns:
+            Metric name -> value.
+        """
+        return {}
 
     # ------------------------------------------------------------------ training hooks
     def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -573,6 +668,11 @@ class PosePrior(nn.Module, ABC):
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """Log-density of ``x`` (B, J, 3) with optional observed mask (B, J); returns (B,)."""
 
+    def _log_prob_per_joint(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Per-joint terms of ``x`` (B, J, 3) with optional observed mask (B, J), 0 where missing; returns (B, J).
+        Families with ``per_joint_log_prob = True`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} sets per_joint_log_prob but has no _log_prob_per_joint")
+
     @abstractmethod
     def _sample(
         self,
@@ -606,10 +706,13 @@ class PosePrior(nn.Module, ABC):
         :meth:`log_prob`)."""
         J = self.num_joints
         if layout is not None and layout != PRIOR_LAYOUT:
-            if layout not in skeleton.LAYOUTS:
+            try:
+                skeleton.resolve_layout(layout)
+            except ValueError:
                 raise ValueError(
-                    f"unknown layout {layout!r}; expected {PRIOR_LAYOUT!r} or one of {sorted(skeleton.LAYOUTS)}"
-                )
+                    f"unknown layout {layout!r}; expected {PRIOR_LAYOUT!r} or one of {sorted(skeleton.LAYOUTS)} "
+                    f"(or an alias {sorted(skeleton.LAYOUT_ALIASES)})"
+                ) from None
             return None
         if pose.dim() >= 2 and pose.shape[-2:] == (J, 3):
             own = pose
@@ -763,16 +866,33 @@ def latent_map(
     weight = 1.0 / (2 * noise_std**2)
     observed = mask[..., None].to(target.dtype) if mask is not None else 1.0
     target = target.detach()
+
+    def objective(z: Tensor) -> Tensor:
+        return weight * ((decode(z) - target).square() * observed).sum() + 0.5 * z.square().sum()
+
+    z = _adam_argmin(objective, z0, steps, lr)
+    with torch.no_grad():
+        return decode(z)
+
+
+def _adam_argmin(objective: Callable[[Tensor], Tensor], start: Tensor, steps: int, lr: float) -> Tensor:
+    """The MAP optimiser loop that every latent-space MAP shares: ``steps`` Adam steps on ``objective(z)`` (a scalar)
+    from ``start``.
+
+    Gradients are taken w.r.t. ``z`` only (``torch.autograd.grad``), so the model's parameters are neither changed
+    nor given ``.grad``; autograd is switched on locally, so it works inside ``torch.no_grad()`` too.
+
+    Returns:
+        The final ``z``, detached, shaped like ``start``.
+    """
     with torch.enable_grad():
-        z = z0.detach().clone().requires_grad_(True)
+        z = start.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=lr)
         for _ in range(steps):
             optimizer.zero_grad()
-            loss = weight * ((decode(z) - target).square() * observed).sum() + 0.5 * z.square().sum()
-            (z.grad,) = torch.autograd.grad(loss, [z])
+            (z.grad,) = torch.autograd.grad(objective(z), [z])
             optimizer.step()
-    with torch.no_grad():
-        return decode(z.detach())
+    return z.detach()
 
 
 def _check_count(n: Any) -> int:

@@ -9,23 +9,26 @@ gives ``p(missing | observed)`` for any mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
+from einops import repeat
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.flows import FlowSequence, build_flow, check_flow_settings, flow_settings
-from posepriors.priors.base import PosePrior, PriorConfig, latent_map
+from posepriors.flows import FlowSequence, build_flow, flow_settings
+from posepriors.priors.base import PosePrior, latent_map
 from posepriors.priors.draws import randn
+from posepriors.priors.flow_config import FlowConfig
 from posepriors.utils import LOG_2PI
 
 __all__ = ["GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
 
 
 @dataclass(frozen=True)
-class GlobalFlowConfig(PriorConfig):
-    """Settings of :class:`GlobalFlowPrior`.
+class GlobalFlowConfig(FlowConfig):
+    """Settings of :class:`GlobalFlowPrior`; flow settings from :class:`~posepriors.priors.flow_config.FlowConfig`.
 
     Attributes:
         joints: Modelled SMPL-X joints.
@@ -38,7 +41,7 @@ class GlobalFlowConfig(PriorConfig):
         bins: Spline bins.
         bound: Spline interval half-width (in ActNorm-standardised units).
         parts: Part specs that split the joints into autoregressive factors (empty: one flow over all joints).
-        use_conditioning: Condition every factor on an external context vector.
+        use_conditioning: Condition every factor on an external context vector (``context=`` of the methods).
         context_features: Size of that context vector.
         conditional: Train a completion flow for arbitrary masks (``sample``/``project`` with masks).
         mask_probability: Probability that a training pose gets a random mask in the completion objective.
@@ -46,12 +49,7 @@ class GlobalFlowConfig(PriorConfig):
 
     hidden: int = 512
     num_layers: int = 6
-    num_hidden_layers: int = 1
     coupling: str = "affine"
-    mixing: str = "lu"
-    actnorm: bool = True
-    bins: int = 8
-    bound: float = 4.0
     parts: tuple[str, ...] = ()
     use_conditioning: bool = False
     context_features: int = 0
@@ -60,7 +58,6 @@ class GlobalFlowConfig(PriorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_flow_settings(**flow_settings(self))
         if self.use_conditioning != (self.context_features > 0):
             raise ValueError(
                 f"use_conditioning={self.use_conditioning} needs context_features > 0 (and 0 without it), "
@@ -91,6 +88,12 @@ class GlobalFlowPrior(PosePrior):
 
     model_type = "global_flow"
     config_class = GlobalFlowConfig
+    mask_marginals = "trailing_parts"
+    training_defaults = MappingProxyType(
+        {"learning_rate": 1e-3, "max_epochs": 30, "batch_size": 256, "scheduler": "cosine", "grad_clip": 1.0}
+    )
+    seed_batch_size = 32
+    flag_aliases = MappingProxyType({"num_layers": "K"})
 
     def __init__(self, config: GlobalFlowConfig | None = None) -> None:
         super().__init__(config if config is not None else GlobalFlowConfig())
@@ -290,8 +293,8 @@ class GlobalFlowPrior(PosePrior):
             x = torch.zeros(n, self.num_joints, 3, device=device, dtype=dtype)
             return self._decode(zs, x, None)
         B = observed.shape[0]
-        x = observed.unsqueeze(0).expand(n, -1, -1, -1).reshape(n * B, self.num_joints, 3)
-        m = mask.unsqueeze(0).expand(n, -1, -1).reshape(n * B, self.num_joints)
+        x = repeat(observed, "b j c -> (n b) j c", n=n)  # sample-major: out.reshape(n, B, ...) below
+        m = repeat(mask, "b j -> (n b) j", n=n)
         if self._is_trailing_parts(m):
             zs = [
                 temperature * randn((n * B, 1, 3 * len(idx)), generator=generator, device=device, dtype=dtype)
@@ -357,6 +360,10 @@ class GlobalFlowPrior(PosePrior):
         back = self._decode(self._encode(pose), torch.zeros_like(pose), None)
         return (back - pose).abs().max()
 
+    def diagnostics(self, pose: Tensor) -> dict[str, float]:
+        """The inversion error of the flow, ``{"round_trip_error": ...}`` (:meth:`round_trip_error`)."""
+        return {"round_trip_error": self.round_trip_error(pose).item()}
+
     @torch.no_grad()
     def initialize_from_data(self, pose: Tensor) -> None:
         """ActNorm data initialisation of every part (and of the completion flow)."""
@@ -409,15 +416,9 @@ def random_joint_mask(
         Masks (B, J) bool, True = observed, with at least one joint hidden and one observed where masked.
     """
     J = len(joints)
-    position = {j: i for i, j in enumerate(joints)}
-    subtree = torch.zeros(J, J, dtype=torch.bool)
-    subtree.fill_diagonal_(True)  # subtree[i] = modelled descendants of joint i (itself included)
-    for j in reversed(joints):
-        parent = skeleton.SMPLX_PARENTS[j]
-        while parent >= 0 and parent not in position:
-            parent = skeleton.SMPLX_PARENTS[parent]
-        if parent >= 0:
-            subtree[position[parent]] |= subtree[position[j]]
+    subtree = torch.zeros(J, J, dtype=torch.bool)  # subtree[i] = modelled descendants of joint i (itself included)
+    for i, members in enumerate(skeleton.modelled_descendants(joints)):
+        subtree[i, list(members)] = True
     whole_parts = [
         torch.tensor([j in members for j in joints])
         for members in (set(skeleton.PARTS[name]) for name in ("body", "left_hand", "right_hand"))
