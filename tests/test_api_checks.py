@@ -10,7 +10,6 @@ import torch
 from posepriors import skeleton
 from posepriors import train as train_module
 from posepriors.data import PoseData
-from posepriors.priors import GlobalFlowConfig, GlobalFlowPrior
 from tests.families import NAMES, make, synthetic_poses
 
 
@@ -108,14 +107,6 @@ def test_a_bad_measure_is_refused_before_the_forward_pass(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- global RNG (point 6)
-def test_flow_initialisation_draws_nothing_from_the_global_rng():
-    prior = GlobalFlowPrior(GlobalFlowConfig(joints="body", hidden=8, num_layers=2, conditional=True))
-    data = synthetic_poses(64, prior.joints)
-    state = torch.get_rng_state()
-    prior.initialize_from_data(data)
-    assert torch.equal(torch.get_rng_state(), state)
-
-
 def test_training_leaves_the_callers_global_rng_as_it_was(tmp_path):
     prior = make("gaussian")
     poses = torch.zeros(40, 55, 3)

@@ -333,6 +333,7 @@ class PosePrior(nn.Module, ABC):
         *,
         measure: Literal["lebesgue", "so3"] = "lebesgue",
         layout: str | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Log-density of poses.
 
@@ -347,6 +348,9 @@ class PosePrior(nn.Module, ABC):
                 ``"prior"`` for the prior's own joints in :attr:`joints` order. Default: from the joint count; a
                 count that fits both the prior's own joints and a standard layout of other joints (e.g. 21 joints
                 for a prior of SMPL-X joints 0-20, or the ``body`` layout 1-21) is an error that asks for it.
+            context: For a conditioned prior (:attr:`conditioning_features` > 0, e.g. ``global_flow`` with
+                ``use_conditioning``), the context vector of every pose, shape (B, C), (*, C) or (1, C) (shared by the
+                batch), B the number of poses; required there, and an error for priors that are not conditioned.
 
         Returns:
             Log-density per pose in nats, shape (*,), in the promoted dtype of the pose and the prior.
@@ -354,18 +358,24 @@ class PosePrior(nn.Module, ABC):
         if measure not in ("lebesgue", "so3"):  # checked before any work
             raise ValueError(f"expected measure 'lebesgue' or 'so3', got {measure!r}")
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
         if m is not None and not self.supports_mask:
             raise ValueError(
                 f"{type(self).__name__} has no marginal for missing joints (mask_marginals='none'; "
                 f"{int((~m).sum())} missing entries); pass all of its {self.num_joints} joints"
             )
-        out = self._density(x, m)
+        out = self._density(x, m, **ctx)
         if measure == "so3":
             out = out + self._so3_correction(x, m)
         return out.reshape(batch_shape).to(out_dtype)
 
     def log_prob_per_joint(
-        self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, *, layout: str | None = None
+        self,
+        pose: PoseInput,
+        mask: Tensor | np.ndarray | None = None,
+        *,
+        layout: str | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Log-density of each joint's term, for families whose density factorises over joints
         (:attr:`per_joint_log_prob`): which joint makes a pose implausible?
@@ -378,6 +388,7 @@ class PosePrior(nn.Module, ABC):
             mask: Optional observed-joint mask, as in :meth:`log_prob`; joints the input does not carry count as
                 missing.
             layout: The layout of a pose tensor, as in :meth:`log_prob`.
+            context: The context of a conditioned prior, as in :meth:`log_prob`.
 
         Returns:
             Per-joint log-densities in the prior's joint order, shape (*, J), 0 at missing joints, in the promoted
@@ -393,9 +404,17 @@ class PosePrior(nn.Module, ABC):
                 f"(per_joint_log_prob=False); expected a family that factorises over joints, such as {per_joint}"
             )
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
-        return self._log_prob_per_joint(x, m).reshape(*batch_shape, self.num_joints).to(out_dtype)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
+        return self._log_prob_per_joint(x, m, **ctx).reshape(*batch_shape, self.num_joints).to(out_dtype)
 
-    def nll(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, *, layout: str | None = None) -> Tensor:
+    def nll(
+        self,
+        pose: PoseInput,
+        mask: Tensor | np.ndarray | None = None,
+        *,
+        layout: str | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor:
         """Negative log-likelihood, ``-log_prob(pose, mask)``: differentiable w.r.t. the pose, for fitting.
 
         Typical use: ``loss = data_term + w * prior.nll(pose).sum()``.
@@ -404,11 +423,12 @@ class PosePrior(nn.Module, ABC):
             pose: As in :meth:`log_prob`.
             mask: As in :meth:`log_prob`.
             layout: As in :meth:`log_prob`.
+            context: As in :meth:`log_prob`.
 
         Returns:
             NLL per pose in nats, shape (*,).
         """
-        return -self.log_prob(pose, mask, layout=layout)
+        return -self.log_prob(pose, mask, layout=layout, context=context)
 
     def sample(
         self,
@@ -419,6 +439,7 @@ class PosePrior(nn.Module, ABC):
         observed: PoseInput | None = None,
         mask: Tensor | np.ndarray | None = None,
         layout: str | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Draw poses from the prior.
 
@@ -429,6 +450,9 @@ class PosePrior(nn.Module, ABC):
             observed: Optional poses to complete (any supported layout), batch shape (*). Observed joints are
                 copied exactly; missing ones (``mask == False``) are drawn from the prior's conditional.
             mask: Observed-joint mask for ``observed`` (see :meth:`log_prob`).
+            layout: The layout of a tensor ``observed``, as in :meth:`log_prob`.
+            context: For a conditioned prior, the context of every draw, shape (n, C) or (1, C); with ``observed``,
+                of every observed pose, shape (B, C), (*, C) or (1, C), shared by its n completions.
 
         Returns:
             Samples in the prior's joint order, shape (n, J, 3) in the prior's dtype, or (n, *, J, 3) when
@@ -440,16 +464,18 @@ class PosePrior(nn.Module, ABC):
         if observed is None:
             if mask is not None:
                 raise ValueError("a mask needs the observed poses it refers to: pass observed=pose")
-            out = self._sample(n, generator, temperature, None, None)
+            ctx = self._check_context(context, n)
+            out = self._sample(n, generator, temperature, None, None, **ctx)
             if self.broad is not None:  # each draw comes from the broad component with probability broad_weight
                 pick = rand((n,), generator, out.device, torch.float32) < self.config.broad_weight
                 broad = self.broad.sample(n, generator, temperature, out.dtype).reshape(out.shape)
                 out = torch.where(pick.to(out.device)[:, None, None], broad, out)
             return out
         x, m, batch_shape, out_dtype, original = self._prepare_full(observed, mask, layout)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
         if m is None:
             m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        out = self._sample(n, generator, temperature, x, m).to(out_dtype)  # (n, B, J, 3)
+        out = self._sample(n, generator, temperature, x, m, **ctx).to(out_dtype)  # (n, B, J, 3)
         out = torch.where(m[..., None], original.to(out_dtype), out)  # observed joints are kept exactly
         return out.reshape(n, *batch_shape, self.num_joints, 3)
 
@@ -460,6 +486,7 @@ class PosePrior(nn.Module, ABC):
         *,
         noise_std: float | None = None,
         layout: str | None = None,
+        context: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
         """Move poses to nearby plausible ones; with a mask, complete the missing joints.
@@ -486,6 +513,7 @@ class PosePrior(nn.Module, ABC):
             mask: As in :meth:`log_prob`.
             noise_std: Noise level of the MAP denoiser (finite, > 0), or None for the fast projection.
             layout: As in :meth:`log_prob`.
+            context: As in :meth:`log_prob`.
             **kwargs: Family-specific settings of the mode that runs (:meth:`project_options` lists them); an
                 option of the other mode, or an unknown one, is a ``TypeError`` before any work.
 
@@ -497,21 +525,22 @@ class PosePrior(nn.Module, ABC):
             noise_std = _check_noise_std(noise_std)
         self._check_project_options(noise_std is not None, kwargs)
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled():  # inference tensors cannot enter autograd: work on copies
                 stack.enter_context(torch.inference_mode(False))
                 x, m = x.clone(), (m.clone() if m is not None else None)
             if noise_std is None:
-                out = self._project(x, m, **kwargs)
+                out = self._project(x, m, **kwargs, **ctx)
             else:
-                out = self._map_project(x, m, noise_std, **kwargs)
+                out = self._map_project(x, m, noise_std, **kwargs, **ctx)
         return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
 
     def project_options(self, map_mode: bool = False) -> tuple[str, ...]:
         """The keyword options :meth:`project` takes in the fast mode (``map_mode=False``) or the MAP mode
         (``noise_std`` given), with the family's defaults in the signatures of ``_project`` / ``_map_project``."""
         method = self._map_project if map_mode else self._project
-        skip = {"x", "mask", "noise_std"}
+        skip = {"x", "mask", "noise_std", "context"}
         return tuple(
             name
             for name, param in inspect.signature(method).parameters.items()
@@ -601,31 +630,45 @@ class PosePrior(nn.Module, ABC):
         return {}
 
     # ------------------------------------------------------------------ training hooks
-    def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Scalar loss for one training batch (maximum likelihood by default).
+    def training_loss(
+        self, pose: Tensor, generator: torch.Generator | None = None, *, context: Tensor | None = None
+    ) -> Tensor:
+        """Scalar loss for one training batch (maximum likelihood by default; families override
+        :meth:`_training_loss`).
 
         Args:
             pose: Training poses in the prior's joint order, shape (B, J, 3).
             generator: Optional generator for stochastic objectives (masks, VAE noise).
+            context: The contexts of a conditioned prior, shape (B, C) or (1, C) (see :meth:`log_prob`).
 
         Returns:
             The mean loss, shape ().
         """
-        return -self._log_prob(pose, None).mean()
+        return self._training_loss(pose, generator, **self._check_context(context, pose.shape[0]))
 
-    def validation_nll(self, pose: Tensor) -> Tensor:
-        """Per-pose NLL used for validation and early stopping (the exact NLL by default).
+    def validation_nll(self, pose: Tensor, *, context: Tensor | None = None) -> Tensor:
+        """Per-pose NLL used for validation and early stopping (the exact NLL by default; families override
+        :meth:`_validation_nll`).
 
         Families whose exact NLL is expensive (the VAE's importance-weighted bound) may use a cheaper estimate
         here and say so.
 
         Args:
             pose: Validation poses in the prior's joint order, shape (B, J, 3).
+            context: The contexts of a conditioned prior, shape (B, C) or (1, C) (see :meth:`log_prob`).
 
         Returns:
             NLL per pose, shape (B,).
         """
-        return -self._log_prob(pose, None)
+        return self._validation_nll(pose, **self._check_context(context, pose.shape[0]))
+
+    def _training_loss(self, pose: Tensor, generator: torch.Generator | None, **context: Tensor) -> Tensor:
+        """The loss of :meth:`training_loss` (``context``: the checked ``context=`` of a conditioned prior)."""
+        return -self._log_prob(pose, None, **context).mean()
+
+    def _validation_nll(self, pose: Tensor, **context: Tensor) -> Tensor:
+        """The NLL of :meth:`validation_nll` (``context``: the checked ``context=`` of a conditioned prior)."""
+        return -self._log_prob(pose, None, **context)
 
     @torch.no_grad()
     def initialize_from_data(self, pose: Tensor) -> None:
@@ -654,9 +697,9 @@ class PosePrior(nn.Module, ABC):
         dims = None if observed is None else observed.repeat_interleave(3, dim=-1)
         self.broad.fit(pose.flatten(1), dims, min_std=self.config.broad_min_std)
 
-    def _density(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _density(self, x: Tensor, mask: Tensor | None, **context: Tensor) -> Tensor:
         """The prior's log-density: the family's, mixed with the broad component when there is one."""
-        out = self._log_prob(x, mask)
+        out = self._log_prob(x, mask, **context)
         if self.broad is None:
             return out
         w = self.config.broad_weight
@@ -687,6 +730,57 @@ class PosePrior(nn.Module, ABC):
     @abstractmethod
     def _project(self, x: Tensor, mask: Tensor | None, **kwargs: Any) -> Tensor:
         """Projection of ``x`` (B, J, 3) with optional observed mask (B, J); returns (B, J, 3)."""
+
+    # ------------------------------------------------------------------ context
+    @property
+    def conditioning_features(self) -> int:
+        """Size C of the context vector the prior is conditioned on; 0 (the default) for priors that take none."""
+        return 0
+
+    def _check_context(
+        self, context: Tensor | None, batch: int, batch_shape: torch.Size | None = None
+    ) -> dict[str, Tensor]:
+        """The one check of every method's ``context=``: ``{}`` for an unconditioned prior without one, else
+        ``{"context": (batch, C) tensor}`` in the prior's dtype, for the family's hooks.
+
+        Args:
+            context: What the caller passed.
+            batch: Number of poses (or draws) B.
+            batch_shape: Their batch shape, when a (*, C) context may match it.
+
+        Raises:
+            ValueError: A context for a prior that takes none, none for a conditioned prior, or a wrong shape or
+                device.
+            TypeError: A context that is no floating-point tensor.
+        """
+        features = self.conditioning_features
+        if context is None:
+            if features:
+                raise ValueError(
+                    f"this {self.model_type} is conditioned on a context of {features} features: pass "
+                    f"context= of shape ({batch}, {features}) or (1, {features})"
+                )
+            return {}
+        if not features:
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(
+                f"{type(self).__name__} ({self.model_type!r}) is not conditioned on a context "
+                f"(conditioning_features=0), got context= {shape}; drop context= (only a global_flow built with "
+                "use_conditioning takes one)"
+            )
+        if not isinstance(context, Tensor) or not context.is_floating_point():
+            got = f"dtype {context.dtype}" if isinstance(context, Tensor) else type(context).__name__
+            raise TypeError(f"expected context to be a floating-point tensor, got {got}")
+        shape = tuple(context.shape)
+        if batch_shape is not None and len(batch_shape) != 1 and shape == (*batch_shape, features):
+            context = context.reshape(batch, features)
+        elif context.dim() != 2 or shape[1] != features or shape[0] not in (1, batch):
+            raise ValueError(
+                f"expected context of shape ({batch}, {features}) or (1, {features}) for {batch} poses, got {shape}"
+            )
+        if context.device != self.device:
+            raise ValueError(f"context is on {context.device} but the prior is on {self.device}; move one of them")
+        return {"context": context.to(self.dtype).expand(batch, features)}
 
     # ------------------------------------------------------------------ input handling
     def _prepare(

@@ -365,11 +365,11 @@ class HandVAE(PosePrior):
         return bound.reshape(batch_shape).to(out_dtype)
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _training_loss(self, pose: Tensor, generator: torch.Generator | None) -> Tensor:
         """Negative ELBO per pose (KL weighted by ``kl_weight``), averaged over the batch."""
         return -self._bound(pose, None, 1, generator, elbo=True).mean()
 
-    def validation_nll(self, pose: Tensor) -> Tensor:
+    def _validation_nll(self, pose: Tensor) -> Tensor:
         """Negative IWAE bound with ``val_iwae_samples`` samples (cheaper than ``nll``; the fixed noise table, so it
         does not depend on how the validation set is batched)."""
         return -self._bound(pose, None, self.config.val_iwae_samples, None, fixed=True)
