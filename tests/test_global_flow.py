@@ -11,7 +11,7 @@ import torch
 from posepriors import skeleton
 from posepriors.priors import GlobalFlowConfig, GlobalFlowPrior
 from posepriors.priors.global_flow import random_joint_mask
-from tests.families import NAMES, make, synthetic_poses
+from tests.families import NAMES, check_device_and_dtype, make, synthetic_poses
 
 
 def test_flow_initialisation_draws_nothing_from_the_global_rng():
@@ -229,3 +229,8 @@ def test_with_context_is_a_deprecated_bound_wrapper(conditioned):
     unconditioned = GlobalFlowPrior(GlobalFlowConfig(hidden=8, num_layers=1))
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="is not conditioned on a context"):
         unconditioned.with_context(ctx)
+
+
+def test_global_flow_on_the_requested_device_and_dtype(device, dtype):
+    """``pytest --device cuda --dtype float64`` runs this on a GPU in float64 (it skips where there is none)."""
+    check_device_and_dtype(make("global_flow_conditional"), device, dtype)
