@@ -75,7 +75,7 @@ class GemmRecorder(TorchDispatchMode):
     @property
     def flops(self) -> float:
         total = 0.0
-        for func, args, _ in self.calls:
+        for _, args, _ in self.calls:
             a, b = args[-2], args[-1]  # the two matrix operands come last (after the bias of addmm / baddbmm)
             (a_shape, _, _), (b_shape, _, _) = a, b
             batch = a_shape[0] if len(a_shape) == 3 else 1
@@ -175,7 +175,6 @@ def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
     g = torch.Generator().manual_seed(1)
     body = 0.2 * torch.randn(256, 21, 3, generator=g)
     priors = {name: posepriors.load(name) for name in names}
-    gaussian = priors["gaussian"]
     flows = [n for n in names if n in ("global_flow", "joint_flow")]
     results: dict[str, list[float]] = {}
 
@@ -214,7 +213,6 @@ def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
             f"faster), {med[f'{name} b256 autograd']:.2f} ms at b=256 (fast path {spread(speedup256)} faster)"
         )
         print(f"  {name}: b=256 forward + backward / its GEMMs alone ({med[f'{name} gemms']:.2f} ms): {spread(over)}")
-    del gaussian
 
 
 def keypoint_fits(args: argparse.Namespace, names: list[str]) -> None:

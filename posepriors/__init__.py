@@ -1,8 +1,12 @@
 """posepriors: pretrained pose priors for SMPL-X bodies and hands.
 
->>> import posepriors
+>>> import torch, posepriors
 >>> prior = posepriors.load("gaussian")          # bundled weights, works offline
->>> prior.log_prob(pose)                          # pose: (*, 55, 3), (*, 165), dict, ... -> (*,)
+>>> pose = torch.zeros(4, 55, 3)                  # SMPL-X axis-angle; also (*, 165), SMPL-H, dicts, ...
+>>> prior.log_prob(pose).shape                    # one log-density per pose
+torch.Size([4])
+>>> prior.sample(2, generator=torch.Generator().manual_seed(0)).shape   # (n, J, 3) in prior.joints order
+torch.Size([2, 51, 3])
 """
 
 __version__ = "0.1.0"
@@ -23,6 +27,7 @@ from posepriors.priors import (  # noqa: E402
     PriorConfig,
     get_validation,
     set_validation,
+    validation,
 )
 
 __all__ = [
@@ -40,5 +45,6 @@ __all__ = [
     "rotations",
     "save_pretrained",
     "set_validation",
+    "validation",
     "skeleton",
 ]

@@ -448,7 +448,7 @@ def _read_array(npz: np.lib.npyio.NpzFile, key: str, file: Path) -> np.ndarray:
 def _read_amass_or_seed(npz: np.lib.npyio.NpzFile, file: Path) -> tuple[np.ndarray, str, float | None]:
     poses = np.asarray(_read_array(npz, "poses", file), dtype=np.float32)
     if poses.ndim == 3 and poses.shape[1:] == (53, 3):
-        return poses, "seed53", None
+        return poses, "smplx_no_eyes", None
     if poses.ndim == 2 and poses.shape[1] in _AMASS_WIDTHS:
         rate = None
         for key in ("mocap_framerate", "mocap_frame_rate"):

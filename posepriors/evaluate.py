@@ -24,7 +24,7 @@ from torch import Tensor
 
 from posepriors import skeleton
 from posepriors.data import PoseData, load_poses
-from posepriors.priors.base import PosePrior
+from posepriors.priors.base import PRIOR_LAYOUT, PosePrior
 from posepriors.rotations import axis_angle_to_matrix
 from posepriors.utils import resolve_device
 
@@ -166,23 +166,29 @@ def nll_stats(prior: PosePrior, pose: Tensor, mask: Tensor | None = None, *, bat
     Returns:
         The statistics.
     """
+
+    def nll(x: Tensor, m: Tensor | None = None) -> Tensor:
+        return prior.nll(x, m, layout=PRIOR_LAYOUT)
+
+    def per_joint_fn(x: Tensor, m: Tensor | None = None) -> Tensor:
+        return prior.log_prob_per_joint(x, m, layout=PRIOR_LAYOUT)
+
     if mask is not None:
         mask = mask.expand(pose.shape[0], -1)
-        nll = _batched(prior.nll, pose, mask, batch_size=batch_size)
+        nll_values = _batched(nll, pose, mask, batch_size=batch_size)
         dims = int(3 * mask[0].sum())
     else:
-        nll = _batched(prior.nll, pose, batch_size=batch_size)
+        nll_values = _batched(nll, pose, batch_size=batch_size)
         dims = prior.dim
     per_joint: dict[str, float] = {}
-    per_joint_fn = getattr(prior, "log_prob_per_joint", None)
-    if per_joint_fn is not None:  # factorising families: the observed joints' terms
+    if prior.per_joint_log_prob:  # factorising families: the observed joints' terms
         lp = _batched(per_joint_fn, pose, *([] if mask is None else [mask]), batch_size=batch_size).mean(0)
         scored = range(prior.num_joints) if mask is None else mask[0].nonzero().flatten().tolist()
         per_joint = {prior.joint_names[j]: -lp[j].item() for j in scored}
     return NLLStats(
-        mean=nll.mean().item(),
-        median=nll.median().item(),
-        bits_per_dim=nll.mean().item() / (dims * math.log(2)),
+        mean=nll_values.mean().item(),
+        median=nll_values.median().item(),
+        bits_per_dim=nll_values.mean().item() / (dims * math.log(2)),
         dims=dims,
         per_joint=per_joint,
     )
@@ -292,11 +298,11 @@ def completion_parts(prior: PosePrior, observed: Tensor) -> dict[str, Tensor]:
         observed: Which of the prior's joints the data observes, shape (J,).
     """
     joints = list(prior.joints)
-    descendants = _descendants()
+    descendants = skeleton.modelled_descendants(range(skeleton.NUM_JOINTS))  # positions = SMPL-X indices
     parts = {
         "left_hand": set(skeleton.PARTS["left_hand"]),
         "right_hand": set(skeleton.PARTS["right_hand"]),
-        "left_arm": descendants[skeleton.SMPLX_JOINT_NAMES.index("left_shoulder")],
+        "left_arm": set(descendants[skeleton.SMPLX_JOINT_NAMES.index("left_shoulder")]),
     }
     out = {}
     for name, part in parts.items():
@@ -306,15 +312,6 @@ def completion_parts(prior: PosePrior, observed: Tensor) -> dict[str, Tensor]:
         duplicate = any(torch.equal(hidden, seen) for seen in out.values())  # the arm of hand-only data: its hand
         if hidden.any() and bool((observed & ~hidden).any()) and not duplicate:
             out[name] = hidden
-    return out
-
-
-def _descendants() -> dict[int, set[int]]:
-    out: dict[int, set[int]] = {j: {j} for j in range(skeleton.NUM_JOINTS)}
-    for j in reversed(range(skeleton.NUM_JOINTS)):
-        parent = skeleton.SMPLX_PARENTS[j]
-        if parent >= 0:
-            out[parent] |= out[j]
     return out
 
 
@@ -415,7 +412,7 @@ def evaluate(
         report.denoise = denoise_stats(prior, pose, mask, sigma=sigma, generator=generator)
     if completion:
         report.completion = completion_stats(prior, pose, observed, noise_std=completion_noise)
-    if hasattr(prior, "reconstruction_error"):  # auto-encoders: encode -> decoder mean, geodesic degrees
+    if prior.reconstructs:  # auto-encoders: encode -> decoder mean, geodesic degrees
         with torch.no_grad():
             report.reconstruction_deg = prior.reconstruction_error(device_pose).item()
     return report

@@ -15,7 +15,7 @@ the sum of the per-pose objectives and Adam's statistics are per coordinate.
 **The prior sees the 21 body joints only.** A prior that also models hands (every shipped body prior does) is given
 a body-only pose, so the hands count as *missing* and are marginalised exactly, instead of being scored as flat
 hands (which distorts the fit). Priors whose joints extend beyond the body and that have no exact marginal
-(``supports_mask = False``) are refused.
+(``mask_marginals = "none"``, so ``supports_mask`` is False) are refused.
 
 Choosing ``weight``: with Gaussian keypoint noise of std ``s`` metres per coordinate and K visible keypoints, the
 MAP objective has ``weight = 2 s^2 / K`` (``s = 1.5 cm``, ``K = 22``: about ``2e-5``); in practice tune it on
@@ -243,7 +243,7 @@ def _prior_scorer(prior: PosePrior, device: torch.device) -> Callable[[Tensor], 
     if extra and not prior.supports_mask:
         raise ValueError(
             f"{type(prior).__name__} also models joints {extra} beyond the body and has no exact marginal for them "
-            f"(supports_mask=False); a body-only fit needs a body-only prior or one that marginalises missing joints"
+            f"(mask_marginals='none'); a body-only fit needs a body-only prior or one that marginalises missing joints"
         )
     if prior.device != device:
         raise ValueError(f"keypoints are on {device} but the prior is on {prior.device}; move one of them")

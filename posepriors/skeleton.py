@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "DICT_KEYS",
     "LAYOUTS",
+    "LAYOUT_ALIASES",
     "MIRROR_JOINTS",
     "NUM_JOINTS",
     "PARTS",
@@ -27,8 +28,11 @@ __all__ = [
     "describe_joints",
     "from_smplx",
     "layouts_with",
+    "resolve_layout",
     "mirror_index",
     "mirror_pose",
+    "modelled_descendants",
+    "modelled_parents",
     "pose_mapping",
     "resolve_joints",
     "to_smplx",
@@ -140,9 +144,9 @@ LAYOUTS: dict[str, Layout] = {
     for layout in (
         Layout("smplx", tuple(range(55)), "SMPL-X: root, 21 body, jaw, 2 eyes, 15 left hand, 15 right hand"),
         Layout(
-            "seed53",
+            "smplx_no_eyes",
             (*range(23), *range(25, 55)),
-            "root, 21 body, jaw, 15 left hand, 15 right hand (no eyes)",
+            "SMPL-X without the eyes: root, 21 body, jaw, 15 left hand, 15 right hand (the seed's 53 joints)",
         ),
         Layout("smplh", (*range(22), *range(25, 55)), "SMPL-H: root, 21 body, 15 left hand, 15 right hand"),
         Layout("smpl", (*range(22), -1, -1), "SMPL: root, 21 body, one joint per hand (not in SMPL-X)"),
@@ -152,7 +156,28 @@ LAYOUTS: dict[str, Layout] = {
         Layout("mano_right", PARTS["right_hand"], "MANO right hand, 15 joints"),
     )
 }
-"""Every supported layout by name."""
+"""Every supported layout by its name (aliases of old names: :data:`LAYOUT_ALIASES`)."""
+
+LAYOUT_ALIASES: dict[str, str] = {"seed53": "smplx_no_eyes"}
+"""Old layout names that still work everywhere a layout name is taken: ``"seed53"`` (the seed code base's
+53-joint layout) is ``"smplx_no_eyes"``."""
+
+
+def resolve_layout(name: str) -> Layout:
+    """The :class:`Layout` of a layout name or of an alias (:data:`LAYOUT_ALIASES`).
+
+    Raises:
+        ValueError: On an unknown name, listing the known ones.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"expected a layout name (a string), got {name!r} ({type(name).__name__})")
+    canonical = LAYOUT_ALIASES.get(name, name)
+    if canonical not in LAYOUTS:
+        raise ValueError(
+            f"unknown layout {name!r}; expected one of {sorted(LAYOUTS)} (or an alias {sorted(LAYOUT_ALIASES)})"
+        )
+    return LAYOUTS[canonical]
+
 
 _COUNTS = tuple(sorted({lay.num_joints for lay in LAYOUTS.values()}, reverse=True))
 """Joint counts of the layouts in :data:`LAYOUTS` (an input's count picks its layout)."""
@@ -224,15 +249,13 @@ def _layout_for(pose: Tensor, layout: str | None, hand: str) -> tuple[Layout, Te
         raise ValueError(f"expected hand 'left' or 'right', got {hand!r}")
     shape = tuple(pose.shape)
     if layout is not None:
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}")
-        lay = LAYOUTS[layout]
+        lay = resolve_layout(layout)
         J = lay.num_joints
         if pose.dim() >= 2 and shape[-2:] == (J, 3):
             return lay, pose
         if pose.dim() >= 1 and shape[-1] == 3 * J:
             return lay, pose.reshape(*shape[:-1], J, 3)
-        raise ValueError(f"expected a {layout} pose of shape (*, {J}, 3) or (*, {3 * J}), got {shape}")
+        raise ValueError(f"expected a {lay.name} pose of shape (*, {J}, 3) or (*, {3 * J}), got {shape}")
     if pose.dim() >= 2 and shape[-1] == 3 and shape[-2] in _COUNTS:
         J = shape[-2]
     elif pose.dim() >= 1 and shape[-1] % 3 == 0 and shape[-1] // 3 in _COUNTS:
@@ -262,7 +285,8 @@ def to_smplx(
             smplx-style dict (keys of :data:`DICT_KEYS`, each (*, 3k) or (*, k, 3); other keys such as
             ``transl``, ``betas``, ``expression``, ``vertices``, ``joints`` and ``full_pose`` are ignored), or an
             ``smplx`` ``ModelOutput`` (read as the dict of its fields).
-        layout: Force a layout name from :data:`LAYOUTS` instead of detecting it from J.
+        layout: Force a layout name from :data:`LAYOUTS` (or an alias, :data:`LAYOUT_ALIASES`) instead of detecting
+            it from J.
         hand: Which hand a 15-joint (MANO) pose is: ``"left"`` or ``"right"``.
 
     Returns:
@@ -324,16 +348,15 @@ def from_smplx(pose55: Tensor, layout: str) -> Tensor:
 
     Args:
         pose55: Axis-angle rotations, shape (*, 55, 3).
-        layout: A name from :data:`LAYOUTS`.
+        layout: A name from :data:`LAYOUTS` (or an alias, :data:`LAYOUT_ALIASES`).
 
     Returns:
         Poses in ``layout``, shape (*, J, 3).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+    lay = resolve_layout(layout)
     if pose55.dim() < 2 or pose55.shape[-2:] != (NUM_JOINTS, 3):
         raise ValueError(f"expected SMPL-X poses of shape (*, 55, 3), got {tuple(pose55.shape)}")
-    index = LAYOUTS[layout].smplx_index
+    index = lay.smplx_index
     gather = torch.tensor([max(j, 0) for j in index], device=pose55.device)
     out = pose55.index_select(-2, gather)
     if -1 in index:
@@ -399,6 +422,52 @@ def mirror_pose(pose: Tensor, joints: Sequence[int] = tuple(range(NUM_JOINTS))) 
     swapped = pose.index_select(-2, index)
     sign = pose.new_tensor([1.0, -1.0, -1.0])
     return swapped * sign
+
+
+def modelled_parents(joints: Sequence[int]) -> tuple[int, ...]:
+    """The nearest *modelled* ancestor of every joint of a joint subset, as a position in ``joints``.
+
+    Args:
+        joints: SMPL-X joint indices in increasing order (a prior's ``joints``).
+
+    Returns:
+        For each joint, the position in ``joints`` of its nearest ancestor in :data:`SMPLX_PARENTS` that is among
+        ``joints``, or -1 when it has none (e.g. the hips of a body prior without the root).
+
+    Example:
+        >>> modelled_parents((0, 4, 7))  # pelvis, left knee, left ankle: the hip is not modelled
+        (-1, 0, 1)
+    """
+    position = {j: i for i, j in enumerate(joints)}
+    out = []
+    for j in joints:
+        parent = SMPLX_PARENTS[j]
+        while parent >= 0 and parent not in position:
+            parent = SMPLX_PARENTS[parent]
+        out.append(position[parent] if parent >= 0 else -1)
+    return tuple(out)
+
+
+def modelled_descendants(joints: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """The modelled subtree of every joint of a joint subset: itself and its descendants among ``joints``.
+
+    Args:
+        joints: SMPL-X joint indices in increasing order (a prior's ``joints``).
+
+    Returns:
+        For each joint, the sorted positions in ``joints`` of the joint and of every joint whose chain of
+        :func:`modelled_parents` passes through it.
+
+    Example:
+        >>> modelled_descendants((0, 4, 7))
+        ((0, 1, 2), (1, 2), (2,))
+    """
+    parents = modelled_parents(joints)
+    subtree = [{i} for i in range(len(joints))]
+    for i in reversed(range(len(joints))):  # parents precede children
+        if parents[i] >= 0:
+            subtree[parents[i]] |= subtree[i]
+    return tuple(tuple(sorted(s)) for s in subtree)
 
 
 def describe_joints(joints: Sequence[int]) -> str:

@@ -30,9 +30,10 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 import numpy as np
@@ -116,29 +117,11 @@ class TrainConfig:
     input_noise: float = 0.0
 
 
-# The seed's settings, kept as flags; where they are poor on real data the default differs and --help says why.
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gaussian": {"learning_rate": 1e-2, "scheduler": "step", "step_size": 30, "max_epochs": 20, "batch_size": 1024},
-    "joint_flow": {
-        "learning_rate": 1e-3,
-        "weight_decay": 1e-5,
-        "grad_clip": 1.0,
-        "max_epochs": 50,
-        "batch_size": 256,
-        "scheduler": "cosine",
-    },
-    "global_flow": {
-        "learning_rate": 1e-3,
-        "max_epochs": 30,
-        "batch_size": 256,
-        "scheduler": "cosine",
-        "grad_clip": 1.0,
-    },
-    "hand_vae": {"learning_rate": 3e-4, "max_epochs": 100, "batch_size": 8192, "scheduler": "cosine"},
-    "gmm": {"learning_rate": 1e-2, "max_epochs": 20, "batch_size": 1024},
-}
-SEED_BATCH_SIZES = {"gaussian": 32, "joint_flow": 16, "global_flow": 32}
-ALIASES = {"num_layers": "K", "variant": "model_type"}
+FAMILY_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {name: cls.training_defaults for name, cls in available_model_types().items()}
+)
+"""Deprecated, kept for old code: the loop defaults of each family, now the families' own
+:attr:`~posepriors.priors.base.PosePrior.training_defaults` (read those; families registered later are not here)."""
 SAFE_ON_RESUME = (
     "max_epochs",
     "patience",
@@ -574,12 +557,7 @@ def _validate(prior: PosePrior, val: Tensor, batch_size: int) -> dict[str, float
     nll = torch.cat([prior.validation_nll(val[i : i + batch_size]) for i in range(0, len(val), batch_size)])
     mean = nll.mean().item()
     metrics = {"val_nll": mean, "val_bits_per_dim": mean / (prior.dim * math.log(2))}
-    round_trip = getattr(prior, "round_trip_error", None)
-    if round_trip is not None:
-        metrics["round_trip_error"] = round_trip(val[:batch_size]).item()
-    recon = getattr(prior, "reconstruction_error", None)
-    if recon is not None:
-        metrics["reconstruction_deg"] = recon(val[:batch_size]).item()
+    metrics.update(prior.diagnostics(val[:batch_size]))
     return metrics
 
 
@@ -640,8 +618,7 @@ def fit(
         return _seeded_fit(prior, train, val, cfg, out=out, resume=resume, run_info=run_info)
     out_path = Path(out)
     with folder_lock(out_path):
-        closed_form = getattr(prior, "closed_form", False)
-        _check_output_folder(out_path, resume=resume, overwrite=overwrite, closed_form=closed_form)
+        _check_output_folder(out_path, resume=resume, overwrite=overwrite, closed_form=prior.closed_form)
         if overwrite:
             _clear_outputs(out_path)
         return _seeded_fit(prior, train, val, cfg, out=out_path, resume=resume, run_info=run_info)
@@ -672,179 +649,247 @@ def _fit(
     if cfg.mirror:
         skeleton.mirror_index(prior.joints)  # raises now, not after the first epoch, when joints lack counterparts
     device = resolve_device(cfg.device)
-    if getattr(prior, "closed_form", False):  # e.g. gmm: one exact fit (EM) on every training frame, no SGD
+    if prior.closed_form:  # e.g. gmm: one exact fit (EM) on every training frame, no SGD
         return _fit_closed_form(prior, train, val, cfg, device, out, run_info)
-    distributed = _init_distributed(device)
-    rank, world = _dist_info()
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    out_path = Path(out) if out is not None else None
-    prior.to(device).train()
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.Generator().manual_seed(cfg.seed + 1)
-    sampling = torch.Generator().manual_seed(cfg.seed + 2)
-    val_poses = val.complete(torch.Generator().manual_seed(cfg.seed + 3)).to(device)
-    params = [p for p in prior.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the prior has no trainable parameters; call prior.requires_grad_(True) to train it")
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if cfg.scheduler == "cosine":
-        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.max_epochs)
-    elif cfg.scheduler == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    else:
-        scheduler = None
+    return _Trainer(prior, train, val, cfg, device, out, run_info).run(resume)
 
-    start_epoch, history, since_best = 0, [], 0
-    best = {"val_nll": math.inf, "epoch": 0}
-    sizes: dict[str, Any] = {"train_poses": len(train), "val_poses": len(val)}
-    if out_path is not None:  # content hashes (computed once) make --resume refuse other data of the same sizes
-        sizes.update(train_sha256=_data_sha256(train), val_sha256=_data_sha256(val))
-    run_id, run_info = _new_run_id(prior.model_type), dict(run_info or {})
-    if resume:
-        if out_path is None:
+
+class _Trainer:
+    """One SGD run of :func:`fit`, in its steps: setup (``__init__``), :meth:`_resume` or :meth:`_initialise`,
+    :meth:`_epoch` (train and validate), :meth:`_record` and :meth:`_checkpoint` after every epoch, and
+    :meth:`_finish` (best weights back, ``metrics.json``, summary). :meth:`run` chains them."""
+
+    def __init__(
+        self,
+        prior: PosePrior,
+        train: TrainingData,
+        val: TrainingData,
+        cfg: TrainConfig,
+        device: torch.device,
+        out: str | os.PathLike | None,
+        run_info: dict[str, Any] | None,
+    ) -> None:
+        self.prior, self.train, self.val, self.cfg = prior, train, val, cfg
+        self.distributed = _init_distributed(device)
+        self.rank, self.world = _dist_info()
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        self.device = device
+        self.out = Path(out) if out is not None else None
+        prior.to(device).train()
+        self.generators = {
+            "shuffle": torch.Generator().manual_seed(cfg.seed),
+            "noise": torch.Generator().manual_seed(cfg.seed + 1),
+            "sampling": torch.Generator().manual_seed(cfg.seed + 2),
+        }
+        self.val_poses = val.complete(torch.Generator().manual_seed(cfg.seed + 3)).to(device)
+        self.params = [p for p in prior.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the prior has no trainable parameters; call prior.requires_grad_(True) to train it")
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler: Any = None
+        if cfg.scheduler == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.max_epochs)
+        elif cfg.scheduler == "step":
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+        self.start_epoch, self.history, self.since_best = 0, [], 0
+        self.best: dict[str, Any] = {"val_nll": math.inf, "epoch": 0}
+        self.sizes: dict[str, Any] = {"train_poses": len(train), "val_poses": len(val)}
+        if self.out is not None:  # content hashes (computed once) make --resume refuse other data of the same sizes
+            self.sizes.update(train_sha256=_data_sha256(train), val_sha256=_data_sha256(val))
+        self.run_id, self.run_info = _new_run_id(prior.model_type), dict(run_info or {})
+        self.writer = self.rank == 0 and self.out is not None
+        self.logger: _Logger | None = None
+
+    def run(self, resume: bool) -> TrainResult:
+        if resume:
+            self._resume()
+        else:
+            self._initialise()
+        model: nn.Module = _LossModule(self.prior)
+        if self.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self._open_logger()
+        self._prepare_loop()
+        epoch = self.start_epoch
+        for epoch in range(self.start_epoch + 1, self.cfg.max_epochs + 1):
+            metrics = self._epoch(model, epoch)
+            self._record(epoch, metrics)
+            if self.writer:
+                self._checkpoint(epoch)
+            if self.cfg.patience and self.since_best >= self.cfg.patience:
+                if self.rank == 0:
+                    print(f"early stop: no better validation NLL for {self.cfg.patience} epochs")
+                break
+        return self._finish(epoch)
+
+    # ------------------------------------------------------------------ start
+    def _resume(self) -> None:
+        """Continue the run saved in ``out``: weights, optimizer, scheduler, RNG states, history and run info."""
+        cfg, out = self.cfg, self.out
+        if out is None:
             raise ValueError("resume needs the output folder of the interrupted run")
-        folder, tensors, meta = _load_checkpoint(out_path)
-        changes = _check_resumable(prior, cfg, sizes, folder, meta, out_path)
-        state = load_pretrained(folder, device=device, frozen=False).state_dict()
-        prior.load_state_dict(state, strict=True)
-        _optimizer_from_files(optimizer, tensors, meta)
-        start_epoch, history, best = meta["epoch"], meta["history"], meta["best"]
+        folder, tensors, meta = _load_checkpoint(out)
+        changes = _check_resumable(self.prior, cfg, self.sizes, folder, meta, out)
+        state = load_pretrained(folder, device=self.device, frozen=False).state_dict()
+        self.prior.load_state_dict(state, strict=True)
+        _optimizer_from_files(self.optimizer, tensors, meta)
+        self.start_epoch, self.history, self.best = meta["epoch"], meta["history"], meta["best"]
+        scheduler = self.scheduler
         if scheduler is not None and meta.get("scheduler"):
             scheduler.load_state_dict(meta["scheduler"])
             if cfg.scheduler == "cosine" and scheduler.T_max != cfg.max_epochs:
                 # the schedule of a run started with the new max_epochs, from the resumed epoch on
                 scheduler.T_max = cfg.max_epochs
-                for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-                    cosine = (1 + math.cos(math.pi * start_epoch / cfg.max_epochs)) / 2
+                for group, base in zip(self.optimizer.param_groups, scheduler.base_lrs, strict=True):
+                    cosine = (1 + math.cos(math.pi * self.start_epoch / cfg.max_epochs)) / 2
                     group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * cosine
         torch.set_rng_state(tensors["rng.torch"])
-        for name, gen in (("shuffle", shuffle), ("noise", noise), ("sampling", sampling)):
+        for name, gen in self.generators.items():
             gen.set_state(tensors[f"rng.{name}"])
-        since_best = start_epoch - best["epoch"]
-        run_id = meta.get("run_id", run_id)
-        saved_info = dict(meta.get("run_info") or run_info)
-        resumed = {"from_epoch": start_epoch, "command": run_info.get("command"), "changed": changes}
-        run_info = {**saved_info, "resumes": [*saved_info.get("resumes", []), resumed]}
-        if rank == 0 and start_epoch >= cfg.max_epochs:
-            print(f"the run in {out_path} has completed {start_epoch} epochs already (max_epochs {cfg.max_epochs})")
-    else:
+        self.since_best = self.start_epoch - self.best["epoch"]
+        self.run_id = meta.get("run_id", self.run_id)
+        saved_info = dict(meta.get("run_info") or self.run_info)
+        resumed = {"from_epoch": self.start_epoch, "command": self.run_info.get("command"), "changed": changes}
+        self.run_info = {**saved_info, "resumes": [*saved_info.get("resumes", []), resumed]}
+        if self.rank == 0 and self.start_epoch >= cfg.max_epochs:
+            print(f"the run in {out} has completed {self.start_epoch} epochs already (max_epochs {cfg.max_epochs})")
+
+    def _initialise(self) -> None:
+        """Data-dependent initialisation of a new run (and the closed-form fit of the broad component)."""
+        cfg, prior, train = self.cfg, self.prior, self.train
         init = train.complete(torch.Generator().manual_seed(cfg.seed + 4))
         pick = torch.randperm(len(init), generator=torch.Generator().manual_seed(cfg.seed + 5))[:20000]
-        prior.initialize_from_data(init[pick].to(device))
+        prior.initialize_from_data(init[pick].to(self.device))
         if prior.broad is not None:  # closed form, on every training pose (each coordinate where observed)
-            prior.fit_broad(train.poses.to(device), train.observed.to(device))
+            prior.fit_broad(train.poses.to(self.device), train.observed.to(self.device))
 
-    model: nn.Module = _LossModule(prior)
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    writer = rank == 0 and out_path is not None
-    logger = None
-    if rank == 0 and cfg.logger != "none":
-        log_dir = Path(cfg.log_dir) if cfg.log_dir else Path("runs") / prior.model_type
-        logger = _Logger(cfg.logger, log_dir, {**dataclasses.asdict(cfg), **prior.config.to_dict()}, run_id)
-        print(f"run {run_id}: {cfg.logger} logs in {logger.path.resolve()}", flush=True)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    progress = _progress_factory(cfg.progress and rank == 0)
-    global_batch = min(cfg.batch_size, len(train))
-    if global_batch < cfg.batch_size and rank == 0:
-        warnings.warn(
-            f"batch_size {cfg.batch_size} exceeds the {len(train)} training poses; using {global_batch}", stacklevel=2
-        )
-    epoch = start_epoch
-    for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
+    def _open_logger(self) -> None:
+        cfg, prior = self.cfg, self.prior
+        if self.rank == 0 and cfg.logger != "none":
+            log_dir = Path(cfg.log_dir) if cfg.log_dir else Path("runs") / prior.model_type
+            run_config = {**dataclasses.asdict(cfg), **prior.config.to_dict()}
+            self.logger = _Logger(cfg.logger, log_dir, run_config, self.run_id)
+            print(f"run {self.run_id}: {cfg.logger} logs in {self.logger.path.resolve()}", flush=True)
+
+    def _prepare_loop(self) -> None:
+        """Mixed precision, progress bars and the global batch size of the epochs."""
+        cfg = self.cfg
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
+        self.progress = _progress_factory(cfg.progress and self.rank == 0)
+        self.global_batch = min(cfg.batch_size, len(self.train))
+        if self.global_batch < cfg.batch_size and self.rank == 0:
+            warnings.warn(
+                f"batch_size {cfg.batch_size} exceeds the {len(self.train)} training poses; using {self.global_batch}",
+                stacklevel=4,
+            )
+
+    # ------------------------------------------------------------------ epochs
+    def _epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        """One epoch: a pass over the (completed, augmented, shuffled) training poses, then validation."""
+        cfg, prior, device, rank = self.cfg, self.prior, self.device, self.rank
+        use_amp, scaler, global_batch = self.use_amp, self.scaler, self.global_batch
         tic = time.perf_counter()
         epoch_rng = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) % 2**64)  # the same below 2**64
-        poses = augment(train.complete(epoch_rng), prior.joints, cfg.mirror, cfg.input_noise, epoch_rng)
-        order = torch.randperm(len(poses), generator=shuffle)
+        poses = augment(self.train.complete(epoch_rng), prior.joints, cfg.mirror, cfg.input_noise, epoch_rng)
+        order = torch.randperm(len(poses), generator=self.generators["shuffle"])
         total, count = 0.0, 0
-        bar = progress(range(0, len(order) - global_batch + 1, global_batch), f"epoch {epoch}/{cfg.max_epochs}")
+        bar = self.progress(range(0, len(order) - global_batch + 1, global_batch), f"epoch {epoch}/{cfg.max_epochs}")
         for start in bar:
-            batch_index = order[start : start + global_batch][rank::world]
+            batch_index = order[start : start + global_batch][rank :: self.world]
             batch = poses[batch_index].to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = model(batch, noise)
+                loss = model(batch, self.generators["noise"])
             if not math.isfinite(loss.item()):  # checked before the step, so the weights stay finite
                 reason = f"the training loss became {loss.item()} at epoch {epoch}"
-                _stop(reason, epoch, best, out_path if writer else None)
-            optimizer.zero_grad(set_to_none=True)
+                _stop(reason, epoch, self.best, self.out if self.writer else None)
+            self.optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
+                scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             if scaler is not None:
-                scaler.step(optimizer)
+                scaler.step(self.optimizer)
                 scaler.update()
             else:
-                optimizer.step()
+                self.optimizer.step()
             total, count = total + loss.item(), count + 1
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        if scheduler is not None:
-            scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         prior.eval()
-        metrics = {"train_loss": total / max(count, 1), **_validate(prior, val_poses, cfg.val_batch_size)}
+        metrics = {"train_loss": total / max(count, 1), **_validate(prior, self.val_poses, cfg.val_batch_size)}
         if (cfg.sample_every and epoch % cfg.sample_every == 0) or epoch == cfg.max_epochs:
-            metrics.update(_sample_metrics(prior, val_poses, sampling))
+            metrics.update(_sample_metrics(prior, self.val_poses, self.generators["sampling"]))
         prior.train()
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["epoch_seconds"] = time.perf_counter() - tic
         if not math.isfinite(metrics["val_nll"]):
             reason = f"the validation NLL became {metrics['val_nll']} at epoch {epoch}"
-            _stop(reason, epoch, best, out_path if writer else None)
-        history.append({"epoch": epoch, **metrics})
-        improved = metrics["val_nll"] < best["val_nll"]
+            _stop(reason, epoch, self.best, self.out if self.writer else None)
+        return metrics
+
+    def _record(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Add an epoch to the history, keep the best model, print and log."""
+        self.history.append({"epoch": epoch, **metrics})
+        improved = metrics["val_nll"] < self.best["val_nll"]
         if improved:
-            best = {"val_nll": metrics["val_nll"], "epoch": epoch}
-            since_best = 0
-            if writer:
-                save_pretrained(prior, out_path)
+            self.best = {"val_nll": metrics["val_nll"], "epoch": epoch}
+            self.since_best = 0
+            if self.writer:
+                save_pretrained(self.prior, self.out)
         else:
-            since_best += 1
-        if rank == 0:
+            self.since_best += 1
+        if self.rank == 0:
             flag = " *" if improved else ""
             print(
                 f"epoch {epoch:>3}: train {metrics['train_loss']:.3f}  val NLL {metrics['val_nll']:.3f}  "
                 f"bits/dim {metrics['val_bits_per_dim']:.3f}{flag}",
                 flush=True,
             )
-            if logger is not None:
-                logger.log(metrics, epoch)
-        if writer:
-            info = {
-                "epoch": epoch,
-                "history": history,
-                "best": best,
-                "run_id": run_id,
-                "run_info": run_info,
-                "train_config": dataclasses.asdict(cfg),
-                "data": sizes,
-            }
-            _save_checkpoint(
-                out_path, prior, optimizer, scheduler, info, {"shuffle": shuffle, "noise": noise, "sampling": sampling}
-            )
-        if cfg.patience and since_best >= cfg.patience:
-            if rank == 0:
-                print(f"early stop: no better validation NLL for {cfg.patience} epochs")
-            break
-    if logger is not None:
-        logger.close()
-    if out_path is not None and (out_path / "model.safetensors").is_file():
-        prior.load_state_dict(load_pretrained(out_path, device=device, frozen=False).state_dict())
-    result = TrainResult(best["epoch"], best["val_nll"], epoch, history, out_path if writer else None)
-    if writer:
-        data_sha256 = {"train": sizes.get("train_sha256"), "val": sizes.get("val_sha256")}
-        extra = {"run_id": run_id, **run_info}
-        _write_summary(out_path, prior, cfg, (len(train), len(val)), data_sha256, history, best, extra)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+            if self.logger is not None:
+                self.logger.log(metrics, epoch)
+
+    def _checkpoint(self, epoch: int) -> None:
+        """The epoch's checkpoint (model and training state) in ``out/checkpoints``, and ``last.json``."""
+        info = {
+            "epoch": epoch,
+            "history": self.history,
+            "best": self.best,
+            "run_id": self.run_id,
+            "run_info": self.run_info,
+            "train_config": dataclasses.asdict(self.cfg),
+            "data": self.sizes,
+        }
+        _save_checkpoint(self.out, self.prior, self.optimizer, self.scheduler, info, self.generators)
+
+    # ------------------------------------------------------------------ end
+    def _finish(self, epoch: int) -> TrainResult:
+        """Close the logs, load the best weights back, write ``metrics.json`` and the summary, leave DDP."""
+        if self.logger is not None:
+            self.logger.close()
+        out = self.out
+        if out is not None and (out / "model.safetensors").is_file():
+            self.prior.load_state_dict(load_pretrained(out, device=self.device, frozen=False).state_dict())
+        result = TrainResult(
+            self.best["epoch"], self.best["val_nll"], epoch, self.history, out if self.writer else None
+        )
+        if self.writer:
+            data_sha256 = {"train": self.sizes.get("train_sha256"), "val": self.sizes.get("val_sha256")}
+            extra = {"run_id": self.run_id, **self.run_info}
+            sizes = (len(self.train), len(self.val))
+            _write_summary(out, self.prior, self.cfg, sizes, data_sha256, self.history, self.best, extra)
+        if self.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
 
 
 def _fit_closed_form(
@@ -1046,12 +1091,6 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
         "--val_fraction", type=float, default=0.1, help="validation share when no --val_dir (by sequence)"
     )
     data.add_argument("--fps", type=float, default=None, help="subsample AMASS sequences to this frame rate")
-    data.add_argument(
-        "--num_workers",
-        type=int,
-        default=0,
-        help="data loading workers (data is held in memory; kept for compatibility, 0 is fastest)",
-    )
     run = parser.add_argument_group("run")
     run.add_argument(
         "--out",
@@ -1072,14 +1111,16 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
         help=f"replace the run in --out: delete its {', '.join(OUTPUT_NAMES)} first (other files stay)",
     )
     run.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload the best model to this Hub repo")
-    defaults = {**dataclasses.asdict(TrainConfig()), **FAMILY_DEFAULTS.get(model_type or "", {})}
+    family = families[model_type] if model_type is not None else None
+    defaults = {**dataclasses.asdict(TrainConfig()), **(family.training_defaults if family is not None else {})}
+    seed_batch = family.seed_batch_size if family is not None else None
     loop = parser.add_argument_group("training loop")
     helps = {
         "batch_size": "global batch size"
         + (
-            f" (the seed used {SEED_BATCH_SIZES[model_type]}: too small for ~10k-100k poses on CPU, slow and noisy; "
+            f" (the seed used {seed_batch}: too small for ~10k-100k poses on CPU, slow and noisy; "
             "the default is larger with the same learning rate)"
-            if model_type in SEED_BATCH_SIZES
+            if seed_batch is not None and seed_batch != defaults["batch_size"]
             else ""
         ),
         "logger": "where to log; every run gets its own sub-folder of --log_dir",
@@ -1095,9 +1136,9 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
             f.type,
             choices=LOOP_CHOICES.get(f.name),
         )
-    if model_type is not None:
+    if family is not None:
         group = parser.add_argument_group(f"{model_type} model")
-        config_class = families[model_type].config_class
+        config_class = family.config_class
         for f in _config_fields(config_class):
             default = getattr(config_class(), f.name)
             if f.name == "joints":
@@ -1109,8 +1150,10 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
                     "when the data observes none of them, the body and hand joints it observes; the log says which)",
                 )
                 continue
-            names = [f"--{f.name}"] + ([f"--{ALIASES[f.name]}"] if f.name in ALIASES else [])
-            _add_flag(group, f.name, default, f.name.replace("_", " "), f.type, names, MODEL_CHOICES.get(f.name))
+            old = family.flag_aliases.get(f.name)
+            names = [f"--{f.name}"] + ([f"--{old}"] if old else [])
+            help_text = f.name.replace("_", " ") + (f" (--{old}: its old name, still accepted)" if old else "")
+            _add_flag(group, f.name, default, help_text, f.type, names, MODEL_CHOICES.get(f.name))
     return parser
 
 
@@ -1322,7 +1365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(text, flush=True)
 
     with contextlib.ExitStack() as stack:
-        closed_form = getattr(family, "closed_form", False)
+        closed_form = family.closed_form
         try:
             if args.resume and args.overwrite:
                 raise ValueError("expected --resume (continue the run in --out) or --overwrite (replace it), got both")

@@ -36,3 +36,40 @@ def shared_data() -> Path:
 def generator() -> torch.Generator:
     """A seeded CPU generator, so tests are deterministic."""
     return torch.Generator().manual_seed(0)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("posepriors")
+    group.addoption(
+        "--device",
+        default="cpu",
+        help="device of the family tests that take the `device` fixture: cpu (default), cuda, cuda:N or mps; "
+        "they skip when it is not available",
+    )
+    group.addoption(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float64"),
+        help="dtype of the family tests that take the `dtype` fixture (default float32)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device of ``--device`` (default cpu); skips the test when it is not available on this machine."""
+    name = request.config.getoption("--device")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise pytest.UsageError(f"--device: expected a torch device such as cpu, cuda or cuda:1, got {name!r}") from err
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        pytest.skip(f"--device {name}: CUDA device not available on this machine")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        pytest.skip(f"--device {name}: MPS not available on this machine")
+    return dev
+
+
+@pytest.fixture(scope="session")
+def dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    """The dtype of ``--dtype`` (default float32)."""
+    return getattr(torch, request.config.getoption("--dtype"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from posepriors import skeleton
@@ -68,11 +70,6 @@ def synthetic_poses(n: int, joints: tuple[int, ...], seed: int = 0, latent: int 
     return x.reshape(n, len(joints), 3)
 
 
-def full_pose(prior: PosePrior, x: torch.Tensor) -> torch.Tensor:
-    """Poses in the prior's joint order placed into the SMPL-X layout."""
-    return prior.to_smplx(x)
-
-
 def train(prior: PosePrior, steps: int = 60, n: int = 512, seed: int = 0) -> tuple[PosePrior, torch.Tensor]:
     """Fit ``prior`` briefly on synthetic data; returns it and held-out poses."""
     data = synthetic_poses(n, prior.joints, seed)
@@ -87,6 +84,29 @@ def train(prior: PosePrior, steps: int = 60, n: int = 512, seed: int = 0) -> tup
         opt.step()
     prior.eval()
     return prior, synthetic_poses(64, prior.joints, seed + 1)
+
+
+def check_device_and_dtype(prior: PosePrior, device: torch.device, dtype: torch.dtype) -> None:
+    """Every public path of ``prior`` on ``device`` in ``dtype``: results stay there, gradients reach the pose."""
+    torch.manual_seed(0)
+    data = synthetic_poses(64, prior.joints)
+    prior.initialize_from_data(data)
+    prior = prior.to(device=device, dtype=dtype).eval()
+    assert prior.device.type == device.type and prior.dtype == dtype
+    x = synthetic_poses(5, prior.joints, seed=1).to(device=device, dtype=dtype)
+    lp = prior.log_prob(x)
+    assert lp.shape == (5,) and lp.device.type == device.type and lp.dtype == dtype and bool(torch.isfinite(lp).all())
+    pose = x.clone().requires_grad_(True)
+    prior.nll(pose).sum().backward()
+    assert pose.grad is not None and bool(torch.isfinite(pose.grad).all())
+    samples = prior.sample(4, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (4, prior.num_joints, 3) and samples.device.type == device.type and samples.dtype == dtype
+    projected = prior.project(x)
+    assert projected.shape == x.shape and projected.device.type == device.type and projected.dtype == dtype
+    denoised = prior.project(x, noise_std=0.1, **({"steps": 2} if "steps" in prior.project_options(True) else {}))
+    assert denoised.dtype == dtype and bool(torch.isfinite(denoised).all())
+    cpu = copy.deepcopy(prior).to(device="cpu", dtype=torch.float64)
+    torch.testing.assert_close(lp.cpu().double(), cpu.log_prob(x.cpu().double()), atol=1e-2, rtol=1e-3)
 
 
 assert skeleton.resolve_joints(BODY_HAND)

@@ -10,7 +10,6 @@ import torch
 from posepriors import skeleton
 from posepriors import train as train_module
 from posepriors.data import PoseData
-from posepriors.priors import GlobalFlowConfig, GlobalFlowPrior
 from tests.families import NAMES, make, synthetic_poses
 
 
@@ -108,14 +107,6 @@ def test_a_bad_measure_is_refused_before_the_forward_pass(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- global RNG (point 6)
-def test_flow_initialisation_draws_nothing_from_the_global_rng():
-    prior = GlobalFlowPrior(GlobalFlowConfig(joints="body", hidden=8, num_layers=2, conditional=True))
-    data = synthetic_poses(64, prior.joints)
-    state = torch.get_rng_state()
-    prior.initialize_from_data(data)
-    assert torch.equal(torch.get_rng_state(), state)
-
-
 def test_training_leaves_the_callers_global_rng_as_it_was(tmp_path):
     prior = make("gaussian")
     poses = torch.zeros(40, 55, 3)
@@ -184,3 +175,41 @@ def test_layout_tables_come_from_the_layouts():
             assert set(names) == {"mano_left", "mano_right"}
             left = skeleton.to_smplx(pose, hand="left")[1]
             assert left[list(skeleton.PARTS["left_hand"])].all() and not left[list(skeleton.PARTS["right_hand"])].any()
+
+
+def test_layout_aliases_work_in_prior_methods():
+    from posepriors.priors import GaussianConfig, GaussianPrior
+
+    prior = GaussianPrior(GaussianConfig(joints="body"))
+    pose53 = skeleton.from_smplx(torch.randn(3, 55, 3) * 0.1, "smplx_no_eyes")
+    torch.testing.assert_close(prior.log_prob(pose53, layout="seed53"), prior.log_prob(pose53, layout="smplx_no_eyes"))
+    with pytest.raises(ValueError, match=r"unknown layout 'seed'; expected 'prior' or one of .*alias \['seed53'\]"):
+        prior.log_prob(pose53, layout="seed")
+
+
+def test_validation_context_manager_restores_the_previous_setting_even_on_errors():
+    import posepriors
+    from posepriors.priors import GaussianConfig, GaussianPrior
+
+    prior = GaussianPrior(GaussianConfig(joints="body"))
+    bad = torch.full((1, 21, 3), float("nan"))
+    assert posepriors.get_validation()
+    with pytest.raises(ValueError, match="expected finite pose values"):
+        prior.log_prob(bad)
+    with posepriors.validation(False):
+        assert not posepriors.get_validation()
+        assert torch.isnan(prior.log_prob(bad)).all()  # no check inside the block
+        with posepriors.validation(True):  # nests
+            assert posepriors.get_validation()
+        assert not posepriors.get_validation()
+    assert posepriors.get_validation()
+    with pytest.raises(RuntimeError, match="boom"), posepriors.validation(False):
+        raise RuntimeError("boom")
+    assert posepriors.get_validation()  # restored after the exception
+    posepriors.set_validation(False)
+    try:
+        with posepriors.validation(True):
+            assert posepriors.get_validation()
+        assert not posepriors.get_validation()  # the previous state, not the default
+    finally:
+        posepriors.set_validation(True)

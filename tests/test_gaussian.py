@@ -11,6 +11,7 @@ import torch
 import posepriors
 from posepriors import skeleton
 from posepriors.priors import GaussianConfig, GaussianPrior
+from tests.families import check_device_and_dtype, make
 
 
 def _data(n: int = 512, joints: tuple[int, ...] = skeleton.PARTS["body"], seed: int = 0) -> torch.Tensor:
@@ -217,3 +218,8 @@ def test_fit_on_shared_body_data_round_trips(shared_data, tmp_path):
     # a fitted Gaussian is far better than an untrained one, and plausible for 63 dims of human motion
     assert nll < GaussianPrior().nll(val).mean().item() - 20
     assert -150 < nll < 50
+
+
+def test_gaussian_on_the_requested_device_and_dtype(device, dtype):
+    """``pytest --device cuda --dtype float64`` runs this on a GPU in float64 (it skips where there is none)."""
+    check_device_and_dtype(make("gaussian"), device, dtype)

@@ -15,6 +15,7 @@ import posepriors
 from posepriors import skeleton
 from posepriors import train as train_module
 from posepriors.priors import GaussianConfig, GaussianPrior, GMMConfig, GMMPrior
+from tests.families import check_device_and_dtype, make
 
 MIN_STD = 0.01
 
@@ -518,3 +519,8 @@ def test_full_covariance_beats_the_diagonal_gaussian_on_shared_body_data(shared_
     diagonal = GaussianPrior().fit(train)
     nll_full, nll_diag = full.nll(val).mean().item(), diagonal.nll(val).mean().item()
     assert nll_full < nll_diag - 5 and -150 < nll_full < 50
+
+
+def test_gmm_on_the_requested_device_and_dtype(device, dtype):
+    """``pytest --device cuda --dtype float64`` runs this on a GPU in float64 (it skips where there is none)."""
+    check_device_and_dtype(make("gmm"), device, dtype)

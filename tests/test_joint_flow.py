@@ -10,6 +10,7 @@ import posepriors
 from posepriors import flows, rotations, skeleton
 from posepriors.priors.gaussian import GaussianConfig, GaussianPrior
 from posepriors.priors.joint_flow import JointFlowConfig, JointFlowPrior
+from tests.families import check_device_and_dtype, make
 
 posepriors.hub.register_model(JointFlowPrior)
 
@@ -351,3 +352,8 @@ def test_short_training_on_shared_body_data_beats_gaussian(shared_data):
         flow_nll = prior.eval().nll(val).mean().item()
         gaussian_nll = gaussian.nll(val).mean().item()
     assert flow_nll < gaussian_nll - 15, (flow_nll, gaussian_nll)
+
+
+def test_joint_flow_on_the_requested_device_and_dtype(device, dtype):
+    """``pytest --device cuda --dtype float64`` runs this on a GPU in float64 (it skips where there is none)."""
+    check_device_and_dtype(make("joint_flow"), device, dtype)

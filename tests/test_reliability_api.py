@@ -21,7 +21,6 @@ from posepriors import evaluate, hub
 from posepriors.priors import (
     GaussianPrior,
     GlobalFlowConfig,
-    HandVAE,
     HandVAEConfig,
     PriorConfig,
 )
@@ -133,28 +132,6 @@ def test_case7_weights_with_nan_or_inf_are_refused(bad, checksum, tmp_path):
     else:
         with pytest.warns(UserWarning, match="records no checksum"), pytest.raises(ValueError, match="NaN or Inf"):
             posepriors.load(folder)
-
-
-# ---------------------------------------------------------------------------- case 8: hand_vae scores per pose
-@pytest.mark.parametrize("variant", ["standard", "so3"])
-def test_case8_hand_vae_log_prob_is_a_function_of_the_pose_alone(variant):
-    torch.manual_seed(0)
-    prior = HandVAE(HandVAEConfig(variant=variant, z_dim=4, hidden=16, iwae_samples=8)).eval()
-    x = synthetic_poses(4, prior.joints, seed=2)
-    others = 0.5 * torch.randn(3, prior.num_joints, 3, generator=torch.Generator().manual_seed(5))
-    tight = {"atol": 1e-4, "rtol": 1e-6}
-    with torch.no_grad():
-        alone = torch.stack([prior.log_prob(x[i]) for i in range(4)])
-        assert torch.isfinite(alone).all()
-        assert alone.unique().numel() == 4  # different poses score differently: the checks below mean something
-        torch.testing.assert_close(prior.log_prob(x), alone, **tight)  # in a batch of 4
-        torch.testing.assert_close(prior.log_prob(x.flip(0)), alone.flip(0), **tight)  # order does not matter
-        for position in range(4):  # among 3 other poses, at every position
-            batch = torch.cat([others[:position], x[:1], others[position:]])
-            torch.testing.assert_close(prior.log_prob(batch)[position], alone[0], **tight)
-        copies = prior.log_prob(x[1].expand(8, -1, -1).clone())
-        torch.testing.assert_close(copies, alone[1].expand(8), **tight)
-        torch.testing.assert_close(prior.log_prob(x), prior.log_prob(x), atol=0, rtol=0)  # deterministic
 
 
 # ---------------------------------------------------------------------------- case 9: float64 poses

@@ -36,7 +36,8 @@ def test_every_layout_round_trips(layout):
 
 
 @pytest.mark.parametrize(
-    ("J", "layout"), [(55, "smplx"), (53, "seed53"), (52, "smplh"), (24, "smpl"), (23, "smpl_body"), (21, "body")]
+    ("J", "layout"),
+    [(55, "smplx"), (53, "smplx_no_eyes"), (52, "smplh"), (24, "smpl"), (23, "smpl_body"), (21, "body")],
 )
 def test_detection_by_joint_count(J, layout):
     pose = torch.randn(3, J, 3)
@@ -52,6 +53,21 @@ def test_seed53_puts_zeros_at_the_eyes_and_keeps_the_rest():
     assert torch.all(full[:, 23:25] == 0) and not observed[23] and not observed[24]
     torch.testing.assert_close(full[:, :23], seed[:, :23])
     torch.testing.assert_close(full[:, 25:], seed[:, 23:])
+
+
+def test_the_old_layout_name_seed53_is_an_alias_that_works_everywhere():
+    assert skeleton.LAYOUT_ALIASES["seed53"] == "smplx_no_eyes" and "seed53" not in skeleton.LAYOUTS
+    assert skeleton.resolve_layout("seed53") is skeleton.LAYOUTS["smplx_no_eyes"]
+    pose55 = torch.randn(4, 55, 3)
+    old, new = skeleton.from_smplx(pose55, "seed53"), skeleton.from_smplx(pose55, "smplx_no_eyes")
+    assert old.shape == (4, 53, 3) and torch.equal(old, new)
+    assert torch.equal(skeleton.to_smplx(old, layout="seed53")[0], skeleton.to_smplx(new, layout="smplx_no_eyes")[0])
+    with pytest.raises(ValueError, match="expected a smplx_no_eyes pose of shape"):
+        skeleton.to_smplx(torch.zeros(2, 52, 3), layout="seed53")
+    with pytest.raises(ValueError, match=r"unknown layout 'seed54'.*alias \['seed53'\]"):
+        skeleton.resolve_layout("seed54")
+    with pytest.raises(TypeError, match="expected a layout name"):
+        skeleton.resolve_layout(53)
 
 
 def test_mano_hand_choice():
@@ -126,3 +142,38 @@ def test_from_smplx_errors():
         skeleton.from_smplx(torch.zeros(55, 3), "vposer")
     with pytest.raises(ValueError, match=r"\(\*, 55, 3\)"):
         skeleton.from_smplx(torch.zeros(53, 3), "body")
+
+
+def test_modelled_parents_skip_unmodelled_ancestors():
+    assert skeleton.modelled_parents(range(55)) == tuple(skeleton.SMPLX_PARENTS)
+    body = skeleton.PARTS["body"]  # no root: hips and spine1 have no modelled parent
+    parents = skeleton.modelled_parents(body)
+    names = skeleton.SMPLX_JOINT_NAMES
+    for i, j in enumerate(body):
+        if names[j] in ("left_hip", "right_hip", "spine1"):
+            assert parents[i] == -1
+        else:
+            assert body[parents[i]] == skeleton.SMPLX_PARENTS[j]
+    hands = skeleton.resolve_joints("body+right_hand")  # the right wrist (20 -> 21) parents the fingers
+    index1 = hands.index(names.index("right_index1"))
+    assert hands[skeleton.modelled_parents(hands)[index1]] == names.index("right_wrist")
+    fingers = skeleton.PARTS["right_hand"]  # without the wrist, every finger chain starts a tree
+    assert sum(p < 0 for p in skeleton.modelled_parents(fingers)) == 5
+
+
+def test_modelled_descendants_are_the_subtrees():
+    everything = skeleton.modelled_descendants(range(55))
+    names = skeleton.SMPLX_JOINT_NAMES
+    assert set(everything[0]) == set(range(55))
+    arm = {names[j] for j in everything[names.index("left_shoulder")]}
+    assert {"left_shoulder", "left_elbow", "left_wrist", "left_thumb3"} <= arm and len(arm) == 18
+    assert everything[names.index("left_thumb3")] == (names.index("left_thumb3"),)
+    body = skeleton.PARTS["body"]
+    sub = skeleton.modelled_descendants(body)
+    for i in range(len(body)):  # i's subtree: i itself and every joint whose parent chain reaches i
+        for k in sub[i]:
+            chain, p = [k], skeleton.modelled_parents(body)[k]
+            while p >= 0:
+                chain.append(p)
+                p = skeleton.modelled_parents(body)[p]
+            assert i in chain

@@ -84,7 +84,7 @@ def test_every_family_trains_and_reloads(model, data_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
     # families fitted in closed form (gmm: EM on every frame) record their one fit as epoch 1
-    closed_form = getattr(available_model_types()[model], "closed_form", False)
+    closed_form = available_model_types()[model].closed_form
     assert metrics["best_epoch"] >= 1 and len(history) == (1 if closed_form else 3 if model != "hand_vae" else 4)
     if model not in ("gaussian", "gmm"):  # closed-form initialisations start near their optimum
         assert metrics["val_nll"] < history[0]["val_nll"] - 0.5 or history[0]["val_nll"] == metrics["val_nll"]

@@ -27,7 +27,7 @@ import operator
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -51,6 +51,7 @@ __all__ = [
     "latent_map",
     "register_model",
     "set_validation",
+    "validation",
 ]
 
 PoseInput = Tensor | np.ndarray | Mapping[str, Any]
@@ -74,6 +75,28 @@ def set_validation(enabled: bool) -> None:
 def get_validation() -> bool:
     """Whether data-dependent input checks are on (default: on)."""
     return _VALIDATE
+
+
+@contextlib.contextmanager
+def validation(enabled: bool) -> Iterator[None]:
+    """Turn the data-dependent input checks on or off inside a ``with`` block (see :func:`set_validation`).
+
+    The previous setting comes back when the block ends, also when it ends with an exception.
+
+    Example:
+        >>> import posepriors
+        >>> with posepriors.validation(False):
+        ...     posepriors.get_validation()
+        False
+        >>> posepriors.get_validation()
+        True
+    """
+    previous = _VALIDATE
+    set_validation(enabled)
+    try:
+        yield
+    finally:
+        set_validation(previous)
 
 
 @dataclass(frozen=True)
@@ -201,8 +224,9 @@ def _check_field(owner: str, name: str, annotation: Any, value: Any) -> Any:
 class PosePrior(nn.Module, ABC):
     """A density over SMPL-X joint rotations (axis-angle), with sampling and projection.
 
-    Subclasses set ``model_type`` and ``config_class`` and implement :meth:`_log_prob`, :meth:`_sample` and
-    :meth:`_project` on normalised inputs of shape ``(B, J, 3)`` in the prior's own joint order. This class turns
+    Subclasses set ``model_type`` and ``config_class`` and implement :meth:`_log_prob`, :meth:`_sample`,
+    :meth:`_project` and :meth:`_map_project` on normalised inputs of shape ``(B, J, 3)`` in the prior's own joint
+    order, and declare what they can do in the capability attributes below. This class turns
     every supported input (see :func:`posepriors.skeleton.to_smplx`) into that shape, checks it, and puts the
     batch shape back.
 
@@ -218,8 +242,28 @@ class PosePrior(nn.Module, ABC):
 
     model_type: ClassVar[str]
     config_class: ClassVar[type[PriorConfig]]
-    supports_mask: ClassVar[bool] = True
-    """Whether :meth:`log_prob` under a mask is an exact marginal (else missing joints raise an error)."""
+
+    # Capabilities and training defaults: generic code (training, evaluation, fitting, tests) reads these instead of
+    # naming families.
+    exact_log_prob: ClassVar[bool] = True
+    """Whether :meth:`log_prob` is the exact log-density (False: a lower bound, e.g. ``hand_vae``'s IWAE bound)."""
+    mask_marginals: ClassVar[str] = "any"
+    """Which masks :meth:`log_prob` marginalises exactly: ``"any"``; ``"descendant_closed"`` (missing joints take
+    their modelled descendants along); ``"trailing_parts"`` (whole trailing parts missing); ``"whole_hands"`` (whole
+    hands missing; partly observed hands get a bound); ``"none"`` (a mask with missing joints is an error)."""
+    per_joint_log_prob: ClassVar[bool] = False
+    """Whether :meth:`log_prob_per_joint` gives a per-joint breakdown (families whose density factorises over
+    joints); else it raises ``NotImplementedError``."""
+    reconstructs: ClassVar[bool] = False
+    """Whether the family is an auto-encoder with a :meth:`reconstruction_error`."""
+    closed_form: ClassVar[bool] = False
+    """``posepriors-train`` fits the family once with ``fit(poses, observed, generator=...)`` instead of SGD."""
+    training_defaults: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+    """Defaults of ``posepriors-train``'s loop flags for this family (:class:`posepriors.train.TrainConfig` fields)."""
+    seed_batch_size: ClassVar[int | None] = None
+    """The batch size the seed code base used, when the default differs (``--help`` says why)."""
+    flag_aliases: ClassVar[Mapping[str, str]] = types.MappingProxyType({})
+    """Old ``posepriors-train`` flag names that still work: config field -> old name (``num_layers`` -> ``K``)."""
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()
@@ -239,6 +283,11 @@ class PosePrior(nn.Module, ABC):
         self._clashing_layouts = tuple(lay.name for lay in same_count if lay.smplx_index != self.joints)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def supports_mask(self) -> bool:
+        """Whether :meth:`log_prob` accepts masks with missing joints (``mask_marginals != "none"``)."""
+        return self.mask_marginals != "none"
+
     @property
     def joints(self) -> tuple[int, ...]:
         """SMPL-X indices (into the 55-joint layout) of the joints this prior models, in its own order."""
@@ -285,6 +334,7 @@ class PosePrior(nn.Module, ABC):
         *,
         measure: Literal["lebesgue", "so3"] = "lebesgue",
         layout: str | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Log-density of poses.
 
@@ -299,6 +349,9 @@ class PosePrior(nn.Module, ABC):
                 ``"prior"`` for the prior's own joints in :attr:`joints` order. Default: from the joint count; a
                 count that fits both the prior's own joints and a standard layout of other joints (e.g. 21 joints
                 for a prior of SMPL-X joints 0-20, or the ``body`` layout 1-21) is an error that asks for it.
+            context: For a conditioned prior (:attr:`conditioning_features` > 0, e.g. ``global_flow`` with
+                ``use_conditioning``), the context vector of every pose, shape (B, C), (*, C) or (1, C) (shared by the
+                batch), B the number of poses; required there, and an error for priors that are not conditioned.
 
         Returns:
             Log-density per pose in nats, shape (*,), in the promoted dtype of the pose and the prior.
@@ -306,17 +359,63 @@ class PosePrior(nn.Module, ABC):
         if measure not in ("lebesgue", "so3"):  # checked before any work
             raise ValueError(f"expected measure 'lebesgue' or 'so3', got {measure!r}")
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
         if m is not None and not self.supports_mask:
             raise ValueError(
-                f"{type(self).__name__} has no exact marginal for missing joints "
-                f"({int((~m).sum())} missing entries); pass all of its {self.num_joints} joints"
+                f"{type(self).__name__} has no marginal for missing joints (mask_marginals='none'; "
+                f"{int((~m).sum())} missing entries); pass all of its {self.num_joints} joints"
             )
-        out = self._density(x, m)
+        out = self._density(x, m, **ctx)
         if measure == "so3":
             out = out + self._so3_correction(x, m)
         return out.reshape(batch_shape).to(out_dtype)
 
-    def nll(self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, *, layout: str | None = None) -> Tensor:
+    def log_prob_per_joint(
+        self,
+        pose: PoseInput,
+        mask: Tensor | np.ndarray | None = None,
+        *,
+        layout: str | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        """Log-density of each joint's term, for families whose density factorises over joints
+        (:attr:`per_joint_log_prob`): which joint makes a pose implausible?
+
+        The terms are the family's own density (the broad component, when there is one, mixes whole poses and has
+        no per-joint split); without it they sum to ``log_prob(pose, mask)``.
+
+        Args:
+            pose: Any input :meth:`log_prob` accepts, batch shape (*).
+            mask: Optional observed-joint mask, as in :meth:`log_prob`; joints the input does not carry count as
+                missing.
+            layout: The layout of a pose tensor, as in :meth:`log_prob`.
+            context: The context of a conditioned prior, as in :meth:`log_prob`.
+
+        Returns:
+            Per-joint log-densities in the prior's joint order, shape (*, J), 0 at missing joints, in the promoted
+            dtype of the pose and the prior.
+
+        Raises:
+            NotImplementedError: For a family without a per-joint breakdown, naming it.
+        """
+        if not self.per_joint_log_prob:
+            per_joint = sorted(name for name, cls in MODEL_TYPES.items() if cls.per_joint_log_prob)
+            raise NotImplementedError(
+                f"{type(self).__name__} ({self.model_type!r}) has no per-joint breakdown of its log-density "
+                f"(per_joint_log_prob=False); expected a family that factorises over joints, such as {per_joint}"
+            )
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
+        return self._log_prob_per_joint(x, m, **ctx).reshape(*batch_shape, self.num_joints).to(out_dtype)
+
+    def nll(
+        self,
+        pose: PoseInput,
+        mask: Tensor | np.ndarray | None = None,
+        *,
+        layout: str | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor:
         """Negative log-likelihood, ``-log_prob(pose, mask)``: differentiable w.r.t. the pose, for fitting.
 
         Typical use: ``loss = data_term + w * prior.nll(pose).sum()``.
@@ -325,11 +424,12 @@ class PosePrior(nn.Module, ABC):
             pose: As in :meth:`log_prob`.
             mask: As in :meth:`log_prob`.
             layout: As in :meth:`log_prob`.
+            context: As in :meth:`log_prob`.
 
         Returns:
             NLL per pose in nats, shape (*,).
         """
-        return -self.log_prob(pose, mask, layout=layout)
+        return -self.log_prob(pose, mask, layout=layout, context=context)
 
     def compile(self, enabled: bool = True, **options: Any) -> PosePrior:
         """Opt in to compiled inference: the flows' frozen forward runs through :func:`torch.compile`.
@@ -363,6 +463,7 @@ class PosePrior(nn.Module, ABC):
         observed: PoseInput | None = None,
         mask: Tensor | np.ndarray | None = None,
         layout: str | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Draw poses from the prior.
 
@@ -373,6 +474,9 @@ class PosePrior(nn.Module, ABC):
             observed: Optional poses to complete (any supported layout), batch shape (*). Observed joints are
                 copied exactly; missing ones (``mask == False``) are drawn from the prior's conditional.
             mask: Observed-joint mask for ``observed`` (see :meth:`log_prob`).
+            layout: The layout of a tensor ``observed``, as in :meth:`log_prob`.
+            context: For a conditioned prior, the context of every draw, shape (n, C) or (1, C); with ``observed``,
+                of every observed pose, shape (B, C), (*, C) or (1, C), shared by its n completions.
 
         Returns:
             Samples in the prior's joint order, shape (n, J, 3) in the prior's dtype, or (n, *, J, 3) when
@@ -384,16 +488,18 @@ class PosePrior(nn.Module, ABC):
         if observed is None:
             if mask is not None:
                 raise ValueError("a mask needs the observed poses it refers to: pass observed=pose")
-            out = self._sample(n, generator, temperature, None, None)
+            ctx = self._check_context(context, n)
+            out = self._sample(n, generator, temperature, None, None, **ctx)
             if self.broad is not None:  # each draw comes from the broad component with probability broad_weight
                 pick = rand((n,), generator, out.device, torch.float32) < self.config.broad_weight
                 broad = self.broad.sample(n, generator, temperature, out.dtype).reshape(out.shape)
                 out = torch.where(pick.to(out.device)[:, None, None], broad, out)
             return out
         x, m, batch_shape, out_dtype, original = self._prepare_full(observed, mask, layout)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
         if m is None:
             m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        out = self._sample(n, generator, temperature, x, m).to(out_dtype)  # (n, B, J, 3)
+        out = self._sample(n, generator, temperature, x, m, **ctx).to(out_dtype)  # (n, B, J, 3)
         out = torch.where(m[..., None], original.to(out_dtype), out)  # observed joints are kept exactly
         return out.reshape(n, *batch_shape, self.num_joints, 3)
 
@@ -404,6 +510,7 @@ class PosePrior(nn.Module, ABC):
         *,
         noise_std: float | None = None,
         layout: str | None = None,
+        context: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
         """Move poses to nearby plausible ones; with a mask, complete the missing joints.
@@ -414,8 +521,9 @@ class PosePrior(nn.Module, ABC):
           for the VAE, clamping for the Gaussian); family keyword arguments tune it.
         - ``noise_std=s``: the MAP denoiser for poses observed with Gaussian noise of std ``s`` radians per
           axis-angle coordinate, ``argmax_x' log p(x') - |x' - x|^2 / (2 s^2)`` over the observed joints (missing
-          joints are free). Closed form where the family allows it, else L-BFGS on the pose (``steps``
-          iterations, default 30) from the fast projection. To fill in an occluded limb, prefer this mode with a
+          joints are free). Closed form where the family allows it (``gaussian``, ``gmm``), else Adam in the
+          family's latent space from the fast projection (the flows: :func:`latent_map`, ``steps``/``lr``; the
+          VAE: the latent code that best explains the noisy hand). To fill in an occluded limb, prefer this mode with a
           small ``noise_std`` (e.g. 0.05): for the shipped ``global_flow`` it is far closer to the truth than the
           fast mode (docs/models.md).
 
@@ -429,6 +537,7 @@ class PosePrior(nn.Module, ABC):
             mask: As in :meth:`log_prob`.
             noise_std: Noise level of the MAP denoiser (finite, > 0), or None for the fast projection.
             layout: As in :meth:`log_prob`.
+            context: As in :meth:`log_prob`.
             **kwargs: Family-specific settings of the mode that runs (:meth:`project_options` lists them); an
                 option of the other mode, or an unknown one, is a ``TypeError`` before any work.
 
@@ -440,21 +549,22 @@ class PosePrior(nn.Module, ABC):
             noise_std = _check_noise_std(noise_std)
         self._check_project_options(noise_std is not None, kwargs)
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled():  # inference tensors cannot enter autograd: work on copies
                 stack.enter_context(torch.inference_mode(False))
                 x, m = x.clone(), (m.clone() if m is not None else None)
             if noise_std is None:
-                out = self._project(x, m, **kwargs)
+                out = self._project(x, m, **kwargs, **ctx)
             else:
-                out = self._map_project(x, m, noise_std, **kwargs)
+                out = self._map_project(x, m, noise_std, **kwargs, **ctx)
         return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
 
     def project_options(self, map_mode: bool = False) -> tuple[str, ...]:
         """The keyword options :meth:`project` takes in the fast mode (``map_mode=False``) or the MAP mode
         (``noise_std`` given), with the family's defaults in the signatures of ``_project`` / ``_map_project``."""
         method = self._map_project if map_mode else self._project
-        skip = {"x", "mask", "noise_std"}
+        skip = {"x", "mask", "noise_std", "context"}
         return tuple(
             name
             for name, param in inspect.signature(method).parameters.items()
@@ -491,28 +601,13 @@ class PosePrior(nn.Module, ABC):
             f"{type(self).__name__}.project: expected options of {mode} from {list(allowed)}, got {unknown}{hint}"
         )
 
-    def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 30) -> Tensor:
-        """MAP estimate under Gaussian observation noise, by L-BFGS on the pose (parameters untouched)."""
-        start = x.detach()
-        if mask is not None:  # missing joints start from the fast completion, observed ones from the data
-            start = torch.where(mask[..., None], start, self._project(x, mask).detach())
-        weight = 1.0 / (2 * noise_std**2)
-        observed = mask[..., None].to(x.dtype) if mask is not None else 1.0
-        target = x.detach()
-        with torch.enable_grad():
-            estimate = start.clone().requires_grad_(True)
-            optimizer = torch.optim.LBFGS([estimate], max_iter=steps, line_search_fn="strong_wolfe")
+    @abstractmethod
+    def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float) -> Tensor:
+        """MAP estimate of ``x`` (B, J, 3) observed with Gaussian noise of std ``noise_std`` on the joints of ``mask``
+        (B, J) (None: all), returns (B, J, 3); the prior's parameters are not touched.
 
-            def objective() -> Tensor:
-                optimizer.zero_grad()
-                data = weight * ((estimate - target).square() * observed).sum()
-                loss = data - self._density(estimate, None).sum()
-                (grad,) = torch.autograd.grad(loss, [estimate])
-                estimate.grad = grad.contiguous()
-                return loss.detach()
-
-            optimizer.step(objective)
-        return estimate.detach()
+        Families add their options as keyword arguments with defaults (:meth:`project_options` lists them): closed
+        form where the family has one, else :func:`latent_map` (the flows, the VAE's latent fit)."""
 
     def to_smplx(self, pose: Tensor) -> Tensor:
         """Place poses in this prior's joint order into the SMPL-X layout (other joints zero).
@@ -529,32 +624,75 @@ class PosePrior(nn.Module, ABC):
         out[..., self.joint_index, :] = pose
         return out
 
+    def reconstruction_error(self, pose: Tensor) -> Tensor:
+        """Mean geodesic error (degrees) of encoding and decoding poses, for auto-encoders (:attr:`reconstructs`).
+
+        Args:
+            pose: Poses in the prior's joint order, shape (B, J, 3).
+
+        Returns:
+            The error, shape ().
+
+        Raises:
+            NotImplementedError: For a family that is no auto-encoder, naming it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} ({self.model_type!r}) is no auto-encoder (reconstructs=False): "
+            "it has no reconstruction error"
+        )
+
+    def diagnostics(self, pose: Tensor) -> dict[str, float]:
+        """Numerical health metrics that ``posepriors-train`` logs at every validation (none by default; the flows
+        give their inversion error, the VAE its reconstruction error).
+
+        Args:
+            pose: Validation poses in the prior's joint order, shape (B, J, 3).
+
+        Returns:
+            Metric name -> value.
+        """
+        return {}
+
     # ------------------------------------------------------------------ training hooks
-    def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Scalar loss for one training batch (maximum likelihood by default).
+    def training_loss(
+        self, pose: Tensor, generator: torch.Generator | None = None, *, context: Tensor | None = None
+    ) -> Tensor:
+        """Scalar loss for one training batch (maximum likelihood by default; families override
+        :meth:`_training_loss`).
 
         Args:
             pose: Training poses in the prior's joint order, shape (B, J, 3).
             generator: Optional generator for stochastic objectives (masks, VAE noise).
+            context: The contexts of a conditioned prior, shape (B, C) or (1, C) (see :meth:`log_prob`).
 
         Returns:
             The mean loss, shape ().
         """
-        return -self._log_prob(pose, None).mean()
+        return self._training_loss(pose, generator, **self._check_context(context, pose.shape[0]))
 
-    def validation_nll(self, pose: Tensor) -> Tensor:
-        """Per-pose NLL used for validation and early stopping (the exact NLL by default).
+    def validation_nll(self, pose: Tensor, *, context: Tensor | None = None) -> Tensor:
+        """Per-pose NLL used for validation and early stopping (the exact NLL by default; families override
+        :meth:`_validation_nll`).
 
         Families whose exact NLL is expensive (the VAE's importance-weighted bound) may use a cheaper estimate
         here and say so.
 
         Args:
             pose: Validation poses in the prior's joint order, shape (B, J, 3).
+            context: The contexts of a conditioned prior, shape (B, C) or (1, C) (see :meth:`log_prob`).
 
         Returns:
             NLL per pose, shape (B,).
         """
-        return -self._log_prob(pose, None)
+        return self._validation_nll(pose, **self._check_context(context, pose.shape[0]))
+
+    def _training_loss(self, pose: Tensor, generator: torch.Generator | None, **context: Tensor) -> Tensor:
+        """The loss of :meth:`training_loss` (``context``: the checked ``context=`` of a conditioned prior)."""
+        return -self._log_prob(pose, None, **context).mean()
+
+    def _validation_nll(self, pose: Tensor, **context: Tensor) -> Tensor:
+        """The NLL of :meth:`validation_nll` (``context``: the checked ``context=`` of a conditioned prior)."""
+        return -self._log_prob(pose, None, **context)
 
     @torch.no_grad()
     def initialize_from_data(self, pose: Tensor) -> None:
@@ -583,9 +721,9 @@ class PosePrior(nn.Module, ABC):
         dims = None if observed is None else observed.repeat_interleave(3, dim=-1)
         self.broad.fit(pose.flatten(1), dims, min_std=self.config.broad_min_std)
 
-    def _density(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _density(self, x: Tensor, mask: Tensor | None, **context: Tensor) -> Tensor:
         """The prior's log-density: the family's, mixed with the broad component when there is one."""
-        out = self._log_prob(x, mask)
+        out = self._log_prob(x, mask, **context)
         if self.broad is None:
             return out
         w = self.config.broad_weight
@@ -596,6 +734,11 @@ class PosePrior(nn.Module, ABC):
     @abstractmethod
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """Log-density of ``x`` (B, J, 3) with optional observed mask (B, J); returns (B,)."""
+
+    def _log_prob_per_joint(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Per-joint terms of ``x`` (B, J, 3) with optional observed mask (B, J), 0 where missing; returns (B, J).
+        Families with ``per_joint_log_prob = True`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} sets per_joint_log_prob but has no _log_prob_per_joint")
 
     @abstractmethod
     def _sample(
@@ -611,6 +754,57 @@ class PosePrior(nn.Module, ABC):
     @abstractmethod
     def _project(self, x: Tensor, mask: Tensor | None, **kwargs: Any) -> Tensor:
         """Projection of ``x`` (B, J, 3) with optional observed mask (B, J); returns (B, J, 3)."""
+
+    # ------------------------------------------------------------------ context
+    @property
+    def conditioning_features(self) -> int:
+        """Size C of the context vector the prior is conditioned on; 0 (the default) for priors that take none."""
+        return 0
+
+    def _check_context(
+        self, context: Tensor | None, batch: int, batch_shape: torch.Size | None = None
+    ) -> dict[str, Tensor]:
+        """The one check of every method's ``context=``: ``{}`` for an unconditioned prior without one, else
+        ``{"context": (batch, C) tensor}`` in the prior's dtype, for the family's hooks.
+
+        Args:
+            context: What the caller passed.
+            batch: Number of poses (or draws) B.
+            batch_shape: Their batch shape, when a (*, C) context may match it.
+
+        Raises:
+            ValueError: A context for a prior that takes none, none for a conditioned prior, or a wrong shape or
+                device.
+            TypeError: A context that is no floating-point tensor.
+        """
+        features = self.conditioning_features
+        if context is None:
+            if features:
+                raise ValueError(
+                    f"this {self.model_type} is conditioned on a context of {features} features: pass "
+                    f"context= of shape ({batch}, {features}) or (1, {features})"
+                )
+            return {}
+        if not features:
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(
+                f"{type(self).__name__} ({self.model_type!r}) is not conditioned on a context "
+                f"(conditioning_features=0), got context= {shape}; drop context= (only a global_flow built with "
+                "use_conditioning takes one)"
+            )
+        if not isinstance(context, Tensor) or not context.is_floating_point():
+            got = f"dtype {context.dtype}" if isinstance(context, Tensor) else type(context).__name__
+            raise TypeError(f"expected context to be a floating-point tensor, got {got}")
+        shape = tuple(context.shape)
+        if batch_shape is not None and len(batch_shape) != 1 and shape == (*batch_shape, features):
+            context = context.reshape(batch, features)
+        elif context.dim() != 2 or shape[1] != features or shape[0] not in (1, batch):
+            raise ValueError(
+                f"expected context of shape ({batch}, {features}) or (1, {features}) for {batch} poses, got {shape}"
+            )
+        if context.device != self.device:
+            raise ValueError(f"context is on {context.device} but the prior is on {self.device}; move one of them")
+        return {"context": context.to(self.dtype).expand(batch, features)}
 
     # ------------------------------------------------------------------ input handling
     def _prepare(
@@ -630,10 +824,13 @@ class PosePrior(nn.Module, ABC):
         :meth:`log_prob`)."""
         J = self.num_joints
         if layout is not None and layout != PRIOR_LAYOUT:
-            if layout not in skeleton.LAYOUTS:
+            try:
+                skeleton.resolve_layout(layout)
+            except ValueError:
                 raise ValueError(
-                    f"unknown layout {layout!r}; expected {PRIOR_LAYOUT!r} or one of {sorted(skeleton.LAYOUTS)}"
-                )
+                    f"unknown layout {layout!r}; expected {PRIOR_LAYOUT!r} or one of {sorted(skeleton.LAYOUTS)} "
+                    f"(or an alias {sorted(skeleton.LAYOUT_ALIASES)})"
+                ) from None
             return None
         if pose.dim() >= 2 and pose.shape[-2:] == (J, 3):
             own = pose
@@ -787,16 +984,33 @@ def latent_map(
     weight = 1.0 / (2 * noise_std**2)
     observed = mask[..., None].to(target.dtype) if mask is not None else 1.0
     target = target.detach()
+
+    def objective(z: Tensor) -> Tensor:
+        return weight * ((decode(z) - target).square() * observed).sum() + 0.5 * z.square().sum()
+
+    z = _adam_argmin(objective, z0, steps, lr)
+    with torch.no_grad():
+        return decode(z)
+
+
+def _adam_argmin(objective: Callable[[Tensor], Tensor], start: Tensor, steps: int, lr: float) -> Tensor:
+    """The MAP optimiser loop that every latent-space MAP shares: ``steps`` Adam steps on ``objective(z)`` (a scalar)
+    from ``start``.
+
+    Gradients are taken w.r.t. ``z`` only (``torch.autograd.grad``), so the model's parameters are neither changed
+    nor given ``.grad``; autograd is switched on locally, so it works inside ``torch.no_grad()`` too.
+
+    Returns:
+        The final ``z``, detached, shaped like ``start``.
+    """
     with torch.enable_grad():
-        z = z0.detach().clone().requires_grad_(True)
+        z = start.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=lr)
         for _ in range(steps):
             optimizer.zero_grad()
-            loss = weight * ((decode(z) - target).square() * observed).sum() + 0.5 * z.square().sum()
-            (z.grad,) = torch.autograd.grad(loss, [z])
+            (z.grad,) = torch.autograd.grad(objective(z), [z])
             optimizer.step()
-    with torch.no_grad():
-        return decode(z.detach())
+    return z.detach()
 
 
 def _check_count(n: Any) -> int:

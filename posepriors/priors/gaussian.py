@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,11 @@ class GaussianPrior(PosePrior):
 
     model_type = "gaussian"
     config_class = GaussianConfig
+    per_joint_log_prob = True
+    training_defaults = MappingProxyType(
+        {"learning_rate": 1e-2, "scheduler": "step", "step_size": 30, "max_epochs": 20, "batch_size": 1024}
+    )
+    seed_batch_size = 32
 
     def __init__(self, config: GaussianConfig | None = None) -> None:
         super().__init__(config if config is not None else GaussianConfig())
@@ -93,19 +99,10 @@ class GaussianPrior(PosePrior):
     initialize_from_data = fit
 
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        return self.log_prob_per_joint(x, mask).sum(-1)
+        return self._log_prob_per_joint(x, mask).sum(-1)
 
-    def log_prob_per_joint(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Per-joint log-density (the Gaussian factorises over joints).
-
-        Args:
-            x: Poses in the prior's joint order, shape (*, J, 3).
-            mask: Optional observed joints, shape (*, J) or (J,); missing joints get 0, so the terms sum to
-                ``log_prob(x, mask)``.
-
-        Returns:
-            Log-density of each joint's rotation, shape (*, J).
-        """
+    def _log_prob_per_joint(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Per-joint log-density (B, J) (the Gaussian factorises over joints); missing joints get 0."""
         std = self.std
         lp = (-0.5 * (((x - self.mean) / std).square() + LOG_2PI) - std.log()).sum(-1)
         return lp if mask is None else lp * mask.to(lp.dtype)

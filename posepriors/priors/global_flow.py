@@ -8,24 +8,28 @@ gives ``p(missing | observed)`` for any mask.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
+from einops import repeat
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.flows import FlowSequence, build_flow, check_flow_settings, flow_settings
-from posepriors.priors.base import PosePrior, PriorConfig, latent_map
+from posepriors.flows import FlowSequence, build_flow, flow_settings
+from posepriors.priors.base import PosePrior, latent_map
 from posepriors.priors.draws import randn
+from posepriors.priors.flow_config import FlowConfig
 from posepriors.utils import LOG_2PI
 
-__all__ = ["GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
+__all__ = ["ContextBound", "GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
 
 
 @dataclass(frozen=True)
-class GlobalFlowConfig(PriorConfig):
-    """Settings of :class:`GlobalFlowPrior`.
+class GlobalFlowConfig(FlowConfig):
+    """Settings of :class:`GlobalFlowPrior`; flow settings from :class:`~posepriors.priors.flow_config.FlowConfig`.
 
     Attributes:
         joints: Modelled SMPL-X joints.
@@ -38,7 +42,7 @@ class GlobalFlowConfig(PriorConfig):
         bins: Spline bins.
         bound: Spline interval half-width (in ActNorm-standardised units).
         parts: Part specs that split the joints into autoregressive factors (empty: one flow over all joints).
-        use_conditioning: Condition every factor on an external context vector.
+        use_conditioning: Condition every factor on an external context vector (``context=`` of the methods).
         context_features: Size of that context vector.
         conditional: Train a completion flow for arbitrary masks (``sample``/``project`` with masks).
         mask_probability: Probability that a training pose gets a random mask in the completion objective.
@@ -46,12 +50,7 @@ class GlobalFlowConfig(PriorConfig):
 
     hidden: int = 512
     num_layers: int = 6
-    num_hidden_layers: int = 1
     coupling: str = "affine"
-    mixing: str = "lu"
-    actnorm: bool = True
-    bins: int = 8
-    bound: float = 4.0
     parts: tuple[str, ...] = ()
     use_conditioning: bool = False
     context_features: int = 0
@@ -60,7 +59,6 @@ class GlobalFlowConfig(PriorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_flow_settings(**flow_settings(self))
         if self.use_conditioning != (self.context_features > 0):
             raise ValueError(
                 f"use_conditioning={self.use_conditioning} needs context_features > 0 (and 0 without it), "
@@ -91,6 +89,12 @@ class GlobalFlowPrior(PosePrior):
 
     model_type = "global_flow"
     config_class = GlobalFlowConfig
+    mask_marginals = "trailing_parts"
+    training_defaults = MappingProxyType(
+        {"learning_rate": 1e-3, "max_epochs": 30, "batch_size": 256, "scheduler": "cosine", "grad_clip": 1.0}
+    )
+    seed_batch_size = 32
+    flag_aliases = MappingProxyType({"num_layers": "K"})
 
     def __init__(self, config: GlobalFlowConfig | None = None) -> None:
         super().__init__(config if config is not None else GlobalFlowConfig())
@@ -110,7 +114,6 @@ class GlobalFlowPrior(PosePrior):
         self.completion = (
             self._build(self.dim, 2 * self.dim + cfg.context_features, seed=99) if cfg.conditional else None
         )
-        self._context: Tensor | None = None
 
     def _build(self, dim: int, context: int, seed: int) -> FlowSequence:
         cfg: GlobalFlowConfig = self.config
@@ -121,31 +124,35 @@ class GlobalFlowPrior(PosePrior):
         return len(self.flows)
 
     # ------------------------------------------------------------------ context
-    def with_context(self, context: Tensor) -> _ContextScope:
-        """Use ``context`` (B, context_features) for the calls inside a ``with`` block (``use_conditioning``).
-
-        Example::
-
-            with prior.with_context(shape_features):
-                nll = prior.nll(pose)
-        """
-        return _ContextScope(self, context)
-
-    def _get_context(self, batch: int) -> Tensor | None:
+    @property
+    def conditioning_features(self) -> int:
+        """Size C of the context vector the prior is conditioned on (``use_conditioning``), 0 without one."""
         cfg: GlobalFlowConfig = self.config
-        if not cfg.use_conditioning:
-            return None
-        if self._context is None:
-            raise ValueError(
-                f"this prior is conditioned on a context of {cfg.context_features} features: "
-                "wrap the call in `with prior.with_context(context):`"
-            )
-        ctx = self._context
-        if ctx.shape[0] != batch:
-            if ctx.shape[0] == 1:
-                return ctx.expand(batch, -1)
-            raise ValueError(f"expected a context batch of {batch} (or 1), got {ctx.shape[0]}")
-        return ctx
+        return cfg.context_features if cfg.use_conditioning else 0
+
+    def with_context(self, context: Tensor) -> ContextBound:
+        """Deprecated: pass ``context=`` to the methods instead. A thin wrapper whose methods pass ``context`` on.
+
+        The prior stores nothing (the context is an argument, never module state), so ``prior.nll(pose)`` inside a
+        ``with prior.with_context(c):`` block no longer sees ``c``; use the object the block binds::
+
+            with prior.with_context(shape_features) as conditioned:   # same as prior.nll(pose, context=...)
+                nll = conditioned.nll(pose)
+
+        Args:
+            context: Context vectors, shape (B, context_features) or (1, context_features).
+
+        Returns:
+            A :class:`ContextBound` with ``log_prob``, ``nll``, ``sample``, ``project``, ``log_prob_per_part``,
+            ``training_loss`` and ``validation_nll``.
+        """
+        warnings.warn(
+            "GlobalFlowPrior.with_context is deprecated: pass context= to log_prob, nll, sample, project, ...",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self._check_context(context, context.shape[0] if isinstance(context, Tensor) and context.dim() else 1)
+        return ContextBound(self, context)
 
     # ------------------------------------------------------------------ core maps
     def _part_context(self, x: Tensor, k: int, ctx: Tensor | None) -> Tensor | None:
@@ -157,9 +164,9 @@ class GlobalFlowPrior(PosePrior):
             return None
         return torch.cat(pieces, dim=-1).unsqueeze(1)
 
-    def _part_log_probs(self, x: Tensor, num_parts: int | None = None) -> Tensor:
-        """Log-density of the first ``num_parts`` parts (default: all), each given the previous ones, (B, P)."""
-        ctx = self._get_context(x.shape[0])
+    def _part_log_probs(self, x: Tensor, ctx: Tensor | None, num_parts: int | None = None) -> Tensor:
+        """Log-density of the first ``num_parts`` parts (default: all), each given the previous ones and the context
+        ``ctx`` (B, C) or None, (B, P)."""
         out = []
         for k, flow in enumerate(self.flows[:num_parts]):
             xk = x[:, getattr(self, f"part_index_{k}")].reshape(x.shape[0], 1, -1)
@@ -187,32 +194,35 @@ class GlobalFlowPrior(PosePrior):
             f"(got {why}); use sample/project with a completion flow (conditional=True) for other masks"
         )
 
-    def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _log_prob(self, x: Tensor, mask: Tensor | None, context: Tensor | None = None) -> Tensor:
         if mask is None:
-            return self._part_log_probs(x).sum(-1)
+            return self._part_log_probs(x, context).sum(-1)
         observed_parts = self._part_mask(mask)
         # trailing parts that no pose of the batch observes are not run at all (a body-only input skips the hands)
         needed = int(observed_parts.any(0).sum())
-        parts = self._part_log_probs(x, needed)
+        parts = self._part_log_probs(x, context, needed)
         return (parts * observed_parts[:, :needed]).sum(-1)
 
-    def log_prob_per_part(self, pose: Any, *, layout: str | None = None) -> Tensor:
+    def log_prob_per_part(self, pose: Any, *, layout: str | None = None, context: Tensor | None = None) -> Tensor:
         """Log-density of every part given the previous ones.
 
         Args:
             pose: Any supported pose input, batch shape (*).
             layout: The layout of a pose tensor, as in :meth:`log_prob`.
+            context: The context of a conditioned prior, as in :meth:`log_prob`.
 
         Returns:
             Per-part log-densities, shape (*, P), in the promoted dtype of the pose and the prior.
         """
         x, _, batch_shape, out_dtype, _ = self._prepare_full(pose, None, layout)
-        return self._part_log_probs(x).reshape(*batch_shape, self.num_parts).to(out_dtype)
+        ctx = self._check_context(context, x.shape[0], batch_shape).get("context")
+        return self._part_log_probs(x, ctx).reshape(*batch_shape, self.num_parts).to(out_dtype)
 
-    def _decode(self, z_parts: list[Tensor | None], x: Tensor, observed_parts: Tensor | None) -> Tensor:
+    def _decode(
+        self, z_parts: list[Tensor | None], x: Tensor, observed_parts: Tensor | None, ctx: Tensor | None
+    ) -> Tensor:
         """Invert the parts in order: part k from latent ``z_parts[k]`` (B, 1, D_k) given the already decoded
-        previous parts; parts flagged observed keep ``x``'s values."""
-        ctx = self._get_context(x.shape[0])
+        previous parts and the context ``ctx`` (B, C) or None; parts flagged observed keep ``x``'s values."""
         out = x.clone()
         for k, flow in enumerate(self.flows):
             idx = getattr(self, f"part_index_{k}")
@@ -224,8 +234,7 @@ class GlobalFlowPrior(PosePrior):
             out[:, idx] = decoded
         return out
 
-    def _encode(self, x: Tensor) -> list[Tensor]:
-        ctx = self._get_context(x.shape[0])
+    def _encode(self, x: Tensor, ctx: Tensor | None) -> list[Tensor]:
         zs = []
         for k, flow in enumerate(self.flows):
             xk = x[:, getattr(self, f"part_index_{k}")].reshape(x.shape[0], 1, -1)
@@ -233,36 +242,40 @@ class GlobalFlowPrior(PosePrior):
         return zs
 
     # ------------------------------------------------------------------ completion flow
-    def _completion_context(self, x: Tensor, mask: Tensor) -> Tensor:
+    def _completion_context(self, x: Tensor, mask: Tensor, ctx: Tensor | None) -> Tensor:
         m = mask.repeat_interleave(3, dim=-1).to(x.dtype)  # (B, D)
         flat = x.flatten(1) * m
         pieces = [flat, m]
-        ctx = self._get_context(x.shape[0])
         if ctx is not None:
             pieces.append(ctx)
         return torch.cat(pieces, dim=-1).unsqueeze(1)
 
-    def completion_log_prob(self, x: Tensor, mask: Tensor, noise: Tensor) -> Tensor:
+    def completion_log_prob(self, x: Tensor, mask: Tensor, noise: Tensor, *, context: Tensor | None = None) -> Tensor:
         """Log-density of the missing coordinates given the observed ones under the completion flow.
 
         Args:
             x: Poses, shape (B, J, 3).
             mask: Observed joints, shape (B, J).
             noise: Standard-normal noise standing in for the observed coordinates, shape (B, 3J).
+            context: The context of a conditioned prior, shape (B, C) or (1, C).
 
         Returns:
             ``log q(x_missing | x_observed)``, shape (B,).
         """
         if self.completion is None:
             raise ValueError("this global_flow has no completion flow: build it with conditional=True")
+        ctx = self._check_context(context, x.shape[0]).get("context")
+        return self._completion_log_prob(x, mask, noise, ctx)
+
+    def _completion_log_prob(self, x: Tensor, mask: Tensor, noise: Tensor, ctx: Tensor | None) -> Tensor:
         m = mask.repeat_interleave(3, dim=-1)
         u = torch.where(m, noise, x.flatten(1)).unsqueeze(1)
-        joint = self.completion.log_prob(u, self._completion_context(x, mask))[:, 0]
+        joint = self.completion.log_prob(u, self._completion_context(x, mask, ctx))[:, 0]
         return joint - (-0.5 * (noise.square() + LOG_2PI) * m).sum(-1)
 
-    def _complete(self, x: Tensor, mask: Tensor, z: Tensor) -> Tensor:
+    def _complete(self, x: Tensor, mask: Tensor, z: Tensor, ctx: Tensor | None) -> Tensor:
         """Missing joints from the completion flow at latent ``z`` (B, 1, 3J); observed joints kept."""
-        u, _ = self.completion.inverse(z, self._completion_context(x, mask))
+        u, _ = self.completion.inverse(z, self._completion_context(x, mask, ctx))
         return torch.where(mask[..., None], x, u.reshape(x.shape))
 
     def _is_trailing_parts(self, mask: Tensor) -> bool:
@@ -280,7 +293,9 @@ class GlobalFlowPrior(PosePrior):
         temperature: float,
         observed: Tensor | None,
         mask: Tensor | None,
+        context: Tensor | None = None,
     ) -> Tensor:
+        """Samples given the context (n, C) without ``observed``, (B, C) with it (the same for all n draws)."""
         device, dtype = self.joint_index.device, self.dtype
         if observed is None:
             zs = [
@@ -288,24 +303,32 @@ class GlobalFlowPrior(PosePrior):
                 for idx in self._part_index
             ]
             x = torch.zeros(n, self.num_joints, 3, device=device, dtype=dtype)
-            return self._decode(zs, x, None)
+            return self._decode(zs, x, None, context)
         B = observed.shape[0]
-        x = observed.unsqueeze(0).expand(n, -1, -1, -1).reshape(n * B, self.num_joints, 3)
-        m = mask.unsqueeze(0).expand(n, -1, -1).reshape(n * B, self.num_joints)
+        x = repeat(observed, "b j c -> (n b) j c", n=n)  # sample-major: out.reshape(n, B, ...) below
+        m = repeat(mask, "b j -> (n b) j", n=n)
+        ctx = None if context is None else repeat(context, "b c -> (n b) c", n=n)
         if self._is_trailing_parts(m):
             zs = [
                 temperature * randn((n * B, 1, 3 * len(idx)), generator=generator, device=device, dtype=dtype)
                 for idx in self._part_index
             ]
-            out = self._decode(zs, x, self._part_mask(m))
+            out = self._decode(zs, x, self._part_mask(m), ctx)
         elif self.completion is not None:
             z = temperature * randn((n * B, 1, self.dim), generator=generator, device=device, dtype=dtype)
-            out = self._complete(x, m, z)
+            out = self._complete(x, m, z, ctx)
         else:
             raise ValueError(self._mask_error("a mask that is not a trailing-part pattern"))
         return out.reshape(n, B, self.num_joints, 3)
 
-    def _project(self, x: Tensor, mask: Tensor | None, shrink: float = 0.5, keep_observed: bool = False) -> Tensor:
+    def _project(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        shrink: float = 0.5,
+        keep_observed: bool = False,
+        context: Tensor | None = None,
+    ) -> Tensor:
         """Latent shrinkage ``x' = f^-1(shrink * f(x))``; missing joints completed at latent zero."""
         if not 0 <= shrink <= 1:
             raise ValueError(f"expected 0 <= shrink <= 1, got {shrink}")
@@ -315,54 +338,75 @@ class GlobalFlowPrior(PosePrior):
                 observed_parts = self._part_mask(mask)
             elif self.completion is not None:
                 z = torch.zeros(x.shape[0], 1, self.dim, device=x.device, dtype=x.dtype)
-                x = self._complete(x, mask, z)
+                x = self._complete(x, mask, z, context)
                 if keep_observed:
                     return x
             else:
                 raise ValueError(self._mask_error("a mask that is not a trailing-part pattern"))
-        zs = self._encode(x)
+        zs = self._encode(x, context)
         if observed_parts is not None:  # missing parts go to latent zero, given the parts before them
             zs = [torch.where(observed_parts[:, k, None, None], z, torch.zeros_like(z)) for k, z in enumerate(zs)]
         if keep_observed:
-            return self._decode(zs, x, observed_parts)
-        return self._decode([shrink * z for z in zs], x, None)
+            return self._decode(zs, x, observed_parts, context)
+        return self._decode([shrink * z for z in zs], x, None, context)
 
     def _map_project(
-        self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 200, lr: float = 0.05
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        noise_std: float,
+        steps: int = 200,
+        lr: float = 0.05,
+        context: Tensor | None = None,
     ) -> Tensor:
         """MAP in the latent space (see :func:`~posepriors.priors.base.latent_map`), from the encoded pose with
         missing joints first completed by :meth:`_project`."""
-        start = x if mask is None else torch.where(mask[..., None], x, self._project(x, mask, keep_observed=True))
+        if mask is not None:
+            completed = self._project(x, mask, keep_observed=True, context=context)
+            start = torch.where(mask[..., None], x, completed)
+        else:
+            start = x
         sizes = [3 * len(idx) for idx in self._part_index]
-        z0 = torch.cat(self._encode(start), dim=-1)
+        z0 = torch.cat(self._encode(start, context), dim=-1)
 
         def decode(z: Tensor) -> Tensor:
-            return self._decode(list(z.split(sizes, dim=-1)), start, None)
+            return self._decode(list(z.split(sizes, dim=-1)), start, None, context)
 
         return latent_map(decode, z0, x, mask, noise_std, steps, lr)
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _training_loss(self, pose: Tensor, generator: torch.Generator | None, context: Tensor | None = None) -> Tensor:
         """Maximum likelihood; plus the completion flow's NLL on randomly masked poses when ``conditional``."""
-        loss = -self._log_prob(pose, None).mean()
+        loss = -self._log_prob(pose, None, context).mean()
         if self.completion is not None:
             mask = random_joint_mask(pose.shape[0], self.joints, self.config.mask_probability, generator, pose.device)
             noise = randn(pose.flatten(1).shape, generator=generator, device=pose.device, dtype=pose.dtype)
             hidden = (~mask).sum(-1).clamp_min(1)
-            loss = loss - (self.completion_log_prob(pose, mask, noise) / hidden).mean()
+            loss = loss - (self._completion_log_prob(pose, mask, noise, context) / hidden).mean()
         return loss
 
-    def round_trip_error(self, pose: Tensor) -> Tensor:
-        """Max abs error of ``f^-1(f(x))`` over the batch (B, J, 3) -> ()."""
-        back = self._decode(self._encode(pose), torch.zeros_like(pose), None)
+    def round_trip_error(self, pose: Tensor, *, context: Tensor | None = None) -> Tensor:
+        """Max abs error of ``f^-1(f(x))`` over the batch (B, J, 3) -> () (``context``: as in :meth:`log_prob`)."""
+        ctx = self._check_context(context, pose.shape[0]).get("context")
+        back = self._decode(self._encode(pose, ctx), torch.zeros_like(pose), None, ctx)
         return (back - pose).abs().max()
 
+    def diagnostics(self, pose: Tensor) -> dict[str, float]:
+        """The inversion error of the flow, ``{"round_trip_error": ...}`` (:meth:`round_trip_error`)."""
+        return {"round_trip_error": self.round_trip_error(pose).item()}
+
     @torch.no_grad()
-    def initialize_from_data(self, pose: Tensor) -> None:
-        """ActNorm data initialisation of every part (and of the completion flow)."""
-        ctx = self._get_context(pose.shape[0]) if self._context is not None else None
-        if self.config.use_conditioning and ctx is None:
-            return  # needs the context: ActNorm initialises on the first training batch instead
+    def initialize_from_data(self, pose: Tensor, *, context: Tensor | None = None) -> None:
+        """ActNorm data initialisation of every part (and of the completion flow).
+
+        Args:
+            pose: Training poses in the prior's joint order, shape (N, J, 3).
+            context: Their contexts (N, C) or (1, C) for a conditioned prior; without them ActNorm initialises on
+                the first training batch instead.
+        """
+        if self.conditioning_features and context is None:
+            return
+        ctx = self._check_context(context, pose.shape[0]).get("context")
         for k, flow in enumerate(self.flows):
             xk = pose[:, getattr(self, f"part_index_{k}")].reshape(pose.shape[0], 1, -1)
             flow.initialize(xk, self._part_context(pose, k, ctx))
@@ -372,25 +416,45 @@ class GlobalFlowPrior(PosePrior):
             flat = pose.flatten(1)
             noise = randn(flat.shape, generator=torch.Generator().manual_seed(0), device=flat.device, dtype=flat.dtype)
             u = torch.where(mask.repeat_interleave(3, -1), noise, flat)
-            self.completion.initialize(u.unsqueeze(1), self._completion_context(pose, mask))
+            self.completion.initialize(u.unsqueeze(1), self._completion_context(pose, mask, ctx))
 
 
-class _ContextScope:
+class ContextBound:
+    """A conditioned :class:`GlobalFlowPrior` with its context bound (from the deprecated
+    :meth:`GlobalFlowPrior.with_context`): every method passes ``context=`` on; nothing is stored on the prior.
+
+    Usable directly (``prior.with_context(c).nll(pose)``) or as a context manager that binds itself.
+    """
+
     def __init__(self, prior: GlobalFlowPrior, context: Tensor) -> None:
-        cfg: GlobalFlowConfig = prior.config
-        if not cfg.use_conditioning:
-            raise ValueError("this prior was built without use_conditioning; it takes no context")
-        if context.dim() != 2 or context.shape[-1] != cfg.context_features:
-            raise ValueError(f"expected a context of shape (B, {cfg.context_features}), got {tuple(context.shape)}")
         self.prior, self.context = prior, context
 
-    def __enter__(self) -> GlobalFlowPrior:
-        self.previous = self.prior._context
-        self.prior._context = self.context.to(device=self.prior.device, dtype=self.prior.dtype)
-        return self.prior
+    def __enter__(self) -> ContextBound:
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        self.prior._context = self.previous
+        return None
+
+    def log_prob(self, pose: Any, mask: Any = None, **kwargs: Any) -> Tensor:
+        return self.prior.log_prob(pose, mask, context=self.context, **kwargs)
+
+    def nll(self, pose: Any, mask: Any = None, **kwargs: Any) -> Tensor:
+        return self.prior.nll(pose, mask, context=self.context, **kwargs)
+
+    def sample(self, n: int, **kwargs: Any) -> Tensor:
+        return self.prior.sample(n, context=self.context, **kwargs)
+
+    def project(self, pose: Any, mask: Any = None, **kwargs: Any) -> Tensor:
+        return self.prior.project(pose, mask, context=self.context, **kwargs)
+
+    def log_prob_per_part(self, pose: Any, **kwargs: Any) -> Tensor:
+        return self.prior.log_prob_per_part(pose, context=self.context, **kwargs)
+
+    def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.prior.training_loss(pose, generator, context=self.context)
+
+    def validation_nll(self, pose: Tensor) -> Tensor:
+        return self.prior.validation_nll(pose, context=self.context)
 
 
 def random_joint_mask(
@@ -409,15 +473,9 @@ def random_joint_mask(
         Masks (B, J) bool, True = observed, with at least one joint hidden and one observed where masked.
     """
     J = len(joints)
-    position = {j: i for i, j in enumerate(joints)}
-    subtree = torch.zeros(J, J, dtype=torch.bool)
-    subtree.fill_diagonal_(True)  # subtree[i] = modelled descendants of joint i (itself included)
-    for j in reversed(joints):
-        parent = skeleton.SMPLX_PARENTS[j]
-        while parent >= 0 and parent not in position:
-            parent = skeleton.SMPLX_PARENTS[parent]
-        if parent >= 0:
-            subtree[position[parent]] |= subtree[position[j]]
+    subtree = torch.zeros(J, J, dtype=torch.bool)  # subtree[i] = modelled descendants of joint i (itself included)
+    for i, members in enumerate(skeleton.modelled_descendants(joints)):
+        subtree[i, list(members)] = True
     whole_parts = [
         torch.tensor([j in members for j in joints])
         for members in (set(skeleton.PARTS[name]) for name in ("body", "left_hand", "right_hand"))

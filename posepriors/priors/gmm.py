@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,8 +91,8 @@ class GMMPrior(PosePrior):
 
     model_type = "gmm"
     config_class = GMMConfig
-    closed_form: ClassVar[bool] = True
-    """``posepriors-train`` fits this family once with ``fit(poses, observed, generator=...)`` instead of SGD."""
+    closed_form = True
+    training_defaults = MappingProxyType({"learning_rate": 1e-2, "max_epochs": 20, "batch_size": 1024})
 
     def __init__(self, config: GMMConfig | None = None) -> None:
         super().__init__(config if config is not None else GMMConfig())

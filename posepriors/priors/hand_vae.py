@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.grouped import GroupedMLP
-from posepriors.priors.base import PosePrior, PriorConfig, _check_generator
+from posepriors.priors.base import PosePrior, PriorConfig, _adam_argmin, _check_generator
 from posepriors.priors.draws import randn
 from posepriors.rotations import (
     axis_angle_geodesic,
@@ -129,6 +131,13 @@ class HandVAE(PosePrior):
 
     model_type = "hand_vae"
     config_class = HandVAEConfig
+    exact_log_prob = False
+    mask_marginals = "whole_hands"
+    reconstructs = True
+    training_defaults = MappingProxyType(
+        {"learning_rate": 3e-4, "max_epochs": 100, "batch_size": 8192, "scheduler": "cosine"}
+    )
+    flag_aliases = MappingProxyType({"variant": "model_type"})
 
     def __init__(self, config: HandVAEConfig | None = None) -> None:
         super().__init__(config if config is not None else HandVAEConfig())
@@ -202,15 +211,25 @@ class HandVAE(PosePrior):
         Returns:
             Mean right-hand poses (*, 15, 3) and the decoder's scales.
         """
-        out = self.decoder(z.reshape(-1, 1, z.shape[-1])).squeeze(1)
         batch = z.shape[:-1]
+        mean, scale = self._head(z)
+        if self.config.variant == "so3":
+            return HandDecoding(matrix_to_axis_angle(mean).reshape(*batch, 15, 3), scale.reshape(*batch, 15))
+        return HandDecoding(mean.reshape(*batch, 15, 3), scale.reshape(*batch, 15, 3))
+
+    def _head(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The decoder's distribution for latent codes (*, z_dim), flattened to N = prod(*) rows.
+
+        Returns:
+            ``so3``: mean rotations (N, 15, 3, 3) and per-joint tangent scales (N, 15); ``standard``: mean poses
+            (N, 15, 3) and per-coordinate scales (N, 15, 3).
+        """
+        out = self.decoder(z.reshape(-1, 1, z.shape[-1])).squeeze(1)
         if self.config.variant == "so3":
             rot = rotation_6d_to_matrix(out[:, :90].reshape(-1, 15, 6) + self._mean_6d())
-            scale = self._scale(out[:, 90:])
-            return HandDecoding(matrix_to_axis_angle(rot).reshape(*batch, 15, 3), scale.reshape(*batch, 15))
-        mean = self.pose_mean + self.pose_std * out[:, :45]
-        scale = self._scale(out[:, 45:] + self.pose_std.log())
-        return HandDecoding(mean.reshape(*batch, 15, 3), scale.reshape(*batch, 15, 3))
+            return rot, self._scale(out[:, 90:])
+        mean = (self.pose_mean + self.pose_std * out[:, :45]).reshape(-1, 15, 3)
+        return mean, self._scale(out[:, 45:] + self.pose_std.log()).reshape(-1, 15, 3)
 
     def _mean_6d(self) -> Tensor:
         return axis_angle_to_rotation_6d(self.pose_mean.view(15, 3))
@@ -223,12 +242,11 @@ class HandVAE(PosePrior):
         """log p(hand | z) for hands (B, 15, 3) and latents (S, B, z_dim) -> (S, B); ``noise_std`` adds observation
         noise to the decoder's scales (the likelihood of a noisy observation of the hand)."""
         S, B = z.shape[:2]
-        out = self.decoder(z.reshape(S * B, 1, -1)).squeeze(1)
-        target = hand.unsqueeze(0).expand(S, -1, -1, -1).reshape(S * B, 15, 3)
-        if self.config.variant == "so3":
-            rot = rotation_6d_to_matrix(out[:, :90].reshape(-1, 15, 6) + self._mean_6d())
-            scale = (self._scale(out[:, 90:]).square() + noise_std**2).sqrt()  # (SB, 15)
-            rel = matrix_to_axis_angle(rot.transpose(-1, -2) @ axis_angle_to_matrix(target))
+        mean, scale = self._head(z)
+        scale = (scale.square() + noise_std**2).sqrt()  # (SB, 15) for so3, (SB, 15, 3) for standard
+        target = repeat(hand, "b j c -> (s b) j c", s=S)
+        if self.config.variant == "so3":  # mean: rotations (SB, 15, 3, 3)
+            rel = matrix_to_axis_angle(mean.transpose(-1, -2) @ axis_angle_to_matrix(target))
             per_joint = (
                 -0.5 * rel.square().sum(-1) / scale.square()
                 - 3 * scale.log()
@@ -237,9 +255,6 @@ class HandVAE(PosePrior):
                 - exp_map_log_abs_det(rel)
             )
         else:
-            mean = (self.pose_mean + self.pose_std * out[:, :45]).reshape(-1, 15, 3)
-            scale = (self._scale(out[:, 45:] + self.pose_std.log()).square() + noise_std**2).sqrt()
-            scale = scale.reshape(-1, 15, 3)
             per_joint = (-0.5 * ((target - mean) / scale).square() - scale.log() - 0.5 * LOG_2PI).sum(-1)
         per_joint = per_joint.reshape(S, B, 15)
         if mask is not None:
@@ -350,11 +365,11 @@ class HandVAE(PosePrior):
         return bound.reshape(batch_shape).to(out_dtype)
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, pose: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _training_loss(self, pose: Tensor, generator: torch.Generator | None) -> Tensor:
         """Negative ELBO per pose (KL weighted by ``kl_weight``), averaged over the batch."""
         return -self._bound(pose, None, 1, generator, elbo=True).mean()
 
-    def validation_nll(self, pose: Tensor) -> Tensor:
+    def _validation_nll(self, pose: Tensor) -> Tensor:
         """Negative IWAE bound with ``val_iwae_samples`` samples (cheaper than ``nll``; the fixed noise table, so it
         does not depend on how the validation set is batched)."""
         return -self._bound(pose, None, self.config.val_iwae_samples, None, fixed=True)
@@ -365,6 +380,10 @@ class HandVAE(PosePrior):
         hands, _ = self._split_hands(pose, None)
         recon = self.decode(self.encode(hands).mean).pose
         return torch.rad2deg(axis_angle_geodesic(recon, hands)).mean()
+
+    def diagnostics(self, pose: Tensor) -> dict[str, float]:
+        """The reconstruction error, ``{"reconstruction_deg": ...}`` (:meth:`reconstruction_error`)."""
+        return {"reconstruction_deg": self.reconstruction_error(pose).item()}
 
     @torch.no_grad()
     def initialize_from_data(self, pose: Tensor) -> None:
@@ -391,7 +410,7 @@ class HandVAE(PosePrior):
         Z, H = self.config.z_dim, len(self.hands)
         if observed is None:
             z = temperature * randn((n, H, Z), generator=generator, device=device, dtype=dtype)
-            right = self.decode(z.transpose(0, 1).reshape(H * n, Z)).pose
+            right = self.decode(rearrange(z, "n h z -> (h n) z")).pose  # hand-major, as _merge_hands reads it
             return self._merge_hands(right, n)
         B = observed.shape[0]
         hands, hand_mask = self._split_hands(observed, mask)
@@ -407,16 +426,14 @@ class HandVAE(PosePrior):
 
         The module's parameters are not changed (gradients are taken w.r.t. the codes only)."""
         target = hands.detach()
-        with torch.enable_grad():
-            z = self.encode(target, mask).mean.detach().clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([z], lr=lr)
-            for _ in range(steps):
-                optimizer.zero_grad()
-                log_lik = self._log_likelihood(target, z.unsqueeze(0), mask, noise_std)[0]
-                loss = -(log_lik - 0.5 * z.square().sum(-1)).sum()
-                (z.grad,) = torch.autograd.grad(loss, [z])
-                optimizer.step()
-        return z.detach()
+
+        def objective(z: Tensor) -> Tensor:
+            log_lik = self._log_likelihood(target, z.unsqueeze(0), mask, noise_std)[0]
+            return -(log_lik - 0.5 * z.square().sum(-1)).sum()
+
+        with torch.enable_grad():  # as in the loop (detached by _adam_argmin)
+            start = self.encode(target, mask).mean
+        return _adam_argmin(objective, start, steps, lr)
 
     def _project(self, x: Tensor, mask: Tensor | None, steps: int = 100, lr: float = 0.05) -> Tensor:
         """Without a mask: decoder mean of the encoder mean. With a mask: the decoder mean of the latent code that

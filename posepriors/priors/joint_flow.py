@@ -16,15 +16,17 @@ only that level's slice of the grouped weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
-import numpy as np
 import torch
+from einops import repeat
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.flows import build_flow, check_flow_settings, flow_settings, standard_normal_log_prob
-from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, latent_map
+from posepriors.flows import build_flow, flow_settings, standard_normal_log_prob
+from posepriors.priors.base import PosePrior, latent_map
 from posepriors.priors.draws import randn
+from posepriors.priors.flow_config import FlowConfig
 from posepriors.rotations import axis_angle_to_rotation_6d
 
 __all__ = ["JointFlowConfig", "JointFlowPrior"]
@@ -33,8 +35,8 @@ _CONTEXT_FEATURES = {"6d": 6, "axis_angle": 3}
 
 
 @dataclass(frozen=True)
-class JointFlowConfig(PriorConfig):
-    """Settings of :class:`JointFlowPrior`.
+class JointFlowConfig(FlowConfig):
+    """Settings of :class:`JointFlowPrior`; flow settings from :class:`~posepriors.priors.flow_config.FlowConfig`.
 
     Attributes:
         joints: Modelled SMPL-X joints (default: body and both hands, 51 joints); any joint set works.
@@ -54,17 +56,11 @@ class JointFlowConfig(PriorConfig):
     joints: tuple[int, ...] = skeleton.resolve_joints("body+left_hand+right_hand")
     hidden: int = 128
     num_layers: int = 4
-    num_hidden_layers: int = 1
     coupling: str = "spline"
-    mixing: str = "lu"
-    actnorm: bool = True
-    bins: int = 8
-    bound: float = 4.0
     context: str = "6d"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_flow_settings(**flow_settings(self))
         if self.context not in _CONTEXT_FEATURES:
             raise ValueError(f"expected context '6d' or 'axis_angle', got {self.context!r}")
 
@@ -120,21 +116,29 @@ class JointFlowPrior(PosePrior):
 
     model_type = "joint_flow"
     config_class = JointFlowConfig
+    mask_marginals = "descendant_closed"
+    per_joint_log_prob = True
+    training_defaults = MappingProxyType(
+        {
+            "learning_rate": 1e-3,
+            "weight_decay": 1e-5,
+            "grad_clip": 1.0,
+            "max_epochs": 50,
+            "batch_size": 256,
+            "scheduler": "cosine",
+        }
+    )
+    seed_batch_size = 16
+    flag_aliases = MappingProxyType({"num_layers": "K"})
 
     def __init__(self, config: JointFlowConfig | None = None) -> None:
         super().__init__(config if config is not None else JointFlowConfig())
         cfg: JointFlowConfig = self.config
-        position = {j: i for i, j in enumerate(cfg.joints)}
-        parents: list[int] = []
-        for j in cfg.joints:  # nearest modelled ancestor (its position in our order), -1 if none
-            p = skeleton.SMPLX_PARENTS[j]
-            while p >= 0 and p not in position:
-                p = skeleton.SMPLX_PARENTS[p]
-            parents.append(position[p] if p >= 0 else -1)
+        parents = skeleton.modelled_parents(cfg.joints)
         depths: list[int] = []
         for i in range(len(parents)):  # SMPL-X parents precede children, so parent depths are known
             depths.append(0 if parents[i] < 0 else depths[parents[i]] + 1)
-        self.parents: tuple[int, ...] = tuple(parents)
+        self.parents: tuple[int, ...] = parents
         """Position of each joint's nearest modelled ancestor in the prior's joint order (-1: none)."""
         self.depths: tuple[int, ...] = tuple(depths)
         """Depth of each joint in the forest of modelled joints (0: no modelled ancestor)."""
@@ -153,24 +157,10 @@ class JointFlowPrior(PosePrior):
         return f"{super().extra_repr()}, levels={self.num_levels}"
 
     # ------------------------------------------------------------------ public extras
-    def log_prob_per_joint(
-        self, pose: PoseInput, mask: Tensor | np.ndarray | None = None, *, layout: str | None = None
-    ) -> Tensor:
-        """Log-density of each joint's rotation given its parent's: which joint makes a pose implausible?
-
-        Args:
-            pose: Any input :meth:`log_prob` accepts, batch shape (*).
-            mask: Optional observed-joint mask (see :meth:`log_prob`); must leave the missing joints closed under
-                descendants. Joints the input does not carry count as missing.
-            layout: The layout of a pose tensor, as in :meth:`log_prob`.
-
-        Returns:
-            Conditional log-densities ``log p(x_j | x_parent(j))`` in the prior's joint order, shape (*, J); missing
-            joints get 0, so the terms sum to ``log_prob(pose, mask)``; in the promoted dtype of the pose and the
-            prior.
-        """
-        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
-        return self._per_joint(x, m).reshape(*batch_shape, self.num_joints).to(out_dtype)
+    def _log_prob_per_joint(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Conditional log-densities ``log p(x_j | x_parent(j))`` (B, J) (:meth:`log_prob_per_joint`); the mask must
+        leave the missing joints closed under descendants."""
+        return self._per_joint(x, mask)
 
     def _map_project(
         self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 50, lr: float = 0.05
@@ -193,6 +183,10 @@ class JointFlowPrior(PosePrior):
         x = self._check_own(pose)
         z, _ = self.flow(x, self._context(x))
         return (self._decode(z, x) - x).abs().max()
+
+    def diagnostics(self, pose: Tensor) -> dict[str, float]:
+        """The inversion error of the tree walk, ``{"round_trip_error": ...}`` (:meth:`round_trip_error`)."""
+        return {"round_trip_error": self.round_trip_error(pose).item()}
 
     @torch.no_grad()
     def initialize_from_data(self, pose: Tensor) -> None:
@@ -222,8 +216,8 @@ class JointFlowPrior(PosePrior):
             return self._decode(temperature * z, z.new_zeros(n, J, 3))
         B = observed.shape[0]
         z = randn((n, B, J, 3), generator=generator, device=device, dtype=dtype).reshape(n * B, J, 3)
-        x = observed.unsqueeze(0).expand(n, B, J, 3).reshape(n * B, J, 3)
-        keep = None if mask is None else mask.unsqueeze(0).expand(n, B, J).reshape(n * B, J)
+        x = repeat(observed, "b j c -> (n b) j c", n=n)  # sample-major, as z
+        keep = None if mask is None else repeat(mask, "b j -> (n b) j", n=n)
         return self._decode(temperature * z, x, keep=keep).reshape(n, B, J, 3)
 
     def _project(

@@ -1,0 +1,38 @@
+"""The examples in the package's docstrings run as written (``>>>`` lines, checked with :mod:`doctest`)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import posepriors
+
+MODULES = sorted(
+    name
+    for _, name, _ in pkgutil.walk_packages(posepriors.__path__, prefix="posepriors.")
+    if name not in ("posepriors.plots",)  # matplotlib is optional; plots.py has no examples
+)
+
+
+def test_every_module_is_collected():
+    assert {"posepriors.skeleton", "posepriors.priors.base", "posepriors.train"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("name", ["posepriors", *MODULES])
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    tests = [t for t in finder.find(module, name) if t.examples]
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in tests:
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples of {name} failed (see above)"
+
+
+def test_the_package_docstring_has_a_runnable_example():
+    tests = doctest.DocTestFinder().find(posepriors, "posepriors")
+    assert sum(len(t.examples) for t in tests if t.name == "posepriors") >= 3

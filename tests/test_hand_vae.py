@@ -1,0 +1,67 @@
+"""The ``hand_vae`` family: one VAE for both hands, the decoder's two uses, the IWAE bound, completion."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from posepriors.priors import HandVAE, HandVAEConfig
+from posepriors.rotations import exp_map_log_abs_det
+from tests.families import check_device_and_dtype, make, synthetic_poses
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@pytest.mark.parametrize("variant", ["standard", "so3"])
+def test_decode_and_the_likelihood_read_the_same_decoder_head(variant):
+    torch.manual_seed(0)
+    vae = HandVAE(HandVAEConfig(variant=variant, z_dim=4, hidden=16)).double()
+    vae.initialize_from_data(synthetic_poses(64, vae.joints).double())
+    z = torch.randn(5, 4, dtype=torch.float64)
+    decoded = vae.decode(z)
+    assert decoded.pose.shape == (5, 15, 3)
+    assert decoded.scale.shape == ((5, 15) if variant == "so3" else (5, 15, 3))
+    # at the decoder mean the Gaussian's exponent vanishes: only the normalisers remain
+    log_lik = vae._log_likelihood(decoded.pose, z[None], None)[0]
+    if variant == "so3":
+        expected = (-3 * decoded.scale.log() - 1.5 * LOG_2PI + exp_map_log_abs_det(decoded.pose)).sum(-1)
+    else:
+        expected = (-decoded.scale.log() - 0.5 * LOG_2PI).sum((-1, -2))
+    torch.testing.assert_close(log_lik, expected, atol=1e-8, rtol=1e-8)
+    # observation noise widens the scales the same way in both paths
+    noisy = vae._log_likelihood(decoded.pose, z[None], None, noise_std=0.1)[0]
+    wide = (decoded.scale.square() + 0.01).sqrt()
+    if variant == "so3":
+        expected = (-3 * wide.log() - 1.5 * LOG_2PI + exp_map_log_abs_det(decoded.pose)).sum(-1)
+    else:
+        expected = (-wide.log() - 0.5 * LOG_2PI).sum((-1, -2))
+    torch.testing.assert_close(noisy, expected, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("variant", ["standard", "so3"])
+def test_hand_vae_on_the_requested_device_and_dtype(variant, device, dtype):
+    """``pytest --device cuda --dtype float64`` runs this on a GPU in float64 (it skips where there is none)."""
+    check_device_and_dtype(make("hand_vae" if variant == "standard" else "hand_vae_so3"), device, dtype)
+
+
+@pytest.mark.parametrize("variant", ["standard", "so3"])
+def test_log_prob_is_a_function_of_the_pose_alone(variant):
+    torch.manual_seed(0)
+    prior = HandVAE(HandVAEConfig(variant=variant, z_dim=4, hidden=16, iwae_samples=8)).eval()
+    x = synthetic_poses(4, prior.joints, seed=2)
+    others = 0.5 * torch.randn(3, prior.num_joints, 3, generator=torch.Generator().manual_seed(5))
+    tight = {"atol": 1e-4, "rtol": 1e-6}
+    with torch.no_grad():
+        alone = torch.stack([prior.log_prob(x[i]) for i in range(4)])
+        assert torch.isfinite(alone).all()
+        assert alone.unique().numel() == 4  # different poses score differently: the checks below mean something
+        torch.testing.assert_close(prior.log_prob(x), alone, **tight)  # in a batch of 4
+        torch.testing.assert_close(prior.log_prob(x.flip(0)), alone.flip(0), **tight)  # order does not matter
+        for position in range(4):  # among 3 other poses, at every position
+            batch = torch.cat([others[:position], x[:1], others[position:]])
+            torch.testing.assert_close(prior.log_prob(batch)[position], alone[0], **tight)
+        copies = prior.log_prob(x[1].expand(8, -1, -1).clone())
+        torch.testing.assert_close(copies, alone[1].expand(8), **tight)
+        torch.testing.assert_close(prior.log_prob(x), prior.log_prob(x), atol=0, rtol=0)  # deterministic
