@@ -681,3 +681,26 @@ def test_frozen_flow_records_one_node_per_coupling():
     flow.zero_grad()
     flow.log_prob(x, c).sum().backward()
     assert all(p.grad is not None for p in flow.parameters())
+
+
+def test_run_groups_equals_the_full_flow_on_those_groups():
+    """``run_groups`` runs a subset of a grouped flow's groups (forward and inverse) with the full flow's numbers,
+    and refuses bad indices and shapes."""
+    flow = perturb(flows.build_flow(5, 3, num_layers=3, hidden=8, coupling="spline", context_features=2)).double()
+    x, c = data(4, 5, 3, 2)
+    z, logdet = flow(x, c)
+    index = torch.tensor([3, 0])
+    z_sub, logdet_sub = flow.run_groups(index, x[:, index], c[:, index])
+    torch.testing.assert_close(z_sub, z[:, index], atol=1e-12, rtol=0)
+    torch.testing.assert_close(logdet_sub, logdet[:, index], atol=1e-12, rtol=0)
+    back, inverse_logdet = flow.run_groups(index, z_sub, c[:, index], inverse=True)
+    torch.testing.assert_close(back, x[:, index], atol=1e-8, rtol=0)
+    torch.testing.assert_close(inverse_logdet, -logdet_sub, atol=1e-8, rtol=0)
+    everything = flow.run_groups(torch.arange(5), x, c)
+    torch.testing.assert_close(everything[0], z, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"group indices in \[0, 5\)"):
+        flow.run_groups(torch.tensor([5]), x[:, :1], c[:, :1])
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        flow.run_groups(torch.tensor([0.0]), x[:, :1], c[:, :1])
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 2, 3\)"):
+        flow.run_groups(index, x[:, :3], c[:, :3])

@@ -224,6 +224,36 @@ class FlowSequence(nn.Module):
         self._check(z, context)
         return self._run(z, context, inverse=True)
 
+    def run_groups(
+        self, index: Tensor, x: Tensor, context: Tensor | None = None, *, inverse: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The flows of a subset of the groups: ``forward`` (or ``inverse``) with the parameters' rows ``index``.
+
+        Every parameter of the blocks has the group as its first dim (buffers are shared by the groups), so the
+        subset runs through :func:`torch.func.functional_call` with those rows; the result equals the full flow's
+        on the same groups.
+
+        Args:
+            index: Group indices, shape (L,), integer, each in ``[0, G)``.
+            x: Inputs (latent codes with ``inverse``) of those groups, shape (B, L, D).
+            context: Their conditioner inputs, shape (B, L, C), or None.
+            inverse: Run latent to data.
+
+        Returns:
+            The outputs, shape (B, L, D), and the log-determinants, shape (B, L).
+        """
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"expected a 1-D integer tensor of group indices, got {index!r}")
+        if index.numel() and not bool(((index >= 0) & (index < self.groups)).all()):
+            raise ValueError(f"expected group indices in [0, {self.groups}), got {index.tolist()}")
+        L = index.numel()
+        _check_input(x, L, self.dim)
+        _check_context(context, x, self.context_features)
+        if L == self.groups and bool((index == torch.arange(L, device=index.device)).all()):
+            return self._run(x, context, inverse)
+        params = {name: p.index_select(0, index.to(p.device)) for name, p in self.named_parameters()}
+        return torch.func.functional_call(_GroupRunner(self.blocks, inverse), params, (x, context))
+
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Log-density under a standard-normal base.
 
@@ -253,3 +283,17 @@ class FlowSequence(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, dim={self.dim}, context_features={self.context_features}"
+
+
+class _GroupRunner(nn.Module):
+    """The blocks of a :class:`FlowSequence` run unchecked on any number of groups (see ``run_groups``): it holds
+    the same ``blocks`` list, so its parameter names are the sequence's."""
+
+    def __init__(self, blocks: nn.ModuleList, inverse: bool) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.inverse = inverse
+
+    def forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        blocks = reversed(self.blocks) if self.inverse else self.blocks
+        return FlowSequence._run_steps(FlowSequence._steps(blocks, self.inverse), x, context)

@@ -20,7 +20,7 @@ from types import MappingProxyType
 
 import torch
 from einops import repeat
-from torch import Tensor, nn
+from torch import Tensor
 
 from posepriors import skeleton
 from posepriors.flows import build_flow, flow_settings, standard_normal_log_prob
@@ -63,29 +63,6 @@ class JointFlowConfig(FlowConfig):
         super().__post_init__()
         if self.context not in _CONTEXT_FEATURES:
             raise ValueError(f"expected context '6d' or 'axis_angle', got {self.context!r}")
-
-
-class _BlockRunner(nn.Module):
-    """Runs a flow's blocks forwards or backwards on any number of groups.
-
-    :class:`~posepriors.flows.FlowSequence` checks that its input has all G groups; the tree walk runs one depth
-    level at a time, with that level's rows of every grouped parameter passed in through
-    :func:`torch.func.functional_call` (every parameter of the flow blocks has the group as its first dim).
-    """
-
-    def __init__(self, blocks: nn.ModuleList, reverse: bool) -> None:
-        super().__init__()
-        self.blocks = blocks
-        self.reverse = reverse
-
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        if self.reverse:
-            for block in reversed(self.blocks):
-                x, _ = block.inverse(x, context)
-        else:
-            for block in self.blocks:
-                x, _ = block(x, context)
-        return x
 
 
 class JointFlowPrior(PosePrior):
@@ -301,11 +278,7 @@ class JointFlowPrior(PosePrior):
 
     def _run(self, index: Tensor, x: Tensor, context: Tensor, reverse: bool) -> Tensor:
         """Run the flows of the joints ``index`` only (one tree level): x (B, L, 3), context (B, L, C)."""
-        runner = _BlockRunner(self.flow.blocks, reverse)
-        if index.numel() == self.num_joints:  # every joint is on this level: the plain grouped flow
-            return runner(x, context)
-        params = {name: p.index_select(0, index) for name, p in self.flow.named_parameters()}
-        return torch.func.functional_call(runner, params, (x, context))
+        return self.flow.run_groups(index, x, context, inverse=reverse)[0]
 
     def _decode(
         self,
