@@ -1,6 +1,6 @@
 """Speed of the shipped priors where users feel it, against the physical limit measured in the same run.
 
-    python benchmarks/speed.py [--threads 2] [--rounds 5] [--steps 300]
+    python benchmarks/speed.py [--threads 2] [--rounds 5] [--steps 300] [--compile]
 
 Three measurements, each in interleaved rounds (every contender once per round, so that the machine's drift hits
 all of them alike), reported as medians and as per-round ratios ``median [min, max]``:
@@ -16,6 +16,8 @@ all of them alike), reported as medians and as per-round ratios ``median [min, m
 3. **Keypoint fits** (:func:`posepriors.fitting.fit_keypoints`, ``--steps`` Adam steps, all 22 keypoints seen) of 1
    pose and of 256 poses per shipped body prior, next to the Gaussian and SMPLify's GMM (when
    ``../shared/baselines/smplify_gmm_08.npz`` is there): wall time per step.
+4. With ``--compile``: :meth:`~posepriors.priors.base.PosePrior.compile` of the default body prior, warm-up with a
+   cold and with a warm inductor cache, and its step time against eager.
 
 Only ratios from one run are comparable: the machine matters, and a shared VM's timings drift within minutes.
 """
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from benchmark import spread, timed  # the sibling script (run as python benchmarks/speed.py)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import posepriors
@@ -95,22 +98,6 @@ def _materialise(value: object) -> object:
         size = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) if all(shape) else 0
         return torch.randn(max(size, 1), dtype=dtype).as_strided(shape, stride)
     return value
-
-
-def timed(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn`` over ``repeat`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def spread(values: list[float], unit: str = "x") -> str:
-    return f"{statistics.median(values):.2f}{unit} [{min(values):.2f}, {max(values):.2f}]"
 
 
 def nll_step(prior: PosePrior, pose: torch.Tensor) -> Callable[[], None]:
@@ -253,6 +240,54 @@ def keypoint_fits(args: argparse.Namespace, names: list[str]) -> None:
         )
 
 
+_COMPILE_CHILD = """
+import sys, time, statistics, torch, posepriors
+torch.set_num_threads(int(sys.argv[1]))
+posepriors.set_validation(False)
+eager = posepriors.load(sys.argv[2])
+compiled = posepriors.load(sys.argv[2]).compile()
+g = torch.Generator().manual_seed(1)
+for batch in (1, 256):
+    pose = 0.2 * torch.randn(batch, 21, 3, generator=g)
+    def step(prior):
+        x = pose.clone().requires_grad_(True)
+        prior.nll(x).sum().backward()
+    start = time.perf_counter()
+    step(compiled)
+    first = time.perf_counter() - start
+    rounds = {"eager": [], "compiled": []}
+    for _ in range(5):
+        for name, prior in (("eager", eager), ("compiled", compiled)):
+            times = []
+            for _ in range(30 if batch == 1 else 5):
+                start = time.perf_counter()
+                step(prior)
+                times.append(time.perf_counter() - start)
+            rounds[name].append(statistics.median(times))
+    ratio = statistics.median([a / b for a, b in zip(rounds["eager"], rounds["compiled"])])
+    print(f"  b={batch}: first call {first:.1f} s, then {1000 * statistics.median(rounds['compiled']):.3f} ms "
+          f"against eager {1000 * statistics.median(rounds['eager']):.3f} ms ({ratio:.2f}x)")
+"""
+
+
+def compiled_path(args: argparse.Namespace) -> None:
+    """``prior.compile()`` of the default body prior, in fresh processes: with an empty inductor cache (cold) and
+    again with the cache the first process left (warm)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    print(f"\n4. {DEFAULT_BODY_PRIOR}.compile(): nll forward + backward w.r.t. a body-only pose")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        for label in ("cold cache", "warm cache"):
+            print(f" {label}:")
+            command = [sys.executable, "-c", _COMPILE_CHILD, str(args.threads), DEFAULT_BODY_PRIOR]
+            result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            print(result.stdout.rstrip() or result.stderr[-2000:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -260,12 +295,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=50, help="batch-1 calls per round (median)")
     parser.add_argument("--batch", type=int, default=4096, help="batch of the scoring measurement")
     parser.add_argument("--steps", type=int, default=300, help="Adam steps per keypoint fit")
-    parser.add_argument("--only", choices=("scoring", "terms", "fits"), help="run one measurement")
+    parser.add_argument("--only", choices=("scoring", "terms", "fits", "compile"), help="run one measurement")
+    parser.add_argument("--compile", action="store_true", help="also measure prior.compile() (about 3 minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     posepriors.set_validation(False)  # the finite-value check is a sync per call; fitting loops turn it off
     names = posepriors.list_models()
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, models {names}")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, models {list(names)}")
     try:
         if args.only in (None, "scoring"):
             scoring(args, names)
@@ -273,6 +309,8 @@ def main() -> None:
             fitting_terms(args, [n for n in names if n in BODY_PRIORS])
         if args.only in (None, "fits"):
             keypoint_fits(args, names)
+        if args.only == "compile" or (args.only is None and args.compile):
+            compiled_path(args)
     finally:
         posepriors.set_validation(True)
 
