@@ -40,6 +40,25 @@ def test_body_only_input_does_not_run_the_hand_flow():
         handle.remove()
 
 
+def test_joint_flow_body_only_input_runs_the_body_joints_only():
+    """joint_flow scores a body-only batch with the flows of the body joints alone (a frozen copy of their rows):
+    the same log-densities and pose gradients as the full grouped flow with the hands masked out."""
+    prior = posepriors.load("joint_flow").double()
+    poses = body_and_hand_poses(3, seed=2)
+    mask = torch.ones(4, 55, dtype=torch.bool)
+    mask[:3, 22:] = False  # the last pose observes everything: the full flow runs
+    with_full = torch.cat([poses, poses[:1]])
+    x = with_full.clone().requires_grad_(True)
+    reference = prior.log_prob(x, mask)
+    (reference_grad,) = torch.autograd.grad(reference[:3].sum(), x)
+    body = poses[:, 1:22].clone().requires_grad_(True)
+    fast = prior.log_prob(body)
+    (fast_grad,) = torch.autograd.grad(fast.sum(), body)
+    torch.testing.assert_close(fast, reference[:3], atol=1e-10, rtol=0)
+    torch.testing.assert_close(fast_grad, reference_grad[:3, 1:22], atol=1e-9, rtol=1e-9)
+    assert any(subset.groups == 21 for _, subset in prior.flow._subsets.values())
+
+
 def test_shipped_flows_fast_gradients_match_the_recorded_graph(monkeypatch):
     """The frozen one-node couplings give the same NLL gradients as the op-by-op autograd graph on the shipped
     flows (body-only and full poses), in float64."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 from posepriors.flows.core import _Block, _check_context, _check_input, _full_logdet, _LogDet, standard_normal_log_prob
 from posepriors.flows.couplings import _Coupling
 from posepriors.flows.linear import ActNorm, LULinear, Permutation
+from posepriors.grouped import GroupedLinear
 
 __all__ = ["FlowSequence"]
 
@@ -80,6 +82,8 @@ class FlowSequence(nn.Module):
         # inference cache of folded linear blocks, {inverse: (key, steps, reference steps)}; see _frozen_steps
         self._folded: dict[bool, tuple[tuple[tuple[int, int], ...], list[_Step], list[_Step]]] = {}
         self._compiled: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]] | None = None
+        # frozen copies of group subsets, {group indices: (parameter key, flow)}; see run_groups
+        self._subsets: dict[tuple[int, ...], tuple[tuple[object, ...], FlowSequence]] = {}
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         _check_input(x, self.groups, self.dim)
@@ -230,8 +234,9 @@ class FlowSequence(nn.Module):
         """The flows of a subset of the groups: ``forward`` (or ``inverse``) with the parameters' rows ``index``.
 
         Every parameter of the blocks has the group as its first dim (buffers are shared by the groups), so the
-        subset runs through :func:`torch.func.functional_call` with those rows; the result equals the full flow's
-        on the same groups.
+        subset runs through :func:`torch.func.functional_call` with those rows (gradients reach the parameters);
+        a frozen flow in eval mode instead runs a cached frozen copy of those rows, with the frozen fast paths.
+        The result equals the full flow's on the same groups.
 
         Args:
             index: Group indices, shape (L,), integer, each in ``[0, G)``.
@@ -251,8 +256,34 @@ class FlowSequence(nn.Module):
         _check_context(context, x, self.context_features)
         if L == self.groups and bool((index == torch.arange(L, device=index.device)).all()):
             return self._run(x, context, inverse)
+        if not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return self._frozen_subset(index)._run(x, context, inverse)  # the fast paths of a frozen flow
         params = {name: p.index_select(0, index.to(p.device)) for name, p in self.named_parameters()}
         return torch.func.functional_call(_GroupRunner(self.blocks, inverse), params, (x, context))
+
+    def _frozen_subset(self, index: Tensor) -> FlowSequence:
+        """A frozen copy of the flows of the groups ``index`` (cached: a fitting loop asks for the same groups at
+        every step), rebuilt when the parameters change."""
+        key = (
+            tuple(index.tolist()),
+            tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters()),
+        )
+        cached = self._subsets.get(key[0])
+        if cached is not None and cached[0] == key[1]:
+            return cached[1]
+        with torch.no_grad():
+            subset = FlowSequence(copy.deepcopy(self.blocks), index.numel(), self.dim)
+            for module in subset.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is not None:
+                        module._parameters[name] = nn.Parameter(p.index_select(0, index.to(p.device)), False)
+                if isinstance(module, GroupedLinear):
+                    module.groups = index.numel()
+        subset.eval()
+        if len(self._subsets) >= 16:  # a few tree levels or masks at a time; drop the oldest beyond that
+            self._subsets.pop(next(iter(self._subsets)))
+        self._subsets[key[0]] = (key[1], subset)
+        return subset
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Log-density under a standard-normal base.

@@ -253,11 +253,18 @@ class JointFlowPrior(PosePrior):
 
     def _per_joint(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Per-joint conditional log-densities (B, J); with a (checked) mask, missing joints get 0."""
-        z, logdet = self.flow(x, self._context(x))
-        per_joint = standard_normal_log_prob(z) + logdet
         if mask is None:
-            return per_joint
+            z, logdet = self.flow(x, self._context(x))
+            return standard_normal_log_prob(z) + logdet
         self._check_mask(mask)
+        used = mask.any(0)
+        if bool(used.all()):
+            z, logdet = self.flow(x, self._context(x))
+            per_joint = standard_normal_log_prob(z) + logdet
+        else:  # joints that no pose of the batch observes are not run (a body-only input skips the hands)
+            index = used.nonzero().flatten()
+            z, logdet = self.flow.run_groups(index, x.index_select(1, index), self._context(x, index))
+            per_joint = x.new_zeros(mask.shape).index_copy(1, index, standard_normal_log_prob(z) + logdet)
         return torch.where(mask, per_joint, torch.zeros_like(per_joint))
 
     def _parent_observed(self, mask: Tensor) -> Tensor:
