@@ -130,6 +130,16 @@ class _Coupling(_Block):
         return f"mask={self.mask.int().tolist()}, context_features={self.context_features}"
 
 
+def _flush_subnormal(t: Tensor) -> Tensor:
+    """``t`` with its subnormal entries (below the dtype's smallest normal number) set to zero.
+
+    A pose that the flow finds very unlikely gets a tiny share of a mixture's gradient (the broad component takes
+    the rest); carried through a coupling's backward, such gradients become subnormal floats, on which a CPU's
+    matrix multiplies run tens of times slower. Dropping them changes no value by more than that smallest normal.
+    """
+    return t.masked_fill(t.abs() < torch.finfo(t.dtype).tiny, 0.0)
+
+
 class _FrozenCoupling(torch.autograd.Function):
     """A coupling layer with frozen weights as one autograd node: ``(x, context) -> (z, log |det dz/dx|)``.
 
@@ -154,13 +164,15 @@ class _FrozenCoupling(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None]:  # noqa: ANN001
         coupling: _Coupling = ctx.coupling
+        grad_z, grad_logdet = _flush_subnormal(grad_z), _flush_subnormal(grad_logdet)
         grad_z1, grad_z2 = coupling._split(grad_z)
         grad_x2, grad_params = coupling._transform_vjp(ctx.saved, grad_z2, grad_logdet)
-        grad_h = coupling.conditioner.input_vjp(ctx.hidden, grad_params)
+        grad_h = coupling.conditioner.input_vjp(ctx.hidden, _flush_subnormal(grad_params))
         grad_context = None
         if ctx.context_shape is not None:
             grad_h, grad_context = grad_h.split((coupling.num_conditioning, ctx.context_shape[-1]), dim=-1)
-        return None, coupling._join(grad_z1 + grad_h, grad_x2), grad_context
+        grad_x = _flush_subnormal(coupling._join(grad_z1 + grad_h, grad_x2))
+        return None, grad_x, None if grad_context is None else _flush_subnormal(grad_context)
 
 
 class AffineCoupling(_Coupling):
