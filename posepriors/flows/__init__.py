@@ -3,8 +3,8 @@
 Every block works on **grouped** inputs ``x`` of shape (B, G, D): G independent groups, each with its own parameters
 (a global flow has G = 1 and D = the pose dimension; the per-joint flows have G = J joints and D = 3), and an
 optional context of shape (B, G, C) that is fed to the coupling conditioners (ActNorm, LU and permutations ignore it).
-Every parameter has the group as its first dim, so the flows of a subset of groups run by passing the parameters'
-rows to :func:`torch.func.functional_call`.
+Every parameter has the group as its first dim, so the flows of a subset of groups run with those rows
+(:meth:`FlowSequence.run_groups`).
 
 The block protocol:
 
@@ -19,9 +19,10 @@ split their inputs with precomputed index buffers (or views when the split is co
 masks, and :class:`FlowSequence` validates its input once and then runs its blocks' unchecked ``_forward`` /
 ``_inverse`` directly (so hooks registered on the blocks inside a sequence do not fire; hooks on the sequence do).
 Parameter-only log-determinants (ActNorm, LU) are summed as (G,) vectors and broadcast to (B, G) once. Frozen
-inference (eval mode, no parameter gradients) folds ActNorm and mixing into one cached affine map per layer, runs the
+inference (eval mode, no parameter gradients) folds ActNorm and mixing into one cached affine map per layer, runs every
+coupling as one autograd node with a written-out backward (which flushes subnormal gradients to zero), runs the
 conditioners' activations in place wherever autograd records nothing, and splits large CPU batches into chunks that
-keep each layer's hidden activations in cache.
+keep each layer's hidden activations in cache; :meth:`FlowSequence.compile_frozen` opts in to ``torch.compile``.
 
 Modules: :mod:`~posepriors.flows.core` (the block protocol), :mod:`~posepriors.flows.linear` (ActNorm, permutations,
 LU mixing), :mod:`~posepriors.flows.couplings` (affine and spline couplings), :mod:`~posepriors.flows.sequence`
