@@ -76,10 +76,13 @@ class _Coupling(_Block):
             return torch.cat([y2, x1], dim=-1)
         return x.index_copy(-1, self.transformed_index, y2)
 
+    def _conditioner_input(self, x1: Tensor, context: Tensor | None) -> Tensor:
+        """The conditioning dims, with the context appended when the coupling takes one."""
+        return x1 if not self.context_features else torch.cat([x1, context], dim=-1)
+
     def _params(self, x1: Tensor, context: Tensor | None) -> Tensor:
         """Conditioner outputs (B, G, transformed * params_per_dim)."""
-        h = x1 if not self.context_features else torch.cat([x1, context], dim=-1)
-        return self.conditioner._run(h)
+        return self.conditioner._run(self._conditioner_input(x1, context))
 
     def _transform(self, x2: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """The element-wise transform of the transformed dims and its log-determinant (B, G)."""
@@ -153,7 +156,7 @@ class _FrozenCoupling(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coupling: _Coupling, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         x1, x2 = coupling._split(x)
-        h = x1 if context is None or not coupling.context_features else torch.cat([x1, context], dim=-1)
+        h = coupling._conditioner_input(x1, context)
         params, hidden = coupling.conditioner.run_saving(h)
         y2, logdet, saved = coupling._transform_saving(x2, params)
         ctx.coupling, ctx.hidden, ctx.saved = coupling, hidden, saved
@@ -322,23 +325,42 @@ class RQSplineCoupling(_Coupling):
         probs = weights / (weights @ self._factors(raw_sizes)[2])
         return probs, raw_sizes.abs() < limit
 
+    def _spline_table(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The knot table of every transformed dim from the conditioner outputs (B, G, n * (3K - 1)).
+
+        Returns:
+            The bin probabilities (B, G, n, 2, K) and where their logits are unclamped, the shifted derivative
+            logits (B, G, n, K - 1), the left knots (B, G, n, 2, K; x in row 0, y in row 1, the first exactly
+            -bound) and the table ``[x knots | y knots | widths | heights | derivatives]`` (B, G, n, 5K + 1).
+        """
+        K = self.bins
+        raw_sizes, raw_derivs = params.unflatten(-1, (self.num_transformed, 3 * K - 1)).split((2 * K, K - 1), -1)
+        scale, offset, _ = self._factors(params)
+        probs, unclamped = self._bin_probabilities(raw_sizes.unflatten(-1, (2, K)))
+        sizes = torch.addcmul(offset, probs, scale)
+        left = torch.cumsum(sizes, -1).sub(sizes).sub_(self.bound)
+        shifted = raw_derivs + self._derivative_shift
+        derivs = F.pad(F.softplus(shifted) + self.min_derivative, (1, 1), value=1.0)
+        table = torch.cat([left.flatten(-2), sizes.flatten(-2), derivs], -1)
+        return probs, unclamped, shifted, left, table
+
+    def _bin_entries(self, table: Tensor, left: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The table columns of each value's bin (B, G, n, 6) and its six entries (6, B, G, n): left x and y knot,
+        width, height, left and right derivative. The bin is how many inner knots are <= v (in y for the
+        inverse); each entry is its own contiguous tensor (element-wise ops on a stride-6 view are several
+        times slower)."""
+        columns = (v.unsqueeze(-1) >= left[..., int(inverse), 1:]).sum(-1, keepdim=True) + self._columns
+        return columns, table.gather(-1, columns).movedim(-1, 0).contiguous()
+
     def _transform(self, x2: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         # Written for few tensor ops (each op costs microseconds of overhead on a single pose, forward and
         # backward): one softmax and one cumsum for widths and heights together, one table, one gather.
-        K, B = self.bins, self.bound
-        raw_sizes, raw_derivs = params.unflatten(-1, (self.num_transformed, 3 * K - 1)).split((2 * K, K - 1), -1)
-        scale, offset, _ = self._factors(params)
-        sizes = torch.addcmul(offset, self._bin_probabilities(raw_sizes.unflatten(-1, (2, K)))[0], scale)
-        left = torch.cumsum(sizes, -1).sub(sizes).sub(B)  # (B, G, n, 2, K): left knots; the first is exactly -B
-        derivs = F.pad(F.softplus(raw_derivs + self._derivative_shift) + self.min_derivative, (1, 1), value=1.0)
-        table = torch.cat([left.flatten(-2), sizes.flatten(-2), derivs], -1)  # (B, G, n, 5K + 1)
-
+        B = self.bound
+        _, _, _, left, table = self._spline_table(params)
         # the spline is evaluated on the clamped value and the tails are put back at the end (hardtanh is a clamp
         # whose backward is one op; its zero gradient at +-B does not matter, the ends go to the identity branch)
         v = F.hardtanh(x2, -B, B)
-        # bin of each value, in [0, K - 1]: how many inner knots are <= v (in y for the inverse)
-        bin_index = (v.unsqueeze(-1) >= left[..., int(inverse), 1:]).sum(-1, keepdim=True)
-        x_k, y_k, w_k, h_k, d_k, d_k1 = table.gather(-1, bin_index + self._columns).unbind(-1)
+        _, (x_k, y_k, w_k, h_k, d_k, d_k1) = self._bin_entries(table, left, v, inverse)
         s_k = h_k / w_k
         d_sum = (d_k + d_k1).sub(s_k, alpha=2)
         if inverse:  # the root in [0, 1] of the bin's quadratic a xi^2 + b xi + c, with c = -s dy
@@ -368,19 +390,9 @@ class RQSplineCoupling(_Coupling):
         # The forward spline of _transform in the bin-local form that _transform_vjp differentiates:
         # xi = (x - x_k) / w_k, s = h_k / w_k, t = xi (1 - xi), y = y_k + h_k P / Q with P = s xi^2 + d_k t and
         # Q = s + c t, c = d_k + d_k1 - 2 s; dy/dx = s^2 M / Q^2 with M = d_k1 xi^2 + 2 s t + d_k (1 - xi)^2.
-        K, B = self.bins, self.bound
-        raw_sizes, raw_derivs = params.unflatten(-1, (self.num_transformed, 3 * K - 1)).split((2 * K, K - 1), -1)
-        scale, offset, _ = self._factors(params)
-        probs, unclamped = self._bin_probabilities(raw_sizes.unflatten(-1, (2, K)))
-        sizes = torch.addcmul(offset, probs, scale)
-        left = torch.cumsum(sizes, -1).sub_(sizes).sub_(B)
-        shifted = raw_derivs + self._derivative_shift
-        derivs = F.pad(F.softplus(shifted).add_(self.min_derivative), (1, 1), value=1.0)
-        table = torch.cat([left.flatten(-2), sizes.flatten(-2), derivs], -1)
-        v = F.hardtanh(x2, -B, B)
-        columns = (v.unsqueeze(-1) >= left[..., 0, 1:]).sum(-1, keepdim=True) + self._columns
-        # each entry as its own contiguous tensor: element-wise ops on a stride-6 view are several times slower
-        x_k, y_k, w_k, h_k, d_k, d_k1 = table.gather(-1, columns).movedim(-1, 0).contiguous()
+        probs, unclamped, shifted, left, table = self._spline_table(params)
+        v = F.hardtanh(x2, -self.bound, self.bound)
+        columns, (x_k, y_k, w_k, h_k, d_k, d_k1) = self._bin_entries(table, left, v, inverse=False)
         s_k = h_k / w_k
         xi = (v - x_k).div_(w_k)
         xi_1m = 1 - xi

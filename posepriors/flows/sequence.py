@@ -99,6 +99,10 @@ class FlowSequence(nn.Module):
                 out.append(block.inverse if inverse else block)
         return out
 
+    def _frozen(self) -> bool:
+        """Eval mode, and no gradient can reach the parameters (none requires grad, or grad mode is off)."""
+        return not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
     def _frozen_steps(self, inverse: bool) -> list[_Step] | None:
         """The steps with every run of linear blocks (ActNorm, LU, permutations) folded into one affine map.
 
@@ -109,14 +113,12 @@ class FlowSequence(nn.Module):
         in-place update, ``load_state_dict`` or ``.to()`` rebuilds them. Returns None when the flow
         must run block by block.
         """
-        if self.training:
+        if not self._frozen():
             return None
         linear = [b for b in self.blocks if isinstance(b, _LINEAR_BLOCKS)]
         if not linear:
             return None
         params = [p for b in linear for p in b._parameters.values()]  # leaf blocks: no recursion needed
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return None
         try:
             key = tuple((p.data_ptr(), p._version) for p in params)
         except RuntimeError:  # inference tensors have no version counter: do not cache
@@ -256,7 +258,7 @@ class FlowSequence(nn.Module):
         _check_context(context, x, self.context_features)
         if L == self.groups and bool((index == torch.arange(L, device=index.device)).all()):
             return self._run(x, context, inverse)
-        if not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+        if self._frozen():
             return self._frozen_subset(index)._run(x, context, inverse)  # the fast paths of a frozen flow
         params = {name: p.index_select(0, index.to(p.device)) for name, p in self.named_parameters()}
         return torch.func.functional_call(_GroupRunner(self.blocks, inverse), params, (x, context))
