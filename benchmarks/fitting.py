@@ -1,6 +1,6 @@
 """Keypoint-fitting benchmark: each prior as the regulariser of a body fit to noisy or partly hidden 3D keypoints.
 
-    python benchmarks/fitting.py [--prior NAME_OR_FOLDER ...] [--steps 200] [--lr 0.05] [--max_poses 300]
+    python benchmarks/fitting.py [--prior NAME_OR_FOLDER ...] [--steps 200] [--optimizer adam] [--max_poses 300]
         [--per_source 50] [--tune_poses 100] [--seed 0] [--threads 2] [--out fitting.json]
 
 Protocol (docs/models.md, "Fitting benchmark protocol"):
@@ -13,9 +13,10 @@ Protocol (docs/models.md, "Fitting benchmark protocol"):
 - Scenarios: ``all_1.5cm`` (every keypoint, 1.5 cm noise), ``all_4cm`` (4 cm), ``hidden_1.5cm`` (1.5 cm, the left
   arm's elbow and wrist and the right leg's knee, ankle and foot keypoints hidden: the descendants of the left
   shoulder and the right hip).
-- Fit: :func:`posepriors.fitting.fit_keypoints`, Adam (``--lr``) for ``--steps`` steps from the zero pose on the 21
-  body joint rotations; loss = mean squared error of the visible keypoints + w * prior NLL of the body pose (hands
-  marginalised).
+- Fit: :func:`posepriors.fitting.fit_keypoints`, Adam (``--optimizer adam``, ``--lr``, the default) for ``--steps``
+  steps, or L-BFGS (``--optimizer lbfgs``) for at most ``--steps`` iterations, from the zero pose on the 21 body joint
+  rotations, every pose of a data set in one batch; loss = mean squared error of the visible keypoints + w * prior
+  NLL of the body pose (hands marginalised).
 - Weight: w = m * 2 s^2 / K (s the noise std, K the visible keypoints: the weight of the MAP objective) with the
   multiplier m from ``--grid`` that gives the lowest mean joint-angle error on the tuning poses, then frozen. By
   default (``--tune shared``) one m per prior is tuned in the ``all_1.5cm`` scenario and used in every scenario (the
@@ -126,7 +127,7 @@ def fit(truth, prior, weight, scenario, args, generator):
     noisy = clean + scenario.noise_m * torch.randn(clean.shape, generator=generator).to(clean.device)
     visible = scenario.visible(truth.device)
     kwargs = {"prior": prior, "weight": weight, "visible": visible}
-    result = fit_keypoints(noisy, steps=args.steps, lr=args.lr, **kwargs)
+    result = fit_keypoints(noisy, steps=args.steps, lr=args.lr, optimizer=args.optimizer, **kwargs)
     at_truth = fit_keypoints(noisy, steps=0, init=truth, **kwargs).loss
     return result, clean, at_truth
 
@@ -148,7 +149,13 @@ def tune(prior, scenario, tune_pose, args, seed) -> tuple[float, dict[str, float
     noise = scenario.noise_m * torch.randn(clean.shape, generator=g).to(clean.device)
     noisy = (clean + noise).repeat(len(weights), 1, 1)
     result = fit_keypoints(
-        noisy, prior=prior, weight=w, visible=scenario.visible(truth.device), steps=args.steps, lr=args.lr
+        noisy,
+        prior=prior,
+        weight=w,
+        visible=scenario.visible(truth.device),
+        steps=args.steps,
+        lr=args.lr,
+        optimizer=args.optimizer,
     )
     errors = angle_deg(result.pose, truth).reshape(len(weights), n).mean(-1).tolist()
     best = int(np.argmin(errors))
@@ -229,8 +236,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA, help="folder with body_{train,val,ood_val}.npz")
     parser.add_argument("--gmm", type=Path, default=DEFAULT_GMM, help="SMPLify's GMM (.npz) for smplify_gmm")
-    parser.add_argument("--steps", type=int, default=200, help="Adam steps per fit")
-    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
+    parser.add_argument("--steps", type=int, default=200, help="Adam steps (or L-BFGS iterations) per fit")
+    parser.add_argument(
+        "--optimizer", choices=("adam", "lbfgs"), default="adam", help="fit_keypoints' optimiser (see its docs)"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.05 Adam, 1 L-BFGS)")
     parser.add_argument("--max_poses", type=int, default=300, help="poses of body_val")
     parser.add_argument("--per_source", type=int, default=50, help="poses per source of body_ood_val at most")
     parser.add_argument("--tune_poses", type=int, default=100, help="poses of body_train for the weight tuning")
@@ -254,7 +264,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.max_poses < 1 or args.per_source < 1 or args.tune_poses < 1:
         parser.error("--steps, --max_poses, --per_source and --tune_poses must be >= 1")
-    if not args.lr > 0 or not args.grid or min(args.grid) <= 0:
+    if (args.lr is not None and not args.lr > 0) or not args.grid or min(args.grid) <= 0:
         parser.error("--lr and every --grid value must be > 0")
     return args
 
@@ -286,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(val)} body_val poses, {len(names) - len(val)} body_ood_val poses "
         f"({', '.join(f'{k} {len(v)}' for k, v in list(groups.items())[2:])}), {len(tune_pose)} tuning poses "
-        f"(body_train); {args.steps} Adam steps, lr {args.lr}; {torch.get_num_threads()} threads",
+        f"(body_train); {args.steps} {args.optimizer} steps, lr {args.lr or 'default'}; "
+        f"{torch.get_num_threads()} threads",
         file=sys.stderr,
     )
 

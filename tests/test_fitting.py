@@ -182,3 +182,30 @@ def test_bad_types_and_priors_raise():
         fit_keypoints(torch.zeros(1, 22, 3), prior=hand)
     with pytest.raises(ValueError, match=r"expected body poses of shape \(\*, 21, 3\), got \(2, 55, 3\)"):
         body_keypoints(torch.zeros(2, 55, 3))
+
+
+def test_lbfgs_reaches_a_lower_objective_than_adam_with_a_gaussian_prior() -> None:
+    """L-BFGS converges on the regularised objective: its final loss is at most Adam's after the same steps."""
+    torch.manual_seed(0)
+    truth = 0.3 * torch.randn(4, 21, 3)
+    keypoints = body_keypoints(truth) + 0.01 * torch.randn(4, BODY_KEYPOINTS, 3)
+    prior = GaussianPrior(GaussianConfig(joints="body")).eval().requires_grad_(False)
+    adam = fit_keypoints(keypoints, prior=prior, weight=1e-4, steps=60)
+    lbfgs = fit_keypoints(keypoints, prior=prior, weight=1e-4, steps=60, optimizer="lbfgs")
+    assert lbfgs.loss.shape == (4,) and lbfgs.pose.shape == (4, 21, 3)
+    assert lbfgs.loss.sum() <= adam.loss.sum() + 1e-7
+    assert bool(torch.isfinite(lbfgs.loss).all())
+
+
+def test_fit_keypoints_rejects_an_unknown_optimizer() -> None:
+    keypoints = torch.zeros(1, BODY_KEYPOINTS, 3)
+    with pytest.raises(ValueError, match="optimizer.*'adam'.*'sgd'"):
+        fit_keypoints(keypoints, optimizer="sgd")
+    with pytest.raises(ValueError, match="lr > 0"):
+        fit_keypoints(keypoints, optimizer="lbfgs", lr=-1.0)
+
+
+def test_lbfgs_runs_without_a_prior() -> None:
+    truth = 0.2 * torch.randn(2, 21, 3, generator=torch.Generator().manual_seed(1))
+    result = fit_keypoints(body_keypoints(truth), steps=30, optimizer="lbfgs")
+    assert result.prior_nll is None and result.keypoint_loss.max() < 1e-4
