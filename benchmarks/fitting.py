@@ -16,7 +16,8 @@ Protocol (docs/models.md, "Fitting benchmark protocol"):
 - Fit: :func:`posepriors.fitting.fit_keypoints`, Adam (``--optimizer adam``, ``--lr``, the default) for ``--steps``
   steps, or L-BFGS (``--optimizer lbfgs``) for at most ``--steps`` iterations, from the zero pose on the 21 body joint
   rotations, every pose of a data set in one batch; loss = mean squared error of the visible keypoints + w * prior
-  NLL of the body pose (hands marginalised).
+  NLL of the body pose (hands marginalised). ``--space latent``: priors with a body latent space (``global_flow``)
+  fit their latent code instead, loss = keypoint term + w * |z|^2 / 2, from the code of the zero pose.
 - Weight: w = m * 2 s^2 / K (s the noise std, K the visible keypoints: the weight of the MAP objective) with the
   multiplier m from ``--grid`` that gives the lowest mean joint-angle error on the tuning poses, then frozen. By
   default (``--tune shared``) one m per prior is tuned in the ``all_1.5cm`` scenario and used in every scenario (the
@@ -121,12 +122,19 @@ def load_prior(name: str, gmm: Path, device: str) -> PosePrior | None:
     return posepriors.load(name, device=device)
 
 
+def space_of(prior: PosePrior | None, args: argparse.Namespace) -> str:
+    """``--space``, for priors with a body latent space (global_flow); every other prior fits in pose space."""
+    if args.space == "latent" and prior is not None and hasattr(prior, "body_latent"):
+        return "latent"
+    return "pose"
+
+
 def fit(truth, prior, weight, scenario, args, generator):
     """Fit noisy keypoints of ``truth`` (N, 21, 3); returns (fit result, clean keypoints, loss at the truth)."""
     clean = body_keypoints(truth)
     noisy = clean + scenario.noise_m * torch.randn(clean.shape, generator=generator).to(clean.device)
     visible = scenario.visible(truth.device)
-    kwargs = {"prior": prior, "weight": weight, "visible": visible}
+    kwargs = {"prior": prior, "weight": weight, "visible": visible, "space": space_of(prior, args)}
     result = fit_keypoints(noisy, steps=args.steps, lr=args.lr, optimizer=args.optimizer, **kwargs)
     at_truth = fit_keypoints(noisy, steps=0, init=truth, **kwargs).loss
     return result, clean, at_truth
@@ -156,6 +164,7 @@ def tune(prior, scenario, tune_pose, args, seed) -> tuple[float, dict[str, float
         steps=args.steps,
         lr=args.lr,
         optimizer=args.optimizer,
+        space=space_of(prior, args),
     )
     errors = angle_deg(result.pose, truth).reshape(len(weights), n).mean(-1).tolist()
     best = int(np.argmin(errors))
@@ -241,6 +250,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--optimizer", choices=("adam", "lbfgs"), default="adam", help="fit_keypoints' optimiser (see its docs)"
     )
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.05 Adam, 1 L-BFGS)")
+    parser.add_argument(
+        "--space",
+        choices=("pose", "latent"),
+        default="pose",
+        help="latent: priors with a body latent space (global_flow) fit their latent code (fit_keypoints' space)",
+    )
     parser.add_argument("--max_poses", type=int, default=300, help="poses of body_val")
     parser.add_argument("--per_source", type=int, default=50, help="poses per source of body_ood_val at most")
     parser.add_argument("--tune_poses", type=int, default=100, help="poses of body_train for the weight tuning")
@@ -296,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(val)} body_val poses, {len(names) - len(val)} body_ood_val poses "
         f"({', '.join(f'{k} {len(v)}' for k, v in list(groups.items())[2:])}), {len(tune_pose)} tuning poses "
-        f"(body_train); {args.steps} {args.optimizer} steps, lr {args.lr or 'default'}; "
+        f"(body_train); {args.steps} {args.optimizer} steps, lr {args.lr or 'default'}, space {args.space}; "
         f"{torch.get_num_threads()} threads",
         file=sys.stderr,
     )

@@ -9,9 +9,10 @@ the frame the root orientation refers to. The objective per pose is::
 
     mean over visible keypoints of |FK(pose)_k - keypoint_k|^2  (m^2)  +  weight * prior.nll(body pose)
 
-minimised from the zero pose (or ``init``) with Adam (``optimizer="adam"``, the default) or L-BFGS with a strong-Wolfe
-line search (``optimizer="lbfgs"``, as SMPLify fits). Poses of a batch are independent: the batch's objective is the
-sum of the per-pose objectives (Adam's statistics are per coordinate; L-BFGS runs on the sum).
+(or, in latent space, ``+ weight * |z|^2 / 2``), minimised from the zero pose (or ``init``) with Adam
+(``optimizer="adam"``, the default) or L-BFGS with a strong-Wolfe line search (``optimizer="lbfgs"``, as SMPLify
+fits). Poses of a batch are independent: the batch's objective is the sum of the per-pose objectives (Adam's
+statistics are per coordinate; L-BFGS runs on the sum).
 
 **Which optimiser.** On the Gaussians (``gaussian``, ``gaussian_full``, SMPLify's GMM) and on flows trained with
 input noise, L-BFGS reaches the objective's minimum in fewer steps than Adam and fits better (``gaussian_full`` on
@@ -19,6 +20,11 @@ input noise, L-BFGS reaches the objective's minimum in fewer steps than Adam and
 densities are very sharp, neither converges: Adam with a constant learning rate moves every coordinate by about
 ``lr`` per step and cannot settle into a mode narrower than that, and L-BFGS's line search stalls (it fits worse
 than Adam there). docs/models.md ("Why the flows lose at fitting") has the measurements.
+
+**Which space.** With ``space="latent"`` the fit optimises a ``global_flow``'s latent code of the body instead of
+the rotations (the way VPoser users fit): the objective is the keypoint term plus ``weight * |z|^2 / 2``, and the
+pose is the flow's decoding of ``z``. The flow's log-determinant, which makes its density spiky, is left out, so
+the optimiser is not pulled into sharp modes; with L-BFGS this is how the flows fit best (docs/models.md).
 
 **The prior sees the 21 body joints only.** A prior that also models hands (every shipped body prior does) is given
 a body-only pose, so the hands count as *missing* and are marginalised exactly, instead of being scored as flat
@@ -62,10 +68,12 @@ class FitResult:
         pose: Fitted rotations of the 21 body joints (SMPL-X joints 1..21), canonical axis-angle (angle <= pi),
             shape (*, 21, 3).
         keypoints: Keypoints of the fitted pose (SMPL-X joints 0..21), shape (*, 22, 3).
-        loss: Final objective per pose, ``keypoint_loss + weight * prior_nll``, shape (*,).
+        loss: Final objective per pose, ``keypoint_loss + weight * prior_nll`` (in latent space
+            ``keypoint_loss + weight * |z|^2 / 2``), shape (*,).
         keypoint_loss: Final mean squared keypoint error over the visible keypoints (squared input units, m^2),
             shape (*,); 0 for a pose without visible keypoints.
-        prior_nll: Final prior NLL of the body pose (nats), shape (*,), or None without a prior.
+        prior_nll: Final prior NLL of the body pose (nats), shape (*,), or None without a prior (also after a
+            latent-space fit: the pose's NLL, not the latent penalty).
         steps: Number of optimiser steps allowed (Adam steps, or L-BFGS iterations).
     """
 
@@ -127,6 +135,7 @@ def fit_keypoints(
     init_noise: float = 0.0,
     offsets: Tensor | None = None,
     optimizer: str = "adam",
+    space: str = "pose",
 ) -> FitResult:
     """Fit the 21 body joint rotations to 3D body keypoints, optionally regularised by a pose prior.
 
@@ -155,6 +164,10 @@ def fit_keypoints(
         offsets: Bone offsets of the skeleton, shape (55, 3) or (22, 3); default
             :func:`posepriors.kinematics.rest_offsets`.
         optimizer: ``"adam"`` or ``"lbfgs"`` (see the module docstring for which to pick).
+        space: ``"pose"`` (optimise the rotations, objective ``keypoint term + weight * prior.nll``) or
+            ``"latent"`` (optimise the prior's latent code of the body, as VPoser users fit: objective
+            ``keypoint term + weight * |z|^2 / 2``, starting from the code of the start pose; needs a prior with a
+            body latent space, ``global_flow`` with the body as its first part, see its ``body_latent``).
 
     Returns:
         The fit (pose (*, 21, 3), keypoints (*, 22, 3), final loss terms (*,)).
@@ -180,6 +193,10 @@ def fit_keypoints(
         raise ValueError("expected finite keypoints, got NaN or Inf (mark missing keypoints with visible=False)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"expected steps to be an integer >= 0, got {steps!r}")
+    if space not in ("pose", "latent"):
+        raise ValueError(f"expected space 'pose' or 'latent', got {space!r}")
+    if space == "latent" and prior is None:
+        raise ValueError("space='latent' fits the prior's latent code: pass a prior with a body latent space")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"expected optimizer to be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
     if lr is None:
@@ -215,40 +232,55 @@ def fit_keypoints(
             noise = torch.randn(start.shape, generator=generator, device=generator.device).to(device, dtype)
         start = start + init_noise * noise
     score = _prior_scorer(prior, device) if prior is not None else None
+    decode = None
+    if space == "latent":
+        encode, decode = _body_latent(prior)
     count = vis.sum(-1).clamp(min=1.0)
 
-    def objective(pose: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def keypoint_loss(pose: Tensor) -> Tensor:
         fitted = body_keypoints(pose, root, offsets)
-        data = ((fitted - target).square().sum(-1) * vis).sum(-1) / count  # (B,)
-        nll = score(pose) if score is not None else None
-        total = data if nll is None else data + w * nll
-        return total, data, nll
+        return ((fitted - target).square().sum(-1) * vis).sum(-1) / count  # (B,)
+
+    def objective(variable: Tensor) -> Tensor:
+        if decode is not None:  # the latent code: keypoints of its pose + the base density's -log (up to a constant)
+            return keypoint_loss(decode(variable)) + w * 0.5 * variable.square().sum(-1)
+        data = keypoint_loss(variable)
+        return data if score is None else data + w * score(variable)
 
     with torch.enable_grad():
-        pose = start.clone().requires_grad_(True)
+        if decode is not None:
+            with torch.no_grad():
+                variable = encode(start)
+            variable = variable.clone().requires_grad_(True)
+        else:
+            variable = start.clone().requires_grad_(True)
 
         def closure() -> Tensor:
-            total, _, _ = objective(pose)
-            loss = total.sum()
-            (grad,) = torch.autograd.grad(loss, [pose])
-            pose.grad = grad.contiguous()  # L-BFGS flattens it with view
+            loss = objective(variable).sum()
+            (grad,) = torch.autograd.grad(loss, [variable])
+            variable.grad = grad.contiguous()  # L-BFGS flattens it with view
             return loss.detach()
 
         if optimizer == "adam":
-            adam = torch.optim.Adam([pose], lr=float(lr))
+            adam = torch.optim.Adam([variable], lr=float(lr))
             for _ in range(steps):
                 closure()
                 adam.step()
         elif steps > 0:
             # tolerances at zero: the objective is in m^2 (values ~1e-4), far below L-BFGS's default thresholds
             lbfgs = torch.optim.LBFGS(
-                [pose], lr=float(lr), max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                [variable], lr=float(lr), max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
                 tolerance_grad=0.0, tolerance_change=0.0,
             )  # fmt: skip
             lbfgs.step(closure)
     with torch.no_grad():
-        final = wrap_axis_angle(pose.detach())
-        total, data, nll = objective(final)
+        final_variable = variable.detach()
+        total = objective(final_variable)
+        final = wrap_axis_angle(decode(final_variable) if decode is not None else final_variable)
+        data = keypoint_loss(final)
+        nll = score(final) if score is not None else None
+        if decode is None:
+            total = data if nll is None else data + w * nll
         fitted = body_keypoints(final, root, offsets)
     return FitResult(
         pose=final.reshape(*batch_shape, len(_BODY), 3),
@@ -258,6 +290,18 @@ def fit_keypoints(
         prior_nll=None if nll is None else nll.reshape(batch_shape),
         steps=steps,
     )
+
+
+def _body_latent(prior: PosePrior) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """The (encode, decode) maps between body poses (B, 21, 3) and the prior's latent body codes."""
+    body_latent = getattr(prior, "body_latent", None)
+    if body_latent is None:
+        raise ValueError(
+            f"space='latent' needs a prior with a body latent space (global_flow), got {prior.model_type}; "
+            "fit it with space='pose'"
+        )
+    _, encode, decode = body_latent()
+    return encode, decode
 
 
 def _prior_scorer(prior: PosePrior, device: torch.device) -> Callable[[Tensor], Tensor]:

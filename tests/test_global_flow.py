@@ -234,3 +234,65 @@ def test_with_context_is_a_deprecated_bound_wrapper(conditioned):
 def test_global_flow_on_the_requested_device_and_dtype(device, dtype):
     """``pytest --device cuda --dtype float64`` runs this on a GPU in float64 (it skips where there is none)."""
     check_device_and_dtype(make("global_flow_conditional"), device, dtype)
+
+
+@pytest.fixture(scope="module")
+def trained_body_hand():
+    """A body + right-hand global_flow, initialised on synthetic poses and perturbed away from the identity."""
+    torch.manual_seed(0)
+    prior = make("global_flow")
+    x = synthetic_poses(64, prior.joints)
+    prior.initialize_from_data(x)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in prior.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return prior.eval().requires_grad_(False), x[:8]
+
+
+def test_encode_decode_round_trip_and_shapes(trained_body_hand):
+    prior, x = trained_body_hand
+    z = prior.encode(x)
+    assert z.shape == (8, prior.latent_dim) and prior.latent_dim == 3 * prior.num_joints
+    torch.testing.assert_close(prior.decode(z), x, atol=1e-4, rtol=0)
+    torch.testing.assert_close(prior.encode(prior.decode(z)), z, atol=1e-4, rtol=0)
+    assert prior.decode(z.reshape(2, 4, -1)).shape == (2, 4, prior.num_joints, 3)
+    # the base density is a standard normal: log p(x) = log N(z) + log |det dz/dx|, so the code is not the pose
+    assert not torch.allclose(z, x.flatten(1))
+
+
+def test_decode_is_differentiable_in_the_latent_code(trained_body_hand):
+    prior, x = trained_body_hand
+    z = prior.encode(x).requires_grad_(True)
+    (grad,) = torch.autograd.grad(prior.decode(z).square().sum(), z)
+    assert grad.shape == z.shape and bool(torch.isfinite(grad).all()) and grad.abs().sum() > 0
+
+
+def test_encode_and_decode_reject_bad_input(trained_body_hand):
+    prior, x = trained_body_hand
+    with pytest.raises(ValueError, match="encode needs every modelled joint"):
+        prior.encode({"body_pose": x[:, :21]})
+    with pytest.raises(ValueError, match=rf"latent codes of shape \(\*, {prior.latent_dim}\), got \(8, 5\)"):
+        prior.decode(torch.zeros(8, 5))
+    with pytest.raises(TypeError, match="floating-point latent"):
+        prior.decode(torch.zeros(8, prior.latent_dim, dtype=torch.long))
+
+
+def test_body_latent_maps_the_body_part_alone(trained_body_hand):
+    prior, x = trained_body_hand
+    dim, encode, decode = prior.body_latent()
+    body = x[:, :21]
+    zb = encode(body)
+    assert dim == 63 and zb.shape == (8, 63)
+    torch.testing.assert_close(zb, prior.encode(x)[:, :63])  # the body is the first factor: the hands do not enter
+    torch.testing.assert_close(decode(zb), body, atol=1e-4, rtol=0)
+
+
+def test_body_latent_needs_the_body_as_first_part_and_no_context(conditioned):
+    hands_first = GlobalFlowPrior(
+        GlobalFlowConfig(joints="right_hand+body", hidden=8, num_layers=1, parts=("right_hand", "body"))
+    )
+    with pytest.raises(ValueError, match="21 body joints as the first part"):
+        hands_first.body_latent()
+    with pytest.raises(ValueError, match="conditioned on a context"):
+        conditioned[0].body_latent()

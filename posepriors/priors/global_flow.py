@@ -9,6 +9,7 @@ gives ``p(missing | observed)`` for any mask.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import FlowSequence, build_flow, flow_settings
-from posepriors.priors.base import PosePrior, latent_map
+from posepriors.priors.base import PoseInput, PosePrior, latent_map
 from posepriors.priors.draws import randn
 from posepriors.priors.flow_config import FlowConfig
 from posepriors.utils import LOG_2PI
@@ -240,6 +241,88 @@ class GlobalFlowPrior(PosePrior):
             xk = x[:, getattr(self, f"part_index_{k}")].reshape(x.shape[0], 1, -1)
             zs.append(flow(xk, self._part_context(x, k, ctx))[0])
         return zs
+
+    # ------------------------------------------------------------------ latent space
+    @property
+    def latent_dim(self) -> int:
+        """Size D of the latent code (3 per modelled joint)."""
+        return self.dim
+
+    def encode(self, pose: PoseInput, *, layout: str | None = None, context: Tensor | None = None) -> Tensor:
+        """The latent code ``z = f(x)`` of poses (all parts; the base density is a standard normal).
+
+        Args:
+            pose: Any supported pose input observing every modelled joint, batch shape (*).
+            layout: The layout of a pose tensor, as in :meth:`log_prob`.
+            context: The context of a conditioned prior, as in :meth:`log_prob`.
+
+        Returns:
+            Latent codes, shape (*, D) with D = :attr:`latent_dim` (the parts' codes one after the other).
+
+        Raises:
+            ValueError: When the pose misses modelled joints (encode observes everything; use ``project`` with a
+                mask to complete them first).
+        """
+        x, mask, batch_shape, out_dtype, _ = self._prepare_full(pose, None, layout)
+        if mask is not None:
+            missing = [self.joint_names[j] for j in torch.nonzero(~mask.all(0)).flatten().tolist()]
+            raise ValueError(f"encode needs every modelled joint; the pose misses {missing}")
+        ctx = self._check_context(context, x.shape[0], batch_shape).get("context")
+        z = torch.cat(self._encode(x, ctx), dim=-1).flatten(1)
+        return z.reshape(*batch_shape, self.dim).to(out_dtype)
+
+    def decode(self, z: Tensor, *, context: Tensor | None = None) -> Tensor:
+        """Poses ``x = f^-1(z)`` of latent codes, differentiable in ``z`` (fitting in latent space).
+
+        Args:
+            z: Latent codes, shape (*, D) with D = :attr:`latent_dim`.
+            context: The context of a conditioned prior, as in :meth:`log_prob`.
+
+        Returns:
+            Poses in the prior's joint order, shape (*, J, 3).
+        """
+        if not isinstance(z, Tensor) or not z.is_floating_point():
+            raise TypeError(f"expected a floating-point latent tensor, got {type(z).__name__}")
+        if z.dim() < 1 or z.shape[-1] != self.dim:
+            raise ValueError(f"expected latent codes of shape (*, {self.dim}), got {tuple(z.shape)}")
+        batch_shape = z.shape[:-1]
+        flat = z.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
+        ctx = self._check_context(context, flat.shape[0], batch_shape).get("context")
+        zs = [c.unsqueeze(1) for c in flat.split([3 * len(idx) for idx in self._part_index], dim=-1)]
+        start = flat.new_zeros(flat.shape[0], self.num_joints, 3)
+        return self._decode(zs, start, None, ctx).reshape(*batch_shape, self.num_joints, 3)
+
+    def body_latent(self) -> tuple[int, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """The latent space of the body alone, for fitting a body in latent space (``fit_keypoints(space="latent")``).
+
+        Needs the 21 body joints (SMPL-X 1..21) to be the first part (or all of the joints) and no context; then the
+        body's code and pose map to each other without the later parts (the hands).
+
+        Returns:
+            ``(d, encode, decode)``: the body code's size (63), body pose (B, 21, 3) -> code (B, d) and back.
+
+        Raises:
+            ValueError: When the body is not the first part, or the prior is conditioned on a context.
+        """
+        body = list(skeleton.PARTS["body"])
+        first = [self.joints[i] for i in self._part_index[0]]
+        if first != body:
+            raise ValueError(
+                f"fitting a body in latent space needs the 21 body joints as the first part of the flow, "
+                f"got the first part's joints {first}"
+            )
+        if self.conditioning_features:
+            raise ValueError("fitting in latent space is not supported for a global_flow conditioned on a context")
+        flow = self.flows[0]
+        dim = 3 * len(body)
+
+        def encode(pose: Tensor) -> Tensor:
+            return flow(pose.reshape(pose.shape[0], 1, dim), None)[0].flatten(1)
+
+        def decode(z: Tensor) -> Tensor:
+            return flow.inverse(z.reshape(z.shape[0], 1, dim), None)[0].reshape(z.shape[0], len(body), 3)
+
+        return dim, encode, decode
 
     # ------------------------------------------------------------------ completion flow
     def _completion_context(self, x: Tensor, mask: Tensor, ctx: Tensor | None) -> Tensor:
