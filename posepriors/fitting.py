@@ -17,9 +17,9 @@ statistics are per coordinate; L-BFGS runs on the sum).
 **Which optimiser.** On the Gaussians (``gaussian``, ``gaussian_full``, SMPLify's GMM) and on flows trained with
 input noise, L-BFGS reaches the objective's minimum in fewer steps than Adam and fits better (``gaussian_full`` on
 80 ``body_val`` poses, 1.5 cm noise: 8.5 deg against 9.3 after 200 Adam steps). On the shipped flows, whose
-densities are very sharp, neither converges: Adam with a constant learning rate moves every coordinate by about
-``lr`` per step and cannot settle into a mode narrower than that, and L-BFGS's line search stalls (it fits worse
-than Adam there). docs/models.md ("Why the flows lose at fitting") has the measurements.
+densities are very sharp, neither converges in pose space: Adam with a constant learning rate moves every
+coordinate by about ``lr`` per step and cannot settle into a mode narrower than that, and L-BFGS's line search
+stalls (it fits worse than Adam there). docs/models.md ("Why the flows lose at fitting") has the measurements.
 
 **Which space.** With ``space="latent"`` the fit optimises a ``global_flow``'s latent code of the body instead of
 the rotations (the way VPoser users fit): the objective is the keypoint term plus ``weight * |z|^2 / 2``, and the
