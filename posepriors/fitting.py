@@ -274,9 +274,11 @@ def fit_keypoints(
             )  # fmt: skip
             lbfgs.step(closure)
     with torch.no_grad():
-        final_variable = variable.detach()
-        total = objective(final_variable)
-        final = wrap_axis_angle(decode(final_variable) if decode is not None else final_variable)
+        final = variable.detach()
+        if decode is not None:
+            total = objective(final)  # the latent objective, at the code
+            final = decode(final)
+        final = wrap_axis_angle(final)
         data = keypoint_loss(final)
         nll = score(final) if score is not None else None
         if decode is None:
@@ -301,7 +303,8 @@ def _body_latent(prior: PosePrior) -> tuple[Callable[[Tensor], Tensor], Callable
             "fit it with space='pose'"
         )
     _, encode, decode = body_latent()
-    return encode, decode
+    dtype = prior.dtype  # the flow runs in its own dtype; the fit's variable keeps the keypoints' dtype
+    return (lambda pose: encode(pose.to(dtype)).to(pose.dtype)), (lambda z: decode(z.to(dtype)).to(z.dtype))
 
 
 def _prior_scorer(prior: PosePrior, device: torch.device) -> Callable[[Tensor], Tensor]:

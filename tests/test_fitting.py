@@ -240,3 +240,12 @@ def test_latent_space_fit_needs_a_prior_with_a_body_latent_space() -> None:
         fit_keypoints(keypoints, prior=prior, space="latent")
     with pytest.raises(ValueError, match="space 'pose' or 'latent'"):
         fit_keypoints(keypoints, prior=prior, space="z")
+
+
+def test_latent_space_fit_keeps_the_keypoints_dtype() -> None:
+    from posepriors.priors import GlobalFlowConfig, GlobalFlowPrior
+
+    prior = GlobalFlowPrior(GlobalFlowConfig(joints="body", hidden=8, num_layers=1)).eval().requires_grad_(False)
+    keypoints = body_keypoints(torch.zeros(2, 21, 3, dtype=torch.float64))
+    result = fit_keypoints(keypoints, prior=prior, weight=1e-5, steps=5, space="latent")
+    assert result.pose.dtype == torch.float64 and result.loss.dtype == torch.float64
