@@ -279,7 +279,7 @@ class GlobalFlowPrior(PosePrior):
             context: The context of a conditioned prior, as in :meth:`log_prob`.
 
         Returns:
-            Poses in the prior's joint order, shape (*, J, 3).
+            Poses in the prior's joint order, shape (*, J, 3), in the prior's dtype and on its device.
         """
         if not isinstance(z, Tensor) or not z.is_floating_point():
             raise TypeError(f"expected a floating-point latent tensor, got {type(z).__name__}")
