@@ -16,7 +16,7 @@ Protocol (docs/models.md, "Fitting benchmark protocol"):
 - Fit: :func:`posepriors.fitting.fit_keypoints`, Adam (``--optimizer adam``, ``--lr``, the default) for ``--steps``
   steps, or L-BFGS (``--optimizer lbfgs``) for at most ``--steps`` iterations, from the zero pose on the 21 body joint
   rotations, every pose of a data set in one batch; loss = mean squared error of the visible keypoints + w * prior
-  NLL of the body pose (hands marginalised). ``--space latent``: priors with a body latent space (``global_flow``)
+  NLL of the body pose (hands marginalised). ``--space latent``: priors with a body latent space (the flows)
   fit their latent code instead, loss = keypoint term + w * |z|^2 / 2, from the code of the zero pose.
 - Weight: w = m * 2 s^2 / K (s the noise std, K the visible keypoints: the weight of the MAP objective) with the
   multiplier m from ``--grid`` that gives the lowest mean joint-angle error on the tuning poses, then frozen. By
@@ -123,7 +123,7 @@ def load_prior(name: str, gmm: Path, device: str) -> PosePrior | None:
 
 
 def space_of(prior: PosePrior | None, args: argparse.Namespace) -> str:
-    """``--space``, for priors with a body latent space (global_flow); every other prior fits in pose space."""
+    """``--space``, for priors with a body latent space (the flows); every other prior fits in pose space."""
     if args.space == "latent" and prior is not None and hasattr(prior, "body_latent"):
         return "latent"
     return "pose"
@@ -254,7 +254,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--space",
         choices=("pose", "latent"),
         default="pose",
-        help="latent: priors with a body latent space (global_flow) fit their latent code (fit_keypoints' space)",
+        help="latent: priors with a body latent space (global_flow, joint_flow) fit their latent code",
     )
     parser.add_argument("--max_poses", type=int, default=300, help="poses of body_val")
     parser.add_argument("--per_source", type=int, default=50, help="poses per source of body_ood_val at most")

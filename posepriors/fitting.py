@@ -21,10 +21,11 @@ densities are very sharp, neither converges in pose space: Adam with a constant 
 coordinate by about ``lr`` per step and cannot settle into a mode narrower than that, and L-BFGS's line search
 stalls (it fits worse than Adam there). docs/models.md ("Why the flows lose at fitting") has the measurements.
 
-**Which space.** With ``space="latent"`` the fit optimises a ``global_flow``'s latent code of the body instead of
-the rotations (the way VPoser users fit): the objective is the keypoint term plus ``weight * |z|^2 / 2``, and the
-pose is the flow's decoding of ``z``. The flow's log-determinant, which makes its density spiky, is left out, so
-the optimiser is not pulled into sharp modes; with L-BFGS this is how the flows fit best (docs/models.md).
+**Which space.** With ``space="latent"`` the fit optimises a flow's latent code of the body (``global_flow``,
+``joint_flow``) instead of the rotations (the way VPoser users fit): the objective is the keypoint term plus
+``weight * |z|^2 / 2``, and the pose is the flow's decoding of ``z``. The flow's log-determinant, which makes its
+density spiky, is left out, so the optimiser is not pulled into sharp modes; with L-BFGS this is how the flows fit
+best (docs/models.md).
 
 **The prior sees the 21 body joints only.** A prior that also models hands (every shipped body prior does) is given
 a body-only pose, so the hands count as *missing* and are marginalised exactly, instead of being scored as flat
@@ -167,7 +168,8 @@ def fit_keypoints(
         space: ``"pose"`` (optimise the rotations, objective ``keypoint term + weight * prior.nll``) or
             ``"latent"`` (optimise the prior's latent code of the body, as VPoser users fit: objective
             ``keypoint term + weight * |z|^2 / 2``, starting from the code of the start pose; needs a prior with a
-            body latent space, ``global_flow`` with the body as its first part, see its ``body_latent``).
+            body latent space: ``joint_flow``, or ``global_flow`` with the body as its first part; see their
+            ``body_latent``).
 
     Returns:
         The fit (pose (*, 21, 3), keypoints (*, 22, 3), final loss terms (*,)).
@@ -299,7 +301,7 @@ def _body_latent(prior: PosePrior) -> tuple[Callable[[Tensor], Tensor], Callable
     body_latent = getattr(prior, "body_latent", None)
     if body_latent is None:
         raise ValueError(
-            f"space='latent' needs a prior with a body latent space (global_flow), got {prior.model_type}; "
+            f"space='latent' needs a prior with a body latent space (global_flow, joint_flow), got {prior.model_type}; "
             "fit it with space='pose'"
         )
     _, encode, decode = body_latent()

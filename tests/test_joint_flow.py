@@ -357,3 +357,39 @@ def test_short_training_on_shared_body_data_beats_gaussian(shared_data):
 def test_joint_flow_on_the_requested_device_and_dtype(device, dtype):
     """``pytest --device cuda --dtype float64`` runs this on a GPU in float64 (it skips where there is none)."""
     check_device_and_dtype(make("joint_flow"), device, dtype)
+
+
+def _perturbed_joint_flow() -> JointFlowPrior:
+    torch.manual_seed(0)
+    prior = make("joint_flow")  # body + right hand
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        for p in prior.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return prior.eval().requires_grad_(False)
+
+
+def test_body_latent_round_trip_and_codes_match_the_full_flow():
+    prior = _perturbed_joint_flow()
+    dim, encode, decode = prior.body_latent()
+    body = 0.2 * torch.randn(5, 21, 3, generator=torch.Generator().manual_seed(5))
+    z = encode(body)
+    assert dim == 63 and z.shape == (5, 63)
+    torch.testing.assert_close(decode(z), body, atol=1e-4, rtol=0)
+    # a body joint's code depends on its parent only, so the hands do not change it
+    full = torch.zeros(5, prior.num_joints, 3)
+    full[:, :21] = body
+    full[:, 21:] = 0.3
+    codes, _ = prior.flow(full, prior._context(full))
+    torch.testing.assert_close(codes[:, :21].flatten(1), z, atol=1e-5, rtol=0)
+
+
+def test_body_latent_decode_is_differentiable_and_needs_the_body():
+    prior = _perturbed_joint_flow()
+    _, encode, decode = prior.body_latent()
+    z = encode(torch.zeros(2, 21, 3)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(decode(z).square().sum(), z)
+    assert bool(torch.isfinite(grad).all()) and grad.abs().sum() > 0
+    hands = JointFlowPrior(JointFlowConfig(joints="right_hand", hidden=8, num_layers=1))
+    with pytest.raises(ValueError, match="needs all 21 body joints"):
+        hands.body_latent()

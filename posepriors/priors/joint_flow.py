@@ -15,6 +15,7 @@ only that level's slice of the grouped weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -228,6 +229,45 @@ class JointFlowPrior(PosePrior):
         # an observed joint below a missing one: its code is taken relative to the completed parent
         orphan = mask & ~self._parent_observed(mask)
         return self._decode(z, x, reencode=orphan if bool(orphan.any()) else None, shrink=shrink)
+
+    def body_latent(self) -> tuple[int, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """The latent space of the body alone, for fitting a body in latent space (``fit_keypoints(space="latent")``).
+
+        The code of a body pose is every body joint's code given its parent (3 per joint); decoding walks down the
+        tree over the body joints only (the hands' flows are not run).
+
+        Returns:
+            ``(d, encode, decode)``: the body code's size (63), body pose (B, 21, 3) -> code (B, d) and back.
+
+        Raises:
+            ValueError: When the prior does not model all 21 body joints.
+        """
+        body = list(skeleton.PARTS["body"])
+        position = {j: i for i, j in enumerate(self.joints)}
+        if not set(body) <= set(position):
+            raise ValueError(f"fitting a body in latent space needs all 21 body joints, got joints {self.joints}")
+        body_index = torch.tensor([position[j] for j in body], device=self.parent_index.device)
+        slot = {position[j]: k for k, j in enumerate(body)}  # position in the prior -> position in the body
+        levels = []
+        for index in self._levels():
+            rows = [i for i in index.tolist() if i in slot]
+            if rows:
+                levels.append((torch.tensor(rows, device=index.device), torch.tensor([slot[i] for i in rows])))
+        J, dim = self.num_joints, 3 * len(body)
+
+        def encode(pose: Tensor) -> Tensor:
+            x = pose.new_zeros(pose.shape[0], J, 3).index_copy(1, body_index, pose)
+            return self._run(body_index, pose, self._context(x, body_index), reverse=False).flatten(1)
+
+        def decode(z: Tensor) -> Tensor:
+            code = z.reshape(z.shape[0], len(body), 3)
+            out = z.new_zeros(z.shape[0], J, 3)
+            for index, rows in levels:
+                new = self._run(index, code.index_select(1, rows.to(z.device)), self._context(out, index), reverse=True)
+                out = out.index_copy(1, index, new)
+            return out.index_select(1, body_index)
+
+        return dim, encode, decode
 
     # ------------------------------------------------------------------ internals
     def _check_own(self, pose: Tensor) -> Tensor:
