@@ -20,6 +20,9 @@ input noise, L-BFGS reaches the objective's minimum in fewer steps than Adam and
 densities are very sharp, neither converges in pose space: Adam with a constant learning rate moves every
 coordinate by about ``lr`` per step and cannot settle into a mode narrower than that, and L-BFGS's line search
 stalls (it fits worse than Adam there). docs/models.md ("Why the flows lose at fitting") has the measurements.
+L-BFGS runs on the batch's summed objective: its line search and curvature memory are shared by the poses of a
+batch, so a pose's fit can depend on the batch it is in (and on the number of threads); fit small batches when
+that matters.
 
 **Which space.** With ``space="latent"`` the fit optimises a flow's latent code of the body (``global_flow``,
 ``joint_flow``) instead of the rotations (the way VPoser users fit): the objective is the keypoint term plus

@@ -1,9 +1,9 @@
 """Maintainer tool: a quick fitting probe of one prior (docs/models.md, "Why the flows lose at fitting").
 
-    python tools/latent_fit_probe.py NAME_OR_DIR
+    python tools/latent_fit_probe.py NAME_OR_DIR [OPTIMIZER (lbfgs, adam)] [STEPS (200)]
 
 80 seeded ``body_val`` poses and 14 seeded poses per source of ``body_ood_val``; every keypoint seen, 1.5 cm noise;
-L-BFGS, weight 1 x MAP (no tuning), in latent space for priors with one (``global_flow``), else in pose space.
+L-BFGS (or Adam), weight 1 x MAP (no tuning), in latent space for priors with one (``global_flow``), else in pose space.
 Prints the prior's ``body_val`` NLL and the mean joint-angle errors (deg).
 """
 
@@ -19,7 +19,7 @@ from posepriors.fitting import body_keypoints, fit_keypoints
 from posepriors.rotations import axis_angle_geodesic
 
 
-def main(name: str) -> None:
+def main(name: str, optimizer: str = "lbfgs", steps: int = 200) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     va = np.load("../shared/data/body_val.npz")
@@ -37,12 +37,15 @@ def main(name: str) -> None:
         kp = body_keypoints(truth)
         kp = kp + 0.015 * torch.randn(kp.shape, generator=g)
         space = "latent" if hasattr(p, "body_latent") else "pose"
-        r = fit_keypoints(kp, prior=p, weight=2 * 0.015**2 / 22, optimizer="lbfgs", space=space)
+        r = fit_keypoints(kp, prior=p, weight=2 * 0.015**2 / 22, optimizer=optimizer, steps=steps, space=space)
         out.append(torch.rad2deg(axis_angle_geodesic(r.pose, truth)).mean().item())
     with torch.no_grad():
         nll = p.nll({"body_pose": torch.from_numpy(va["body_pose"]).float()}).mean().item()
-    print(f"{name}: body_val NLL {nll:.1f}; fit deg val {out[0]:.2f} ood {out[1]:.2f}", flush=True)
+    print(
+        f"{name} ({optimizer}, {steps} steps): body_val NLL {nll:.1f}; fit deg val {out[0]:.2f} ood {out[1]:.2f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[2:3], *[int(a) for a in sys.argv[3:4]])
