@@ -124,6 +124,11 @@ class GlobalFlowPrior(PosePrior):
     def num_parts(self) -> int:
         return len(self.flows)
 
+    @property
+    def _part_sizes(self) -> list[int]:
+        """Coordinates per part (3 per joint), in part order: how a whole-pose latent code splits."""
+        return [3 * len(idx) for idx in self._part_index]
+
     # ------------------------------------------------------------------ context
     @property
     def conditioning_features(self) -> int:
@@ -288,7 +293,7 @@ class GlobalFlowPrior(PosePrior):
         batch_shape = z.shape[:-1]
         flat = z.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
         ctx = self._check_context(context, flat.shape[0], batch_shape).get("context")
-        zs = [c.unsqueeze(1) for c in flat.split([3 * len(idx) for idx in self._part_index], dim=-1)]
+        zs = [c.unsqueeze(1) for c in flat.split(self._part_sizes, dim=-1)]
         start = flat.new_zeros(flat.shape[0], self.num_joints, 3)
         return self._decode(zs, start, None, ctx).reshape(*batch_shape, self.num_joints, 3)
 
@@ -449,7 +454,7 @@ class GlobalFlowPrior(PosePrior):
             start = torch.where(mask[..., None], x, completed)
         else:
             start = x
-        sizes = [3 * len(idx) for idx in self._part_index]
+        sizes = self._part_sizes
         z0 = torch.cat(self._encode(start, context), dim=-1)
 
         def decode(z: Tensor) -> Tensor:

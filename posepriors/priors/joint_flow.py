@@ -252,7 +252,8 @@ class JointFlowPrior(PosePrior):
         for index in self._levels():
             rows = [i for i in index.tolist() if i in slot]
             if rows:
-                levels.append((torch.tensor(rows, device=index.device), torch.tensor([slot[i] for i in rows])))
+                slots = [slot[i] for i in rows]
+                levels.append((torch.tensor(rows, device=index.device), torch.tensor(slots, device=index.device)))
         J, dim = self.num_joints, 3 * len(body)
 
         def encode(pose: Tensor) -> Tensor:
@@ -263,7 +264,7 @@ class JointFlowPrior(PosePrior):
             code = z.reshape(z.shape[0], len(body), 3)
             out = z.new_zeros(z.shape[0], J, 3)
             for index, rows in levels:
-                new = self._run(index, code.index_select(1, rows.to(z.device)), self._context(out, index), reverse=True)
+                new = self._run(index, code.index_select(1, rows), self._context(out, index), reverse=True)
                 out = out.index_copy(1, index, new)
             return out.index_select(1, body_index)
 
