@@ -28,6 +28,9 @@ from posepriors.priors.base import PRIOR_LAYOUT, PosePrior
 from posepriors.rotations import axis_angle_to_matrix
 from posepriors.utils import resolve_device
 
+DENOISERS = ("posterior_mean", "map")
+"""The denoising test's estimators (:func:`denoise_stats`)."""
+
 __all__ = [
     "CompletionStats",
     "DenoiseStats",
@@ -84,19 +87,21 @@ class SampleStats:
 
 @dataclass
 class DenoiseStats:
-    """Denoising: Gaussian noise of std ``sigma`` (radians) on every axis-angle coordinate, then ``project``.
+    """Denoising: Gaussian noise of std ``sigma`` (radians) on every axis-angle coordinate, then the denoiser.
 
     Attributes:
         sigma: Noise std in radians.
         error_before_deg: Error of the noisy poses, degrees.
-        error_after_deg: Error after ``project``, degrees.
+        error_after_deg: Error after denoising, degrees.
         reduction: ``1 - after / before``.
+        estimator: What ran: ``"closed_form"``, ``"tweedie"`` or ``"map"`` (:meth:`PosePrior.denoise_estimator`).
     """
 
     sigma: float
     error_before_deg: float
     error_after_deg: float
     reduction: float
+    estimator: str = "map"
 
 
 @dataclass
@@ -259,10 +264,10 @@ def denoise_stats(
     sigma: float = 0.1,
     generator: torch.Generator | None = None,
     batch_size: int = 1024,
+    denoiser: str = "posterior_mean",
     **project_kwargs: Any,
 ) -> DenoiseStats:
-    """Add Gaussian noise to clean poses, denoise them with the MAP ``project(noise_std=sigma)``, and compare both
-    with the clean poses.
+    """Add Gaussian noise to clean poses, denoise them, and compare both with the clean poses.
 
     Args:
         prior: The prior.
@@ -270,23 +275,37 @@ def denoise_stats(
         mask: Optional observed mask (J,); errors are measured on observed joints.
         sigma: Noise std (radians) per axis-angle coordinate.
         generator: Generator of the noise.
-        batch_size: Poses per call of ``project``.
-        **project_kwargs: Passed on to ``prior.project``.
+        batch_size: Poses per call of the denoiser.
+        denoiser: ``"posterior_mean"``: :meth:`PosePrior.denoise` (the MAP where the prior has no posterior mean
+            at ``sigma``, without its warning; the stats say which ran); ``"map"``: ``project(noise_std=sigma)``.
+        **project_kwargs: Passed on to ``prior.project`` (``denoiser="map"`` only).
 
     Returns:
         The statistics.
     """
+    if denoiser not in DENOISERS:
+        raise ValueError(f"expected denoiser to be one of {DENOISERS}, got {denoiser!r}")
+    if project_kwargs and denoiser != "map":
+        raise TypeError(f"project options {sorted(project_kwargs)} need denoiser='map', got {denoiser!r}")
+    estimator = prior.denoise_estimator(sigma, mask) if denoiser == "posterior_mean" else "map"
     noisy = clean + sigma * torch.randn(clean.shape, generator=generator, dtype=clean.dtype)
     parts = []
     for i in range(0, len(noisy), batch_size):
         m = None if mask is None else mask.expand(len(noisy[i : i + batch_size]), -1)
         chunk = noisy[i : i + batch_size].to(prior.device)
-        parts.append(prior.project(chunk, m, noise_std=sigma, **project_kwargs).cpu())
+        if denoiser == "map":
+            parts.append(prior.project(chunk, m, noise_std=sigma, **project_kwargs).cpu())
+            continue
+        with warnings.catch_warnings():  # the fallback's warning: the stats record the estimator instead
+            warnings.filterwarnings("ignore", message=".*denoise: no posterior mean", category=UserWarning)
+            parts.append(prior.denoise(chunk, m, noise_std=sigma).cpu())
     projected = torch.cat(parts).to(clean.dtype)
     joints = slice(None) if mask is None else mask
     before = _geodesic_deg(noisy, clean)[:, joints].mean().item()
     after = _geodesic_deg(projected, clean)[:, joints].mean().item()
-    return DenoiseStats(sigma=sigma, error_before_deg=before, error_after_deg=after, reduction=1 - after / before)
+    return DenoiseStats(
+        sigma=sigma, error_before_deg=before, error_after_deg=after, reduction=1 - after / before, estimator=estimator
+    )
 
 
 def completion_parts(prior: PosePrior, observed: Tensor) -> dict[str, Tensor]:
@@ -364,6 +383,7 @@ def evaluate(
     denoise: bool = True,
     completion: bool = True,
     completion_noise: float | None = 0.05,
+    denoiser: str = "posterior_mean",
 ) -> EvalReport:
     """Evaluate a prior on poses (the prior's joints that the data observes in every frame).
 
@@ -380,6 +400,7 @@ def evaluate(
         denoise: Whether to run the denoising test.
         completion: Whether to run the completion test.
         completion_noise: ``noise_std`` of the MAP completion (None: the fast ``project(pose, mask)``).
+        denoiser: The denoising test's estimator (:func:`denoise_stats`).
 
     Returns:
         The report.
@@ -409,7 +430,7 @@ def evaluate(
     if samples:
         report.samples = sample_stats(prior, pose, observed, num_samples=num_samples, generator=generator)
     if denoise:
-        report.denoise = denoise_stats(prior, pose, mask, sigma=sigma, generator=generator)
+        report.denoise = denoise_stats(prior, pose, mask, sigma=sigma, generator=generator, denoiser=denoiser)
     if completion:
         report.completion = completion_stats(prior, pose, observed, noise_std=completion_noise)
     if prior.reconstructs:  # auto-encoders: encode -> decoder mean, geodesic degrees
@@ -496,7 +517,11 @@ def to_markdown(reports: Sequence[EvalReport]) -> str:
                 if s
                 else "| – | – | – "
             )
-            + (f"| {d.error_before_deg:.2f} → {d.error_after_deg:.2f} ({100 * d.reduction:.0f}%) " if d else "| – ")
+            + (
+                f"| {d.error_before_deg:.2f} → {d.error_after_deg:.2f} ({100 * d.reduction:.0f}%, {d.estimator}) "
+                if d
+                else "| – "
+            )
             + f"| {comp} "
             + (f"| {r.reconstruction_deg:.1f} |" if r.reconstruction_deg is not None else "| – |")
         )
@@ -556,6 +581,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plots", type=Path, help="write PNG plots into this folder (needs matplotlib)")
     parser.add_argument("--no_samples", action="store_true", help="skip the sample-quality metrics")
     parser.add_argument("--no_denoise", action="store_true", help="skip the denoising test")
+    parser.add_argument(
+        "--denoiser",
+        choices=DENOISERS,
+        default="posterior_mean",
+        help="the denoising test's estimator: prior.denoise (the posterior mean, or the MAP where the prior has "
+        "none at --sigma) or the MAP project(noise_std=sigma)",
+    )
     parser.add_argument("--no_completion", action="store_true", help="skip the completion test")
     parser.add_argument(
         "--completion_noise",
@@ -674,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         denoise=not args.no_denoise,
                         completion=not args.no_completion,
                         completion_noise=args.completion_noise or None,
+                        denoiser=args.denoiser,
                     )
                 )
             except (ValueError, FloatingPointError) as err:  # bad data, e.g. poses the prior cannot score

@@ -765,6 +765,9 @@ class _Trainer:
         prior.initialize_from_data(init[pick].to(self.device))
         if prior.broad is not None:  # closed form, on every training pose (each coordinate where observed)
             prior.fit_broad(train.poses.to(self.device), train.observed.to(self.device))
+        if prior.smoothed is not None:  # its own maximum-likelihood fit on noisy poses, before the family's loop
+            say = print if self.rank == 0 and cfg.progress else None
+            prior.fit_smoothed(train.poses.to(self.device), train.observed.to(self.device), seed=cfg.seed, progress=say)
 
     def _open_logger(self) -> None:
         cfg, prior = self.cfg, self.prior

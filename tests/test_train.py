@@ -276,3 +276,15 @@ def test_console_script_smoke():
         [sys.executable, "-m", "posepriors.train", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0 and "posepriors-train" in result.stdout
+
+
+def test_the_train_cli_fits_a_smoothed_body_density_that_denoise_then_uses(data_dir, tmp_path):
+    extra = ("--smoothed_noise_std", "0.1", "--smoothed_members", "1", "--smoothed_hidden", "8")
+    extra += ("--smoothed_num_layers", "1", "--smoothed_epochs", "2")
+    assert train_module.main(_args("global_flow", data_dir, tmp_path / "sm", epochs=1, extra=extra)) == 0
+    prior = posepriors.load(tmp_path / "sm")
+    assert prior.config.smoothed_noise_std == 0.1 and prior.denoise_estimator(0.1) == "tweedie"
+    untrained = type(prior)(prior.config)
+    assert not torch.equal(prior.smoothed.var, untrained.smoothed.var)  # fitted on the data, saved and loaded
+    pose = synthetic_poses(4, tuple(range(1, 22)), seed=9)
+    assert prior.denoise(pose, noise_std=0.1).shape == (4, 21, 3)

@@ -36,7 +36,7 @@ def collect(name: str, nll_reports: list[dict[str, Any]], extra_reports: list[di
         entry["subset_poses"] = report["poses"]
         for key in ("samples", "denoise"):
             if report.get(key):
-                entry[key] = {k: round(v, 4) for k, v in report[key].items()}
+                entry[key] = {k: round(v, 4) if isinstance(v, float) else v for k, v in report[key].items()}
         if report.get("completion"):
             entry["completion"] = [
                 {k: round(v, 3) if isinstance(v, float) else v for k, v in c.items()} for c in report["completion"]

@@ -13,12 +13,15 @@ for m in $models; do
     # The shipped joint_flow and global_flow are the trained flows mixed with a broad component (w = 0.1), fitted in
     # closed form on the same training data: it keeps the density finite on poses from other pipelines (docs/models.md).
     joint_flow) posepriors-train joint_flow --hidden 64 $BODY $HANDS --max_epochs 10 --batch_size 512 --logger none --out "$OUT/joint_flow_trained"
-        python tools/attach_broad.py "$OUT/joint_flow_trained" "$OUT/joint_flow" --data_dir $D/body_train.npz --data_dir $D/hands_train.npz --weight 0.1 ;;
+        python tools/attach.py "$OUT/joint_flow_trained" "$OUT/joint_flow" --data_dir $D/body_train.npz --data_dir $D/hands_train.npz --broad_weight 0.1 ;;
     # 8 epochs, not 14: a 14-epoch run reached a lower body NLL (-98.5 vs -94.4 nats) but its sharper density
-    # made MAP denoising worse than the Gaussian's (docs/models.md).
+    # made MAP denoising worse than the Gaussian's (docs/models.md). The smoothed body density (4 flows trained on
+    # poses with 0.1 rad noise) gives denoise() its posterior mean by Tweedie's formula at noise_std 0.1.
     global_flow) posepriors-train global_flow --joints body+left_hand+right_hand --parts body left_hand+right_hand \
         --coupling spline --bins 4 --hidden 128 --conditional $BODY $HANDS --max_epochs 8 --batch_size 512 --logger none --out "$OUT/global_flow_trained"
-        python tools/attach_broad.py "$OUT/global_flow_trained" "$OUT/global_flow" --data_dir $D/body_train.npz --data_dir $D/hands_train.npz --weight 0.1 ;;
+        python tools/attach.py "$OUT/global_flow_trained" "$OUT/global_flow_broad" --data_dir $D/body_train.npz --data_dir $D/hands_train.npz --broad_weight 0.1
+        python tools/attach.py "$OUT/global_flow_broad" "$OUT/global_flow" --data_dir $D/body_train.npz --data_dir $D/hands_train.npz \
+            --smoothed_noise_std 0.1 --smoothed_members 4 --smoothed_epochs 60 ;;
     gaussian_full) posepriors-train gmm --joints body+left_hand+right_hand --num_components 1 $BODY $HANDS --logger none --out "$OUT/gaussian_full" ;;
     hand_vae) posepriors-train hand_vae --model_type standard $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae" ;;
     hand_vae_so3) posepriors-train hand_vae --model_type so3 $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae_so3" ;;

@@ -26,6 +26,7 @@ import numbers
 import operator
 import types
 import typing
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from posepriors import skeleton
 from posepriors.flows import FlowSequence
 from posepriors.priors.broad import MarginalMixture
 from posepriors.priors.draws import rand
+from posepriors.priors.smoothed import SmoothedBody
 from posepriors.rotations import LOG_SO3_VOLUME, exp_map_log_abs_det
 
 __all__ = [
@@ -112,12 +114,24 @@ class PriorConfig:
             Gaussian mixtures ``b`` fitted to the training data. 0 (the default) turns it off.
         broad_components: Gaussian components per coordinate in ``b``.
         broad_min_std: Floor on the std of every component of ``b`` (radians).
+        smoothed_noise_std: Noise level ``s`` (radians) of the prior's smoothed body density
+            (:class:`~posepriors.priors.smoothed.SmoothedBody`), which :meth:`PosePrior.denoise` uses for the
+            posterior mean at that level; 0 (the default): none. Needs the 21 body joints among ``joints``.
+        smoothed_members: Flows in the smoothed density's ensemble.
+        smoothed_hidden: Conditioner width of those flows.
+        smoothed_num_layers: Coupling layers of those flows.
+        smoothed_epochs: Training epochs of each of those flows (:meth:`PosePrior.fit_smoothed`).
     """
 
     joints: tuple[int, ...] = skeleton.PARTS["body"]
     broad_weight: float = 0.0
     broad_components: int = 2
     broad_min_std: float = 0.02
+    smoothed_noise_std: float = 0.0
+    smoothed_members: int = 4
+    smoothed_hidden: int = 128
+    smoothed_num_layers: int = 6
+    smoothed_epochs: int = 60
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise fields in place through object.__setattr__. Every field is checked against
@@ -137,6 +151,16 @@ class PriorConfig:
             raise ValueError(f"expected broad_components >= 1, got {self.broad_components}")
         if not 0 < self.broad_min_std < math.inf:
             raise ValueError(f"expected 0 < broad_min_std < inf, got {self.broad_min_std!r}")
+        if not 0 <= self.smoothed_noise_std < math.inf:
+            raise ValueError(f"expected 0 <= smoothed_noise_std < inf, got {self.smoothed_noise_std!r}")
+        for name in ("smoothed_members", "smoothed_hidden", "smoothed_num_layers", "smoothed_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if self.smoothed_noise_std and not set(skeleton.PARTS["body"]) <= set(self.joints):
+            raise ValueError(
+                f"a smoothed body density (smoothed_noise_std={self.smoothed_noise_std}) needs the 21 body joints "
+                f"(SMPL-X 1..21) among the prior's joints, got joints {self.joints}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON types (tuples become lists)."""
@@ -258,6 +282,8 @@ class PosePrior(nn.Module, ABC):
     """Whether the family is an auto-encoder with a :meth:`reconstruction_error`."""
     closed_form: ClassVar[bool] = False
     """``posepriors-train`` fits the family once with ``fit(poses, observed, generator=...)`` instead of SGD."""
+    exact_posterior_mean: ClassVar[bool] = False
+    """The family's MAP denoiser (``project(noise_std=...)``) is its exact posterior mean (the Gaussian families)."""
     training_defaults: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
     """Defaults of ``posepriors-train``'s loop flags for this family (:class:`posepriors.train.TrainConfig` fields)."""
     seed_batch_size: ClassVar[int | None] = None
@@ -274,6 +300,15 @@ class PosePrior(nn.Module, ABC):
         self.config = config
         self.register_buffer("joint_index", torch.tensor(config.joints, dtype=torch.long), persistent=False)
         self.broad = MarginalMixture(3 * len(config.joints), config.broad_components) if config.broad_weight else None
+        self.smoothed = (
+            SmoothedBody(
+                config.smoothed_noise_std, config.smoothed_members, config.smoothed_hidden, config.smoothed_num_layers
+            )
+            if config.smoothed_noise_std
+            else None
+        )
+        if self.smoothed is not None:  # trained on its own (fit_smoothed), never by the family's loss
+            self.smoothed.requires_grad_(False)
         # Standard layouts with the prior's joint count but other joints: an input of that count is ambiguous
         # between them and the prior's own order (layout= decides). MANO's two hands count as one layout whose
         # hand the prior picks (_default_hand).
@@ -560,6 +595,127 @@ class PosePrior(nn.Module, ABC):
                 out = self._map_project(x, m, noise_std, **kwargs, **ctx)
         return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
 
+    def denoise(
+        self,
+        pose: PoseInput,
+        mask: Tensor | np.ndarray | None = None,
+        *,
+        noise_std: float,
+        layout: str | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        """The posterior mean ``E[x | y]`` of poses ``y`` observed with Gaussian noise of std ``noise_std`` radians
+        per axis-angle coordinate: the denoiser of least squared error under the prior.
+
+        Which estimator runs (:meth:`denoise_estimator` says it):
+
+        - ``gaussian`` and ``gmm`` (``gaussian_full``, SMPLify's GMM): the exact posterior mean in closed form, the
+          same as ``project(noise_std=...)``.
+        - A prior with a smoothed body density at this noise level (``smoothed_noise_std`` in its config; the
+          shipped ``global_flow`` at 0.1): the body joints by Tweedie's formula ``y + s^2 grad log p_s(y)``
+          (:mod:`posepriors.priors.smoothed`, mixed with the convolved broad component when the prior has one),
+          every other joint as ``project(noise_std=...)`` gives it.
+        - Otherwise (another noise level, or a mask that hides body joints) the MAP denoiser
+          ``project(pose, mask, noise_std=...)``, with a ``UserWarning``: a flow's MAP is no posterior mean, and on
+          the shipped flows it denoises worse (docs/models.md).
+
+        Args:
+            pose: As in :meth:`log_prob`.
+            mask: As in :meth:`log_prob`; Tweedie's formula needs every body joint observed (else: the MAP fallback).
+            noise_std: The noise level (finite, > 0).
+            layout: As in :meth:`log_prob`.
+            context: As in :meth:`log_prob`.
+
+        Returns:
+            Denoised poses in the prior's joint order, shape (*, J, 3), in the promoted dtype of the pose and the
+            prior.
+
+        Raises:
+            ValueError: As :meth:`project`.
+        """
+        noise_std = _check_noise_std(noise_std)
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
+        estimator = self._estimator(noise_std, m)
+        if estimator != "tweedie":
+            if estimator == "map":
+                why = (
+                    f"smoothed body density: {self._smoothed_levels()}"
+                    if self.smoothed is None or not math.isclose(noise_std, self.smoothed.noise_std, rel_tol=1e-6)
+                    else "the mask hides body joints, and Tweedie's formula needs the whole body"
+                )
+                warnings.warn(
+                    f"{type(self).__name__}.denoise: no posterior mean at noise_std={noise_std} ({why}); "
+                    f"returning the MAP project(noise_std={noise_std})",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return self.project(pose, mask, noise_std=noise_std, layout=layout, context=context)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
+        with contextlib.ExitStack() as stack:
+            if torch.is_inference_mode_enabled():
+                stack.enter_context(torch.inference_mode(False))
+                x, m = x.clone(), (m.clone() if m is not None else None)
+            out = self._denoise_tweedie(x, m, noise_std, self._body_positions(), ctx)
+        return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
+
+    def denoise_estimator(self, noise_std: float, mask: Tensor | np.ndarray | None = None) -> str:
+        """Which estimator :meth:`denoise` runs at ``noise_std`` (for poses observed as ``mask`` says, as in
+        :meth:`log_prob`; None: every joint): ``"closed_form"`` (the Gaussian families' exact posterior mean),
+        ``"tweedie"`` (the smoothed body density, at its level with the whole body observed) or ``"map"`` (the MAP
+        fallback)."""
+        noise_std = _check_noise_std(noise_std)
+        m = None
+        if mask is not None:
+            mask = torch.from_numpy(mask) if isinstance(mask, np.ndarray) else mask
+            shape = mask.shape[:-1] if isinstance(mask, Tensor) and mask.dim() else torch.Size()
+            m = self._prepare_mask(mask, shape, math.prod(shape))
+        return self._estimator(noise_std, m)
+
+    def _estimator(self, noise_std: float, mask: Tensor | None) -> str:
+        if self.exact_posterior_mean and self.broad is None:
+            return "closed_form"
+        if self.smoothed is None or not math.isclose(noise_std, self.smoothed.noise_std, rel_tol=1e-6):
+            return "map"
+        if mask is not None and not bool(mask[:, self._body_positions().to(mask.device)].all()):
+            return "map"
+        return "tweedie"
+
+    def _smoothed_levels(self) -> str:
+        return "none" if self.smoothed is None else f"noise_std={self.smoothed.noise_std} only"
+
+    def _body_positions(self) -> Tensor:
+        """Positions of the 21 body joints in the prior's joint order, (21,) long on the prior's device."""
+        position = {j: i for i, j in enumerate(self.joints)}
+        return torch.tensor([position[j] for j in skeleton.PARTS["body"]], device=self.joint_index.device)
+
+    def _denoise_tweedie(
+        self, x: Tensor, mask: Tensor | None, noise_std: float, body: Tensor, ctx: Mapping[str, Tensor]
+    ) -> Tensor:
+        """Body joints by Tweedie's formula, the other joints by the MAP denoiser given the noisy pose."""
+        y = x[:, body].flatten(1)
+        log_prob = self.smoothed.log_prob
+        if self.broad is not None:
+            w = self.config.broad_weight
+            dims = (body[:, None] * 3 + torch.arange(3, device=body.device)).flatten()
+            smooth, broad = self.smoothed.log_prob, self.broad
+
+            def log_prob(v: Tensor) -> Tensor:
+                b = broad.log_prob(v, dims=dims, noise_std=noise_std).to(v.dtype)
+                return torch.logaddexp(smooth(v) + math.log1p(-w), b + math.log(w))
+
+        est = self.smoothed.posterior_mean(y, log_prob).reshape(-1, len(body), 3).to(x.dtype)
+        out = x.clone()
+        out[:, body] = est
+        if self.num_joints == len(body):
+            return out
+        others = torch.ones(self.num_joints, dtype=torch.bool, device=x.device)
+        others[body] = False
+        if mask is not None and not bool(mask[:, others].any()) and "keep_observed" in self.project_options():
+            # nothing but the body observed (a body-only input): fill the rest given the denoised body
+            return self._project(out, mask, keep_observed=True, **ctx).detach()
+        mapped = self._map_project(x, mask, noise_std, **ctx).detach()
+        return torch.where(others[:, None], mapped, out)
+
     def project_options(self, map_mode: bool = False) -> tuple[str, ...]:
         """The keyword options :meth:`project` takes in the fast mode (``map_mode=False``) or the MAP mode
         (``noise_std`` given), with the family's defaults in the signatures of ``_project`` / ``_map_project``."""
@@ -720,6 +876,41 @@ class PosePrior(nn.Module, ABC):
             raise ValueError(f"expected poses of shape (N, {self.num_joints}, 3), got {tuple(pose.shape)}")
         dims = None if observed is None else observed.repeat_interleave(3, dim=-1)
         self.broad.fit(pose.flatten(1), dims, min_std=self.config.broad_min_std)
+
+    def fit_smoothed(
+        self,
+        pose: Tensor,
+        observed: Tensor | None = None,
+        *,
+        seed: int = 0,
+        progress: Callable[[str], None] | None = None,
+    ) -> list[float]:
+        """Train the smoothed body density (:class:`~posepriors.priors.smoothed.SmoothedBody`) on the training poses
+        that observe every body joint; the family's own parameters are untouched.
+
+        Args:
+            pose: Training poses in the prior's joint order, shape (N, J, 3).
+            observed: Observed joints, shape (N, J) bool (None: all).
+            seed: Seed of the first flow's draws.
+            progress: Called with one line per epoch, or None.
+
+        Returns:
+            Every flow's last-epoch training loss.
+
+        Raises:
+            ValueError: When the prior has no smoothed density, on wrong shapes, or when no pose observes the body.
+        """
+        if self.smoothed is None:
+            raise ValueError(f"{type(self).__name__} has smoothed_noise_std 0: there is no smoothed density to fit")
+        if pose.dim() != 3 or pose.shape[1:] != (self.num_joints, 3):
+            raise ValueError(f"expected poses of shape (N, {self.num_joints}, 3), got {tuple(pose.shape)}")
+        body = self._body_positions().to(pose.device)
+        rows = slice(None) if observed is None else observed[:, body].all(-1)
+        poses = pose[rows][:, body]
+        if len(poses) == 0:
+            raise ValueError("no training pose observes every body joint: the smoothed body density needs some")
+        cfg = self.config
+        return self.smoothed.fit(poses, epochs=cfg.smoothed_epochs, seed=seed, progress=progress)
 
     def _density(self, x: Tensor, mask: Tensor | None, **context: Tensor) -> Tensor:
         """The prior's log-density: the family's, mixed with the broad component when there is one."""

@@ -96,17 +96,29 @@ class MarginalMixture(nn.Module):
         z = (x[:, None, :] - mu) / sd
         return log_w - 0.5 * z.square() - sd.log() - 0.5 * LOG_2PI
 
-    def log_prob(self, x: Tensor, observed: Tensor | None = None) -> Tensor:
+    def log_prob(
+        self, x: Tensor, observed: Tensor | None = None, *, dims: Tensor | None = None, noise_std: float = 0.0
+    ) -> Tensor:
         """Log-density of the observed coordinates (the exact marginal: the others integrate to one).
 
         Args:
-            x: Points, shape (B, D).
-            observed: Which coordinates count, shape (B, D) bool (None: all).
+            x: Points, shape (B, D), or (B, len(dims)) with ``dims``.
+            observed: Which coordinates count, shape like ``x``, bool (None: all).
+            dims: The coordinates ``x`` holds, (d,) long (None: all D): the marginal over them.
+            noise_std: The density of ``x`` plus Gaussian noise of this std on every coordinate (the exact
+                convolution: every component's variance grows by ``noise_std^2``); 0: the density itself.
 
         Returns:
             Log-densities in nats, shape (B,).
         """
-        terms = torch.logsumexp(self._terms(x, self.means.to(x.dtype), self.stds.to(x.dtype), self.log_weights), 1)
+        means, stds, log_w = self.means, self.stds, self.log_weights
+        if dims is not None:
+            means, stds, log_w = means[:, dims], stds[:, dims], log_w[:, dims]
+        if x.dim() != 2 or x.shape[1] != means.shape[1]:
+            raise ValueError(f"expected points of shape (B, {means.shape[1]}), got {tuple(x.shape)}")
+        if noise_std:
+            stds = (stds.square() + noise_std**2).sqrt()
+        terms = torch.logsumexp(self._terms(x, means.to(x.dtype), stds.to(x.dtype), log_w.to(x.dtype)), 1)
         if observed is not None:
             terms = terms * observed.to(terms.dtype)
         return terms.sum(-1)

@@ -46,6 +46,7 @@ class GaussianPrior(PosePrior):
     model_type = "gaussian"
     config_class = GaussianConfig
     per_joint_log_prob = True
+    exact_posterior_mean = True
     training_defaults = MappingProxyType(
         {"learning_rate": 1e-2, "scheduler": "step", "step_size": 30, "max_epochs": 20, "batch_size": 1024}
     )

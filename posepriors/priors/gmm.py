@@ -92,6 +92,7 @@ class GMMPrior(PosePrior):
     model_type = "gmm"
     config_class = GMMConfig
     closed_form = True
+    exact_posterior_mean = True
     training_defaults = MappingProxyType({"learning_rate": 1e-2, "max_epochs": 20, "batch_size": 1024})
 
     def __init__(self, config: GMMConfig | None = None) -> None:
