@@ -293,11 +293,9 @@ def denoise_stats(
     for i in range(0, len(noisy), batch_size):
         m = None if mask is None else mask.expand(len(noisy[i : i + batch_size]), -1)
         chunk = noisy[i : i + batch_size].to(prior.device)
-        if denoiser == "map":
+        if estimator == "map":  # what denoise falls back to, without its warning (the stats say "map")
             parts.append(prior.project(chunk, m, noise_std=sigma, **project_kwargs).cpu())
-            continue
-        with warnings.catch_warnings():  # the fallback's warning: the stats record the estimator instead
-            warnings.filterwarnings("ignore", message=".*denoise: no posterior mean", category=UserWarning)
+        else:
             parts.append(prior.denoise(chunk, m, noise_std=sigma).cpu())
     projected = torch.cat(parts).to(clean.dtype)
     joints = slice(None) if mask is None else mask

@@ -55,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             smoothed_epochs=args.smoothed_epochs,
         )
     prior = type(source)(dataclasses.replace(source.config, **changes))
-    refit = ("broad." if args.broad_weight is not None else "\0", "smoothed." if args.smoothed_noise_std else "\0")
+    refit = tuple(
+        prefix
+        for prefix, attached in (("broad.", args.broad_weight is not None), ("smoothed.", args.smoothed_noise_std))
+        if attached
+    )
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(refit)}
     missing, unexpected = prior.load_state_dict(state, strict=False)
     if unexpected or any(not key.startswith(refit) for key in missing):

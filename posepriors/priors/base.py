@@ -309,6 +309,9 @@ class PosePrior(nn.Module, ABC):
         )
         if self.smoothed is not None:  # trained on its own (fit_smoothed), never by the family's loss
             self.smoothed.requires_grad_(False)
+            position = {j: i for i, j in enumerate(config.joints)}
+            body = [position[j] for j in skeleton.PARTS["body"]]  # the config checked they are all modelled
+            self.register_buffer("body_index", torch.tensor(body), persistent=False)
         # Standard layouts with the prior's joint count but other joints: an input of that count is ambiguous
         # between them and the prior's own order (layout= decides). MANO's two hands count as one layout whose
         # hand the prior picks (_default_hand).
@@ -635,27 +638,23 @@ class PosePrior(nn.Module, ABC):
         """
         noise_std = _check_noise_std(noise_std)
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
-        estimator = self._estimator(noise_std, m)
-        if estimator != "tweedie":
-            if estimator == "map":
-                why = (
-                    f"smoothed body density: {self._smoothed_levels()}"
-                    if self.smoothed is None or not math.isclose(noise_std, self.smoothed.noise_std, rel_tol=1e-6)
-                    else "the mask hides body joints, and Tweedie's formula needs the whole body"
-                )
-                warnings.warn(
-                    f"{type(self).__name__}.denoise: no posterior mean at noise_std={noise_std} ({why}); "
-                    f"returning the MAP project(noise_std={noise_std})",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            return self.project(pose, mask, noise_std=noise_std, layout=layout, context=context)
+        estimator, why = self._estimator(noise_std, m)
+        if estimator == "map":
+            warnings.warn(
+                f"{type(self).__name__}.denoise: no posterior mean at noise_std={noise_std} ({why}); "
+                f"returning the MAP project(noise_std={noise_std})",
+                UserWarning,
+                stacklevel=2,
+            )
         ctx = self._check_context(context, x.shape[0], batch_shape)
         with contextlib.ExitStack() as stack:
-            if torch.is_inference_mode_enabled():
+            if torch.is_inference_mode_enabled():  # as in project: autograd on copies
                 stack.enter_context(torch.inference_mode(False))
                 x, m = x.clone(), (m.clone() if m is not None else None)
-            out = self._denoise_tweedie(x, m, noise_std, self._body_positions(), ctx)
+            if estimator == "tweedie":
+                out = self._denoise_tweedie(x, m, noise_std, ctx)
+            else:  # what project(noise_std=...) runs
+                out = self._map_project(x, m, noise_std, **ctx)
         return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
 
     def denoise_estimator(self, noise_std: float, mask: Tensor | np.ndarray | None = None) -> str:
@@ -669,29 +668,23 @@ class PosePrior(nn.Module, ABC):
             mask = torch.from_numpy(mask) if isinstance(mask, np.ndarray) else mask
             shape = mask.shape[:-1] if isinstance(mask, Tensor) and mask.dim() else torch.Size()
             m = self._prepare_mask(mask, shape, math.prod(shape))
-        return self._estimator(noise_std, m)
+        return self._estimator(noise_std, m)[0]
 
-    def _estimator(self, noise_std: float, mask: Tensor | None) -> str:
+    def _estimator(self, noise_std: float, mask: Tensor | None) -> tuple[str, str]:
+        """The estimator of :meth:`denoise_estimator` and, for the MAP fallback, why there is no posterior mean."""
         if self.exact_posterior_mean and self.broad is None:
-            return "closed_form"
-        if self.smoothed is None or not math.isclose(noise_std, self.smoothed.noise_std, rel_tol=1e-6):
-            return "map"
-        if mask is not None and not bool(mask[:, self._body_positions().to(mask.device)].all()):
-            return "map"
-        return "tweedie"
+            return "closed_form", ""
+        if self.smoothed is None:
+            return "map", "no smoothed body density"
+        if not math.isclose(noise_std, self.smoothed.noise_std, rel_tol=1e-6):
+            return "map", f"smoothed body density: noise_std={self.smoothed.noise_std} only"
+        if mask is not None and not bool(mask[:, self.body_index].all()):
+            return "map", "the mask hides body joints, and Tweedie's formula needs the whole body"
+        return "tweedie", ""
 
-    def _smoothed_levels(self) -> str:
-        return "none" if self.smoothed is None else f"noise_std={self.smoothed.noise_std} only"
-
-    def _body_positions(self) -> Tensor:
-        """Positions of the 21 body joints in the prior's joint order, (21,) long on the prior's device."""
-        position = {j: i for i, j in enumerate(self.joints)}
-        return torch.tensor([position[j] for j in skeleton.PARTS["body"]], device=self.joint_index.device)
-
-    def _denoise_tweedie(
-        self, x: Tensor, mask: Tensor | None, noise_std: float, body: Tensor, ctx: Mapping[str, Tensor]
-    ) -> Tensor:
+    def _denoise_tweedie(self, x: Tensor, mask: Tensor | None, noise_std: float, ctx: Mapping[str, Tensor]) -> Tensor:
         """Body joints by Tweedie's formula, the other joints by the MAP denoiser given the noisy pose."""
+        body = self.body_index
         y = x[:, body].flatten(1)
         log_prob = self.smoothed.log_prob
         if self.broad is not None:
@@ -892,7 +885,7 @@ class PosePrior(nn.Module, ABC):
             pose: Training poses in the prior's joint order, shape (N, J, 3).
             observed: Observed joints, shape (N, J) bool (None: all).
             seed: Seed of the first flow's draws.
-            progress: Called with one line per epoch, or None.
+            progress: Called with a line every 10 epochs and after the last, or None.
 
         Returns:
             Every flow's last-epoch training loss.
@@ -904,7 +897,7 @@ class PosePrior(nn.Module, ABC):
             raise ValueError(f"{type(self).__name__} has smoothed_noise_std 0: there is no smoothed density to fit")
         if pose.dim() != 3 or pose.shape[1:] != (self.num_joints, 3):
             raise ValueError(f"expected poses of shape (N, {self.num_joints}, 3), got {tuple(pose.shape)}")
-        body = self._body_positions().to(pose.device)
+        body = self.body_index.to(pose.device)
         rows = slice(None) if observed is None else observed[:, body].all(-1)
         poses = pose[rows][:, body]
         if len(poses) == 0:
