@@ -245,7 +245,10 @@ import sys, time, statistics, torch, posepriors
 torch.set_num_threads(int(sys.argv[1]))
 posepriors.set_validation(False)
 eager = posepriors.load(sys.argv[2])
-compiled = posepriors.load(sys.argv[2]).compile()
+if sys.argv[3] == "gradient":
+    compiled = posepriors.load(sys.argv[2]).compile(gradient=True, options={"cpp_wrapper": True})
+else:
+    compiled = posepriors.load(sys.argv[2]).compile()
 g = torch.Generator().manual_seed(1)
 for batch in (1, 256):
     pose = 0.2 * torch.randn(batch, 21, 3, generator=g)
@@ -271,21 +274,23 @@ for batch in (1, 256):
 
 
 def compiled_path(args: argparse.Namespace) -> None:
-    """``prior.compile()`` of the default body prior, in fresh processes: with an empty inductor cache (cold) and
-    again with the cache the first process left (warm)."""
+    """``prior.compile()`` and ``prior.compile(gradient=True, options={"cpp_wrapper": True})`` of the default body
+    prior, each in fresh processes: with an empty inductor cache (cold) and again with the cache the first process
+    left (warm)."""
     import os
     import subprocess
     import sys
     import tempfile
 
-    print(f"\n4. {DEFAULT_BODY_PRIOR}.compile(): nll forward + backward w.r.t. a body-only pose")
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-        for label in ("cold cache", "warm cache"):
-            print(f" {label}:")
-            command = [sys.executable, "-c", _COMPILE_CHILD, str(args.threads), DEFAULT_BODY_PRIOR]
-            result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            print(result.stdout.rstrip() or result.stderr[-2000:])
+    for mode, call in (("default", "compile()"), ("gradient", 'compile(gradient=True, options={"cpp_wrapper": True})')):
+        print(f"\n4. {DEFAULT_BODY_PRIOR}.{call}: nll forward + backward w.r.t. a body-only pose")
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+            for label in ("cold cache", "warm cache"):
+                print(f" {label}:")
+                command = [sys.executable, "-c", _COMPILE_CHILD, str(args.threads), DEFAULT_BODY_PRIOR, mode]
+                result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+                print(result.stdout.rstrip() or result.stderr[-2000:])
 
 
 def main() -> None:
@@ -296,7 +301,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096, help="batch of the scoring measurement")
     parser.add_argument("--steps", type=int, default=300, help="Adam steps per keypoint fit")
     parser.add_argument("--only", choices=("scoring", "terms", "fits", "compile"), help="run one measurement")
-    parser.add_argument("--compile", action="store_true", help="also measure prior.compile() (about 3 minutes)")
+    parser.add_argument("--compile", action="store_true", help="also measure prior.compile() (about 15 minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     posepriors.set_validation(False)  # the finite-value check is a sync per call; fitting loops turn it off

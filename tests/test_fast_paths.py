@@ -106,6 +106,52 @@ def test_compiled_prior_matches_eager():
     assert gaussian.compile() is gaussian
 
 
+def test_fused_gradient_path_matches_eager():
+    """``compile_frozen(gradient=True)``: a log_prob whose input and context need a gradient runs one compiled
+    graph that returns the value and both gradients; the numbers are eager's (float64, a non-uniform upstream
+    gradient), calls without a gradient and training mode stay on their paths, and new weights retrace."""
+    from posepriors.flows import build_flow
+
+    g = torch.Generator().manual_seed(5)
+    flow = build_flow(2, 3, num_layers=2, hidden=8, coupling="spline", bins=3, context_features=2).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    flow.eval().requires_grad_(False)
+    x0 = 1.5 * torch.randn(4, 2, 3, generator=g, dtype=torch.float64)  # some values beyond the spline's bound
+    c0 = torch.randn(4, 2, 2, generator=g, dtype=torch.float64)
+    weight = torch.arange(8, dtype=torch.float64).reshape(4, 2)
+
+    def value_and_grads() -> tuple[torch.Tensor, ...]:
+        x, c = x0.clone().requires_grad_(True), c0.clone().requires_grad_(True)
+        value = flow.log_prob(x, c)
+        return (value, *torch.autograd.grad((value * weight).sum(), (x, c)))
+
+    eager = value_and_grads()
+    flow.compile_frozen(gradient=True)
+    assert flow._fused == {}
+    fused = value_and_grads()
+    assert len(flow._fused) == 1
+    for a, b in zip(fused, eager, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.log_prob(x0, c0), eager[0], atol=1e-10, rtol=1e-10)
+    (signature,) = flow._fused
+    before = flow._fused[signature][1]
+    with torch.no_grad():
+        flow.blocks[-1].conditioner[-1].bias.add_(0.01)  # an in-place update: the cached graph holds old weights
+    x = x0.clone().requires_grad_(True)
+    assert flow._fused_function(x, c0) is not before
+    flow.train()
+    assert not flow._frozen()
+    flow.compile_frozen(False)
+    assert flow._fused_options is None and flow._fused == {}
+    prior = posepriors.load("global_flow")
+    prior.compile(gradient=True)
+    assert all(f._fused_options == {} for f in prior.flows)
+    prior.compile(False)
+
+
 def test_frozen_coupling_backward_flushes_subnormal_gradients():
     """A gradient below the smallest normal float (a pose the flow gives a negligible share of a mixture) leaves
     the one-node coupling as exact zeros instead of subnormals, which slow a CPU's matrix multiplies; normal

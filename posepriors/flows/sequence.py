@@ -82,6 +82,10 @@ class FlowSequence(nn.Module):
         # inference cache of folded linear blocks, {inverse: (key, steps, reference steps)}; see _frozen_steps
         self._folded: dict[bool, tuple[tuple[tuple[int, int], ...], list[_Step], list[_Step]]] = {}
         self._compiled: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]] | None = None
+        # the fused log-density-and-gradient path: torch.compile options when on, and the compiled graphs by input
+        # signature, {key: (parameter key, function)}; see compile_frozen(gradient=True)
+        self._fused_options: dict[str, object] | None = None
+        self._fused: dict[tuple[object, ...], tuple[tuple[object, ...], Callable[..., tuple[Tensor, ...]]]] = {}
         # frozen copies of group subsets, {group indices: (parameter key, flow)}; see run_groups
         self._subsets: dict[tuple[int, ...], tuple[tuple[object, ...], FlowSequence]] = {}
 
@@ -99,9 +103,33 @@ class FlowSequence(nn.Module):
                 out.append(block.inverse if inverse else block)
         return out
 
+    def _parameter_tuple(self) -> tuple[nn.Parameter, ...]:
+        """The flow's parameters, listed once: walking the module tree on every call of a fitting step costs more
+        than a single pose's arithmetic. The list is rebuilt after :meth:`train`, :meth:`eval`, device or dtype
+        moves and ``load_state_dict`` (which may assign new parameters); a parameter's ``requires_grad``, values and
+        version are read live."""
+        params = self.__dict__.get("_parameter_cache")
+        if params is None:
+            params = self.__dict__["_parameter_cache"] = tuple(self.parameters())
+        return params
+
+    def train(self, mode: bool = True) -> FlowSequence:
+        self.__dict__.pop("_parameter_cache", None)
+        return super().train(mode)
+
+    def _apply(self, fn: Callable[..., object], recurse: bool = True) -> FlowSequence:
+        self.__dict__.pop("_parameter_cache", None)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self.__dict__.pop("_parameter_cache", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _frozen(self) -> bool:
         """Eval mode, and no gradient can reach the parameters (none requires grad, or grad mode is off)."""
-        return not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        if self.training:
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._parameter_tuple()))
 
     def _frozen_steps(self, inverse: bool) -> list[_Step] | None:
         """The steps with every run of linear blocks (ActNorm, LU, permutations) folded into one affine map.
@@ -126,7 +154,7 @@ class FlowSequence(nn.Module):
         cached = self._folded.get(inverse)
         if cached is not None and cached[0] == key:
             return cached[1]
-        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        dtype = next((p.dtype for p in self._parameter_tuple() if p.is_floating_point()), torch.get_default_dtype())
         with torch.no_grad():
             forward_steps: list[_Step] = []
             reference_steps: list[_Step] = []  # the couplings as recorded ops: what torch.compile traces
@@ -154,7 +182,7 @@ class FlowSequence(nn.Module):
         self._folded[inverse] = (key, forward_steps, reference_steps)
         return forward_steps
 
-    def compile_frozen(self, enabled: bool = True, **options: object) -> None:
+    def compile_frozen(self, enabled: bool = True, *, gradient: bool = False, **options: object) -> None:
         """Opt in to running frozen inference in the data-to-latent direction through :func:`torch.compile`.
 
         Applies where :meth:`_frozen_steps` does (eval mode, no parameter needs a gradient): the folded linear
@@ -163,11 +191,56 @@ class FlowSequence(nn.Module):
         call of every shape pays the compilation (tens of seconds on a CPU, less with a warm cache); new weights
         (``load_state_dict``, an in-place update) recompile. Training and the inverse direction run eagerly.
 
+        With ``gradient=True``, a :meth:`log_prob` whose input (or context) needs a gradient, as in a fitting step,
+        instead runs one compiled graph that returns the log-density *and* its input gradient (the forward and the
+        couplings' written-out backward traced together with :func:`torch.fx.experimental.proxy_tensor.make_fx`):
+        one call per step, and the backward pass is a multiplication. Its compilation takes longer (minutes on 2
+        CPU cores for the shipped ``global_flow``); ``docs/benchmarks.md`` has the figures.
+
         Args:
             enabled: ``False`` goes back to eager.
-            options: Passed on to :func:`torch.compile` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+            gradient: Also compile the log-density and its gradient as one graph (see above).
+            options: Passed on to :func:`torch.compile` (e.g. ``mode="max-autotune-no-cudagraphs"``, or
+                ``options={"cpp_wrapper": True}``, which cuts the per-call overhead of the many small kernels of a
+                single pose).
         """
         self._compiled = torch.compile(self._run_reference, dynamic=False, **options) if enabled else None
+        self._fused_options = dict(options) if enabled and gradient else None
+        self._fused.clear()
+
+    def _fused_function(self, x: Tensor, context: Tensor | None) -> Callable[..., tuple[Tensor, ...]]:
+        """The compiled ``(x, context) -> (log_prob, d log_prob / dx[, d log_prob / d context])`` of this input
+        signature, traced and compiled on first use; rebuilt when the parameters change."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        signature = (x.shape, x.dtype, x.device, None if context is None else (context.shape, context.dtype))
+        params = tuple((p.data_ptr(), p._version) for p in self._parameter_tuple())
+        cached = self._fused.get(signature)
+        if cached is not None and cached[0] == params:
+            return cached[1]
+        steps = self._frozen_steps(False)  # folded outside the trace, so the graph holds the folded maps
+        if steps is None:
+            raise RuntimeError("the fused gradient path needs a frozen flow with folded linear blocks")
+
+        def value_and_grad(x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                inputs = [x]
+                if context is not None:
+                    context = context.detach().requires_grad_(True)
+                    inputs.append(context)
+                z, logdet = self._run_steps(steps, x, context)
+                value = standard_normal_log_prob(z) + logdet
+                grads = torch.autograd.grad(value.sum(), inputs)
+            return (value.detach(), *grads)
+
+        with torch.no_grad():
+            graph = make_fx(value_and_grad)(x.detach(), None if context is None else context.detach())
+        function = torch.compile(graph, dynamic=False, fullgraph=True, **self._fused_options)
+        if len(self._fused) >= 8:  # a few batch shapes at a time; drop the oldest beyond that
+            self._fused.pop(next(iter(self._fused)))
+        self._fused[signature] = (params, function)
+        return function
 
     def _run_reference(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """The cached frozen forward steps, couplings as recorded ops (see :meth:`compile_frozen`)."""
@@ -268,7 +341,7 @@ class FlowSequence(nn.Module):
         every step), rebuilt when the parameters change."""
         key = (
             tuple(index.tolist()),
-            tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters()),
+            tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameter_tuple()),
         )
         cached = self._subsets.get(key[0])
         if cached is not None and cached[0] == key[1]:
@@ -297,6 +370,14 @@ class FlowSequence(nn.Module):
         Returns:
             Log-density per group, shape (B, G).
         """
+        if (
+            self._fused_options is not None
+            and torch.is_grad_enabled()
+            and (x.requires_grad or (context is not None and context.requires_grad))
+            and self._frozen()
+        ):
+            self._check(x, context)
+            return _FusedLogProb.apply(self._fused_function(x, context), x, context)
         z, logdet = self(x, context)
         return standard_normal_log_prob(z) + logdet
 
@@ -316,6 +397,25 @@ class FlowSequence(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, dim={self.dim}, context_features={self.context_features}"
+
+
+class _FusedLogProb(torch.autograd.Function):
+    """``log_prob`` of a frozen flow as one autograd node whose forward already computed the input gradient (see
+    :meth:`FlowSequence.compile_frozen`); the backward scales it. Every output (b, g) depends on the input and
+    context of (b, g) only, so the gradient of the sum is the per-entry gradient. First derivatives only."""
+
+    @staticmethod
+    def forward(ctx, function: Callable[..., tuple[Tensor, ...]], x: Tensor, context: Tensor | None) -> Tensor:  # noqa: ANN001
+        value, *grads = function(x, context)
+        ctx.save_for_backward(*grads)
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_value: Tensor) -> tuple[None, Tensor, Tensor | None]:  # noqa: ANN001
+        scale = grad_value.unsqueeze(-1)
+        grads = ctx.saved_tensors
+        return None, scale * grads[0], scale * grads[1] if len(grads) > 1 else None
 
 
 class _GroupRunner(nn.Module):
