@@ -146,6 +146,11 @@ def test_fused_gradient_path_matches_eager():
     assert not flow._frozen()
     flow.compile_frozen(False)
     assert flow._fused_options is None and flow._fused == {}
+    plain = build_flow(1, 3, num_layers=2, hidden=8, actnorm=False, mixing="none").double().eval()
+    plain.requires_grad_(False).compile_frozen(gradient=True)  # no linear block to fold: the eager path
+    x = x0[:, :1].clone().requires_grad_(True)
+    torch.autograd.grad(plain.log_prob(x).sum(), x)
+    assert plain._fused == {}
     prior = posepriors.load("global_flow")
     prior.compile(gradient=True)
     assert all(f._fused_options == {} for f in prior.flows)

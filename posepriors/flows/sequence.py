@@ -218,9 +218,8 @@ class FlowSequence(nn.Module):
         cached = self._fused.get(signature)
         if cached is not None and cached[0] == params:
             return cached[1]
-        steps = self._frozen_steps(False)  # folded outside the trace, so the graph holds the folded maps
-        if steps is None:
-            raise RuntimeError("the fused gradient path needs a frozen flow with folded linear blocks")
+        steps = self._frozen_steps(False)  # folded outside the trace (the graph holds the folded maps); log_prob
+        assert steps is not None  # calls this only where they exist
 
         def value_and_grad(x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
             with torch.enable_grad():
@@ -374,7 +373,7 @@ class FlowSequence(nn.Module):
             self._fused_options is not None
             and torch.is_grad_enabled()
             and (x.requires_grad or (context is not None and context.requires_grad))
-            and self._frozen()
+            and self._frozen_steps(False) is not None  # frozen, with folded linear blocks and versioned weights
         ):
             self._check(x, context)
             return _FusedLogProb.apply(self._fused_function(x, context), x, context)
