@@ -141,7 +141,7 @@ def test_fused_gradient_path_matches_eager():
     with torch.no_grad():
         flow.blocks[-1].conditioner[-1].bias.add_(0.01)  # an in-place update: the cached graph holds old weights
     x = x0.clone().requires_grad_(True)
-    assert flow._fused_function(x, c0) is not before
+    assert flow._fused_function(flow._frozen_steps(False), x, c0) is not before
     flow.train()
     assert not flow._frozen()
     flow.compile_frozen(False)

@@ -12,7 +12,6 @@ flows lose at fitting and denoising".
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 from collections.abc import Callable
@@ -30,25 +29,16 @@ _NAME = re.compile(r"smoothed_(\d+)(b?)")
 
 
 def smoothed_nll(prior: PosePrior, members: int, broad: bool) -> Callable[..., torch.Tensor]:
-    """``pose -> -log p_s(body)`` of the prior's smoothed body density (its first ``members`` flows), mixed with the
-    convolved broad component when ``broad``; ``pose`` is what ``fit_keypoints`` passes, ``{"body_pose": (N, 21, 3)}``.
-    """
-    smoothed = prior.smoothed
-    if smoothed is None or not 1 <= members <= len(smoothed.flows):
+    """``pose -> -log p_s(body)`` of the prior's smoothed body density cut to its first ``members`` flows, mixed
+    with the convolved broad component when ``broad`` (the density ``denoise`` differentiates); ``pose`` is what
+    ``fit_keypoints`` passes, ``{"body_pose": (N, 21, 3)}``."""
+    if prior.smoothed is None or not 1 <= members <= len(prior.smoothed.flows):
         raise ValueError(f"expected a prior with a smoothed body density of at least {members} flows")
-    body = prior.body_index
-    dims = (body[:, None] * 3 + torch.arange(3, device=body.device)).flatten()
-    w = prior.config.broad_weight
+    prior.smoothed.flows = prior.smoothed.flows[:members]  # an equal mixture of the first flows
+    log_prob = prior._smoothed_log_prob() if broad else prior.smoothed.log_prob
 
     def nll(pose: dict[str, torch.Tensor], mask: None = None, **kwargs: object) -> torch.Tensor:
-        y = pose["body_pose"].reshape(-1, 63)
-        u, logdet = smoothed._scale(y)
-        terms = torch.cat([flow.log_prob(u) for flow in smoothed.flows[:members]], dim=-1)
-        log_p = torch.logsumexp(terms, dim=-1) - math.log(members) + logdet
-        if broad and prior.broad is not None:
-            b = prior.broad.log_prob(y, dims=dims, noise_std=smoothed.noise_std).to(y.dtype)
-            log_p = torch.logaddexp(log_p + math.log1p(-w), b + math.log(w))
-        return -log_p
+        return -log_prob(pose["body_pose"].reshape(-1, 63))
 
     return nll
 

@@ -208,18 +208,18 @@ class FlowSequence(nn.Module):
         self._fused_options = dict(options) if enabled and gradient else None
         self._fused.clear()
 
-    def _fused_function(self, x: Tensor, context: Tensor | None) -> Callable[..., tuple[Tensor, ...]]:
+    def _fused_function(
+        self, steps: list[_Step], x: Tensor, context: Tensor | None
+    ) -> Callable[..., tuple[Tensor, ...]]:
         """The compiled ``(x, context) -> (log_prob, d log_prob / dx[, d log_prob / d context])`` of this input
-        signature, traced and compiled on first use; rebuilt when the parameters change."""
-        from torch.fx.experimental.proxy_tensor import make_fx
-
+        signature, traced from the frozen ``steps`` (:meth:`_frozen_steps`: the graph holds their folded maps) and
+        compiled on first use; rebuilt when the parameters change."""
         signature = (x.shape, x.dtype, x.device, None if context is None else (context.shape, context.dtype))
         params = tuple((p.data_ptr(), p._version) for p in self._parameter_tuple())
         cached = self._fused.get(signature)
         if cached is not None and cached[0] == params:
             return cached[1]
-        steps = self._frozen_steps(False)  # folded outside the trace (the graph holds the folded maps); log_prob
-        assert steps is not None  # calls this only where they exist
+        from torch.fx.experimental.proxy_tensor import make_fx  # only when tracing: it is not needed at import
 
         def value_and_grad(x: Tensor, context: Tensor | None) -> tuple[Tensor, ...]:
             with torch.enable_grad():
@@ -373,10 +373,10 @@ class FlowSequence(nn.Module):
             self._fused_options is not None
             and torch.is_grad_enabled()
             and (x.requires_grad or (context is not None and context.requires_grad))
-            and self._frozen_steps(False) is not None  # frozen, with folded linear blocks and versioned weights
+            and (steps := self._frozen_steps(False)) is not None  # frozen, folded linear blocks, versioned weights
         ):
             self._check(x, context)
-            return _FusedLogProb.apply(self._fused_function(x, context), x, context)
+            return _FusedLogProb.apply(self._fused_function(steps, x, context), x, context)
         z, logdet = self(x, context)
         return standard_normal_log_prob(z) + logdet
 

@@ -686,21 +686,34 @@ class PosePrior(nn.Module, ABC):
             return "map", "the mask hides body joints, and Tweedie's formula needs the whole body"
         return "tweedie", ""
 
+    def _smoothed_log_prob(self) -> Callable[[Tensor], Tensor]:
+        """The density of noisy body poses that :meth:`denoise` differentiates: (B, 63) -> (B,).
+
+        The smoothed body density (:attr:`smoothed`, at its noise level), mixed with the broad component convolved
+        with the same noise when the prior has one (exact: each Gaussian's variance grows by the noise variance).
+
+        Raises:
+            ValueError: For a prior without a smoothed body density.
+        """
+        if self.smoothed is None:
+            raise ValueError(f"{self.model_type} has no smoothed body density (smoothed_noise_std=0 in its config)")
+        smooth, broad = self.smoothed.log_prob, self.broad
+        if broad is None:
+            return smooth
+        w, noise_std, body = self.config.broad_weight, self.smoothed.noise_std, self.body_index
+        dims = (body[:, None] * 3 + torch.arange(3, device=body.device)).flatten()
+
+        def log_prob(v: Tensor) -> Tensor:
+            b = broad.log_prob(v, dims=dims, noise_std=noise_std).to(v.dtype)
+            return torch.logaddexp(smooth(v) + math.log1p(-w), b + math.log(w))
+
+        return log_prob
+
     def _denoise_tweedie(self, x: Tensor, mask: Tensor | None, noise_std: float, ctx: Mapping[str, Tensor]) -> Tensor:
         """Body joints by Tweedie's formula, the other joints by the MAP denoiser given the noisy pose."""
         body = self.body_index
         y = x[:, body].flatten(1)
-        log_prob = self.smoothed.log_prob
-        if self.broad is not None:
-            w = self.config.broad_weight
-            dims = (body[:, None] * 3 + torch.arange(3, device=body.device)).flatten()
-            smooth, broad = self.smoothed.log_prob, self.broad
-
-            def log_prob(v: Tensor) -> Tensor:
-                b = broad.log_prob(v, dims=dims, noise_std=noise_std).to(v.dtype)
-                return torch.logaddexp(smooth(v) + math.log1p(-w), b + math.log(w))
-
-        est = self.smoothed.posterior_mean(y, log_prob).reshape(-1, len(body), 3).to(x.dtype)
+        est = self.smoothed.posterior_mean(y, self._smoothed_log_prob()).reshape(-1, len(body), 3).to(x.dtype)
         out = x.clone()
         out[:, body] = est
         if self.num_joints == len(body):
