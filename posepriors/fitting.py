@@ -7,12 +7,15 @@ at the origin. :func:`fit_keypoints` optimises the rotations of the 21 body join
 orientation is known (identity unless given) and there is no translation, so keypoints must be pelvis-centred in
 the frame the root orientation refers to. The objective per pose is::
 
-    mean over visible keypoints of |FK(pose)_k - keypoint_k|^2  (m^2)  +  weight * prior.nll(body pose)
+    mean over visible keypoints of |FK(pose)_k - keypoint_k|^2  (m^2)  +  weight * prior.energy(body pose)
 
 (or, in latent space, ``+ weight * |z|^2 / 2``), minimised from the zero pose (or ``init``) with Adam
 (``optimizer="adam"``, the default) or L-BFGS with a strong-Wolfe line search (``optimizer="lbfgs"``, as SMPLify
-fits). Poses of a batch are independent: the batch's objective is the sum of the per-pose objectives (Adam's
-statistics are per coordinate; L-BFGS runs on the sum).
+fits). ``prior.energy`` is the prior's fitting energy (:mod:`posepriors.priors.energy`): its NLL for every prior
+but one that carries a fitting energy (the shipped ``global_flow``: its smoothed body density times a
+full-covariance body Gaussian, which fits better than any single prior; docs/models.md). Poses of a batch are
+independent: the batch's objective is the sum of the per-pose objectives (Adam's statistics are per coordinate;
+L-BFGS runs on the sum).
 
 **Which optimiser.** On the Gaussians (``gaussian``, ``gaussian_full``, SMPLify's GMM) and on flows trained with
 input noise, L-BFGS reaches the objective's minimum in fewer steps than Adam and fits better (``gaussian_full`` on
@@ -72,12 +75,14 @@ class FitResult:
         pose: Fitted rotations of the 21 body joints (SMPL-X joints 1..21), canonical axis-angle (angle <= pi),
             shape (*, 21, 3).
         keypoints: Keypoints of the fitted pose (SMPL-X joints 0..21), shape (*, 22, 3).
-        loss: Final objective per pose, ``keypoint_loss + weight * prior_nll`` (in latent space
+        loss: Final objective per pose, ``keypoint_loss + weight * prior_energy`` (in latent space
             ``keypoint_loss + weight * |z|^2 / 2``), shape (*,).
         keypoint_loss: Final mean squared keypoint error over the visible keypoints (squared input units, m^2),
             shape (*,); 0 for a pose without visible keypoints.
         prior_nll: Final prior NLL of the body pose (nats), shape (*,), or None without a prior (also after a
             latent-space fit: the pose's NLL, not the latent penalty).
+        prior_energy: Final prior term of the pose-space objective, ``prior.energy`` of the body pose (equal to
+            ``prior_nll`` for a prior without a fitting energy), shape (*,), or None without a prior.
         steps: Number of optimiser steps allowed (Adam steps, or L-BFGS iterations).
     """
 
@@ -86,6 +91,7 @@ class FitResult:
     loss: Tensor
     keypoint_loss: Tensor
     prior_nll: Tensor | None
+    prior_energy: Tensor | None
     steps: int
 
 
@@ -143,7 +149,8 @@ def fit_keypoints(
 ) -> FitResult:
     """Fit the 21 body joint rotations to 3D body keypoints, optionally regularised by a pose prior.
 
-    Minimises, per pose, the mean squared error over the visible keypoints plus ``weight * prior.nll(body pose)``
+    Minimises, per pose, the mean squared error over the visible keypoints plus ``weight * prior.energy(body pose)``
+    (the prior's fitting energy, :meth:`~posepriors.priors.base.PosePrior.energy`: its NLL unless it carries one)
     with Adam (constant learning rate) from the zero pose, every pose of the batch at once. The root orientation
     is known (``global_orient``, identity by default) and not optimised; there is no translation (the pelvis
     keypoint is the origin). The prior is given the 21 body joints only: joints it models beyond them (hands) are
@@ -168,7 +175,7 @@ def fit_keypoints(
         offsets: Bone offsets of the skeleton, shape (55, 3) or (22, 3); default
             :func:`posepriors.kinematics.rest_offsets`.
         optimizer: ``"adam"`` or ``"lbfgs"`` (see the module docstring for which to pick).
-        space: ``"pose"`` (optimise the rotations, objective ``keypoint term + weight * prior.nll``) or
+        space: ``"pose"`` (optimise the rotations, objective ``keypoint term + weight * prior.energy``) or
             ``"latent"`` (optimise the prior's latent code of the body, as VPoser users fit: objective
             ``keypoint term + weight * |z|^2 / 2``, starting from the code of the start pose; needs a prior with a
             body latent space: ``joint_flow``, or ``global_flow`` with the body as its first part; see their
@@ -285,9 +292,10 @@ def fit_keypoints(
             final = decode(final)
         final = wrap_axis_angle(final)
         data = keypoint_loss(final)
-        nll = score(final) if score is not None else None
+        energy = score(final) if score is not None else None
+        nll = _prior_scorer(prior, device, "nll")(final) if score is not None else None
         if decode is None:
-            total = data if nll is None else data + w * nll
+            total = data if energy is None else data + w * energy
         fitted = body_keypoints(final, root, offsets)
     return FitResult(
         pose=final.reshape(*batch_shape, len(_BODY), 3),
@@ -295,6 +303,7 @@ def fit_keypoints(
         loss=total.reshape(batch_shape),
         keypoint_loss=data.reshape(batch_shape),
         prior_nll=None if nll is None else nll.reshape(batch_shape),
+        prior_energy=None if energy is None else energy.reshape(batch_shape),
         steps=steps,
     )
 
@@ -312,8 +321,9 @@ def _body_latent(prior: PosePrior) -> tuple[Callable[[Tensor], Tensor], Callable
     return (lambda pose: encode(pose.to(dtype)).to(pose.dtype)), (lambda z: decode(z.to(dtype)).to(z.dtype))
 
 
-def _prior_scorer(prior: PosePrior, device: torch.device) -> Callable[[Tensor], Tensor]:
-    """A function body pose (B, 21, 3) -> NLL (B,) that scores only the body joints the prior models."""
+def _prior_scorer(prior: PosePrior, device: torch.device, method: str = "energy") -> Callable[[Tensor], Tensor]:
+    """A function body pose (B, 21, 3) -> the prior's ``energy`` (its fitting energy, the NLL for a prior without
+    one) or ``nll`` (B,), which scores only the body joints the prior models."""
     if not isinstance(prior, PosePrior):
         raise TypeError(f"expected prior to be a PosePrior or None, got {type(prior).__name__}")
     joints = set(prior.joints)
@@ -333,12 +343,12 @@ def _prior_scorer(prior: PosePrior, device: torch.device) -> Callable[[Tensor], 
     if tuple(prior.joints) == _BODY:
 
         def score(pose: Tensor) -> Tensor:
-            return prior.nll(pose).to(pose.dtype)
+            return getattr(prior, method)(pose).to(pose.dtype)
 
     else:  # hands (or a root) the fit does not have are marginalised: only body_pose is observed
 
         def score(pose: Tensor) -> Tensor:
-            return prior.nll({"body_pose": pose}).to(pose.dtype)
+            return getattr(prior, method)({"body_pose": pose}).to(pose.dtype)
 
     return score
 

@@ -20,6 +20,7 @@ __all__ = [
     "LOG_2PI",
     "FolderLockedError",
     "atomic_write",
+    "floor_eigenvalues",
     "folder_lock",
     "resolve_device",
     "sha256_file",
@@ -27,6 +28,15 @@ __all__ = [
 
 LOG_2PI = math.log(2 * math.pi)
 """``log(2 pi)``, the constant of every Gaussian log-density."""
+
+
+def floor_eigenvalues(cov: torch.Tensor, floor: float) -> torch.Tensor:
+    """The symmetric matrices (*, D, D) with eigenvalues below ``floor`` raised to it (the nearest such matrices in
+    Frobenius norm): the covariance floor of the Gaussian families."""
+    eigval, eigvec = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
+    out = (eigvec * eigval.clamp_min(floor).unsqueeze(-2)) @ eigvec.transpose(-1, -2)
+    return 0.5 * (out + out.transpose(-1, -2))
+
 
 LOCK_NAME = ".posepriors.lock"
 """Name of the lock file that :func:`folder_lock` creates inside the locked folder."""

@@ -221,7 +221,7 @@ def test_fit_smoothed_uses_only_poses_that_observe_the_whole_body():
     prior = _small_flow(smoothed_members=1, smoothed_epochs=1)
     poses, _, _ = _correlated_body(64)
     observed = torch.zeros(64, 21, dtype=torch.bool)
-    with pytest.raises(ValueError, match="no training pose observes every body joint"):
+    with pytest.raises(ValueError, match="at least 2 training poses that observe every body joint, got 0"):
         prior.fit_smoothed(poses, observed)
     observed[:32] = True
     before = [p.clone() for p in prior.smoothed.parameters()]

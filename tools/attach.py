@@ -1,15 +1,20 @@
-"""Give a trained prior a broad component and/or a smoothed body density without retraining the family's weights.
+"""Give a trained prior a broad component, a smoothed body density and/or a fitting energy without retraining the
+family's weights.
 
 - ``--broad_weight w`` (alias ``--weight``): the broad component (:mod:`posepriors.priors.broad`), fitted in closed
   form on the training data; the prior becomes the exact mixture ``(1 - w) p + w b``.
 - ``--smoothed_noise_std s``: the smoothed body density (:mod:`posepriors.priors.smoothed`) that ``denoise`` uses
   for the posterior mean at noise ``s``, trained on the training poses that observe the whole body.
+- ``--energy_gaussian_weight lam``: the fitting energy (:mod:`posepriors.priors.energy`) that ``energy`` and
+  ``fit_keypoints`` use, with its full-covariance body Gaussian fitted in closed form on the training poses that
+  observe the whole body.
 
 The family's own weights are copied unchanged; the result is saved as a new model folder.
 
 Usage:
     python tools/attach.py SRC OUT --data_dir A.npz [--data_dir B.npz ...] [--broad_weight 0.1] [--components 2]
         [--min_std 0.02] [--smoothed_noise_std 0.1] [--smoothed_members 4] [--smoothed_epochs 60] [--seed 0]
+        [--energy_gaussian_weight 0.5] [--energy_min_std 0.01] [--energy_members 2]
 """
 
 from __future__ import annotations
@@ -38,9 +43,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoothed_num_layers", type=int, default=6, help="coupling layers of those flows")
     parser.add_argument("--smoothed_epochs", type=int, default=60, help="training epochs of each of those flows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the smoothed density's training")
+    parser.add_argument(
+        "--energy_gaussian_weight", type=float, default=None, help="weight of the body Gaussian in the fitting energy"
+    )
+    parser.add_argument("--energy_min_std", type=float, default=0.01, help="std floor of that Gaussian (radians)")
+    parser.add_argument(
+        "--energy_members", type=int, default=0, help="smoothed flows the fitting energy uses (its first ones; 0: all)"
+    )
     args = parser.parse_args(argv)
-    if args.broad_weight is None and args.smoothed_noise_std is None:
-        parser.error("nothing to attach: pass --broad_weight and/or --smoothed_noise_std")
+    if args.broad_weight is None and args.smoothed_noise_std is None and args.energy_gaussian_weight is None:
+        parser.error("nothing to attach: pass --broad_weight, --smoothed_noise_std and/or --energy_gaussian_weight")
 
     source = posepriors.load(args.src, frozen=False)
     changes = {}
@@ -54,10 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             smoothed_num_layers=args.smoothed_num_layers,
             smoothed_epochs=args.smoothed_epochs,
         )
+    if args.energy_gaussian_weight is not None:
+        changes.update(
+            energy_gaussian_weight=args.energy_gaussian_weight,
+            energy_min_std=args.energy_min_std,
+            energy_members=args.energy_members,
+        )
     prior = type(source)(dataclasses.replace(source.config, **changes))
     refit = tuple(
         prefix
-        for prefix, attached in (("broad.", args.broad_weight is not None), ("smoothed.", args.smoothed_noise_std))
+        for prefix, attached in (
+            ("broad.", args.broad_weight is not None),
+            ("smoothed.", args.smoothed_noise_std),
+            ("energy_gaussian.", args.energy_gaussian_weight),
+        )
         if attached
     )
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(refit)}
@@ -70,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"broad component (weight {args.broad_weight}) fitted on {len(data)} poses")
     if args.smoothed_noise_std is not None:
         prior.fit_smoothed(data.poses, data.observed, seed=args.seed, progress=print)
+    if args.energy_gaussian_weight:
+        prior.fit_energy(data.poses, data.observed)
+        print(f"fitting energy (body Gaussian weight {args.energy_gaussian_weight}) fitted on the whole-body poses")
     posepriors.save_pretrained(prior.eval(), args.out)
     print(f"saved {args.out}: {type(prior).__name__} with {changes}")
     return 0

@@ -40,7 +40,8 @@ from posepriors import skeleton
 from posepriors.flows import FlowSequence
 from posepriors.priors.broad import MarginalMixture
 from posepriors.priors.draws import rand
-from posepriors.priors.smoothed import SmoothedBody
+from posepriors.priors.energy import BodyGaussian
+from posepriors.priors.smoothed import BODY, SmoothedBody
 from posepriors.rotations import LOG_SO3_VOLUME, exp_map_log_abs_det
 
 __all__ = [
@@ -121,6 +122,13 @@ class PriorConfig:
         smoothed_hidden: Conditioner width of those flows.
         smoothed_num_layers: Coupling layers of those flows.
         smoothed_epochs: Training epochs of each of those flows (:meth:`PosePrior.fit_smoothed`).
+        energy_gaussian_weight: Weight ``lam`` of the full-covariance body Gaussian in the prior's fitting energy
+            (:mod:`posepriors.priors.energy`, :meth:`PosePrior.energy`); 0 (the default): no fitting energy, and
+            :meth:`PosePrior.energy` is the NLL. Needs the 21 body joints among ``joints``.
+        energy_min_std: Floor on that Gaussian's standard deviations (radians; its covariance is at least
+            ``energy_min_std^2 I``).
+        energy_members: Flows of the smoothed body density that the fitting energy uses (its first ones; 0: all).
+            Fewer flows make a fitting step cheaper.
     """
 
     joints: tuple[int, ...] = skeleton.PARTS["body"]
@@ -132,6 +140,9 @@ class PriorConfig:
     smoothed_hidden: int = 128
     smoothed_num_layers: int = 6
     smoothed_epochs: int = 60
+    energy_gaussian_weight: float = 0.0
+    energy_min_std: float = 0.01
+    energy_members: int = 0
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalise fields in place through object.__setattr__. Every field is checked against
@@ -156,11 +167,23 @@ class PriorConfig:
         for name in ("smoothed_members", "smoothed_hidden", "smoothed_num_layers", "smoothed_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"expected {name} >= 1, got {getattr(self, name)}")
-        if self.smoothed_noise_std and not set(skeleton.PARTS["body"]) <= set(self.joints):
+        if not 0 <= self.energy_gaussian_weight <= 1:
+            raise ValueError(f"expected 0 <= energy_gaussian_weight <= 1, got {self.energy_gaussian_weight!r}")
+        if not 0 < self.energy_min_std < math.inf:
+            raise ValueError(f"expected 0 < energy_min_std < inf, got {self.energy_min_std!r}")
+        if not 0 <= self.energy_members <= (self.smoothed_members if self.smoothed_noise_std else 0):
             raise ValueError(
-                f"a smoothed body density (smoothed_noise_std={self.smoothed_noise_std}) needs the 21 body joints "
-                f"(SMPL-X 1..21) among the prior's joints, got joints {self.joints}"
+                f"expected 0 <= energy_members <= the smoothed density's members "
+                f"({self.smoothed_members if self.smoothed_noise_std else 0}; 0: all), got {self.energy_members}"
             )
+        for needs_body, what in (
+            (self.smoothed_noise_std, f"a smoothed body density (smoothed_noise_std={self.smoothed_noise_std})"),
+            (self.energy_gaussian_weight, f"a fitting energy (energy_gaussian_weight={self.energy_gaussian_weight})"),
+        ):
+            if needs_body and not set(skeleton.PARTS["body"]) <= set(self.joints):
+                raise ValueError(
+                    f"{what} needs the 21 body joints (SMPL-X 1..21) among the prior's joints, got joints {self.joints}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON types (tuples become lists)."""
@@ -309,6 +332,8 @@ class PosePrior(nn.Module, ABC):
         )
         if self.smoothed is not None:  # trained on its own (fit_smoothed), never by the family's loss
             self.smoothed.requires_grad_(False)
+        self.energy_gaussian = BodyGaussian(3 * len(BODY)) if config.energy_gaussian_weight else None
+        if self.smoothed is not None or self.energy_gaussian is not None:
             position = {j: i for i, j in enumerate(config.joints)}
             body = [position[j] for j in skeleton.PARTS["body"]]  # the config checked they are all modelled
             self.register_buffer("body_index", torch.tensor(body), persistent=False)
@@ -468,6 +493,58 @@ class PosePrior(nn.Module, ABC):
             NLL per pose in nats, shape (*,).
         """
         return -self.log_prob(pose, mask, layout=layout, context=context)
+
+    def energy(
+        self,
+        pose: PoseInput,
+        mask: Tensor | np.ndarray | None = None,
+        *,
+        layout: str | None = None,
+        context: Tensor | None = None,
+    ) -> Tensor:
+        """The fitting energy: the regulariser this prior recommends for fits, ``loss = data + w * prior.energy(pose)``.
+
+        For a prior with a fitting energy (``energy_gaussian_weight > 0`` in its config; the shipped
+        ``global_flow``), an unnormalised negative log-density of the pose (:mod:`posepriors.priors.energy`):
+        ``-(1 - lam) log p_s(body) - lam log N(body)`` plus the exact conditional NLL of the other observed
+        joints given the body. It is smooth where :meth:`nll` is spiky, and fits better (docs/models.md); it is not
+        a likelihood (compare poses with :meth:`log_prob`). A mask that hides body joints gets :meth:`nll`, as does
+        every prior without a fitting energy. :func:`posepriors.fitting.fit_keypoints` minimises it.
+
+        Args:
+            pose: As in :meth:`log_prob`.
+            mask: As in :meth:`log_prob`.
+            layout: As in :meth:`log_prob`.
+            context: As in :meth:`log_prob`; the fitting energy's body terms do not use it.
+
+        Returns:
+            Energy per pose (nats, up to a constant), shape (*,).
+        """
+        if self.energy_gaussian is None:
+            return self.nll(pose, mask, layout=layout, context=context)
+        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
+        body = self.body_index
+        if m is not None and not bool(m[:, body].all()):
+            return self.nll(pose, mask, layout=layout, context=context)
+        ctx = self._check_context(context, x.shape[0], batch_shape)
+        v = x[:, body].flatten(1)
+        if self.smoothed is not None:
+            smooth = self._smoothed_log_prob(self.config.energy_members or None)(v)
+        else:  # the exact body marginal
+            smooth = self._density(x, self._body_only(x), **ctx)
+        lam = self.config.energy_gaussian_weight
+        out = -(1 - lam) * smooth - lam * self.energy_gaussian.log_prob(v)
+        rest = torch.ones(self.num_joints, dtype=torch.bool, device=x.device)
+        rest[body] = False
+        if bool(rest.any()) and (m is None or bool(m[:, rest].any())):  # observed joints beyond the body
+            out = out - (self._density(x, m, **ctx) - self._density(x, self._body_only(x), **ctx))
+        return out.reshape(batch_shape).to(out_dtype)
+
+    def _body_only(self, x: Tensor) -> Tensor:
+        """The mask (B, J) that observes the 21 body joints only."""
+        mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        mask[:, self.body_index] = True
+        return mask
 
     def compile(self, enabled: bool = True, *, gradient: bool = False, **options: Any) -> PosePrior:
         """Opt in to compiled inference: the flows' frozen forward runs through :func:`torch.compile`.
@@ -686,18 +763,24 @@ class PosePrior(nn.Module, ABC):
             return "map", "the mask hides body joints, and Tweedie's formula needs the whole body"
         return "tweedie", ""
 
-    def _smoothed_log_prob(self) -> Callable[[Tensor], Tensor]:
+    def _smoothed_log_prob(self, members: int | None = None) -> Callable[[Tensor], Tensor]:
         """The density of noisy body poses that :meth:`denoise` differentiates: (B, 63) -> (B,).
 
-        The smoothed body density (:attr:`smoothed`, at its noise level), mixed with the broad component convolved
-        with the same noise when the prior has one (exact: each Gaussian's variance grows by the noise variance).
+        The smoothed body density (:attr:`smoothed`, at its noise level; its first ``members`` flows, None: all),
+        mixed with the broad component convolved with the same noise when the prior has one (exact: each Gaussian's
+        variance grows by the noise variance).
 
         Raises:
             ValueError: For a prior without a smoothed body density.
         """
         if self.smoothed is None:
             raise ValueError(f"{self.model_type} has no smoothed body density (smoothed_noise_std=0 in its config)")
-        smooth, broad = self.smoothed.log_prob, self.broad
+        self.smoothed._members(members)  # checked now, not at the first call
+
+        def smooth(v: Tensor) -> Tensor:
+            return self.smoothed.log_prob(v, members)
+
+        broad = self.broad
         if broad is None:
             return smooth
         w, noise_std, body = self.config.broad_weight, self.smoothed.noise_std, self.body_index
@@ -887,6 +970,34 @@ class PosePrior(nn.Module, ABC):
         dims = None if observed is None else observed.repeat_interleave(3, dim=-1)
         self.broad.fit(pose.flatten(1), dims, min_std=self.config.broad_min_std)
 
+    def fit_energy(self, pose: Tensor, observed: Tensor | None = None) -> None:
+        """Fit the fitting energy's full-covariance body Gaussian (:class:`~posepriors.priors.energy.BodyGaussian`)
+        in closed form on the training poses that observe every body joint; nothing else is touched.
+
+        Args:
+            pose: Training poses in the prior's joint order, shape (N, J, 3).
+            observed: Observed joints, shape (N, J) bool (None: all).
+
+        Raises:
+            ValueError: When the prior has no fitting energy, on wrong shapes, or when fewer than 2 poses observe
+                the body.
+        """
+        if self.energy_gaussian is None:
+            raise ValueError(f"{type(self).__name__} has energy_gaussian_weight 0: there is no fitting energy to fit")
+        poses = self._body_training_poses(pose, observed)
+        self.energy_gaussian.fit(poses.flatten(1), min_std=self.config.energy_min_std)
+
+    def _body_training_poses(self, pose: Tensor, observed: Tensor | None) -> Tensor:
+        """The body joints (N', 21, 3) of the training poses that observe all of them."""
+        if pose.dim() != 3 or pose.shape[1:] != (self.num_joints, 3):
+            raise ValueError(f"expected poses of shape (N, {self.num_joints}, 3), got {tuple(pose.shape)}")
+        body = self.body_index.to(pose.device)
+        rows = slice(None) if observed is None else observed[:, body].all(-1)
+        poses = pose[rows][:, body]
+        if len(poses) < 2:
+            raise ValueError(f"expected at least 2 training poses that observe every body joint, got {len(poses)}")
+        return poses
+
     def fit_smoothed(
         self,
         pose: Tensor,
@@ -908,19 +1019,13 @@ class PosePrior(nn.Module, ABC):
             Every flow's last-epoch training loss.
 
         Raises:
-            ValueError: When the prior has no smoothed density, on wrong shapes, or when no pose observes the body.
+            ValueError: When the prior has no smoothed density, on wrong shapes, or when fewer than 2 poses observe
+                the body.
         """
         if self.smoothed is None:
             raise ValueError(f"{type(self).__name__} has smoothed_noise_std 0: there is no smoothed density to fit")
-        if pose.dim() != 3 or pose.shape[1:] != (self.num_joints, 3):
-            raise ValueError(f"expected poses of shape (N, {self.num_joints}, 3), got {tuple(pose.shape)}")
-        body = self.body_index.to(pose.device)
-        rows = slice(None) if observed is None else observed[:, body].all(-1)
-        poses = pose[rows][:, body]
-        if len(poses) == 0:
-            raise ValueError("no training pose observes every body joint: the smoothed body density needs some")
-        cfg = self.config
-        return self.smoothed.fit(poses, epochs=cfg.smoothed_epochs, seed=seed, progress=progress)
+        poses = self._body_training_poses(pose, observed)
+        return self.smoothed.fit(poses, epochs=self.config.smoothed_epochs, seed=seed, progress=progress)
 
     def _density(self, x: Tensor, mask: Tensor | None, **context: Tensor) -> Tensor:
         """The prior's log-density: the family's, mixed with the broad component when there is one."""

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from posepriors import skeleton
 from posepriors.priors.base import PoseInput, PosePrior, PriorConfig
 from posepriors.priors.draws import categorical, rand, randn
-from posepriors.utils import LOG_2PI
+from posepriors.utils import LOG_2PI, floor_eigenvalues
 
 __all__ = ["GMMConfig", "GMMPrior"]
 
@@ -500,19 +500,12 @@ class _Posterior:
         return 0.5 * (cond + cond.transpose(-1, -2))
 
 
-def _floor_eigenvalues(cov: Tensor, floor: float) -> Tensor:
-    """The symmetric matrices (*, D, D) with eigenvalues below ``floor`` raised to it."""
-    eigval, eigvec = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
-    out = (eigvec * eigval.clamp_min(floor).unsqueeze(-2)) @ eigvec.transpose(-1, -2)
-    return 0.5 * (out + out.transpose(-1, -2))
-
-
 def _regularise(cov: Tensor, floor: float, mode: str) -> Tensor:
     """Covariances (*, D, D) with no eigenvalue below ``floor``: raised to it (``"clip"``) or made positive
     semi-definite and shifted by ``floor`` (``"add"``)."""
     if mode == "clip":
-        return _floor_eigenvalues(cov, floor)
-    return _floor_eigenvalues(cov, 0.0) + floor * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        return floor_eigenvalues(cov, floor)
+    return floor_eigenvalues(cov, 0.0) + floor * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
 
 
 def _pairwise_moments(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:

@@ -72,13 +72,22 @@ class SmoothedBody(nn.Module):
         std = (self.var.to(y.dtype) + self.noise_std**2).sqrt()
         return ((y - self.mean.to(y.dtype)) / std).unsqueeze(1), -std.log().sum()
 
-    def log_prob(self, y: Tensor) -> Tensor:
-        """Log-density of noisy body poses, (B, 63) -> (B,)."""
+    def log_prob(self, y: Tensor, members: int | None = None) -> Tensor:
+        """Log-density of noisy body poses, (B, 63) -> (B,): the equal mixture of the first ``members`` flows
+        (None: all of them)."""
         if y.dim() != 2 or y.shape[1] != BODY_DIM:
             raise ValueError(f"expected noisy body poses of shape (B, {BODY_DIM}), got {tuple(y.shape)}")
+        flows = self.flows[: self._members(members)]
         u, logdet = self._scale(y)
-        terms = torch.cat([flow.log_prob(u) for flow in self.flows], dim=-1)  # (B, members)
-        return torch.logsumexp(terms, dim=-1) - math.log(len(self.flows)) + logdet
+        terms = torch.cat([flow.log_prob(u) for flow in flows], dim=-1)  # (B, members)
+        return torch.logsumexp(terms, dim=-1) - math.log(len(flows)) + logdet
+
+    def _members(self, members: int | None) -> int:
+        if members is None:
+            return len(self.flows)
+        if isinstance(members, bool) or not isinstance(members, int) or not 1 <= members <= len(self.flows):
+            raise ValueError(f"expected members between 1 and {len(self.flows)} (or None: all), got {members!r}")
+        return members
 
     def posterior_mean(self, y: Tensor, log_prob: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Tweedie's formula ``y + s^2 grad log p_s(y)`` for noisy body poses (B, 63) -> (B, 63).
