@@ -15,8 +15,9 @@ Protocol (docs/models.md, "Fitting benchmark protocol"):
   shoulder and the right hip).
 - Fit: :func:`posepriors.fitting.fit_keypoints`, Adam (``--optimizer adam``, ``--lr``, the default) for ``--steps``
   steps, or L-BFGS (``--optimizer lbfgs``) for at most ``--steps`` iterations, from the zero pose on the 21 body joint
-  rotations, every pose of a data set in one batch; loss = mean squared error of the visible keypoints + w * prior
-  NLL of the body pose (hands marginalised). ``--space latent``: priors with a body latent space (the flows)
+  rotations, every pose of a data set in one batch; loss = mean squared error of the visible keypoints + w *
+  ``prior.energy`` of the body pose (hands marginalised; the prior's fitting energy, its NLL for every prior but
+  the shipped ``global_flow``). ``--space latent``: priors with a body latent space (the flows)
   fit their latent code instead, loss = keypoint term + w * |z|^2 / 2, from the code of the zero pose.
 - Weight: w = m * 2 s^2 / K (s the noise std, K the visible keypoints: the weight of the MAP objective) with the
   multiplier m from ``--grid`` that gives the lowest mean joint-angle error on the tuning poses, then frozen. By

@@ -48,7 +48,8 @@ def load_prior(name: str, gmm: Path, device: str, _builtin=benchmark.load_prior)
     if match is None:
         return _builtin(name, gmm, device)
     prior = posepriors.load("global_flow", device=device)
-    prior.nll = smoothed_nll(prior, int(match[1]), bool(match[2]))  # fit_keypoints calls prior.nll({"body_pose": ...})
+    # fit_keypoints minimises prior.energy({"body_pose": ...}) and reports prior.nll: both become -log p_s
+    prior.nll = prior.energy = smoothed_nll(prior, int(match[1]), bool(match[2]))
     return prior
 
 
