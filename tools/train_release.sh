@@ -6,7 +6,7 @@ OUT=${1:?usage: train_release.sh OUT_DIR [MODEL ...]}; shift
 D=${DATA:-../shared/data}
 BODY="--data_dir $D/body_train.npz --val_dir $D/body_val.npz"
 HANDS="--data_dir $D/hands_train.npz --val_dir $D/hands_val.npz"
-models=${*:-gaussian gaussian_full joint_flow global_flow hand_vae hand_vae_so3}
+models=${*:-gaussian gaussian_full hands joint_flow global_flow hand_vae hand_vae_so3}
 for m in $models; do
   case $m in
     gaussian) posepriors-train gaussian --joints body+left_hand+right_hand $BODY $HANDS --max_epochs 3 --logger none --out "$OUT/gaussian" ;;
@@ -26,6 +26,8 @@ for m in $models; do
         python tools/attach.py "$OUT/global_flow_smoothed" "$OUT/global_flow" --data_dir $D/body_train.npz --data_dir $D/hands_train.npz \
             --energy_gaussian_weight 0.5 --energy_members 2 ;;
     gaussian_full) posepriors-train gmm --joints body+left_hand+right_hand --num_components 1 $BODY $HANDS --logger none --out "$OUT/gaussian_full" ;;
+    # The recommended hand prior: the full-covariance Gaussian over both hands (gaussian_full's hand block, on its own).
+    hands) posepriors-train gmm --joints left_hand+right_hand --num_components 1 $HANDS --logger none --out "$OUT/hands" ;;
     hand_vae) posepriors-train hand_vae --model_type standard $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae" ;;
     hand_vae_so3) posepriors-train hand_vae --model_type so3 $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae_so3" ;;
     # Hand-only flows: not bundled (size budget), trained to measure which hand prior to pick (docs/models.md).
