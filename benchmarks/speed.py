@@ -12,8 +12,8 @@ all of them alike), reported as medians and as per-round ratios ``median [min, m
 2. **A fitting step's prior term**: ``nll`` forward + backward w.r.t. a body-only pose at batch 1 and 256 (and
    ``energy``, the fitting energy that :func:`posepriors.fitting.fit_keypoints` minimises, for a prior that has
    one: ``global_flow.energy``), next to the Gaussian, and for the
-   flows also on the op-by-op autograd graph (the frozen couplings' one-node fast path switched off), and at batch
-   256 against the GEMMs of the same forward + backward.
+   flows also at batch 1 as tensor ops (the NumPy path of small CPU batches switched off) and on the op-by-op
+   autograd graph (both fast paths switched off), and at batch 256 against the GEMMs of the same forward + backward.
 3. **Keypoint fits** (:func:`posepriors.fitting.fit_keypoints`, ``--steps`` Adam steps, all 22 keypoints seen) of 1
    pose and of 256 poses per shipped body prior, next to the Gaussian and SMPLify's GMM (when
    ``../shared/baselines/smplify_gmm_08.npz`` is there): wall time per step.
@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import posepriors
 from posepriors.fitting import body_keypoints, fit_keypoints
+from posepriors.flows import sequence
 from posepriors.grouped import GroupedMLP
 from posepriors.priors import GMMPrior, PosePrior
 
@@ -113,12 +114,26 @@ def nll_step(prior: PosePrior, pose: torch.Tensor, method: str = "nll") -> Calla
 
 
 @contextlib.contextmanager
+def tensor_path() -> Iterator[None]:
+    """Switch off the NumPy path of small frozen CPU batches (``flows.sequence.NUMPY_MAX_ELEMENTS``): the flows
+    run as tensor ops, each coupling one autograd node."""
+    original = sequence.NUMPY_MAX_ELEMENTS
+    sequence.NUMPY_MAX_ELEMENTS = 0
+    try:
+        yield
+    finally:
+        sequence.NUMPY_MAX_ELEMENTS = original
+
+
+@contextlib.contextmanager
 def autograd_reference() -> Iterator[None]:
-    """Switch off the frozen couplings' one-node fast path: every op is recorded by autograd."""
+    """Switch off both fast paths (the NumPy path and the couplings' one-node backward): every op is recorded by
+    autograd."""
     original = GroupedMLP.has_input_vjp
     GroupedMLP.has_input_vjp = property(lambda self: False)  # type: ignore[method-assign, assignment]
     try:
-        yield
+        with tensor_path():
+            yield
     finally:
         GroupedMLP.has_input_vjp = original  # type: ignore[method-assign]
 
@@ -185,6 +200,8 @@ def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
         for key, step in steps.items():
             add(key, timed(step, args.repeat if key.endswith("b1") else 5))
         for name in flows:
+            with tensor_path():
+                add(f"{name} b1 tensor", timed(steps[f"{name} b1"], args.repeat))
             with autograd_reference():
                 for batch in (1, 256):
                     key = f"{name} b{batch}"
@@ -196,12 +213,17 @@ def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
         ratio = [a / b for a, b in zip(results[f"{name} b1"], results["gaussian b1"], strict=True)]
         print(f"{name:<20}{med[f'{name} b1']:>10.3f}{med[f'{name} b256']:>10.2f}   {spread(ratio)}")
     for name in flows:
+        numpy1 = [a / b for a, b in zip(results[f"{name} b1 tensor"], results[f"{name} b1"], strict=True)]
         speedup1 = [a / b for a, b in zip(results[f"{name} b1 autograd"], results[f"{name} b1"], strict=True)]
         speedup256 = [a / b for a, b in zip(results[f"{name} b256 autograd"], results[f"{name} b256"], strict=True)]
         over = [a / b for a, b in zip(results[f"{name} b256"], results[f"{name} gemms"], strict=True)]
         print(
             f"  {name}: op-by-op autograd {med[f'{name} b1 autograd']:.3f} ms at b=1 (fast path {spread(speedup1)} "
             f"faster), {med[f'{name} b256 autograd']:.2f} ms at b=256 (fast path {spread(speedup256)} faster)"
+        )
+        print(
+            f"  {name}: b=1 as tensor ops (the NumPy path off) {med[f'{name} b1 tensor']:.3f} ms "
+            f"(NumPy path {spread(numpy1)} faster)"
         )
         print(f"  {name}: b=256 forward + backward / its GEMMs alone ({med[f'{name} gemms']:.2f} ms): {spread(over)}")
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import posepriors
+from posepriors.flows import sequence
 from posepriors.flows.couplings import _FrozenCoupling
 from posepriors.grouped import GroupedMLP
 
@@ -61,16 +63,17 @@ def test_joint_flow_body_only_input_runs_the_body_joints_only():
 
 
 def test_shipped_flows_fast_gradients_match_the_recorded_graph(monkeypatch):
-    """The frozen one-node couplings give the same NLL gradients as the op-by-op autograd graph on the shipped
-    flows (body-only and full poses), in float64."""
+    """The fast paths (the NumPy path of small batches, the frozen one-node couplings) give the same NLL gradients
+    as the op-by-op autograd graph on the shipped flows (body-only and full poses), in float64."""
     poses = body_and_hand_poses(3, seed=1)
     for name in ("global_flow", "joint_flow"):
         prior = posepriors.load(name).double()
         for pose in (poses, poses[:, 1:22]):
             x = pose.clone().requires_grad_(True)
             (fast,) = torch.autograd.grad(prior.nll(x).sum(), x)
-            with monkeypatch.context() as patch:
+            with monkeypatch.context() as patch:  # both fast paths off: the tensor ops, recorded one by one
                 patch.setattr(GroupedMLP, "has_input_vjp", property(lambda self: False))
+                patch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
                 x = pose.clone().requires_grad_(True)
                 (reference,) = torch.autograd.grad(prior.nll(x).sum(), x)
             torch.testing.assert_close(fast, reference, atol=1e-9, rtol=1e-9)
@@ -174,3 +177,138 @@ def test_frozen_coupling_backward_flushes_subnormal_gradients():
     (grad,) = torch.autograd.grad((z * weight).sum() + logdet.sum() * (tiny / 8), x)
     nonzero = grad[grad != 0].abs()
     assert nonzero.numel() > 0 and bool((nonzero >= tiny).all())
+
+
+# ---------------------------------------------------------------------------------------------------- NumPy path
+def small_flow(groups: int, dim: int, context: int, dtype: torch.dtype, activation: str = "silu", **kwargs):
+    """A frozen spline flow with seeded non-trivial weights (every coupling, ActNorm and LU layer perturbed)."""
+    from posepriors import flows
+
+    flow = flows.build_flow(
+        groups,
+        dim,
+        num_layers=3,
+        hidden=12,
+        coupling=kwargs.pop("coupling", "spline"),
+        context_features=context,
+        bins=5,
+        bound=3.0,
+        activation=activation,
+        **kwargs,
+    )
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) / (p.shape[-2] ** 0.5 if p.dim() == 3 else 1))
+    return flow.to(dtype).eval().requires_grad_(False)
+
+
+def small_inputs(batch: int, groups: int, dim: int, context: int, dtype: torch.dtype):
+    """Inputs that reach every spline bin and both tails (|x| up to 8), and a context (or None)."""
+    g = torch.Generator().manual_seed(6)
+    x = 2.0 * torch.randn(batch, groups, dim, generator=g, dtype=torch.float64)
+    x[0, :, 0], x[-1, :, -1] = 8.0, -8.0
+    c = torch.randn(batch, groups, context, generator=g, dtype=torch.float64) if context else None
+    return x.to(dtype), None if c is None else c.to(dtype)
+
+
+def numpy_calls(monkeypatch) -> list[int]:
+    """Record every run of the NumPy path (its batch size)."""
+    calls: list[int] = []
+    forward = sequence._NumpyFlow.forward
+    monkeypatch.setattr(
+        sequence._NumpyFlow,
+        "forward",
+        staticmethod(lambda ctx, plan, x, c: calls.append(x.shape[0]) or forward(ctx, plan, x, c)),
+    )
+    return calls
+
+
+def value_and_gradients(flow, x, c):
+    x = x.clone().requires_grad_(True)
+    c = None if c is None else c.clone().requires_grad_(True)
+    log_prob = flow.log_prob(x, c)
+    g = torch.Generator().manual_seed(8)
+    weight = torch.randn(log_prob.shape, generator=g, dtype=log_prob.dtype)
+    z, logdet = flow(x, c)  # the latent codes and log-determinant get their own upstream gradients
+    total = (log_prob * weight).sum() + (z * z.detach().sin()).sum() + logdet.sum()
+    grads = torch.autograd.grad(total, (x,) if c is None else (x, c))
+    with torch.no_grad():
+        z_plain, logdet_plain = flow(x, c)
+    return (log_prob.detach(), z_plain, logdet_plain, *grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", [(1, 63, 0), (1, 10, 5), (21, 3, 6), (4, 2, 0)], ids=str)
+def test_numpy_path_matches_the_tensor_path(case, dtype, monkeypatch):
+    """A frozen spline flow on a small CPU batch runs in NumPy (one autograd node for the flow): the same
+    log-densities, latent codes, log-determinants and gradients w.r.t. the input and the context as the tensor
+    path, to float round-off, with values in both tails and every mask layout (D = 3 cycles through them)."""
+    groups, dim, context = case
+    flow = small_flow(groups, dim, context, dtype)
+    x, c = small_inputs(5, groups, dim, context, dtype)
+    calls = numpy_calls(monkeypatch)
+    fast = value_and_gradients(flow, x, c)
+    assert calls == [5, 5, 5]  # log_prob, forward with gradients, forward without
+    with monkeypatch.context() as patch:
+        patch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
+        reference = value_and_gradients(flow, x, c)
+    assert calls == [5, 5, 5]
+    tol = {torch.float32: dict(atol=2e-4, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}[dtype]
+    for got, want in zip(fast, reference, strict=True):
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol)
+    assert fast[3].abs().max() > 0
+
+
+def test_numpy_path_scope(monkeypatch):
+    """The NumPy path runs frozen flows on small CPU batches only: a batch above ``NUMPY_MAX_ELEMENTS``, a flow
+    whose weights need gradients, a dtype other than the flow's, an activation without a NumPy derivative (gelu)
+    or affine couplings take the tensor path. An in-place weight update reaches the next call."""
+    calls = numpy_calls(monkeypatch)
+    flow = small_flow(1, 10, 5, torch.float64)
+    x, c = small_inputs(3, 1, 10, 5, torch.float64)
+    flow.log_prob(x, c)
+    assert calls == [3]
+    monkeypatch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 29)  # 3 x 10 = 30 entries: above
+    flow.log_prob(x, c)
+    monkeypatch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 30)
+    flow.log_prob(x, c)
+    assert calls == [3, 3]
+    flow.requires_grad_(True)
+    x_grad = x.clone().requires_grad_(True)
+    flow.log_prob(x_grad, c).sum().backward()  # training-style: the weights get gradients, block by block
+    assert calls == [3, 3] and flow.blocks[2].conditioner[0].weight.grad is not None
+    flow.requires_grad_(False)
+    with pytest.raises(RuntimeError):  # the float32 input is not silently run in float64 arithmetic
+        flow.log_prob(x.float(), c.float())
+    assert calls == [3, 3]
+    for other in (
+        small_flow(1, 10, 5, torch.float64, activation="gelu"),
+        small_flow(1, 10, 5, torch.float64, coupling="affine"),
+    ):
+        other.log_prob(x, c)
+        assert calls == [3, 3]
+    before = flow.log_prob(x, c)
+    with torch.no_grad():
+        flow.blocks[2].conditioner[0].weight.mul_(1.5)  # in place: the cached arrays share its memory
+        flow.blocks[2].conditioner[-1].bias.add_(0.2)
+    after = flow.log_prob(x, c)
+    monkeypatch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
+    torch.testing.assert_close(after, flow.log_prob(x, c), atol=1e-10, rtol=1e-10)
+    assert (after - before).abs().max() > 1e-3 and calls == [3, 3, 3, 3]
+
+
+def test_numpy_path_flushes_subnormal_gradients(monkeypatch):
+    """Upstream gradients below the smallest normal float leave the NumPy path as exact zeros (subnormal floats
+    make a CPU's arithmetic tens of times slower), never as subnormals; normal gradients get through."""
+    calls = numpy_calls(monkeypatch)
+    flow = small_flow(1, 63, 0, torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    x = small_inputs(2, 1, 63, 0, torch.float32)[0].requires_grad_(True)
+    z, logdet = flow(x)
+    weight = torch.full_like(z, tiny / 8)
+    weight[:, :, :3] = 1.0
+    (grad,) = torch.autograd.grad((z * weight).sum() + logdet.sum() * (tiny / 8), x)
+    nonzero = grad[grad != 0].abs()
+    assert calls == [2] and nonzero.numel() > 0 and bool((nonzero >= tiny).all())

@@ -370,6 +370,7 @@ def test_frozen_inference_runs_large_batches_in_chunks(case, monkeypatch):
     """Without autograd, a frozen flow splits a large CPU batch into chunks: the same numbers, both directions; an
     input that needs gradients runs whole."""
     groups, dim, context = case
+    monkeypatch.setattr(flows.sequence, "NUMPY_MAX_ELEMENTS", 0)  # the tensor path (small batches run in NumPy)
     flow = flows.build_flow(groups, dim, num_layers=2, hidden=16, coupling="spline", context_features=context)
     perturb(flow).double().eval().requires_grad_(False)
     x, c = data(11, groups, dim, context)
@@ -656,10 +657,11 @@ def test_frozen_coupling_activations(activation):
     torch.testing.assert_close(grad, grad_ref, atol=1e-9, rtol=1e-9)
 
 
-def test_frozen_flow_records_one_node_per_coupling():
-    """A frozen flow's fitting step goes through the one-node couplings (matching the block-by-block flow), a
-    double backward raises instead of returning a silently wrong second derivative, and an unfrozen flow still
-    trains (its weights get gradients)."""
+def test_frozen_flow_records_one_node_per_coupling(monkeypatch):
+    """A frozen flow's fitting step on tensors goes through the one-node couplings (matching the block-by-block
+    flow), a double backward raises instead of returning a silently wrong second derivative, and an unfrozen flow
+    still trains (its weights get gradients)."""
+    monkeypatch.setattr(flows.sequence, "NUMPY_MAX_ELEMENTS", 0)  # the tensor path (small batches run in NumPy)
     flow = flows.build_flow(1, 10, num_layers=4, hidden=16, coupling="spline", context_features=5)
     perturb(flow).double().eval().requires_grad_(False)
     x, c = data(6, 1, 10, 5)

@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from posepriors.flows import _numpy_spline
 from posepriors.flows.core import _Block, _check_context, _check_input, _full_logdet, _LogDet, standard_normal_log_prob
-from posepriors.flows.couplings import _Coupling
+from posepriors.flows.couplings import RQSplineCoupling, _Coupling
 from posepriors.flows.linear import ActNorm, LULinear, Permutation
 from posepriors.grouped import GroupedLinear
 
@@ -139,7 +140,7 @@ class FlowSequence(nn.Module):
         written-out backward when the input needs a gradient (see ``_Coupling._frozen_forward``). The folded maps
         are computed once (in float64) and cached, keyed by the parameters' storage and version counters, so an
         in-place update, ``load_state_dict`` or ``.to()`` rebuilds them. Returns None when the flow
-        must run block by block.
+        must run block by block. A small CPU batch runs these steps in NumPy instead (:meth:`_numpy_plan`).
         """
         if not self._frozen():
             return None
@@ -245,10 +246,38 @@ class FlowSequence(nn.Module):
         """The cached frozen forward steps, couplings as recorded ops (see :meth:`compile_frozen`)."""
         return self._run_steps(self._folded[False][2], x, context)
 
+    def _numpy_plan(self, x: Tensor, context: Tensor | None) -> _numpy_spline.Plan | None:
+        """The frozen forward steps (:meth:`_frozen_steps`, already run) as arrays for :mod:`._numpy_spline`, when
+        ``x`` is a small float CPU batch (at most ``NUMPY_MAX_ELEMENTS`` entries) in the flow's dtype and every
+        step has a NumPy kernel; else None. Cached, and rebuilt when a parameter changes."""
+        if x.numel() > NUMPY_MAX_ELEMENTS or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return None
+        if context is not None and (context.dtype != x.dtype or context.device != x.device):
+            return None
+        steps = self._folded[False][1]
+        key = (id(steps), x.dtype, tuple((p.data_ptr(), p._version) for p in self._parameter_tuple()))
+        cached = self.__dict__.get("_numpy_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan: _numpy_spline.Plan | None = []
+        for step in steps:
+            coupling = getattr(step, "__self__", None)
+            if isinstance(step, _FoldedAffine) and step.matrix.dtype == x.dtype and step.matrix.device == x.device:
+                plan.append(_numpy_spline.affine_arrays(step))
+            elif isinstance(coupling, RQSplineCoupling) and _numpy_spline.supports(coupling, x.dtype):
+                plan.append((coupling, _numpy_spline.coupling_weights(coupling)))
+            else:
+                plan = None
+                break
+        self.__dict__["_numpy_cache"] = (key, plan)
+        return plan
+
     def _run(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         steps = self._frozen_steps(inverse)
         if steps is not None and self._compiled is not None and not inverse:
             return self._compiled(x, context)
+        if steps is not None and not inverse and (plan := self._numpy_plan(x, context)) is not None:
+            return _NumpyFlow.apply(plan, x, context)
         if steps is None:
             steps = self._steps(reversed(self.blocks) if inverse else self.blocks, inverse)
         elif (
@@ -396,6 +425,32 @@ class FlowSequence(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, dim={self.dim}, context_features={self.context_features}"
+
+
+NUMPY_MAX_ELEMENTS = 1024
+"""A frozen flow whose input has at most this many entries (B x G x D) and lives on the CPU in float32 or float64
+runs data to latent in NumPy (:mod:`posepriors.flows._numpy_spline`), one autograd node for the whole flow: on one
+pose or a few, where per-op overhead is the cost, several times faster than the tensor ops. 0 turns it off."""
+
+
+class _NumpyFlow(torch.autograd.Function):
+    """A frozen flow's forward (data to latent) in NumPy as one autograd node: ``(x, context) -> (z, logdet)``,
+    whose backward is the written-out vector-Jacobian product (gradients reach ``x`` and ``context``, never the
+    weights: the flow is frozen). First derivatives only."""
+
+    @staticmethod
+    def forward(ctx, plan: list, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        z, logdet, ctx.saved = _numpy_spline.flow_forward(
+            plan, x.detach().numpy(), None if context is None else context.detach().numpy()
+        )
+        ctx.plan = plan
+        return torch.from_numpy(z), torch.from_numpy(logdet)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None]:  # noqa: ANN001
+        grad_x, grad_context = _numpy_spline.flow_backward(ctx.plan, ctx.saved, grad_z.numpy(), grad_logdet.numpy())
+        return None, torch.from_numpy(grad_x), None if grad_context is None else torch.from_numpy(grad_context)
 
 
 class _FusedLogProb(torch.autograd.Function):

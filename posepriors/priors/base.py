@@ -379,12 +379,17 @@ class PosePrior(nn.Module, ABC):
     @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of the prior's parameters (float32 unless converted)."""
-        for tensor in self.parameters():
-            return tensor.dtype
-        for tensor in self.buffers():
-            if tensor.is_floating_point():
-                return tensor.dtype
-        return torch.get_default_dtype()
+        dtype = self.__dict__.get("_dtype")  # walking the modules costs more than a single pose's Gaussian term
+        if dtype is None:
+            dtype = next((t.dtype for t in self.parameters()), None)
+            if dtype is None:
+                dtype = next((t.dtype for t in self.buffers() if t.is_floating_point()), torch.get_default_dtype())
+            self.__dict__["_dtype"] = dtype
+        return dtype
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PosePrior:
+        self.__dict__.pop("_dtype", None)  # .to(), .double(), .half() ... may change it
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"model_type={self.model_type!r}, joints={self.num_joints}"
