@@ -196,7 +196,7 @@ def small_flow(groups: int, dim: int, context: int, dtype: torch.dtype, activati
         activation=activation,
         **kwargs,
     )
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(4 + kwargs.get("seed", 0))
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) / (p.shape[-2] ** 0.5 if p.dim() == 3 else 1))
@@ -312,3 +312,44 @@ def test_numpy_path_flushes_subnormal_gradients(monkeypatch):
     (grad,) = torch.autograd.grad((z * weight).sum() + logdet.sum() * (tiny / 8), x)
     nonzero = grad[grad != 0].abs()
     assert calls == [2] and nonzero.numel() > 0 and bool((nonzero >= tiny).all())
+
+
+def test_ensemble_of_flows_runs_as_one_numpy_flow(monkeypatch):
+    """``ensemble_log_prob`` runs one-group flows of one architecture (different weights and LU permutations) as
+    the groups of one NumPy flow: the same log-densities and input gradients as each flow on its own; flows that
+    do not stack (another width), a batch too large for the NumPy path or unfrozen flows run one by one."""
+    from posepriors import flows
+
+    members = [small_flow(1, 10, 0, torch.float64, seed=k) for k in range(3)]
+    x = small_inputs(4, 1, 10, 0, torch.float64)[0]
+
+    def run(ensemble):
+        point = x.clone().requires_grad_(True)
+        out = sequence.ensemble_log_prob(ensemble, point)
+        (grad,) = torch.autograd.grad((out * torch.arange(1.0, 1 + out.shape[1], dtype=out.dtype)).sum(), point)
+        return out.detach(), grad
+
+    calls = numpy_calls(monkeypatch)
+    fast = run(members)
+    assert calls == [4]  # one NumPy flow for the three members
+    with monkeypatch.context() as patch:
+        patch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
+        reference = run(members)
+    assert calls == [4] and fast[0].shape == (4, 3)
+    for got, want in zip(fast, reference, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    wider = flows.build_flow(1, 10, num_layers=3, hidden=20, coupling="spline", bins=5, bound=3.0)
+    wider.double().eval().requires_grad_(False)
+    mixed = [*members[:2], wider]
+    calls.clear()
+    out, _ = run(mixed)
+    assert calls == [4, 4, 4]  # each member on its own NumPy path
+    torch.testing.assert_close(out, torch.cat([m.log_prob(x) for m in mixed], -1), atol=1e-10, rtol=1e-10)
+    calls.clear()
+    monkeypatch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 100)  # 4 x 10 per member fits, 3 x 40 do not
+    run(members)
+    assert calls == [4, 4, 4]
+    members[0].requires_grad_(True)
+    calls.clear()
+    run(members)
+    assert calls == [4, 4]  # the unfrozen member runs block by block

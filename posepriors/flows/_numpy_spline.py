@@ -22,7 +22,7 @@ from posepriors.flows.couplings import RQSplineCoupling
 if TYPE_CHECKING:
     from posepriors.flows.sequence import _FoldedAffine
 
-__all__ = ["Plan", "affine_arrays", "coupling_weights", "flow_backward", "flow_forward", "supports"]
+__all__ = ["Plan", "affine_arrays", "coupling_weights", "flow_backward", "flow_forward", "same_spline", "supports"]
 
 
 def _sigmoid(a: np.ndarray) -> np.ndarray:
@@ -44,6 +44,19 @@ def supports(coupling: RQSplineCoupling, dtype: torch.dtype) -> bool:
     return mlp.activation in _ACTIVATIONS and all(
         layer.bias is not None and layer.weight.dtype == dtype and layer.weight.device.type == "cpu"
         for layer in mlp._linears
+    )
+
+
+def same_spline(a: RQSplineCoupling, b: RQSplineCoupling) -> bool:
+    """Whether two couplings run the same spline on the same dims (their weights may differ), so that their weights
+    can be stacked as the groups of one."""
+    return (
+        (a.dim, a.bins, a.bound, a.min_width, a.min_height, a.min_derivative, a.context_features, a._layout)
+        == (b.dim, b.bins, b.bound, b.min_width, b.min_height, b.min_derivative, b.context_features, b._layout)
+        and a.conditioner.activation == b.conditioner.activation
+        and bool(torch.equal(a.mask, b.mask))
+        and [layer.weight.shape for layer in a.conditioner._linears]
+        == [layer.weight.shape for layer in b.conditioner._linears]
     )
 
 

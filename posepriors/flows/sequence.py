@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -14,7 +15,7 @@ from posepriors.flows.couplings import RQSplineCoupling, _Coupling
 from posepriors.flows.linear import ActNorm, LULinear, Permutation
 from posepriors.grouped import GroupedLinear
 
-__all__ = ["FlowSequence"]
+__all__ = ["FlowSequence", "ensemble_log_prob"]
 
 _Step = Callable[..., tuple[Tensor, _LogDet]]
 
@@ -425,6 +426,57 @@ class FlowSequence(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, dim={self.dim}, context_features={self.context_features}"
+
+
+def ensemble_log_prob(flows: list[FlowSequence], x: Tensor) -> Tensor:
+    """Log-densities of ``x`` (B, 1, D) under each of several one-group flows of the same architecture, (B, M).
+
+    On a small CPU batch of frozen flows whose NumPy plans stack (the same steps, coupling masks and shapes; the
+    folded linear maps and the weights may differ), the M flows run as the M groups of one NumPy flow: one pass of
+    element-wise ops and one autograd node for the whole ensemble instead of M. Otherwise each flow runs on its own;
+    the numbers are the same either way.
+    """
+    _check_input(x, 1, flows[0].dim)
+    plans = []
+    if len(flows) > 1 and x.numel() * len(flows) <= NUMPY_MAX_ELEMENTS:
+        for flow in flows:
+            steps = flow._frozen_steps(False) if flow.groups == 1 and not flow.context_features else None
+            plan = None if steps is None or flow._compiled is not None else flow._numpy_plan(x, None)
+            if plan is None:
+                break
+            plans.append(plan)
+    stacked = _stacked_plan(plans) if len(plans) == len(flows) > 1 else None
+    if stacked is None:
+        return torch.cat([flow.log_prob(x) for flow in flows], dim=-1)
+    z, logdet = _NumpyFlow.apply(stacked, x.expand(-1, len(flows), -1).contiguous(), None)
+    return standard_normal_log_prob(z) + logdet
+
+
+_STACKED: list[tuple[list[_numpy_spline.Plan], _numpy_spline.Plan | None]] = []
+
+
+def _stacked_plan(plans: list[_numpy_spline.Plan]) -> _numpy_spline.Plan | None:
+    """One-group plans as the groups of one plan, or None if they do not stack (cached: a fitting loop asks for
+    the same ensemble at every step; the cache holds the plans, so their identity is a valid key)."""
+    for members, stacked in _STACKED:
+        if len(members) == len(plans) and all(a is b for a, b in zip(members, plans, strict=True)):
+            return stacked
+    stacked: _numpy_spline.Plan | None = [] if len({len(plan) for plan in plans}) == 1 else None
+    for steps in zip(*plans, strict=True) if stacked is not None else ():
+        kinds = {len(step) for step in steps}
+        if kinds == {4}:  # folded linear maps: (1, D, D), (1, D), (1,) each
+            stacked.append((*(np.concatenate([step[i] for step in steps]) for i in range(3)), False))
+        elif kinds == {2} and all(_numpy_spline.same_spline(steps[0][0], step[0]) for step in steps[1:]):
+            layers = zip(*(step[1] for step in steps), strict=True)  # per layer: every member's 3 arrays
+            weights = [tuple(np.concatenate(a) for a in zip(*layer, strict=True)) for layer in layers]
+            stacked.append((steps[0][0], weights))
+        else:
+            stacked = None
+            break
+    if len(_STACKED) >= 8:  # a few ensembles at a time
+        _STACKED.pop(0)
+    _STACKED.append((plans, stacked))
+    return stacked
 
 
 NUMPY_MAX_ELEMENTS = 1024

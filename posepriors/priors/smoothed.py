@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import FlowSequence, build_flow
+from posepriors.flows.sequence import ensemble_log_prob
 
 __all__ = ["SmoothedBody"]
 
@@ -79,7 +80,7 @@ class SmoothedBody(nn.Module):
             raise ValueError(f"expected noisy body poses of shape (B, {BODY_DIM}), got {tuple(y.shape)}")
         flows = self.flows[: self._members(members)]
         u, logdet = self._scale(y)
-        terms = torch.cat([flow.log_prob(u) for flow in flows], dim=-1)  # (B, members)
+        terms = ensemble_log_prob(list(flows), u)  # (B, members)
         return torch.logsumexp(terms, dim=-1) - math.log(len(flows)) + logdet
 
     def _members(self, members: int | None) -> int:
