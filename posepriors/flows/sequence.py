@@ -436,6 +436,8 @@ def ensemble_log_prob(flows: list[FlowSequence], x: Tensor) -> Tensor:
     element-wise ops and one autograd node for the whole ensemble instead of M. Otherwise each flow runs on its own;
     the numbers are the same either way.
     """
+    if not flows:
+        raise ValueError("expected at least one flow, got none")
     _check_input(x, 1, flows[0].dim)
     plans = []
     if len(flows) > 1 and x.numel() * len(flows) <= NUMPY_MAX_ELEMENTS:
