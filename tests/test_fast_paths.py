@@ -254,7 +254,9 @@ def test_numpy_path_matches_the_tensor_path(case, dtype, monkeypatch):
         patch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
         reference = value_and_gradients(flow, x, c)
     assert calls == [5, 5, 5]
-    tol = {torch.float32: dict(atol=2e-4, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}[dtype]
+    # float32: round-off through three spline layers (values in the tails, gradients near bin edges) reaches a few
+    # 1e-4 relative; float64 shows that the formulas are the same
+    tol = {torch.float32: dict(atol=1e-3, rtol=1e-3), torch.float64: dict(atol=1e-10, rtol=1e-10)}[dtype]
     for got, want in zip(fast, reference, strict=True):
         assert got.dtype == dtype and got.shape == want.shape
         torch.testing.assert_close(got, want, **tol)
@@ -353,3 +355,18 @@ def test_ensemble_of_flows_runs_as_one_numpy_flow(monkeypatch):
     calls.clear()
     run(members)
     assert calls == [4, 4]  # the unfrozen member runs block by block
+
+
+def test_numpy_path_refuses_a_backward_after_an_in_place_change(monkeypatch):
+    """The NumPy path keeps views of its input for the backward: like any autograd node it refuses to run the
+    backward once that input has been changed in place, instead of returning a gradient of other numbers."""
+    calls = numpy_calls(monkeypatch)
+    flow = small_flow(1, 10, 0, torch.float64)
+    leaf = small_inputs(2, 1, 10, 0, torch.float64)[0].requires_grad_(True)
+    x = leaf * 1.0
+    log_prob = flow.log_prob(x)
+    assert calls == [2]
+    with torch.no_grad():
+        x.add_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        log_prob.sum().backward()

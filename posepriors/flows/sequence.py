@@ -498,11 +498,15 @@ class _NumpyFlow(torch.autograd.Function):
             plan, x.detach().numpy(), None if context is None else context.detach().numpy()
         )
         ctx.plan = plan
+        # the saved arrays are views of x and context: saving them lets autograd refuse a backward after an
+        # in-place change of either (its version counter), as it does for any saved tensor
+        ctx.save_for_backward(*(t for t in (x, context) if t is not None))
         return torch.from_numpy(z), torch.from_numpy(logdet)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None]:  # noqa: ANN001
+        ctx.saved_tensors  # noqa: B018 (raises if the input was modified in place since the forward)
         grad_x, grad_context = _numpy_spline.flow_backward(ctx.plan, ctx.saved, grad_z.numpy(), grad_logdet.numpy())
         return None, torch.from_numpy(grad_x), None if grad_context is None else torch.from_numpy(grad_context)
 
