@@ -9,6 +9,7 @@ import posepriors
 from posepriors.flows import sequence
 from posepriors.flows.couplings import _FrozenCoupling
 from posepriors.grouped import GroupedMLP
+from tests.test_flows import data, perturb
 
 
 def body_and_hand_poses(n: int, seed: int = 0) -> torch.Tensor:
@@ -181,35 +182,16 @@ def test_frozen_coupling_backward_flushes_subnormal_gradients():
 
 # ---------------------------------------------------------------------------------------------------- NumPy path
 def small_flow(groups: int, dim: int, context: int, dtype: torch.dtype, activation: str = "silu", **kwargs):
-    """A frozen spline flow with seeded non-trivial weights (every coupling, ActNorm and LU layer perturbed)."""
+    """A frozen spline flow (bound 3, like ``data``'s tails) with seeded non-trivial weights (every coupling, ActNorm
+    and LU layer perturbed)."""
     from posepriors import flows
 
+    coupling = kwargs.pop("coupling", "spline")
     flow = flows.build_flow(
-        groups,
-        dim,
-        num_layers=3,
-        hidden=12,
-        coupling=kwargs.pop("coupling", "spline"),
-        context_features=context,
-        bins=5,
-        bound=3.0,
-        activation=activation,
-        **kwargs,
-    )
-    g = torch.Generator().manual_seed(4 + kwargs.get("seed", 0))
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) / (p.shape[-2] ** 0.5 if p.dim() == 3 else 1))
-    return flow.to(dtype).eval().requires_grad_(False)
-
-
-def small_inputs(batch: int, groups: int, dim: int, context: int, dtype: torch.dtype):
-    """Inputs that reach every spline bin and both tails (|x| up to 8), and a context (or None)."""
-    g = torch.Generator().manual_seed(6)
-    x = 2.0 * torch.randn(batch, groups, dim, generator=g, dtype=torch.float64)
-    x[0, :, 0], x[-1, :, -1] = 8.0, -8.0
-    c = torch.randn(batch, groups, context, generator=g, dtype=torch.float64) if context else None
-    return x.to(dtype), None if c is None else c.to(dtype)
+        groups, dim, num_layers=3, hidden=12, coupling=coupling, context_features=context, bins=5, bound=3.0,
+        activation=activation, **kwargs,
+    )  # fmt: skip
+    return perturb(flow, 0.3, seed=4 + kwargs.get("seed", 0)).to(dtype).eval().requires_grad_(False)
 
 
 def numpy_calls(monkeypatch) -> list[int]:
@@ -246,7 +228,7 @@ def test_numpy_path_matches_the_tensor_path(case, dtype, monkeypatch):
     path, to float round-off, with values in both tails and every mask layout (D = 3 cycles through them)."""
     groups, dim, context = case
     flow = small_flow(groups, dim, context, dtype)
-    x, c = small_inputs(5, groups, dim, context, dtype)
+    x, c = data(5, groups, dim, context, dtype)
     calls = numpy_calls(monkeypatch)
     fast = value_and_gradients(flow, x, c)
     assert calls == [5, 5, 5]  # log_prob, forward with gradients, forward without
@@ -269,7 +251,7 @@ def test_numpy_path_scope(monkeypatch):
     or affine couplings take the tensor path. An in-place weight update reaches the next call."""
     calls = numpy_calls(monkeypatch)
     flow = small_flow(1, 10, 5, torch.float64)
-    x, c = small_inputs(3, 1, 10, 5, torch.float64)
+    x, c = data(3, 1, 10, 5, torch.float64)
     flow.log_prob(x, c)
     assert calls == [3]
     monkeypatch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 29)  # 3 x 10 = 30 entries: above
@@ -307,7 +289,7 @@ def test_numpy_path_flushes_subnormal_gradients(monkeypatch):
     calls = numpy_calls(monkeypatch)
     flow = small_flow(1, 63, 0, torch.float32)
     tiny = torch.finfo(torch.float32).tiny
-    x = small_inputs(2, 1, 63, 0, torch.float32)[0].requires_grad_(True)
+    x = data(2, 1, 63, 0, torch.float32)[0].requires_grad_(True)
     z, logdet = flow(x)
     weight = torch.full_like(z, tiny / 8)
     weight[:, :, :3] = 1.0
@@ -323,7 +305,7 @@ def test_ensemble_of_flows_runs_as_one_numpy_flow(monkeypatch):
     from posepriors import flows
 
     members = [small_flow(1, 10, 0, torch.float64, seed=k) for k in range(3)]
-    x = small_inputs(4, 1, 10, 0, torch.float64)[0]
+    x = data(4, 1, 10, 0, torch.float64)[0]
 
     def run(ensemble):
         point = x.clone().requires_grad_(True)
@@ -362,7 +344,7 @@ def test_numpy_path_refuses_a_backward_after_an_in_place_change(monkeypatch):
     backward once that input has been changed in place, instead of returning a gradient of other numbers."""
     calls = numpy_calls(monkeypatch)
     flow = small_flow(1, 10, 0, torch.float64)
-    leaf = small_inputs(2, 1, 10, 0, torch.float64)[0].requires_grad_(True)
+    leaf = data(2, 1, 10, 0, torch.float64)[0].requires_grad_(True)
     x = leaf * 1.0
     log_prob = flow.log_prob(x)
     assert calls == [2]

@@ -22,7 +22,7 @@ from posepriors.flows.couplings import RQSplineCoupling
 if TYPE_CHECKING:
     from posepriors.flows.sequence import _FoldedAffine
 
-__all__ = ["Plan", "affine_arrays", "coupling_weights", "flow_backward", "flow_forward", "same_spline", "supports"]
+__all__ = ["Plan", "affine_arrays", "coupling_step", "flow_backward", "flow_forward", "same_spline", "supports"]
 
 
 def _sigmoid(a: np.ndarray) -> np.ndarray:
@@ -69,23 +69,6 @@ def _flush_subnormal(t: np.ndarray, tiny: float) -> np.ndarray:
     return np.where(np.abs(t) < tiny, 0, t)
 
 
-_CONSTANTS: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
-
-
-def _constants(coupling: RQSplineCoupling, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """The bin sizes' (2, 1) scale and offset (as ``RQSplineCoupling._factors``: made in float64, then cast), the
-    table columns of a bin's six entries as a (6, 1, 1, 1) offset (as its ``_columns``), and the dtype's smallest
-    normal number."""
-    K = coupling.bins
-    key = (K, coupling.bound, coupling.min_width, coupling.min_height, dtype)
-    if key not in _CONSTANTS:
-        minimum = np.array([[coupling.min_width], [coupling.min_height]])
-        scale, offset = 2 * coupling.bound * (1 - minimum * K), 2 * coupling.bound * minimum
-        columns = np.array([0, K, 2 * K, 3 * K, 4 * K, 4 * K + 1]).reshape(6, 1, 1, 1)
-        _CONSTANTS[key] = (scale.astype(dtype), offset.astype(dtype), columns, float(np.finfo(dtype).tiny))
-    return _CONSTANTS[key]
-
-
 _ROWS: dict[tuple[int, int], np.ndarray] = {}
 
 
@@ -99,11 +82,19 @@ def _row_offsets(rows: int, width: int) -> np.ndarray:
     return _ROWS[key]
 
 
-def coupling_weights(coupling: RQSplineCoupling) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The conditioner's (weight (G, in, out), bias (G, out), contiguous transposed weight (G, out, in)) per layer
-    as arrays (the first two share the parameters' memory); the caller rebuilds them when the weights change."""
-    arrays = [p.detach().numpy() for layer in coupling.conditioner._linears for p in (layer.weight, layer.bias)]
-    return [(w, b, np.ascontiguousarray(w.transpose(0, 2, 1))) for w, b in zip(arrays[::2], arrays[1::2], strict=True)]
+def coupling_step(coupling: RQSplineCoupling, like: torch.Tensor) -> tuple[RQSplineCoupling, list, tuple]:
+    """A spline coupling as a plan step for inputs like ``like``: ``(coupling, weights, constants)``.
+
+    ``weights`` are the conditioner's (weight (G, in, out), bias (G, out), contiguous transposed weight (G, out, in))
+    per layer as arrays (the first two share the parameters' memory; the caller rebuilds the step when the weights
+    change); ``constants`` are the coupling's own bin-size factors (``_factors``), its table columns (``_columns``)
+    shaped (6, 1, 1, 1), and the dtype's smallest normal number.
+    """
+    layers = [(layer.weight.detach().numpy(), layer.bias.detach().numpy()) for layer in coupling.conditioner._linears]
+    weights = [(w, b, np.ascontiguousarray(w.transpose(0, 2, 1))) for w, b in layers]
+    scale, offset, _ = coupling._factors(like)
+    columns = coupling._columns.cpu().numpy().reshape(6, 1, 1, 1)
+    return coupling, weights, (scale.numpy(), offset.numpy(), columns, float(torch.finfo(like.dtype).tiny))
 
 
 def affine_arrays(step: _FoldedAffine) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
@@ -112,7 +103,7 @@ def affine_arrays(step: _FoldedAffine) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _mlp_saving(coupling: RQSplineCoupling, weights: list, x: np.ndarray) -> tuple[np.ndarray, list]:
-    """The conditioner (its :func:`coupling_weights`) on ``x`` (B, G, in): its outputs (B, G, out) and the
+    """The conditioner (the weights of its :func:`coupling_step`) on ``x`` (B, G, in): its outputs (B, G, out) and the
     per-hidden-layer (pre-activation, activation)."""
     act = _ACTIVATIONS[coupling.conditioner.activation][0]
     saved = []
@@ -168,17 +159,17 @@ def _join(coupling: RQSplineCoupling, a1: np.ndarray, a2: np.ndarray) -> np.ndar
 
 
 def coupling_forward(
-    coupling: RQSplineCoupling, weights: list, x: np.ndarray, context: np.ndarray | None
+    coupling: RQSplineCoupling, weights: list, constants: tuple, x: np.ndarray, context: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """``(z, log |det dz/dx| (B, G), saved)`` of the coupling (with its :func:`coupling_weights`) on ``x``
-    (B, G, D) and ``context`` (B, G, C)."""
+    """``(z, log |det dz/dx| (B, G), saved)`` of the coupling (with the weights and constants of its
+    :func:`coupling_step`) on ``x`` (B, G, D) and ``context`` (B, G, C)."""
     x1, x2 = _split(coupling, x)
     h = x1 if not coupling.context_features else np.concatenate([x1, context], -1)
     params, hidden = _mlp_saving(coupling, weights, h)
     K, bound, shape = coupling.bins, coupling.bound, x2.shape
     raw = params.reshape(*shape, 3 * K - 1)
     raw_sizes, raw_derivs = raw[..., : 2 * K].reshape(*shape, 2, K), raw[..., 2 * K :]
-    scale, offset, columns_k, tiny = _constants(coupling, x.dtype)
+    scale, offset, columns_k, _ = constants
     limit = coupling._LOGIT_LIMIT
     unclamped = np.abs(raw_sizes) < limit
     weights_k = np.exp(np.minimum(np.maximum(raw_sizes, -limit), limit))
@@ -209,7 +200,7 @@ def coupling_forward(
     logdet = _add(np.where(outside, 0, np.log(m * (s_k * s_k)) - 2 * np.log(q)), -1)
     spline = (probs, unclamped, shifted, index)
     elements = (xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside)
-    return _join(coupling, x1, y2), logdet, (spline, elements, weights, hidden)
+    return _join(coupling, x1, y2), logdet, (spline, elements, weights, constants, hidden)
 
 
 def coupling_backward(
@@ -218,9 +209,9 @@ def coupling_backward(
     """Gradients w.r.t. ``x`` (B, G, D) and the context (B, G, C) or None, given those w.r.t. ``z`` and the
     log-determinant (the vector-Jacobian product of :func:`coupling_forward`), which hold no subnormal numbers;
     neither do the results."""
-    (probs, unclamped, shifted, index), elements, weights, hidden = saved
+    (probs, unclamped, shifted, index), elements, weights, (scale, _, _, tiny), hidden = saved
     xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside = elements
-    K, tiny = coupling.bins, _constants(coupling, grad_z.dtype)[3]
+    K = coupling.bins
     grad_z1, grad_y = _split(coupling, grad_z)
     gy = np.where(outside, 0, grad_y)  # the tails are the identity: no gradient to the spline's parameters there
     gl = np.where(outside, 0, grad_logdet[..., None])
@@ -248,7 +239,7 @@ def coupling_backward(
     grad_left = table[..., : 2 * K].reshape(*xi.shape, 2, K)
     # a left knot is the sum of the sizes before it: sizes get the sum of the left-knot gradients after them
     grad_sizes = table[..., 2 * K : 4 * K].reshape(grad_left.shape) + _add(grad_left, -1, keepdims=True)
-    grad_probs = (grad_sizes - grad_left.cumsum(-1)) * _constants(coupling, grad_y.dtype)[0]
+    grad_probs = (grad_sizes - grad_left.cumsum(-1)) * scale
     grad_raw_sizes = probs * (grad_probs - _add(probs * grad_probs, -1, keepdims=True)) * unclamped
     grad_raw_derivs = table[..., 4 * K + 1 : 5 * K] * _sigmoid(shifted)
     grad_params = np.concatenate([grad_raw_sizes.reshape(*xi.shape, 2 * K), grad_raw_derivs], -1)
@@ -262,8 +253,8 @@ def coupling_backward(
     return grad_x, grad_context
 
 
-Plan = list[tuple[RQSplineCoupling, list] | tuple[np.ndarray, np.ndarray, np.ndarray, bool]]
-"""A frozen flow's forward steps: ``(coupling, coupling_weights(coupling))`` or ``affine_arrays(folded map)``."""
+Plan = list[tuple[RQSplineCoupling, list, tuple] | tuple[np.ndarray, np.ndarray, np.ndarray, bool]]
+"""A frozen flow's forward steps: :func:`coupling_step` or :func:`affine_arrays` (a folded linear map)."""
 
 
 def flow_forward(plan: Plan, x: np.ndarray, context: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list]:
@@ -275,7 +266,7 @@ def flow_forward(plan: Plan, x: np.ndarray, context: np.ndarray | None) -> tuple
     logdet = np.zeros(x.shape[:2], x.dtype)
     saved = []
     for step in plan:
-        if len(step) == 2:
+        if isinstance(step[0], RQSplineCoupling):
             x, ld, keep = coupling_forward(*step, x, context)
             saved.append(keep)
         else:  # z = x A + c

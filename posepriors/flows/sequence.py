@@ -266,7 +266,7 @@ class FlowSequence(nn.Module):
             if isinstance(step, _FoldedAffine) and step.matrix.dtype == x.dtype and step.matrix.device == x.device:
                 plan.append(_numpy_spline.affine_arrays(step))
             elif isinstance(coupling, RQSplineCoupling) and _numpy_spline.supports(coupling, x.dtype):
-                plan.append((coupling, _numpy_spline.coupling_weights(coupling)))
+                plan.append(_numpy_spline.coupling_step(coupling, x))
             else:
                 plan = None
                 break
@@ -465,13 +465,13 @@ def _stacked_plan(plans: list[_numpy_spline.Plan]) -> _numpy_spline.Plan | None:
             return stacked
     stacked: _numpy_spline.Plan | None = [] if len({len(plan) for plan in plans}) == 1 else None
     for steps in zip(*plans, strict=True) if stacked is not None else ():
-        kinds = {len(step) for step in steps}
-        if kinds == {4}:  # folded linear maps: (1, D, D), (1, D), (1,) each
+        couplings = [step[0] for step in steps if isinstance(step[0], RQSplineCoupling)]
+        if not couplings:  # folded linear maps: (1, D, D), (1, D), (1,) each
             stacked.append((*(np.concatenate([step[i] for step in steps]) for i in range(3)), False))
-        elif kinds == {2} and all(_numpy_spline.same_spline(steps[0][0], step[0]) for step in steps[1:]):
+        elif len(couplings) == len(steps) and all(_numpy_spline.same_spline(couplings[0], c) for c in couplings[1:]):
             layers = zip(*(step[1] for step in steps), strict=True)  # per layer: every member's 3 arrays
             weights = [tuple(np.concatenate(a) for a in zip(*layer, strict=True)) for layer in layers]
-            stacked.append((steps[0][0], weights))
+            stacked.append((couplings[0], weights, steps[0][2]))
         else:
             stacked = None
             break
