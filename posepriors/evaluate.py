@@ -28,7 +28,7 @@ from posepriors.priors.base import PRIOR_LAYOUT, PosePrior
 from posepriors.rotations import axis_angle_to_matrix
 from posepriors.utils import resolve_device
 
-DENOISERS = ("posterior_mean", "map")
+DENOISERS = ("posterior_mean", "adaptive", "map")
 """The denoising test's estimators (:func:`denoise_stats`)."""
 
 __all__ = [
@@ -94,7 +94,8 @@ class DenoiseStats:
         error_before_deg: Error of the noisy poses, degrees.
         error_after_deg: Error after denoising, degrees.
         reduction: ``1 - after / before``.
-        estimator: What ran: ``"closed_form"``, ``"tweedie"`` or ``"map"`` (:meth:`PosePrior.denoise_estimator`).
+        estimator: What ran: ``"closed_form"``, ``"tweedie"`` or ``"map"`` (:meth:`PosePrior.denoise_estimator`),
+            or ``"tweedie_sure"`` (``denoise(..., adaptive=True)``).
     """
 
     sigma: float
@@ -277,7 +278,9 @@ def denoise_stats(
         generator: Generator of the noise.
         batch_size: Poses per call of the denoiser.
         denoiser: ``"posterior_mean"``: :meth:`PosePrior.denoise` (the MAP where the prior has no posterior mean
-            at ``sigma``, without its warning; the stats say which ran); ``"map"``: ``project(noise_std=sigma)``.
+            at ``sigma``, without its warning; the stats say which ran); ``"adaptive"``: the same, with
+            ``adaptive=True`` where the estimator is Tweedie's formula (each call is one set for SURE's blend
+            weight: the poses in near-equal calls of at most ``batch_size``); ``"map"``: ``project(noise_std=sigma)``.
         **project_kwargs: Passed on to ``prior.project`` (``denoiser="map"`` only).
 
     Returns:
@@ -287,16 +290,22 @@ def denoise_stats(
         raise ValueError(f"expected denoiser to be one of {DENOISERS}, got {denoiser!r}")
     if project_kwargs and denoiser != "map":
         raise TypeError(f"project options {sorted(project_kwargs)} need denoiser='map', got {denoiser!r}")
-    estimator = prior.denoise_estimator(sigma, mask) if denoiser == "posterior_mean" else "map"
+    estimator = prior.denoise_estimator(sigma, mask) if denoiser != "map" else "map"
+    adaptive = denoiser == "adaptive" and estimator == "tweedie"
+    if adaptive:
+        estimator = "tweedie_sure"
     noisy = clean + sigma * torch.randn(clean.shape, generator=generator, dtype=clean.dtype)
+    # chunks of at most batch_size poses; for the SURE blend (one weight per call) of near-equal sizes, so that no
+    # call gets a small remainder
+    chunks = noisy.tensor_split(math.ceil(len(noisy) / batch_size)) if adaptive else noisy.split(batch_size)
     parts = []
-    for i in range(0, len(noisy), batch_size):
-        m = None if mask is None else mask.expand(len(noisy[i : i + batch_size]), -1)
-        chunk = noisy[i : i + batch_size].to(prior.device)
+    for chunk in chunks:
+        m = None if mask is None else mask.expand(len(chunk), -1)
+        chunk = chunk.to(prior.device)
         if estimator == "map":  # what denoise falls back to, without its warning (the stats say "map")
             parts.append(prior.project(chunk, m, noise_std=sigma, **project_kwargs).cpu())
         else:
-            parts.append(prior.denoise(chunk, m, noise_std=sigma).cpu())
+            parts.append(prior.denoise(chunk, m, noise_std=sigma, adaptive=adaptive).cpu())
     projected = torch.cat(parts).to(clean.dtype)
     joints = slice(None) if mask is None else mask
     before = _geodesic_deg(noisy, clean)[:, joints].mean().item()
@@ -583,8 +592,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--denoiser",
         choices=DENOISERS,
         default="posterior_mean",
-        help="the denoising test's estimator: prior.denoise (the posterior mean, or the MAP where the prior has "
-        "none at --sigma) or the MAP project(noise_std=sigma)",
+        help="the denoising test's estimator: prior.denoise (posterior_mean: the posterior mean, or the MAP where "
+        "the prior has none at --sigma; adaptive: the same with adaptive=True where it is Tweedie's formula, each "
+        "call one set: near-equal calls of at most 1,024 poses) or the MAP project(noise_std=sigma)",
     )
     parser.add_argument("--no_completion", action="store_true", help="skip the completion test")
     parser.add_argument(

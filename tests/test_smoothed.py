@@ -251,7 +251,8 @@ def test_the_evaluation_runs_the_posterior_mean_and_records_which_estimator_ran(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback's warning is not raised: the stats say "map" instead
         assert denoise_stats(prior, clean, sigma=0.05, denoiser="posterior_mean").estimator == "map"
-    with pytest.raises(ValueError, match=r"expected denoiser to be one of \('posterior_mean', 'map'\), got 'mmse'"):
+    expected = r"expected denoiser to be one of \('posterior_mean', 'adaptive', 'map'\), got 'mmse'"
+    with pytest.raises(ValueError, match=expected):
         denoise_stats(prior, clean, denoiser="mmse")
     with pytest.raises(TypeError, match=r"project options \['steps'\] need denoiser='map'"):
         denoise_stats(prior, clean, steps=5)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import FlowSequence
+from posepriors.priors import sure
 from posepriors.priors.broad import MarginalMixture
 from posepriors.priors.draws import rand
 from posepriors.priors.energy import BodyGaussian
@@ -692,6 +693,7 @@ class PosePrior(nn.Module, ABC):
         noise_std: float,
         layout: str | None = None,
         context: Tensor | None = None,
+        adaptive: bool = False,
     ) -> Tensor:
         """The posterior mean ``E[x | y]`` of poses ``y`` observed with Gaussian noise of std ``noise_std`` radians
         per axis-angle coordinate: the denoiser of least squared error under the prior.
@@ -708,23 +710,44 @@ class PosePrior(nn.Module, ABC):
           ``project(pose, mask, noise_std=...)``, with a ``UserWarning``: a flow's MAP is no posterior mean, and on
           the shipped flows it denoises worse (docs/models.md).
 
+        ``adaptive=True`` (Tweedie's formula only) treats the poses of the call as one set from one source (a clip,
+        a capture session, the output of one pipeline) and returns ``f + t (g - f)``: the flow's posterior mean
+        ``f`` blended towards the broad component's ``g`` (the per-coordinate mixture, closed form; without a broad
+        component the smoothed density's per-coordinate Gaussian) by the weight ``t`` in [0, 1] that minimises
+        Stein's unbiased risk estimate of the squared error summed over the set (:mod:`posepriors.priors.sure`).
+        SURE needs only the noisy poses, so the set itself says how far the flow's correlations hold for it: ``t``
+        stays near 0 on AMASS-like poses and grows on poses from other pipelines (dance, A-poses). It costs
+        ``2 k`` more gradients per pose for the divergence (``k`` probes, 1 for sets of 256 poses or more, up to 64
+        for a single pose). Give it dozens of poses or more: on a single pose the weight is noisy and can cost
+        accuracy (docs/models.md, "Denoising").
+
         Args:
             pose: As in :meth:`log_prob`.
             mask: As in :meth:`log_prob`; Tweedie's formula needs every body joint observed (else: the MAP fallback).
             noise_std: The noise level (finite, > 0).
             layout: As in :meth:`log_prob`.
             context: As in :meth:`log_prob`.
+            adaptive: Blend the posterior mean towards the broad component's by the SURE-optimal weight for the
+                call's poses (Tweedie's formula only).
 
         Returns:
             Denoised poses in the prior's joint order, shape (*, J, 3), in the promoted dtype of the pose and the
             prior.
 
         Raises:
-            ValueError: As :meth:`project`.
+            ValueError: As :meth:`project`; ``adaptive=True`` where the estimator is not Tweedie's formula.
         """
         noise_std = _check_noise_std(noise_std)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"expected adaptive to be a bool, got {type(adaptive).__name__}")
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
         estimator, why = self._estimator(noise_std, m)
+        if adaptive and estimator != "tweedie":
+            raise ValueError(
+                f"adaptive=True blends Tweedie's posterior mean of a smoothed body density, but "
+                f"{type(self).__name__}.denoise runs the {estimator!r} estimator at noise_std={noise_std}"
+                + (f" ({why})" if why else "")
+            )
         if estimator == "map":
             warnings.warn(
                 f"{type(self).__name__}.denoise: no posterior mean at noise_std={noise_std} ({why}); "
@@ -738,7 +761,7 @@ class PosePrior(nn.Module, ABC):
                 stack.enter_context(torch.inference_mode(False))
                 x, m = x.clone(), (m.clone() if m is not None else None)
             if estimator == "tweedie":
-                out = self._denoise_tweedie(x, m, noise_std, ctx)
+                out = self._denoise_tweedie(x, m, noise_std, ctx, adaptive)
             else:  # what project(noise_std=...) runs
                 out = self._map_project(x, m, noise_std, **ctx)
         return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
@@ -788,8 +811,7 @@ class PosePrior(nn.Module, ABC):
         broad = self.broad
         if broad is None:
             return smooth
-        w, noise_std, body = self.config.broad_weight, self.smoothed.noise_std, self.body_index
-        dims = (body[:, None] * 3 + torch.arange(3, device=body.device)).flatten()
+        w, noise_std, dims = self.config.broad_weight, self.smoothed.noise_std, self._body_dims()
 
         def log_prob(v: Tensor) -> Tensor:
             b = broad.log_prob(v, dims=dims, noise_std=noise_std).to(v.dtype)
@@ -797,11 +819,23 @@ class PosePrior(nn.Module, ABC):
 
         return log_prob
 
-    def _denoise_tweedie(self, x: Tensor, mask: Tensor | None, noise_std: float, ctx: Mapping[str, Tensor]) -> Tensor:
-        """Body joints by Tweedie's formula, the other joints by the MAP denoiser given the noisy pose."""
+    def _body_dims(self) -> Tensor:
+        """The body joints' coordinates among the prior's flattened coordinates, (63,) long."""
+        body = self.body_index
+        return (body[:, None] * 3 + torch.arange(3, device=body.device)).flatten()
+
+    def _denoise_tweedie(
+        self, x: Tensor, mask: Tensor | None, noise_std: float, ctx: Mapping[str, Tensor], adaptive: bool = False
+    ) -> Tensor:
+        """Body joints by Tweedie's formula (blended by SURE with ``adaptive``), the other joints by the MAP
+        denoiser given the noisy pose."""
         body = self.body_index
         y = x[:, body].flatten(1)
-        est = self.smoothed.posterior_mean(y, self._smoothed_log_prob()).reshape(-1, len(body), 3).to(x.dtype)
+        log_prob = self._smoothed_log_prob()
+        est = self.smoothed.posterior_mean(y, log_prob)
+        if adaptive:
+            est = self._sure_blend(y, est, log_prob)
+        est = est.reshape(-1, len(body), 3).to(x.dtype)
         out = x.clone()
         out[:, body] = est
         if self.num_joints == len(body):
@@ -813,6 +847,37 @@ class PosePrior(nn.Module, ABC):
             return self._project(out, mask, keep_observed=True, **ctx).detach()
         mapped = self._map_project(x, mask, noise_std, **ctx).detach()
         return torch.where(others[:, None], mapped, out)
+
+    def _broad_posterior_mean(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The body's posterior mean under the broad component (without one: the smoothed density's per-coordinate
+        Gaussian) at the smoothed density's noise level, and its divergence: (B, 63) -> (B, 63), (B,)."""
+        noise_std = self.smoothed.noise_std
+        if self.broad is not None:
+            return self.broad.posterior_mean(y, dims=self._body_dims(), noise_std=noise_std)
+        diagonal = MarginalMixture(y.shape[1], 1).to(self.smoothed.mean)
+        diagonal.means.copy_(self.smoothed.mean)
+        diagonal.stds.copy_(self.smoothed.var.sqrt())
+        return diagonal.posterior_mean(y, noise_std=noise_std)
+
+    def _sure_blend(self, y: Tensor, tweedie: Tensor, log_prob: Callable[[Tensor], Tensor]) -> Tensor:
+        """Tweedie's estimate blended towards the broad posterior mean by the weight that minimises the set's SURE
+        (:func:`sure.blend_weight`), (B, 63).
+
+        Args:
+            y: The noisy body poses of the set, (B, 63).
+            tweedie: Their posterior mean under ``log_prob``, (B, 63).
+            log_prob: The density of noisy poses that Tweedie's formula differentiates.
+        """
+        noise_std = self.smoothed.noise_std
+        broad, broad_div = self._broad_posterior_mean(y)
+        div = sure.divergence(
+            lambda v: self.smoothed.posterior_mean(v, log_prob).detach(),
+            y.detach(),
+            step=0.01 * noise_std,
+            probes=sure.probes_for(len(y)),
+        )
+        weight = sure.blend_weight(y, tweedie, div, broad, broad_div, noise_std)
+        return tweedie + weight * (broad - tweedie)
 
     def project_options(self, map_mode: bool = False) -> tuple[str, ...]:
         """The keyword options :meth:`project` takes in the fast mode (``map_mode=False``) or the MAP mode

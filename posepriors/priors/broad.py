@@ -123,6 +123,37 @@ class MarginalMixture(nn.Module):
             terms = terms * observed.to(terms.dtype)
         return terms.sum(-1)
 
+    def posterior_mean(self, y: Tensor, *, dims: Tensor | None = None, noise_std: float) -> tuple[Tensor, Tensor]:
+        """The posterior mean ``E[x | y]`` under this density for ``y = x + noise_std * n``, coordinate by
+        coordinate in closed form, and its divergence (the trace of its Jacobian, which is diagonal).
+
+        Per coordinate, with ``v_k = std_k^2 + s^2`` and the responsibilities ``r_k`` of the convolved components,
+        the score is ``sum_k r_k a_k`` with ``a_k = (mean_k - y) / v_k``, its derivative
+        ``-sum_k r_k / v_k + sum_k r_k a_k^2 - score^2``, and ``E[x | y] = y + s^2 score`` (Tweedie's formula).
+
+        Args:
+            y: Noisy points, shape (B, D), or (B, len(dims)) with ``dims``.
+            dims: The coordinates ``y`` holds, (d,) long (None: all D).
+            noise_std: The noise std ``s`` (> 0).
+
+        Returns:
+            The posterior means, shape like ``y``, and their divergences, shape (B,).
+        """
+        if not noise_std > 0:
+            raise ValueError(f"expected noise_std > 0, got {noise_std!r}")
+        means, stds, log_w = self.means, self.stds, self.log_weights
+        if dims is not None:
+            means, stds, log_w = means[:, dims], stds[:, dims], log_w[:, dims]
+        if y.dim() != 2 or y.shape[1] != means.shape[1]:
+            raise ValueError(f"expected points of shape (B, {means.shape[1]}), got {tuple(y.shape)}")
+        var = (stds.square() + noise_std**2).to(y.dtype)  # (K, d)
+        means = means.to(y.dtype)
+        resp = torch.softmax(self._terms(y, means, var.sqrt(), log_w.to(y.dtype)), dim=1)  # (B, K, d)
+        slope = (means - y[:, None, :]) / var
+        score = (resp * slope).sum(1)
+        derivative = (resp * (slope.square() - 1 / var)).sum(1) - score.square()
+        return y + noise_std**2 * score, (1 + noise_std**2 * derivative).sum(-1)
+
     def sample(
         self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0, dtype: torch.dtype = None
     ) -> Tensor:
