@@ -8,12 +8,15 @@ all of them alike), reported as medians and as per-round ratios ``median [min, m
 1. **Scoring at batch 4096** (``log_prob``, no gradient) of every shipped model, against **its own matrix
    multiplies alone**: the GEMMs (``mm``, ``addmm``, ``bmm``, ``baddbmm``) a call runs are recorded with a
    :class:`~torch.utils._python_dispatch.TorchDispatchMode` and replayed on random operands of the same shapes and
-   strides. Their time is what these cores need for the model's arithmetic; the ratio is the overhead on top.
+   strides. Their time is what these cores need for the model's arithmetic; the ratio is the overhead on top. With
+   Numba installed (``posepriors[fast]``) the spline couplings run as fused kernels
+   (:mod:`posepriors.flows._numba_spline`); the flows are also timed with them switched off (tensor ops).
 2. **A fitting step's prior term**: ``nll`` forward + backward w.r.t. a body-only pose at batch 1 and 256 (and
    ``energy``, the fitting energy that :func:`posepriors.fitting.fit_keypoints` minimises, for a prior that has
    one: ``global_flow.energy``), next to the Gaussian, and for the
-   flows also at batch 1 as tensor ops (the NumPy path of small CPU batches switched off) and on the op-by-op
-   autograd graph (both fast paths switched off), and at batch 256 against the GEMMs of the same forward + backward.
+   flows also at batch 1 as tensor ops (the NumPy path of small CPU batches and the fused kernels switched off)
+   and on the op-by-op autograd graph (every fast path switched off), and at batch 256 against the GEMMs of the
+   same forward + backward, with and without the fused kernels.
 3. **Keypoint fits** (:func:`posepriors.fitting.fit_keypoints`, ``--steps`` Adam steps, all 22 keypoints seen) of 1
    pose and of 256 poses per shipped body prior, next to the Gaussian and SMPLify's GMM (when
    ``../shared/baselines/smplify_gmm_08.npz`` is there): wall time per step.
@@ -38,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import posepriors
 from posepriors.fitting import body_keypoints, fit_keypoints
-from posepriors.flows import sequence
+from posepriors.flows import _numba_spline, sequence
 from posepriors.grouped import GroupedMLP
 from posepriors.priors import GMMPrior, PosePrior
 
@@ -114,13 +117,25 @@ def nll_step(prior: PosePrior, pose: torch.Tensor, method: str = "nll") -> Calla
 
 
 @contextlib.contextmanager
+def no_kernels() -> Iterator[None]:
+    """Switch off the fused Numba spline kernels (``flows._numba_spline.ENABLED``): the couplings run tensor ops."""
+    original = _numba_spline.ENABLED
+    _numba_spline.ENABLED = False
+    try:
+        yield
+    finally:
+        _numba_spline.ENABLED = original
+
+
+@contextlib.contextmanager
 def tensor_path() -> Iterator[None]:
-    """Switch off the NumPy path of small frozen CPU batches (``flows.sequence.NUMPY_MAX_ELEMENTS``): the flows
-    run as tensor ops, each coupling one autograd node."""
+    """Switch off the NumPy path of small frozen CPU batches (``flows.sequence.NUMPY_MAX_ELEMENTS``) and the fused
+    kernels: the flows run as tensor ops, each coupling one autograd node."""
     original = sequence.NUMPY_MAX_ELEMENTS
     sequence.NUMPY_MAX_ELEMENTS = 0
     try:
-        yield
+        with no_kernels():
+            yield
     finally:
         sequence.NUMPY_MAX_ELEMENTS = original
 
@@ -160,18 +175,28 @@ def scoring(args: argparse.Namespace, names: list[str]) -> None:
         gemms = recorded(score)
         contenders[name] = (score, gemms.replay(), gemms.flops)
     model_s: dict[str, list[float]] = {n: [] for n in contenders}
+    tensor_s: dict[str, list[float]] = {n: [] for n in contenders}
     gemm_s: dict[str, list[float]] = {n: [] for n in contenders}
+    kernels = _numba_spline.available()
     for _ in range(args.rounds):
         for name, (score, gemm, _) in contenders.items():
             model_s[name].append(timed(score, 3))
+            if kernels:
+                with no_kernels():
+                    tensor_s[name].append(timed(score, 3))
             gemm_s[name].append(timed(gemm, 3))
-    print(f"{'model':<16}{'poses/s':>12}{'GEMM GFLOP':>12}{'GEMMs alone ms':>16}{'model ms':>10}  model / GEMMs")
+    print(f"fused spline kernels (Numba): {'on' if kernels else 'not available: tensor ops only'}")
+    header = f"{'model':<16}{'poses/s':>12}{'GEMM GFLOP':>12}{'GEMMs alone ms':>16}{'model ms':>10}  model / GEMMs"
+    print(header + ("            tensor ops / GEMMs (kernels off)" if kernels else ""))
     for name, (_, _, flops) in contenders.items():
         m, g = statistics.median(model_s[name]), statistics.median(gemm_s[name])
         ratios = [a / b for a, b in zip(model_s[name], gemm_s[name], strict=True)]
-        print(
-            f"{name:<16}{args.batch / m:>12.0f}{flops / 1e9:>12.2f}{1000 * g:>16.1f}{1000 * m:>10.1f}  {spread(ratios)}"
-        )
+        line = f"{name:<16}{args.batch / m:>12.0f}{flops / 1e9:>12.2f}{1000 * g:>16.1f}{1000 * m:>10.1f}"
+        line += f"  {spread(ratios)}"
+        if kernels:
+            off = [a / b for a, b in zip(tensor_s[name], gemm_s[name], strict=True)]
+            line += f"   {spread(off)}"
+        print(line)
 
 
 def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
@@ -207,6 +232,8 @@ def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
                     key = f"{name} b{batch}"
                     add(f"{key} autograd", timed(steps[key], args.repeat if batch == 1 else 5))
             add(f"{name} gemms", timed(gemms[name], 5))
+            with no_kernels():
+                add(f"{name} b256 no kernels", timed(steps[f"{name} b256"], 5))
     med = {k: 1000 * statistics.median(v) for k, v in results.items()}
     print(f"{'model':<20}{'b=1 ms':>10}{'b=256 ms':>10}   b=1 / gaussian")
     for name in [key[: -len(" b1")] for key in steps if key.endswith(" b1")]:
@@ -217,6 +244,7 @@ def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
         speedup1 = [a / b for a, b in zip(results[f"{name} b1 autograd"], results[f"{name} b1"], strict=True)]
         speedup256 = [a / b for a, b in zip(results[f"{name} b256 autograd"], results[f"{name} b256"], strict=True)]
         over = [a / b for a, b in zip(results[f"{name} b256"], results[f"{name} gemms"], strict=True)]
+        off = [a / b for a, b in zip(results[f"{name} b256 no kernels"], results[f"{name} gemms"], strict=True)]
         print(
             f"  {name}: op-by-op autograd {med[f'{name} b1 autograd']:.3f} ms at b=1 (fast path {spread(speedup1)} "
             f"faster), {med[f'{name} b256 autograd']:.2f} ms at b=256 (fast path {spread(speedup256)} faster)"
@@ -226,6 +254,7 @@ def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
             f"(NumPy path {spread(numpy1)} faster)"
         )
         print(f"  {name}: b=256 forward + backward / its GEMMs alone ({med[f'{name} gemms']:.2f} ms): {spread(over)}")
+        print(f"  {name}: the same with the fused kernels off ({med[f'{name} b256 no kernels']:.2f} ms): {spread(off)}")
 
 
 def keypoint_fits(args: argparse.Namespace, names: list[str]) -> None:

@@ -23,6 +23,9 @@ inference (eval mode, no parameter gradients) folds ActNorm and mixing into one 
 coupling as one autograd node with a written-out backward (which flushes subnormal gradients to zero), runs the
 conditioners' activations in place wherever autograd records nothing, and splits large CPU batches into chunks that
 keep each layer's hidden activations in cache; :meth:`FlowSequence.compile_frozen` opts in to ``torch.compile``.
+On the CPU with Numba installed (``pip install "posepriors[fast]"``), a spline coupling that records no autograd, or
+runs as one frozen autograd node, evaluates its spline (and its written-out backward) as one fused kernel
+(``posepriors.flows._numba_spline``) instead of some 60 tensor ops; ``POSEPRIORS_NUMBA=0`` turns that off.
 
 Modules: :mod:`~posepriors.flows.core` (the block protocol), :mod:`~posepriors.flows.linear` (ActNorm, permutations,
 LU mixing), :mod:`~posepriors.flows.couplings` (affine and spline couplings), :mod:`~posepriors.flows.sequence`

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from posepriors.flows import _numba_spline
 from posepriors.flows.core import _Block, _LogDet
 from posepriors.grouped import GroupedMLP
 
@@ -354,6 +355,13 @@ class RQSplineCoupling(_Coupling):
         return columns, table.gather(-1, columns).movedim(-1, 0).contiguous()
 
     def _transform(self, x2: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        if (
+            not inverse
+            and not (torch.is_grad_enabled() and (x2.requires_grad or params.requires_grad))
+            and _numba_spline.usable(x2, params)
+        ):  # no autograd to record: the fused CPU kernel (posepriors.flows._numba_spline), where Numba is installed
+            out, logdet, _ = _numba_spline.forward(self, x2, params)
+            return out, logdet
         # Written for few tensor ops (each op costs microseconds of overhead on a single pose, forward and
         # backward): one softmax and one cumsum for widths and heights together, one table, one gather.
         B = self.bound
@@ -391,6 +399,9 @@ class RQSplineCoupling(_Coupling):
         # The forward spline of _transform in the bin-local form that _transform_vjp differentiates:
         # xi = (x - x_k) / w_k, s = h_k / w_k, t = xi (1 - xi), y = y_k + h_k P / Q with P = s xi^2 + d_k t and
         # Q = s + c t, c = d_k + d_k1 - 2 s; dy/dx = s^2 M / Q^2 with M = d_k1 xi^2 + 2 s t + d_k (1 - xi)^2.
+        # On the CPU with Numba installed, the same formulas run as one fused kernel (posepriors.flows._numba_spline).
+        if _numba_spline.usable(x2, params):
+            return _numba_spline.forward(self, x2, params)
         probs, unclamped, shifted, left, table = self._spline_table(params)
         v = F.hardtanh(x2, -self.bound, self.bound)
         columns, (x_k, y_k, w_k, h_k, d_k, d_k1) = self._bin_entries(table, left, v, inverse=False)
@@ -411,6 +422,8 @@ class RQSplineCoupling(_Coupling):
         return out, logdet, (bins, (xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside))
 
     def _transform_vjp(self, saved: tuple[Tensor, ...], grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(saved, _numba_spline.Saved):
+            return _numba_spline.backward(self, saved, grad_y, grad_logdet)
         (probs, unclamped, shifted, columns), elements = saved
         xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside = elements
         K = self.bins

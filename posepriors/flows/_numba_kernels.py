@@ -1,0 +1,159 @@
+"""The Numba loops of :mod:`posepriors.flows._numba_spline` (imported only where Numba is installed).
+
+Module-level functions, so that ``cache=True`` keeps their machine code on disk between processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+from numba import prange
+
+__all__ = ["spline_backward", "spline_forward"]
+
+jit = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+scalar = numba.njit(cache=True, error_model="numpy", inline="always")
+
+
+@scalar
+def softplus(sp, raw, shift, limit):  # noqa: ANN001, ANN202
+    """softplus(raw + shift), given sp = log1p(exp(clamp(raw)) exp(shift)), exact unless the clamp was active."""
+    if abs(raw) < limit:
+        return sp
+    u = raw + shift
+    return max(u, 0.0) + math.log1p(math.exp(-abs(u)))
+
+
+@scalar
+def sigmoid(exp_u, raw, shift, limit):  # noqa: ANN001, ANN202
+    """sigmoid(raw + shift) from exp(raw + shift) (valid unless the clamp was active)."""
+    if abs(raw) < limit:
+        return exp_u / (1.0 + exp_u)
+    u = raw + shift
+    return 1.0 / (1.0 + math.exp(-u)) if u >= 0 else math.exp(u) / (1.0 + math.exp(u))
+
+
+@jit
+def spline_forward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, logdet):  # noqa: ANN001, ANN202
+    rows, n = x.shape
+    P = 3 * K - 1
+    for r in prange(rows):
+        product, total = 1.0, 0.0
+        for i in range(n):
+            v = x[r, i]
+            if v <= -bound or v >= bound:  # the ends and beyond: the identity
+                y[r, i] = v
+                continue
+            b = i * P
+            zw, zh = 0.0, 0.0
+            for j in range(K):
+                zw += e[r, b + j]
+                zh += e[r, b + K + j]
+            fw, fh = sw / zw, sh / zh
+            xk, yk, k = -bound, -bound, 0
+            w, h = ow + fw * e[r, b], oh + fh * e[r, b + K]
+            while k < K - 1 and v >= xk + w:
+                xk += w
+                yk += h
+                k += 1
+                w, h = ow + fw * e[r, b + k], oh + fh * e[r, b + K + k]
+            d0, d1 = 1.0, 1.0  # the end knots' derivatives are 1
+            if k > 0:
+                j = b + 2 * K + k - 1
+                d0 = softplus(sp[r, i * (K - 1) + k - 1], raw[r, j], shift, limit) + min_d
+            if k < K - 1:
+                j = b + 2 * K + k
+                d1 = softplus(sp[r, i * (K - 1) + k], raw[r, j], shift, limit) + min_d
+            s = h / w
+            xi = (v - xk) / w
+            xi_1m = 1.0 - xi
+            t = xi * xi_1m
+            q = s + (d0 + d1 - 2.0 * s) * t
+            y[r, i] = yk + h * (s * xi * xi + d0 * t) / q
+            m = d1 * xi * xi + 2.0 * s * t + d0 * xi_1m * xi_1m
+            product *= s * s * m / (q * q)
+            if product > 1e100 or product < 1e-100:  # one log per row unless the product would leave range
+                total += math.log(product)
+                product = 1.0
+        logdet[r] = total + math.log(product)
+
+
+@jit
+def spline_backward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, gy, gl, grad_x, grad_p):  # noqa: ANN001, ANN202
+    rows, n = x.shape
+    P = 3 * K - 1
+    for r in prange(rows):
+        g_ld = gl[r]
+        for i in range(n):
+            v = x[r, i]
+            b = i * P
+            for j in range(P):
+                grad_p[r, b + j] = 0.0
+            if v < -bound or v > bound:  # beyond the ends (at an end, the spline's one-sided derivatives)
+                grad_x[r, i] = gy[r, i]
+                continue
+            g_y = gy[r, i]
+            zw, zh = 0.0, 0.0
+            for j in range(K):
+                zw += e[r, b + j]
+                zh += e[r, b + K + j]
+            fw, fh = sw / zw, sh / zh
+            xk, yk, k = -bound, -bound, 0
+            w, h = ow + fw * e[r, b], oh + fh * e[r, b + K]
+            while k < K - 1 and v >= xk + w:
+                xk += w
+                yk += h
+                k += 1
+                w, h = ow + fw * e[r, b + k], oh + fh * e[r, b + K + k]
+            d0, d1, e0, e1 = 1.0, 1.0, 0.0, 0.0  # the end knots' derivatives are 1
+            if k > 0:
+                j = b + 2 * K + k - 1
+                d0, e0 = softplus(sp[r, i * (K - 1) + k - 1], raw[r, j], shift, limit) + min_d, e[r, j] * exp_shift
+            if k < K - 1:
+                j = b + 2 * K + k
+                d1, e1 = softplus(sp[r, i * (K - 1) + k], raw[r, j], shift, limit) + min_d, e[r, j] * exp_shift
+            s = h / w
+            xi = (v - xk) / w
+            xi_1m = 1.0 - xi
+            t = xi * xi_1m
+            c = d0 + d1 - 2.0 * s
+            q = s + c * t
+            p = s * xi * xi + d0 * t
+            g = p / q
+            m = d1 * xi * xi + 2.0 * s * t + d0 * xi_1m * xi_1m
+            inv_q, inv_m = 1.0 / q, 1.0 / m
+            one_2t, one_2xi = 1.0 - 2.0 * t, 1.0 - 2.0 * xi
+            # partials w.r.t. (xi, s, d0, d1) of y (times q^2 / h) and of log dy/dx
+            coef = g_y * h * inv_q * inv_q
+            a_xi = g_ld * (2.0 * (d1 * xi + s * one_2xi - d0 * xi_1m) * inv_m - 2.0 * c * one_2xi * inv_q)
+            a_xi += coef * s * m
+            a_s = g_ld * (2.0 * t * inv_m - 2.0 * one_2t * inv_q + 2.0 / s) + coef * (xi * xi * q - p * one_2t)
+            a_d0 = g_ld * (xi_1m * xi_1m * inv_m - 2.0 * t * inv_q) + coef * t * (q - p)
+            a_d1 = g_ld * (xi * xi * inv_m - 2.0 * t * inv_q) - coef * t * p
+            grad_xi = a_xi / w
+            grad_x[r, i] = grad_xi
+            grad_s = a_s / w
+            grad_w = -(grad_s * s + xi * grad_xi)
+            grad_h = grad_s + g_y * g
+            # sizes: a left knot is -bound plus the sizes before it; then the softmax of the clamped logits
+            dot_w, dot_h = 0.0, 0.0
+            for j in range(K):
+                gw = -grad_xi if j < k else (grad_w if j == k else 0.0)
+                gh = g_y if j < k else (grad_h if j == k else 0.0)
+                dot_w += e[r, b + j] * fw * gw
+                dot_h += e[r, b + K + j] * fh * gh
+            for j in range(K):
+                gw = -grad_xi if j < k else (grad_w if j == k else 0.0)
+                gh = g_y if j < k else (grad_h if j == k else 0.0)
+                if abs(raw[r, b + j]) < limit:  # softmax backward, with p_j = e_j / z and dp_j = sw gw
+                    grad_p[r, b + j] = e[r, b + j] / zw * (sw * gw - dot_w)
+                if abs(raw[r, b + K + j]) < limit:
+                    grad_p[r, b + K + j] = e[r, b + K + j] / zh * (sh * gh - dot_h)
+            # inner knot derivatives: softplus(raw + shift) + min_d, whose derivative is the sigmoid
+            if k > 0:
+                j = b + 2 * K + k - 1
+                grad_p[r, j] = a_d0 * sigmoid(e0, raw[r, j], shift, limit)
+            if k < K - 1:
+                j = b + 2 * K + k
+                grad_p[r, j] = a_d1 * sigmoid(e1, raw[r, j], shift, limit)

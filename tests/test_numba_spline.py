@@ -1,0 +1,527 @@
+"""The fused Numba kernels of the spline coupling (:mod:`posepriors.flows._numba_spline`): the same numbers as the
+tensor ops (values, log-determinants and vector-Jacobian products, tails, interval ends and clamped logits
+included), and they run only where no autograd, tracer, dispatch mode or transform needs the tensor ops."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+
+import posepriors
+from posepriors import flows
+from posepriors.flows import _numba_spline, sequence
+from posepriors.flows.couplings import RQSplineCoupling
+from tests.test_flows import data, perturb
+
+pytest.importorskip("numba", reason="the fused spline kernels need Numba (pip install 'posepriors[fast]')")
+
+LIMIT = RQSplineCoupling._LOGIT_LIMIT
+MASKS = {  # conditioning dims (True) of a 7-D coupling: index-gather, prefix and suffix layouts
+    "mid": [True, False, True, False, False, True, False],
+    "prefix": [True, True, True, False, False, False, False],
+    "suffix": [False, False, False, False, True, True, True],
+}
+
+
+@contextlib.contextmanager
+def numba_enabled(enabled: bool) -> Iterator[None]:
+    """Switch the kernels on or off (``_numba_spline.ENABLED``) and restore the previous setting."""
+    previous = _numba_spline.ENABLED
+    _numba_spline.ENABLED = enabled
+    try:
+        yield
+    finally:
+        _numba_spline.ENABLED = previous
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed the global RNG for building a module (the blocks' initialisation draws from it) and restore its state
+    afterwards, so that the weights do not depend on which tests ran before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_enabled() -> Iterator[None]:
+    with numba_enabled(_numba_spline.ENABLED):
+        yield
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> dict[str, int]:
+    """Count the runs of the kernels' forward and backward (the couplings call them through the module)."""
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        original = getattr(_numba_spline, name)
+
+        def counted(*args, name=name, original=original):
+            calls[name] += 1
+            return original(*args)
+
+        monkeypatch.setattr(_numba_spline, name, counted)
+    return calls
+
+
+def spline_coupling(mask, bins: int, dtype: torch.dtype, groups: int = 3, context: int = 2, logit_scale: float = 1.0):
+    """A frozen perturbed 7-D spline coupling (bound 3); ``logit_scale`` scales its conditioner's last layer, so that
+    some outputs go beyond the logit clamp."""
+    with seeded(bins):
+        coupling = RQSplineCoupling(groups, len(mask), mask, 12, context_features=context, bins=bins, bound=3.0)
+    perturb(coupling, scale=1.0, seed=bins)
+    with torch.no_grad():
+        coupling.conditioner[-1].weight.mul_(logit_scale)
+        coupling.conditioner[-1].bias.mul_(logit_scale)
+    return coupling.to(dtype).eval().requires_grad_(False)
+
+
+def spline_inputs(coupling: RQSplineCoupling, batch: int, dtype: torch.dtype, seed: int = 0):
+    """Transformed dims (batch, G, n) and raw conditioner outputs (batch, G, n (3K - 1)) with every special case:
+    values in both tails, exactly at -bound and +bound, just inside, on inner knots; logits beyond the clamp
+    (|raw| > 50), exactly at it, a bin dominated by one clamped logit, all logits clamped, knot-derivative logits
+    where ``softplus`` changes formula (20 < raw + shift < 50) and far below zero."""
+    g = torch.Generator().manual_seed(seed)
+    G, n, K, bound = coupling._groups(), coupling.num_transformed, coupling.bins, coupling.bound
+    P = 3 * K - 1
+    x = 1.5 * torch.randn(batch, G, n, generator=g, dtype=torch.float64)
+    x[0, :, 0], x[0, :, -1] = bound, -bound
+    x[1, :, :] = torch.tensor([-10.0, 10.0, -bound, bound])[torch.arange(n) % 4]
+    x[2, :, :] = -bound
+    x[3, :, :] = bound - 1e-12  # just inside (in float32: the end)
+    params = 2.0 * torch.randn(batch, G, n * P, generator=g, dtype=torch.float64)
+    raw = params.view(batch, G, n, P)
+    raw[4] = 60.0  # every logit clamped: uniform bins, steep inner knots (softplus of a logit beyond the clamp)
+    raw[5, ..., 0], raw[5, ..., 1:K] = 70.0, -70.0  # one wide bin; the others at their minimum
+    raw[6, ..., K : 2 * K] = LIMIT  # exactly at the clamp
+    raw[6, ..., :K] = -LIMIT
+    raw[7, ..., 2 * K :] = torch.linspace(19.0, 49.0, K - 1, dtype=torch.float64)  # large derivative logits
+    raw[8, ..., 2 * K :] = -80.0  # derivatives at their floor
+    raw[9:13] *= 40.0  # a mix: many beyond the clamp
+    x[5:13] = torch.linspace(-bound - 0.5, bound + 0.5, n, dtype=torch.float64)  # every bin of those rows
+    x[4] = -bound + 2 * bound / K * (1 + torch.arange(n) % (K - 1))  # on the uniform bins' inner knots
+    return x.to(dtype), params.to(dtype)
+
+
+def transform(coupling, x2, params, enabled: bool):
+    with numba_enabled(enabled), torch.no_grad():
+        return coupling._transform(x2, params, inverse=False)
+
+
+def transform_saving(coupling, x2, params, enabled: bool):
+    with numba_enabled(enabled), torch.no_grad():
+        return coupling._transform_saving(x2, params)
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+def exact_softplus(t: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
+    """softplus without ``F.softplus``'s linear branch above ``threshold`` (which is off by up to exp(-20) = 2e-9)."""
+    return torch.logaddexp(t, torch.zeros_like(t))
+
+
+# tensor-path references: ``F.softplus`` as shipped (its linear branch for knot-derivative logits with
+# raw + shift > 20 is off by up to 2e-9, where the kernels compute softplus exactly: 1e-10 to 2e-10 on the
+# log-determinants) and with an exact softplus (the same formulas as the kernels: 1e-10)
+SOFTPLUS_TOLERANCES = {"exact": dict(atol=1e-10, rtol=1e-12), "stock": dict(atol=1e-9, rtol=1e-11)}
+
+
+@pytest.mark.parametrize("layout", list(MASKS))
+@pytest.mark.parametrize("bins", [4, 8])
+def test_forward_matches_the_tensor_path_float64(bins, layout, kernel_calls, monkeypatch):
+    """float64: the kernels' values and log-determinants are the tensor ops', through ``_transform`` and
+    ``_transform_saving`` (tails, ends and clamped logits included) and through whole couplings (every mask
+    layout, conditioner outputs beyond the clamp): to 1e-10 against the tensor ops with an exact softplus, and to
+    1e-9 against ``F.softplus``'s thresholded one."""
+    coupling = spline_coupling(MASKS[layout], bins, torch.float64, logit_scale=40.0)
+    x2, params = spline_inputs(coupling, 40, torch.float64)
+    x, c = data(64, 3, 7, 2, seed=bins)
+    x[2, :, :], x[3, :, :] = coupling.bound, -coupling.bound
+    with torch.no_grad():
+        raw = coupling._params(coupling._split(x)[0], c)
+    assert (raw.abs() > LIMIT).float().mean() > 0.05  # whole couplings: many conditioner outputs beyond the clamp
+
+    y, logdet = transform(coupling, x2, params, True)
+    assert kernel_calls["forward"] == 1
+    assert y.dtype == logdet.dtype == torch.float64 and y.shape == x2.shape and logdet.shape == x2.shape[:2]
+    outside = x2.abs() >= coupling.bound  # the identity, exactly, at the ends and beyond
+    assert outside.sum() > 4 * x2.shape[1] and torch.equal(y[outside], x2[outside])
+    assert torch.equal(logdet[1], torch.zeros_like(logdet[1]))  # row 1 only has tails and ends
+    y_saving, logdet_saving, saved = transform_saving(coupling, x2, params, True)
+    assert isinstance(saved, _numba_spline.Saved) and kernel_calls["forward"] == 2
+    with numba_enabled(True), torch.no_grad():
+        z, z_logdet = coupling(x, c)
+    assert kernel_calls["forward"] == 3
+    torch.testing.assert_close(z[:, :, coupling.mask], x[:, :, coupling.mask], atol=0, rtol=0)
+
+    for softplus, tol in SOFTPLUS_TOLERANCES.items():
+        with monkeypatch.context() as patch:
+            if softplus == "exact":
+                patch.setattr(torch.nn.functional, "softplus", exact_softplus)
+            y_ref, logdet_ref = transform(coupling, x2, params, False)
+            y_saving_ref, logdet_saving_ref, saved_ref = transform_saving(coupling, x2, params, False)
+            with numba_enabled(False), torch.no_grad():
+                z_ref, z_logdet_ref = coupling(x, c)
+        assert not isinstance(saved_ref, _numba_spline.Saved) and kernel_calls["forward"] == 3
+        for got, want in (
+            (y, y_ref),
+            (logdet, logdet_ref),
+            (y_saving, y_saving_ref),
+            (logdet_saving, logdet_saving_ref),
+            (y_saving, y_ref),
+            (logdet_saving, logdet_ref),
+            (z, z_ref),
+            (z_logdet, z_logdet_ref),
+        ):
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, softplus=softplus: f"{softplus}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["mid", "suffix"])
+@pytest.mark.parametrize("bins", [4, 8])
+def test_forward_matches_the_tensor_path_float32(bins, layout, kernel_calls):
+    """float32: the kernels agree with the tensor ops within float32 round-off (values of O(4); log-determinants of
+    O(50), sums of logs of extreme slopes), and with the float64 spline of the same float32 inputs."""
+    coupling = spline_coupling(MASKS[layout], bins, torch.float32, logit_scale=40.0)
+    reference64 = spline_coupling(MASKS[layout], bins, torch.float64, logit_scale=40.0)
+    x, c = data(64, 3, 7, 2, dtype=torch.float32, seed=bins)
+    with torch.no_grad():
+        x1, x2 = coupling._split(x)
+        conditioner_inputs = (x2, coupling._params(x1, c))
+    for x2, params in (spline_inputs(coupling, 40, torch.float32), conditioner_inputs):
+        y, logdet = transform(coupling, x2, params, True)
+        y_saving, logdet_saving, saved = transform_saving(coupling, x2, params, True)
+        assert isinstance(saved, _numba_spline.Saved)
+        y_ref, logdet_ref = transform(coupling, x2, params, False)
+        y64, logdet64 = transform(reference64, x2.double(), params.double(), False)
+        for got_y, got_logdet in ((y, logdet), (y_saving, logdet_saving)):
+            assert got_y.dtype == got_logdet.dtype == torch.float32
+            torch.testing.assert_close(got_y, y_ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got_logdet, logdet_ref, atol=5e-3, rtol=1e-4)
+            torch.testing.assert_close(got_y.double(), y64, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got_logdet.double(), logdet64, atol=1e-3, rtol=1e-5)
+        outside = x2.abs() >= coupling.bound
+        assert torch.equal(y[outside], x2[outside])
+    assert kernel_calls["forward"] == 4
+    with numba_enabled(True), torch.no_grad():
+        z, logdet = coupling(x, c)
+    assert kernel_calls["forward"] == 5
+    with numba_enabled(False), torch.no_grad():
+        z_ref, logdet_ref = coupling(x, c)
+    torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logdet, logdet_ref, atol=5e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- VJP
+@pytest.mark.parametrize("layout", ["mid", "prefix"])
+@pytest.mark.parametrize("bins", [4, 8])
+def test_vjp_matches_the_tensor_path(bins, layout, kernel_calls):
+    """``_transform_vjp`` from the kernels' saved state equals the tensor ops' (float64, rtol 1e-9) for random
+    upstream gradients, tails, ends and clamped logits included; the ends take the spline's one-sided derivatives
+    (finite differences from inside the interval)."""
+    coupling = spline_coupling(MASKS[layout], bins, torch.float64)
+    x2, params = spline_inputs(coupling, 40, torch.float64, seed=bins)
+    g = torch.Generator().manual_seed(3)
+    grad_y = torch.randn(x2.shape, generator=g, dtype=torch.float64)
+    grad_logdet = torch.randn(x2.shape[:2], generator=g, dtype=torch.float64)
+    *_, saved = transform_saving(coupling, x2, params, True)
+    *_, saved_ref = transform_saving(coupling, x2, params, False)
+    grad_x, grad_params = coupling._transform_vjp(saved, grad_y, grad_logdet)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+    grad_x_ref, grad_params_ref = coupling._transform_vjp(saved_ref, grad_y, grad_logdet)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+    assert grad_x.shape == x2.shape and grad_params.shape == params.shape
+    scale = grad_params_ref.abs().max()
+    torch.testing.assert_close(grad_x, grad_x_ref, atol=1e-12 * grad_x_ref.abs().max(), rtol=1e-9)
+    torch.testing.assert_close(grad_params, grad_params_ref, atol=1e-12 * scale, rtol=1e-9)
+    beyond = x2.abs() > coupling.bound  # the tails: the identity, no gradient to the spline's parameters
+    assert torch.equal(grad_x[beyond], grad_y[beyond])
+    unclamped = params.abs() < LIMIT
+    assert (grad_params[unclamped] != 0).float().mean() > 0.5
+    sizes = torch.zeros(params.shape[-1] // coupling.num_transformed, dtype=torch.bool)
+    sizes[: 2 * coupling.bins] = True  # clamped bin logits get no gradient (the knot derivatives' logits do)
+    clamped_sizes = ~unclamped & sizes.repeat(coupling.num_transformed)
+    assert clamped_sizes.any() and not grad_params[clamped_sizes].any()
+
+    # the ends (row 0 has +bound in its first transformed dim, -bound in its last): the one-sided derivative of
+    # y . grad_y + logdet . grad_logdet from inside the interval, by finite differences of the tensor path
+    def objective(v):
+        y, logdet = transform(coupling, v, params[:1], False)
+        return (y * grad_y[:1]).sum() + (logdet * grad_logdet[:1]).sum()
+
+    n, h = coupling.num_transformed, 1e-6
+    for group in range(x2.shape[1]):
+        for dim, inward in ((0, -h), (n - 1, h)):
+            assert x2[0, group, dim].abs() == coupling.bound
+            step = torch.zeros_like(x2[:1])
+            step[0, group, dim] = inward
+            f0, f1, f2 = (objective(x2[:1] + k * step) for k in range(3))
+            one_sided = (4 * f1 - 3 * f0 - f2) / (2 * inward)  # second-order one-sided difference
+            torch.testing.assert_close(grad_x[0, group, dim], one_sided, atol=1e-4, rtol=1e-4)
+            assert (grad_x[0, group, dim] - grad_y[0, group, dim]).abs() > 1e-3  # not the tails' identity
+
+
+# ---------------------------------------------------------------------------------------------------- whole flows
+def test_gradcheck_of_a_frozen_conditional_flow(monkeypatch, kernel_calls):
+    """``gradcheck`` (float64) of a frozen conditional spline flow's log_prob w.r.t. its input and its context, with
+    the kernels doing the couplings' forward and backward (the NumPy small-batch path is off)."""
+    monkeypatch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
+    with seeded(1):
+        flow = flows.build_flow(2, 3, num_layers=3, hidden=8, coupling="spline", bins=4, bound=2.0, context_features=2)
+    flow = perturb(flow, 0.5, seed=1).eval().requires_grad_(False).double()
+    x, c = data(6, 2, 3, 2, seed=4)
+    x.requires_grad_(True)
+    c.requires_grad_(True)
+    with numba_enabled(True):
+        assert torch.autograd.gradcheck(lambda x, c: flow.log_prob(x, c), (x, c))
+    assert kernel_calls["forward"] > 0 and kernel_calls["backward"] > 0
+
+
+def frozen_flow(groups: int, dim: int, bins: int, dtype: torch.dtype, context: int = 0):
+    with seeded(groups * dim):
+        flow = flows.build_flow(
+            groups, dim, num_layers=4, hidden=32, coupling="spline", bins=bins, bound=3.0, context_features=context
+        )
+    return perturb(flow, 0.3, seed=2).to(dtype).eval().requires_grad_(False)
+
+
+def log_prob_and_input_gradient(flow, x, enabled: bool):
+    with numba_enabled(enabled):
+        leaf = x.clone().requires_grad_(True)
+        log_prob = flow.log_prob(leaf)
+        log_prob.sum().backward()
+        with torch.no_grad():
+            plain = flow.log_prob(x)
+    return log_prob.detach(), leaf.grad, plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [(1, 63, 4), (5, 3, 8)], ids=["global", "joints"])
+def test_frozen_flow_log_prob_and_input_gradient(case, dtype, kernel_calls):
+    """A frozen flow on 3000 poses (the global flow's shape, G=1 x 63-D, and grouped per-joint flows, G=5 x 3-D):
+    log_prob with and without autograd, and its input gradient, are the same with and without the kernels."""
+    groups, dim, bins = case
+    flow = frozen_flow(groups, dim, bins, dtype)
+    x, _ = data(3000, groups, dim, 0, dtype=dtype, seed=7)
+    fast = log_prob_and_input_gradient(flow, x, True)
+    calls = dict(kernel_calls)
+    assert calls["forward"] >= 2 * 4 and calls["backward"] == 4  # 4 couplings: with and without autograd
+    reference = log_prob_and_input_gradient(flow, x, False)
+    assert kernel_calls == calls
+    grad_scale = float(reference[1].abs().max())
+    if dtype == torch.float64:
+        value_tol, grad_tol = dict(atol=1e-10, rtol=1e-10), dict(atol=1e-9 * grad_scale, rtol=1e-9)
+    else:  # float32 round-off through four spline layers
+        value_tol, grad_tol = dict(atol=1e-3, rtol=1e-4), dict(atol=1e-4 * grad_scale, rtol=1e-3)
+    for got, want, tol in zip(fast, reference, (value_tol, grad_tol, value_tol), strict=True):
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol)
+    assert reference[1].abs().max() > 0
+
+
+def test_training_keeps_the_tensor_ops(kernel_calls):
+    """With parameters that need gradients (training), the couplings record their tensor ops: the kernels never
+    run, and the loss's gradients reach every conditioner parameter (the same as with the kernels off)."""
+    with seeded(0):
+        flow = flows.build_flow(2, 5, num_layers=2, hidden=8, coupling="spline", bins=4, context_features=3)
+    flow = perturb(flow).double()
+    x, c = data(300, 2, 5, 3)
+    grads = []
+    for training in (True, False):  # eval mode with parameters that need gradients: not frozen either
+        flow.train(training)
+        for enabled in (True, False):
+            flow.zero_grad()
+            with numba_enabled(enabled):
+                (-flow.log_prob(x, c).mean()).backward()
+            grads.append([p.grad.clone() for p in flow.parameters()])
+    assert kernel_calls == {"forward": 0, "backward": 0}
+    couplings = [b for b in flow.blocks if isinstance(b, RQSplineCoupling)]
+    assert len(couplings) == 2
+    for coupling in couplings:
+        for p in coupling.conditioner.parameters():
+            assert p.grad is not None and p.grad.abs().max() > 0
+    for with_kernels, without in ((grads[0], grads[1]), (grads[2], grads[3])):
+        for got, want in zip(with_kernels, without, strict=True):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # one coupling: any autograd to record keeps the tensor ops; without grad mode the kernels may run
+    coupling = spline_coupling(MASKS["mid"], 4, torch.float64)
+    x2, params = spline_inputs(coupling, 16, torch.float64)
+    with numba_enabled(True):
+        for v, p in ((x2.clone().requires_grad_(True), params), (x2, params.clone().requires_grad_(True))):
+            y, logdet = coupling._transform(v, p, inverse=False)
+            assert y.requires_grad and logdet.requires_grad
+        assert kernel_calls["forward"] == 0
+        with torch.no_grad():
+            coupling._transform(x2, params, inverse=False)
+        assert kernel_calls["forward"] == 1
+
+
+def test_inverse_never_uses_the_kernels(kernel_calls):
+    """Sampling (latent to data) runs the tensor ops: the kernels implement the forward spline only."""
+    flow = frozen_flow(2, 4, 5, torch.float64)
+    z = torch.randn(500, 2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with numba_enabled(True), torch.no_grad():
+        x, inverse_logdet = flow.inverse(z)
+        assert kernel_calls["forward"] == 0
+        back, logdet = flow(x)
+        assert kernel_calls["forward"] > 0
+    torch.testing.assert_close(back, z, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(logdet, -inverse_logdet, atol=1e-8, rtol=1e-8)
+    coupling = spline_coupling(MASKS["suffix"], 8, torch.float64)
+    x2, params = spline_inputs(coupling, 32, torch.float64)
+    calls = kernel_calls["forward"]
+    with numba_enabled(True), torch.no_grad():
+        y, logdet = coupling._transform(x2, params, inverse=False)
+        calls += 1
+        x_back, inverse_logdet = coupling._transform(y, params, inverse=True)
+    assert kernel_calls["forward"] == calls and kernel_calls["backward"] == 0
+    torch.testing.assert_close(x_back, x2, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(inverse_logdet, -logdet, atol=1e-7, rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------- scope
+def test_usable_only_on_plain_cpu_float_tensors_without_tracers(monkeypatch, kernel_calls):
+    """``usable``: plain CPU float32/float64 tensors of one dtype with the kernels on; never for other dtypes, mixed
+    dtypes, inside ``torch.func`` transforms, under fake tensors, ``make_fx`` tracing, a torch function mode or
+    ``torch.compile`` (where the spline must stay tensor ops, with the same numbers)."""
+    usable = _numba_spline.usable
+    coupling = spline_coupling(MASKS["mid"], 4, torch.float64)
+    x2, params = spline_inputs(coupling, 16, torch.float64)
+    y_ref, logdet_ref = transform(coupling, x2, params, False)
+    with numba_enabled(False):
+        assert not _numba_spline.available() and not usable(x2, params)
+    with numba_enabled(True):
+        assert _numba_spline.available()
+        assert usable(x2, params) and usable(x2.float(), params.float())
+        assert usable(x2[:, :1], params[:, :1])  # non-contiguous views are fine
+        for dtype in (torch.float16, torch.bfloat16, torch.int32, torch.int64):
+            assert not usable(x2.to(dtype), params.to(dtype)), dtype
+        assert not usable(x2.float(), params) and not usable(x2, params.float())
+        assert not usable(torch.nn.Parameter(x2), params)
+
+        # torch.func: the transforms' wrapped tensors must see tensor ops
+        seen = []
+
+        def logdet_sum(v):
+            seen.append(usable(v, params))
+            return coupling._transform(v, params, inverse=False)[1].sum()
+
+        grad = torch.func.grad(logdet_sum)(x2)
+        leaf = x2.clone().requires_grad_(True)
+        (grad_ref,) = torch.autograd.grad(coupling._transform(leaf, params, inverse=False)[1].sum(), leaf)
+        torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=1e-12)
+
+        def per_row(v, p):
+            seen.append(usable(v, p))
+            return coupling._transform(v, p, inverse=False)
+
+        y, logdet = torch.func.vmap(per_row)(x2, params)
+        torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(logdet, logdet_ref, atol=1e-12, rtol=0)
+        assert seen == [False, False]
+
+        # fake tensors (shape propagation): tensor ops on fake tensors, no NumPy (on a copy of the coupling, which
+        # may cache fake size factors; its buffers are real)
+        fresh = copy.deepcopy(coupling)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_x, fake_params = mode.from_tensor(x2), mode.from_tensor(params)
+            assert not usable(fake_x, fake_params) and not usable(x2, params)  # the mode, even on real tensors
+            y, logdet = fresh._transform(fake_x, fake_params, inverse=False)
+            assert y.shape == x2.shape and logdet.shape == x2.shape[:2]
+        assert kernel_calls["forward"] == 0
+
+        # make_fx: the traced graph holds the spline's ops and gives the eager numbers
+        def traced_transform(v, p):
+            seen.append(usable(v, p))
+            with torch._C.DisableTorchFunction():  # the proxy dispatch mode alone (make_fx also sets a function mode)
+                seen.append(usable(v, p))
+            return coupling._transform(v, p, inverse=False)
+
+        traced = make_fx(traced_transform)(x2, params)
+        assert kernel_calls["forward"] == 0 and seen == [False] * 4
+        targets = [str(node.target) for node in traced.graph.nodes]
+        assert "aten.exp.default" in targets and "aten.gather.default" in targets and len(targets) > 30
+        y, logdet = traced(x2, params)
+        torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(logdet, logdet_ref, atol=1e-12, rtol=0)
+
+        class Watching(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Watching():
+            assert not usable(x2, params)
+            y, _ = coupling._transform(x2, params, inverse=False)
+        torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=0)
+        assert kernel_calls["forward"] == 0
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.compiler, "is_compiling", lambda: True)
+            assert not usable(x2, params)
+        assert usable(x2, params)
+
+
+def test_environment_switch_turns_the_kernels_off():
+    """``POSEPRIORS_NUMBA=0`` switches the kernels off at import (and Numba is then not even imported)."""
+    env = {**os.environ, "POSEPRIORS_NUMBA": "0"}
+    code = "from posepriors.flows import _numba_spline as n; print(n.available())"
+    code += "; import sys; print('numba' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------------------------------------------- shipped
+@pytest.mark.parametrize("name", ["global_flow", "joint_flow"])
+def test_shipped_priors_agree_with_and_without_the_kernels(name, kernel_calls):
+    """The shipped flows (float32) score 2048 of their own samples the same with and without the kernels, within
+    float32 round-off; sampling never runs them."""
+    prior = posepriors.load(name)
+    with numba_enabled(True):
+        samples = prior.sample(2048, generator=torch.Generator().manual_seed(0))
+    assert kernel_calls["forward"] == 0
+    with torch.no_grad():
+        with numba_enabled(True):
+            fast = prior.log_prob(samples)
+        calls = kernel_calls["forward"]
+        assert calls > 0
+        with numba_enabled(False):
+            reference = prior.log_prob(samples)
+    assert kernel_calls["forward"] == calls
+    assert torch.isfinite(reference).all() and reference.abs().mean() > 1
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------- edge cases
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside forward_ad
+def test_forward_mode_ad_keeps_the_tensor_ops(kernel_calls):
+    """Forward-mode AD (``torch.autograd.forward_ad`` dual tensors) through a frozen flow gives the tensor path's
+    tangent: the kernels return plain tensors, so they must not run on dual tensors."""
+    import torch.autograd.forward_ad as fwAD
+
+    flow = frozen_flow(1, 6, 4, torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x, tangent = torch.randn(2, 300, 1, 6, generator=g, dtype=torch.float64)  # 1800 entries: not the NumPy path
+    results = []
+    for enabled in (False, True):
+        with numba_enabled(enabled), fwAD.dual_level():
+            results.append(fwAD.unpack_dual(flow.log_prob(fwAD.make_dual(x, tangent))).tangent)
+    reference, fast = results
+    assert reference is not None and fast is not None
+    torch.testing.assert_close(fast, reference, atol=1e-10, rtol=1e-10)
+
+
+def test_empty_batch_without_autograd():
+    """An empty batch through a spline coupling without autograd gives empty outputs, as the tensor path does."""
+    coupling = spline_coupling(MASKS["mid"], 4, torch.float64)
+    x, c = torch.zeros(0, 3, 7, dtype=torch.float64), torch.zeros(0, 3, 2, dtype=torch.float64)
+    with numba_enabled(True), torch.no_grad():
+        z, logdet = coupling(x, c)
+    assert z.shape == (0, 3, 7) and logdet.shape == (0, 3)
