@@ -57,6 +57,8 @@ def usable(x2: Tensor, params: Tensor) -> bool:
     """Whether a spline on these tensors can run here: the kernels are available, both are plain CPU tensors of one
     float dtype, not empty, and no tracer, dispatch mode or transform (``torch.compile``, ``make_fx``, fake
     tensors, ``torch.func``, forward-mode tangents) is watching, for which the work must stay in tensor ops."""
+    if torch.compiler.is_compiling():  # first: under torch.compile nothing else here is traced
+        return False
     return (
         available()
         and type(x2) is Tensor
@@ -65,7 +67,6 @@ def usable(x2: Tensor, params: Tensor) -> bool:
         and x2.dtype in (torch.float32, torch.float64)
         and params.dtype == x2.dtype
         and params.device.type == "cpu"
-        and not torch.compiler.is_compiling()
         and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
         and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
         and not torch._C._is_torch_function_mode_enabled()
