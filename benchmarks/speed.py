@@ -358,10 +358,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="Adam steps per keypoint fit")
     parser.add_argument("--only", choices=("scoring", "terms", "fits", "compile"), help="run one measurement")
     parser.add_argument("--compile", action="store_true", help="also measure prior.compile() (about 15 minutes)")
+    parser.add_argument(
+        "--models", nargs="+", metavar="NAME", help="only these shipped models, and gaussian (default: all)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     posepriors.set_validation(False)  # the finite-value check is a sync per call; fitting loops turn it off
     names = posepriors.list_models()
+    if args.models:
+        unknown = sorted(set(args.models) - set(names))
+        if unknown:
+            parser.error(f"unknown models {unknown}; expected some of {list(names)}")
+        names = [n for n in names if n in args.models or n == "gaussian"]  # the Gaussian: the per-call reference
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, models {list(names)}")
     try:
         if args.only in (None, "scoring"):
