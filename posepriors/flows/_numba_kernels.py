@@ -34,6 +34,49 @@ def sigmoid(exp_u, raw, shift, limit):  # noqa: ANN001, ANN202
     return 1.0 / (1.0 + math.exp(-u)) if u >= 0 else math.exp(u) / (1.0 + math.exp(u))
 
 
+@scalar
+def locate(e, r, b, K, v, bound, sw, ow, sh, oh):  # noqa: ANN001, ANN202
+    """The bin k of v in the spline whose bin logits' exps start at e[r, b] (K widths, then K heights): k, its left
+    knot (xk, yk), width w and height h, and the softmax scales fw = sw / sum(widths' exps), fh likewise."""
+    zw, zh = 0.0, 0.0
+    for j in range(K):
+        zw += e[r, b + j]
+        zh += e[r, b + K + j]
+    fw, fh = sw / zw, sh / zh
+    xk, yk, k = -bound, -bound, 0
+    w, h = ow + fw * e[r, b], oh + fh * e[r, b + K]
+    while k < K - 1 and v >= xk + w:
+        xk += w
+        yk += h
+        k += 1
+        w, h = ow + fw * e[r, b + k], oh + fh * e[r, b + K + k]
+    return k, xk, yk, w, h, fw, fh
+
+
+@scalar
+def knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit):  # noqa: ANN001, ANN202
+    """The derivatives d0, d1 at bin k's knots (1 at the end knots) and exp(raw + shift) of each (0 at the ends)."""
+    d0, d1, e0, e1 = 1.0, 1.0, 0.0, 0.0
+    if k > 0:
+        j = b + 2 * K + k - 1
+        d0, e0 = softplus(sp[r, i * (K - 1) + k - 1], raw[r, j], shift, limit) + min_d, e[r, j] * exp_shift
+    if k < K - 1:
+        j = b + 2 * K + k
+        d1, e1 = softplus(sp[r, i * (K - 1) + k], raw[r, j], shift, limit) + min_d, e[r, j] * exp_shift
+    return d0, d1, e0, e1
+
+
+@scalar
+def bin_terms(v, xk, w, h, d0, d1):  # noqa: ANN001, ANN202
+    """The bin-local terms of the spline at v (module docstring of _numba_spline): s, xi, 1 - xi, t, c, q, p, m."""
+    s = h / w
+    xi = (v - xk) / w
+    xi_1m = 1.0 - xi
+    t = xi * xi_1m
+    c = d0 + d1 - 2.0 * s
+    return s, xi, xi_1m, t, c, s + c * t, s * xi * xi + d0 * t, d1 * xi * xi + 2.0 * s * t + d0 * xi_1m * xi_1m
+
+
 @jit
 def spline_forward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, logdet):  # noqa: ANN001, ANN202
     rows, n = x.shape
@@ -46,32 +89,10 @@ def spline_forward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_sh
                 y[r, i] = v
                 continue
             b = i * P
-            zw, zh = 0.0, 0.0
-            for j in range(K):
-                zw += e[r, b + j]
-                zh += e[r, b + K + j]
-            fw, fh = sw / zw, sh / zh
-            xk, yk, k = -bound, -bound, 0
-            w, h = ow + fw * e[r, b], oh + fh * e[r, b + K]
-            while k < K - 1 and v >= xk + w:
-                xk += w
-                yk += h
-                k += 1
-                w, h = ow + fw * e[r, b + k], oh + fh * e[r, b + K + k]
-            d0, d1 = 1.0, 1.0  # the end knots' derivatives are 1
-            if k > 0:
-                j = b + 2 * K + k - 1
-                d0 = softplus(sp[r, i * (K - 1) + k - 1], raw[r, j], shift, limit) + min_d
-            if k < K - 1:
-                j = b + 2 * K + k
-                d1 = softplus(sp[r, i * (K - 1) + k], raw[r, j], shift, limit) + min_d
-            s = h / w
-            xi = (v - xk) / w
-            xi_1m = 1.0 - xi
-            t = xi * xi_1m
-            q = s + (d0 + d1 - 2.0 * s) * t
-            y[r, i] = yk + h * (s * xi * xi + d0 * t) / q
-            m = d1 * xi * xi + 2.0 * s * t + d0 * xi_1m * xi_1m
+            k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh)
+            d0, d1, _, _ = knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit)
+            s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
+            y[r, i] = yk + h * p / q
             product *= s * s * m / (q * q)
             if product > 1e100 or product < 1e-100:  # one log per row unless the product would leave range
                 total += math.log(product)
@@ -94,34 +115,10 @@ def spline_backward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_s
                 grad_x[r, i] = gy[r, i]
                 continue
             g_y = gy[r, i]
-            zw, zh = 0.0, 0.0
-            for j in range(K):
-                zw += e[r, b + j]
-                zh += e[r, b + K + j]
-            fw, fh = sw / zw, sh / zh
-            xk, yk, k = -bound, -bound, 0
-            w, h = ow + fw * e[r, b], oh + fh * e[r, b + K]
-            while k < K - 1 and v >= xk + w:
-                xk += w
-                yk += h
-                k += 1
-                w, h = ow + fw * e[r, b + k], oh + fh * e[r, b + K + k]
-            d0, d1, e0, e1 = 1.0, 1.0, 0.0, 0.0  # the end knots' derivatives are 1
-            if k > 0:
-                j = b + 2 * K + k - 1
-                d0, e0 = softplus(sp[r, i * (K - 1) + k - 1], raw[r, j], shift, limit) + min_d, e[r, j] * exp_shift
-            if k < K - 1:
-                j = b + 2 * K + k
-                d1, e1 = softplus(sp[r, i * (K - 1) + k], raw[r, j], shift, limit) + min_d, e[r, j] * exp_shift
-            s = h / w
-            xi = (v - xk) / w
-            xi_1m = 1.0 - xi
-            t = xi * xi_1m
-            c = d0 + d1 - 2.0 * s
-            q = s + c * t
-            p = s * xi * xi + d0 * t
+            k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh)
+            d0, d1, e0, e1 = knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit)
+            s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
             g = p / q
-            m = d1 * xi * xi + 2.0 * s * t + d0 * xi_1m * xi_1m
             inv_q, inv_m = 1.0 / q, 1.0 / m
             one_2t, one_2xi = 1.0 - 2.0 * t, 1.0 - 2.0 * xi
             # partials w.r.t. (xi, s, d0, d1) of y (times q^2 / h) and of log dy/dx
@@ -146,10 +143,10 @@ def spline_backward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_s
             for j in range(K):
                 gw = -grad_xi if j < k else (grad_w if j == k else 0.0)
                 gh = g_y if j < k else (grad_h if j == k else 0.0)
-                if abs(raw[r, b + j]) < limit:  # softmax backward, with p_j = e_j / z and dp_j = sw gw
-                    grad_p[r, b + j] = e[r, b + j] / zw * (sw * gw - dot_w)
+                if abs(raw[r, b + j]) < limit:  # softmax backward: p_j (dp_j - p . dp), p_j = e_j fw / sw, dp_j = sw gw
+                    grad_p[r, b + j] = e[r, b + j] * fw * (gw - dot_w / sw)
                 if abs(raw[r, b + K + j]) < limit:
-                    grad_p[r, b + K + j] = e[r, b + K + j] / zh * (sh * gh - dot_h)
+                    grad_p[r, b + K + j] = e[r, b + K + j] * fh * (gh - dot_h / sh)
             # inner knot derivatives: softplus(raw + shift) + min_d, whose derivative is the sigmoid
             if k > 0:
                 j = b + 2 * K + k - 1
