@@ -719,7 +719,7 @@ class PosePrior(nn.Module, ABC):
         stays near 0 on AMASS-like poses and grows on poses from other pipelines (dance, A-poses). It costs
         ``2 k`` more gradients per pose for the divergence (``k`` probes, 1 for sets of 256 poses or more, up to 64
         for a single pose). Give it dozens of poses or more: on a single pose the weight is noisy and can cost
-        accuracy (docs/models.md, "Denoising").
+        accuracy (docs/models.md, "Remedy 4").
 
         Args:
             pose: As in :meth:`log_prob`.
