@@ -525,3 +525,27 @@ def test_empty_batch_without_autograd():
     with numba_enabled(True), torch.no_grad():
         z, logdet = coupling(x, c)
     assert z.shape == (0, 3, 7) and logdet.shape == (0, 3)
+
+
+def _report_in_child(queue) -> None:
+    queue.put(_numba_spline.available())
+
+
+def test_a_child_forked_after_the_kernels_ran_keeps_the_tensor_ops():
+    """Numba's OpenMP pool is not fork-safe: a child forked after the parent ran the kernels must not use them."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork start method on this platform")
+    coupling = spline_coupling(MASKS["mid"], 4, torch.float64)
+    with numba_enabled(True), torch.no_grad():
+        coupling(torch.randn(64, 3, 7, dtype=torch.float64), torch.randn(64, 3, 2, dtype=torch.float64))
+        assert _numba_spline._STARTED and _numba_spline.available()
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_report_in_child, args=(queue,))
+        child.start()
+        in_child = queue.get(timeout=60)
+        child.join(timeout=60)
+        assert child.exitcode == 0 and in_child is False
+        assert _numba_spline.available()  # the parent keeps them

@@ -7,7 +7,8 @@ finds each value's bin and evaluates the knot derivatives, the spline, its log-d
 the partial derivatives, with every intermediate in registers. Numba compiles the loops on first use
 (a few seconds; cached on disk) from the Python below: no build step, nothing compiled ships. Without Numba
 installed (``pip install "posepriors[fast]"``), or with ``POSEPRIORS_NUMBA=0`` in the environment, the couplings keep
-their tensor ops; ``tests/test_numba_spline.py`` checks both give the same numbers (float64 to 1e-9: PyTorch's
+their tensor ops, and so does a process forked after its parent ran the kernels (Numba's OpenMP thread pool is not
+fork-safe); ``tests/test_numba_spline.py`` checks both give the same numbers (float64 to 1e-9: PyTorch's
 ``softplus`` returns its input above 20, where the kernels' is exact).
 
 The formulas are those of ``RQSplineCoupling._transform_saving`` / ``_transform_vjp``: in a bin with left knot
@@ -105,7 +106,25 @@ def _kernels() -> tuple[Any, Any]:
     """The forward and backward loops (:mod:`posepriors.flows._numba_kernels`), compiled on first use."""
     from posepriors.flows import _numba_kernels
 
+    global _STARTED
+    _STARTED = True
     return _numba_kernels.spline_forward, _numba_kernels.spline_backward
+
+
+_STARTED = False
+"""Whether this process has run the kernels (and so started Numba's thread pool)."""
+
+
+def _after_fork_in_child() -> None:
+    """A child forked after the parent ran the kernels keeps the tensor ops: Numba's default thread pool (GNU
+    OpenMP) is not fork-safe, and a parallel loop in such a child can hang."""
+    global ENABLED
+    if _STARTED:
+        ENABLED = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _prepare(coupling: RQSplineCoupling, params: Tensor) -> tuple[np.ndarray, np.ndarray]:
