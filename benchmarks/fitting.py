@@ -27,6 +27,10 @@ Protocol (docs/models.md, "Fitting benchmark protocol"):
 - Metrics per prior x scenario x data set (body_val, pooled body_ood_val, each source): joint-angle error (mean
   geodesic degrees over the 21 body joints), MPJPE (mm, joints 1..21 against the noise-free keypoints), the hidden
   keypoints' MPJPE (mm), and how often the fit's objective ends below its value at the true pose.
+- Uncertainty: every prior against ``--reference`` (``gaussian``) on the same poses and noise, as 95% paired
+  bootstrap intervals (``--bootstrap`` resamples of each data set's poses, seeded; pooled ``body_ood_val`` resampled
+  per source): the joint-angle difference (deg) and, with hidden keypoints, the cut of the hidden keypoints' MPJPE,
+  ``1 - mean(prior) / mean(reference)``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -178,11 +183,17 @@ def tune(prior, scenario, tune_pose, args, seed) -> tuple[float, dict[str, float
     return weights[best], {f"{m:g}": e for m, e in zip(args.grid, errors, strict=True)}
 
 
-def summarise(prior_name, scenario, weight, result, clean, at_truth, truth, groups) -> list[Cell]:
-    angle = angle_deg(result.pose, truth)
+def per_pose_errors(scenario, result, clean, truth) -> dict[str, torch.Tensor]:
+    """Per-pose joint-angle error (deg), MPJPE (mm) and, with hidden keypoints, their MPJPE (mm), each (N,)."""
     dist = (result.keypoints - clean).norm(dim=-1) * 1000  # (N, 22) mm
-    mpjpe = dist[:, 1:].mean(-1)
-    hidden = dist[:, list(scenario.hidden)].mean(-1) if scenario.hidden else None
+    errors = {"angle": angle_deg(result.pose, truth), "mpjpe": dist[:, 1:].mean(-1)}
+    if scenario.hidden:
+        errors["hidden"] = dist[:, list(scenario.hidden)].mean(-1)
+    return errors
+
+
+def summarise(prior_name, scenario, weight, result, errors, at_truth, groups) -> list[Cell]:
+    angle, mpjpe, hidden = errors["angle"], errors["mpjpe"], errors.get("hidden")
     below = (result.loss < at_truth).float()
     cells = []
     for data, index in groups.items():
@@ -200,6 +211,73 @@ def summarise(prior_name, scenario, weight, result, clean, at_truth, truth, grou
             )
         )
     return cells
+
+
+def paired_interval(
+    stat: Callable[[torch.Tensor], torch.Tensor], strata: list[torch.Tensor], resamples: int, generator: torch.Generator
+) -> tuple[float, float, float]:
+    """``stat`` of a data set's poses and its 95% percentile interval over bootstrap resamples of them.
+
+    ``stat`` maps rows of pose positions (R, n) to R values; both priors see the same resampled poses (paired).
+    Each stratum (positions, e.g. the poses of one source in pooled ``body_ood_val``) is resampled on its own, so
+    that a resample keeps the data set's make-up."""
+    rows = torch.cat([s[torch.randint(len(s), (resamples, len(s)), generator=generator)] for s in strata], 1)
+    draws = stat(rows).double()
+    low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return stat(torch.cat(strata)[None]).item(), low, high
+
+
+def intervals(errors, priors, groups, names, reference, resamples, seed) -> list[dict[str, object]]:
+    """95% paired bootstrap intervals of every prior against the ``reference`` prior per scenario and data set: the
+    mean joint-angle difference (deg) and, with hidden keypoints, the cut of their MPJPE (pooled ``body_ood_val`` is
+    resampled per source)."""
+    out = []
+    for scenario in SCENARIOS:
+        base = errors.get((reference, scenario.name))
+        if base is None:
+            continue
+        for prior in priors:
+            mine = errors.get((prior, scenario.name))
+            if prior == reference or mine is None:
+                continue
+            for data, index in groups.items():
+                index = index.cpu()
+                labels = names[index.numpy()]
+                strata = [torch.from_numpy(np.nonzero(labels == k)[0]) for k in dict.fromkeys(labels)]
+                g = torch.Generator().manual_seed(seed)  # the same resamples for every prior
+                a, b = mine["angle"].cpu()[index], base["angle"].cpu()[index]
+                row = {"prior": prior, "scenario": scenario.name, "data": data}
+                row["angle_diff_deg"] = paired_interval(
+                    lambda r, a=a, b=b: (a[r] - b[r]).mean(-1), strata, resamples, g
+                )
+                if "hidden" in mine:
+                    h, hb = mine["hidden"].cpu()[index], base["hidden"].cpu()[index]
+                    row["hidden_cut"] = paired_interval(
+                        lambda r, h=h, hb=hb: 1 - h[r].mean(-1) / hb[r].mean(-1), strata, resamples, g
+                    )
+                out.append(row)
+    return out
+
+
+def intervals_markdown(rows: list[dict[str, object]], reference: str) -> str:
+    """The intervals of ``body_val`` and pooled ``body_ood_val`` (every source's are in the JSON)."""
+    rows = [row for row in rows if row["data"] in ("body_val", "body_ood_val")]
+    if not rows:
+        return ""
+    lines = [
+        f"### against {reference}: mean and 95% paired bootstrap interval (per source: the JSON)",
+        "",
+        f"| prior | scenario | data | joint-angle deg, prior - {reference} | hidden MPJPE cut |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        mean, low, high = row["angle_diff_deg"]
+        cut = row.get("hidden_cut")
+        text = "–" if cut is None else f"{100 * cut[0]:.1f}% [{100 * cut[1]:.1f}, {100 * cut[2]:.1f}]"
+        lines.append(
+            f"| {row['prior']} | {row['scenario']} | {row['data']} | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {text} |"
+        )
+    return "\n".join(lines + [""])
 
 
 def markdown(cells: list[Cell], priors: list[str], weights: dict[str, dict[str, float]]) -> str:
@@ -274,12 +352,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="one weight multiplier per prior (tuned in all_1.5cm) or one per prior and scenario",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (poses, noise)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=2000, help="paired bootstrap resamples of the intervals against --reference"
+    )
+    parser.add_argument(
+        "--reference", default="gaussian", help="the prior every other one is compared with in the intervals"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.max_poses < 1 or args.per_source < 1 or args.tune_poses < 1:
-        parser.error("--steps, --max_poses, --per_source and --tune_poses must be >= 1")
+    if min(args.steps, args.max_poses, args.per_source, args.tune_poses, args.bootstrap) < 1:
+        parser.error("--steps, --max_poses, --per_source, --tune_poses and --bootstrap must be >= 1")
     if (args.lr is not None and not args.lr > 0) or not args.grid or min(args.grid) <= 0:
         parser.error("--lr and every --grid value must be > 0")
     return args
@@ -323,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         raise SystemExit(f"unknown baseline prior {label!r}; expected names from {DEFAULT_PRIORS}")
     cells: list[Cell] = []
+    errors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     weights: dict[str, dict[str, float]] = {}
     grids: dict[str, dict[str, dict[str, float]]] = {}
     timing: dict[str, dict[str, float]] = {}
@@ -347,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                 weights.setdefault(name, {})[scenario.name] = weight
             noise = torch.Generator().manual_seed(args.seed * 1000 + k)  # the same noise for every prior
             result, clean, at_truth = fit(truth, prior, weight, scenario, args, noise)
-            cells += summarise(name, scenario, weight, result, clean, at_truth, truth, groups)
+            errors[name, scenario.name] = per_pose_errors(scenario, result, clean, truth)
+            cells += summarise(name, scenario, weight, result, errors[name, scenario.name], at_truth, groups)
             body = next(c for c in cells[::-1] if c.data == "body_val" and c.scenario == scenario.name)
             print(
                 f"{name:>14} {scenario.name:>13}: weight {weight:.3g}, body_val {body.angle_deg:.2f} deg, "
@@ -361,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     total = {"wall_s": time.perf_counter() - wall0, "cpu_s": time.process_time() - cpu0}
     table = markdown(cells, shown, weights)
     print(table)
+    if args.reference not in shown:
+        print(f"no intervals: the reference prior {args.reference!r} was not run ({', '.join(shown)})", file=sys.stderr)
+    spreads = intervals(errors, shown, groups, names, args.reference, args.bootstrap, args.seed)
+    print(intervals_markdown(spreads, args.reference))
     print(
         f"time: {total['wall_s']:.0f} s wall, {total['cpu_s']:.0f} s CPU ({torch.get_num_threads()} threads); "
         + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in timing.items())
@@ -374,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights": weights,
             "tuning_angle_deg_by_multiplier": grids,
             "results": [asdict(c) for c in cells],
+            "intervals_95": {"reference": args.reference, "rows": spreads},
             "time": {"total": total, "per_prior": timing, "threads": torch.get_num_threads()},
         }
         args.out.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
