@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import posepriors
-from posepriors.flows import sequence
+from posepriors.flows import _numba_spline, sequence
 from posepriors.flows.couplings import _FrozenCoupling
 from posepriors.grouped import GroupedMLP
 from tests.test_flows import data, perturb
@@ -220,22 +220,41 @@ def value_and_gradients(flow, x, c):
     return (log_prob.detach(), z_plain, logdet_plain, *grads)
 
 
+def fused_spline_calls(monkeypatch, kernels: bool) -> list[bool]:
+    """Switch the fused spline kernels on or off (skip when Numba is missing) and record their array-level runs
+    (``parallel``)."""
+    if kernels and not _numba_spline.available():
+        pytest.skip("Numba is not installed (pip install 'posepriors[fast]'): no fused spline kernels")
+    monkeypatch.setattr(_numba_spline, "ENABLED", kernels)
+    calls: list[bool] = []
+    forward = _numba_spline.forward_arrays
+    monkeypatch.setattr(
+        _numba_spline, "forward_arrays", lambda *a, parallel: calls.append(parallel) or forward(*a, parallel=parallel)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["numpy_ops", "fused_spline"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", [(1, 63, 0), (1, 10, 5), (21, 3, 6), (4, 2, 0)], ids=str)
-def test_numpy_path_matches_the_tensor_path(case, dtype, monkeypatch):
-    """A frozen spline flow on a small CPU batch runs in NumPy (one autograd node for the flow): the same
-    log-densities, latent codes, log-determinants and gradients w.r.t. the input and the context as the tensor
-    path, to float round-off, with values in both tails and every mask layout (D = 3 cycles through them)."""
+def test_numpy_path_matches_the_tensor_path(case, dtype, kernels, monkeypatch):
+    """A frozen spline flow on a small CPU batch runs in NumPy (one autograd node for the flow), its splines as
+    NumPy ops or (with Numba) as the fused kernels run in the calling thread: the same log-densities, latent
+    codes, log-determinants and gradients w.r.t. the input and the context as the tensor path (tensor ops), to
+    float round-off, with values in both tails and every mask layout (D = 3 cycles through them)."""
     groups, dim, context = case
     flow = small_flow(groups, dim, context, dtype)
     x, c = data(5, groups, dim, context, dtype)
     calls = numpy_calls(monkeypatch)
+    fused = fused_spline_calls(monkeypatch, kernels)
     fast = value_and_gradients(flow, x, c)
     assert calls == [5, 5, 5]  # log_prob, forward with gradients, forward without
+    assert fused == ([False] * 9 if kernels else [])  # three couplings per run, in the calling thread
     with monkeypatch.context() as patch:
         patch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
+        patch.setattr(_numba_spline, "ENABLED", False)
         reference = value_and_gradients(flow, x, c)
-    assert calls == [5, 5, 5]
+    assert calls == [5, 5, 5] and len(fused) == (9 if kernels else 0)
     # float32: round-off through three spline layers (values in the tails, gradients near bin edges) reaches a few
     # 1e-4 relative; float64 shows that the formulas are the same
     tol = {torch.float32: dict(atol=1e-3, rtol=1e-3), torch.float64: dict(atol=1e-10, rtol=1e-10)}[dtype]
@@ -283,10 +302,12 @@ def test_numpy_path_scope(monkeypatch):
     assert (after - before).abs().max() > 1e-3 and calls == [3, 3, 3, 3]
 
 
-def test_numpy_path_flushes_subnormal_gradients(monkeypatch):
+@pytest.mark.parametrize("kernels", [False, True], ids=["numpy_ops", "fused_spline"])
+def test_numpy_path_flushes_subnormal_gradients(kernels, monkeypatch):
     """Upstream gradients below the smallest normal float leave the NumPy path as exact zeros (subnormal floats
     make a CPU's arithmetic tens of times slower), never as subnormals; normal gradients get through."""
     calls = numpy_calls(monkeypatch)
+    fused_spline_calls(monkeypatch, kernels)
     flow = small_flow(1, 63, 0, torch.float32)
     tiny = torch.finfo(torch.float32).tiny
     x = data(2, 1, 63, 0, torch.float32)[0].requires_grad_(True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -267,6 +268,34 @@ def test_vjp_matches_the_tensor_path(bins, layout, kernel_calls):
             one_sided = (4 * f1 - 3 * f0 - f2) / (2 * inward)  # second-order one-sided difference
             torch.testing.assert_close(grad_x[0, group, dim], one_sided, atol=1e-4, rtol=1e-4)
             assert (grad_x[0, group, dim] - grad_y[0, group, dim]).abs() > 1e-3  # not the tails' identity
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("bins", [4, 8])
+def test_serial_loop_matches_the_parallel_one(bins, dtype):
+    """The kernels looped in the calling thread with their own preparation loop (``parallel=False``: the NumPy
+    flows of small batches) give the parallel loops' outputs, log-determinants and vector-Jacobian products on
+    the special inputs (tails, ends, clamped logits), to float round-off: only ``exp`` and ``log1p`` differ
+    (Numba's against PyTorch's vectorised ones)."""
+    coupling = spline_coupling(MASKS["mid"], bins, dtype)
+    x2, params = spline_inputs(coupling, 16, dtype, seed=bins)
+    x = x2.reshape(-1, x2.shape[-1]).contiguous().numpy()
+    raw = params.reshape(x.shape[0], -1).contiguous().numpy()
+    g = torch.Generator().manual_seed(5)
+    gy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype).numpy()
+    gl = torch.randn(x.shape[0], generator=g, dtype=torch.float64).to(dtype).numpy()
+    results = {}
+    for parallel in (False, True):
+        y, logdet, saved = _numba_spline.forward_arrays(coupling, x, raw, parallel=parallel)
+        grads = _numba_spline.backward_arrays(coupling, saved, gy, gl, parallel=parallel)
+        results[parallel] = [torch.from_numpy(a) for a in (y, logdet, saved.e, saved.sp, *grads)]
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    for got, want in zip(results[False], results[True], strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=tol["atol"] * max(want.abs().max().item(), 1), rtol=tol["rtol"])
+    y, logdet, e, sp, grad_x, grad_p = results[False]
+    assert torch.isfinite(logdet).all() and (grad_p != 0).any()
+    assert (e >= 0.999 * math.exp(LIMIT)).any()  # clamped logits were there
 
 
 # ---------------------------------------------------------------------------------------------------- whole flows

@@ -1,6 +1,10 @@
+# ruff: noqa: ANN001, ANN202  (Numba infers the types: annotations would not be read)
 """The Numba loops of :mod:`posepriors.flows._numba_spline` (imported only where Numba is installed).
 
-Module-level functions, so that ``cache=True`` keeps their machine code on disk between processes.
+Module-level functions, so that ``cache=True`` keeps their machine code on disk between processes. The work of one
+row is written once (``forward_row``, ``backward_row``) and looped over the rows twice: in parallel threads
+(``spline_forward``, ``spline_backward``, for large batches) and in the calling thread (``*_serial``, for a few
+rows, where starting threads would cost more than the work).
 """
 
 from __future__ import annotations
@@ -10,14 +14,15 @@ import math
 import numba
 from numba import prange
 
-__all__ = ["spline_backward", "spline_forward"]
+__all__ = ["prepare_serial", "spline_backward", "spline_backward_serial", "spline_forward", "spline_forward_serial"]
 
 jit = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+serial = numba.njit(cache=True, error_model="numpy", nogil=True)
 scalar = numba.njit(cache=True, error_model="numpy", inline="always")
 
 
 @scalar
-def softplus(sp, raw, shift, limit):  # noqa: ANN001, ANN202
+def softplus(sp, raw, shift, limit):
     """softplus(raw + shift), given sp = log1p(exp(clamp(raw)) exp(shift)), exact unless the clamp was active."""
     if abs(raw) < limit:
         return sp
@@ -26,7 +31,7 @@ def softplus(sp, raw, shift, limit):  # noqa: ANN001, ANN202
 
 
 @scalar
-def sigmoid(exp_u, raw, shift, limit):  # noqa: ANN001, ANN202
+def sigmoid(exp_u, raw, shift, limit):
     """sigmoid(raw + shift) from exp(raw + shift) (valid unless the clamp was active)."""
     if abs(raw) < limit:
         return exp_u / (1.0 + exp_u)
@@ -35,7 +40,7 @@ def sigmoid(exp_u, raw, shift, limit):  # noqa: ANN001, ANN202
 
 
 @scalar
-def locate(e, r, b, K, v, bound, sw, ow, sh, oh):  # noqa: ANN001, ANN202
+def locate(e, r, b, K, v, bound, sw, ow, sh, oh):
     """The bin k of v in the spline whose bin logits' exps start at e[r, b] (K widths, then K heights): k, its left
     knot (xk, yk), width w and height h, and the softmax scales fw = sw / sum(widths' exps), fh likewise."""
     zw, zh = 0.0, 0.0
@@ -54,7 +59,7 @@ def locate(e, r, b, K, v, bound, sw, ow, sh, oh):  # noqa: ANN001, ANN202
 
 
 @scalar
-def knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit):  # noqa: ANN001, ANN202
+def knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit):
     """The derivatives d0, d1 at bin k's knots (1 at the end knots) and exp(raw + shift) of each (0 at the ends)."""
     d0, d1, e0, e1 = 1.0, 1.0, 0.0, 0.0
     if k > 0:
@@ -67,7 +72,7 @@ def knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit):
 
 
 @scalar
-def bin_terms(v, xk, w, h, d0, d1):  # noqa: ANN001, ANN202
+def bin_terms(v, xk, w, h, d0, d1):
     """The bin-local terms of the spline at v (module docstring of _numba_spline): s, xi, 1 - xi, t, c, q, p, m."""
     s = h / w
     xi = (v - xk) / w
@@ -77,80 +82,120 @@ def bin_terms(v, xk, w, h, d0, d1):  # noqa: ANN001, ANN202
     return s, xi, xi_1m, t, c, s + c * t, s * xi * xi + d0 * t, d1 * xi * xi + 2.0 * s * t + d0 * xi_1m * xi_1m
 
 
-@jit
-def spline_forward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, logdet):  # noqa: ANN001, ANN202
-    rows, n = x.shape
+@serial
+def prepare_serial(raw, K, exp_shift, limit, e, sp):
+    """What ``_numba_spline._prepare`` makes of the conditioner outputs raw (rows, n * (3K - 1)), for a few rows:
+    e = exp(clamp(raw, +-limit)) and, for the knot derivatives, sp = log1p(e exp(shift)) (rows, n * (K - 1))."""
+    rows, width = raw.shape
     P = 3 * K - 1
-    for r in prange(rows):
-        product, total = 1.0, 0.0
-        for i in range(n):
-            v = x[r, i]
-            if v <= -bound or v >= bound:  # the ends and beyond: the identity
-                y[r, i] = v
-                continue
-            b = i * P
-            k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh)
-            d0, d1, _, _ = knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit)
-            s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
-            y[r, i] = yk + h * p / q
-            product *= s * s * m / (q * q)
-            if product > 1e100 or product < 1e-100:  # one log per row unless the product would leave range
-                total += math.log(product)
-                product = 1.0
-        logdet[r] = total + math.log(product)
+    for r in range(rows):
+        for j in range(width):
+            e[r, j] = math.exp(min(max(raw[r, j], -limit), limit))
+        for i in range(width // P):
+            for k in range(K - 1):
+                sp[r, i * (K - 1) + k] = math.log1p(e[r, i * P + 2 * K + k] * exp_shift)
+
+
+@scalar
+def forward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, logdet, r):
+    """Row r of the spline forward: y[r] and logdet[r]."""
+    n = x.shape[1]
+    P = 3 * K - 1
+    product, total = 1.0, 0.0
+    for i in range(n):
+        v = x[r, i]
+        if v <= -bound or v >= bound:  # the ends and beyond: the identity
+            y[r, i] = v
+            continue
+        b = i * P
+        k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh)
+        d0, d1, _, _ = knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit)
+        s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
+        y[r, i] = yk + h * p / q
+        product *= s * s * m / (q * q)
+        if product > 1e100 or product < 1e-100:  # one log per row unless the product would leave range
+            total += math.log(product)
+            product = 1.0
+    logdet[r] = total + math.log(product)
 
 
 @jit
-def spline_backward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, gy, gl, grad_x, grad_p):  # noqa: ANN001, ANN202
-    rows, n = x.shape
+def spline_forward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, logdet):
+    for r in prange(x.shape[0]):
+        forward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, logdet, r)
+
+
+@serial
+def spline_forward_serial(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, logdet):
+    for r in range(x.shape[0]):
+        forward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, logdet, r)
+
+
+@scalar
+def backward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, gy, gl, grad_x, grad_p, r):
+    """Row r of the spline's vector-Jacobian product: grad_x[r] and grad_p[r]."""
+    n = x.shape[1]
     P = 3 * K - 1
-    for r in prange(rows):
-        g_ld = gl[r]
-        for i in range(n):
-            v = x[r, i]
-            b = i * P
-            for j in range(P):
-                grad_p[r, b + j] = 0.0
-            if v < -bound or v > bound:  # beyond the ends (at an end, the spline's one-sided derivatives)
-                grad_x[r, i] = gy[r, i]
-                continue
-            g_y = gy[r, i]
-            k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh)
-            d0, d1, e0, e1 = knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit)
-            s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
-            g = p / q
-            inv_q, inv_m = 1.0 / q, 1.0 / m
-            one_2t, one_2xi = 1.0 - 2.0 * t, 1.0 - 2.0 * xi
-            # partials w.r.t. (xi, s, d0, d1) of y (times q^2 / h) and of log dy/dx
-            coef = g_y * h * inv_q * inv_q
-            a_xi = g_ld * (2.0 * (d1 * xi + s * one_2xi - d0 * xi_1m) * inv_m - 2.0 * c * one_2xi * inv_q)
-            a_xi += coef * s * m
-            a_s = g_ld * (2.0 * t * inv_m - 2.0 * one_2t * inv_q + 2.0 / s) + coef * (xi * xi * q - p * one_2t)
-            a_d0 = g_ld * (xi_1m * xi_1m * inv_m - 2.0 * t * inv_q) + coef * t * (q - p)
-            a_d1 = g_ld * (xi * xi * inv_m - 2.0 * t * inv_q) - coef * t * p
-            grad_xi = a_xi / w
-            grad_x[r, i] = grad_xi
-            grad_s = a_s / w
-            grad_w = -(grad_s * s + xi * grad_xi)
-            grad_h = grad_s + g_y * g
-            # sizes: a left knot is -bound plus the sizes before it; then the softmax of the clamped logits
-            dot_w, dot_h = 0.0, 0.0
-            for j in range(K):
-                gw = -grad_xi if j < k else (grad_w if j == k else 0.0)
-                gh = g_y if j < k else (grad_h if j == k else 0.0)
-                dot_w += e[r, b + j] * fw * gw
-                dot_h += e[r, b + K + j] * fh * gh
-            for j in range(K):
-                gw = -grad_xi if j < k else (grad_w if j == k else 0.0)
-                gh = g_y if j < k else (grad_h if j == k else 0.0)
-                if abs(raw[r, b + j]) < limit:  # softmax backward: p_j (dp_j - p . dp), p_j = e_j fw / sw, dp_j = sw gw
-                    grad_p[r, b + j] = e[r, b + j] * fw * (gw - dot_w / sw)
-                if abs(raw[r, b + K + j]) < limit:
-                    grad_p[r, b + K + j] = e[r, b + K + j] * fh * (gh - dot_h / sh)
-            # inner knot derivatives: softplus(raw + shift) + min_d, whose derivative is the sigmoid
-            if k > 0:
-                j = b + 2 * K + k - 1
-                grad_p[r, j] = a_d0 * sigmoid(e0, raw[r, j], shift, limit)
-            if k < K - 1:
-                j = b + 2 * K + k
-                grad_p[r, j] = a_d1 * sigmoid(e1, raw[r, j], shift, limit)
+    g_ld = gl[r]
+    for i in range(n):
+        v = x[r, i]
+        b = i * P
+        for j in range(P):
+            grad_p[r, b + j] = 0.0
+        if v < -bound or v > bound:  # beyond the ends (at an end, the spline's one-sided derivatives)
+            grad_x[r, i] = gy[r, i]
+            continue
+        g_y = gy[r, i]
+        k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh)
+        d0, d1, e0, e1 = knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit)
+        s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
+        g = p / q
+        inv_q, inv_m = 1.0 / q, 1.0 / m
+        one_2t, one_2xi = 1.0 - 2.0 * t, 1.0 - 2.0 * xi
+        # partials w.r.t. (xi, s, d0, d1) of y (times q^2 / h) and of log dy/dx
+        coef = g_y * h * inv_q * inv_q
+        a_xi = g_ld * (2.0 * (d1 * xi + s * one_2xi - d0 * xi_1m) * inv_m - 2.0 * c * one_2xi * inv_q)
+        a_xi += coef * s * m
+        a_s = g_ld * (2.0 * t * inv_m - 2.0 * one_2t * inv_q + 2.0 / s) + coef * (xi * xi * q - p * one_2t)
+        a_d0 = g_ld * (xi_1m * xi_1m * inv_m - 2.0 * t * inv_q) + coef * t * (q - p)
+        a_d1 = g_ld * (xi * xi * inv_m - 2.0 * t * inv_q) - coef * t * p
+        grad_xi = a_xi / w
+        grad_x[r, i] = grad_xi
+        grad_s = a_s / w
+        grad_w = -(grad_s * s + xi * grad_xi)
+        grad_h = grad_s + g_y * g
+        # sizes: a left knot is -bound plus the sizes before it; then the softmax of the clamped logits
+        dot_w, dot_h = 0.0, 0.0
+        for j in range(K):
+            gw = -grad_xi if j < k else (grad_w if j == k else 0.0)
+            gh = g_y if j < k else (grad_h if j == k else 0.0)
+            dot_w += e[r, b + j] * fw * gw
+            dot_h += e[r, b + K + j] * fh * gh
+        for j in range(K):
+            gw = -grad_xi if j < k else (grad_w if j == k else 0.0)
+            gh = g_y if j < k else (grad_h if j == k else 0.0)
+            if abs(raw[r, b + j]) < limit:  # softmax backward: p_j (dp_j - p . dp), p_j = e_j fw / sw, dp_j = sw gw
+                grad_p[r, b + j] = e[r, b + j] * fw * (gw - dot_w / sw)
+            if abs(raw[r, b + K + j]) < limit:
+                grad_p[r, b + K + j] = e[r, b + K + j] * fh * (gh - dot_h / sh)
+        # inner knot derivatives: softplus(raw + shift) + min_d, whose derivative is the sigmoid
+        if k > 0:
+            j = b + 2 * K + k - 1
+            grad_p[r, j] = a_d0 * sigmoid(e0, raw[r, j], shift, limit)
+        if k < K - 1:
+            j = b + 2 * K + k
+            grad_p[r, j] = a_d1 * sigmoid(e1, raw[r, j], shift, limit)
+
+
+@jit
+def spline_backward(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, gy, gl, grad_x, grad_p):
+    for r in prange(x.shape[0]):
+        backward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, gy, gl, grad_x, grad_p, r)
+
+
+@serial
+def spline_backward_serial(
+    x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, gy, gl, grad_x, grad_p
+):
+    for r in range(x.shape[0]):
+        backward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, gy, gl, grad_x, grad_p, r)

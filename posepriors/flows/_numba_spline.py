@@ -34,7 +34,7 @@ from torch.autograd import forward_ad
 if TYPE_CHECKING:
     from posepriors.flows.couplings import RQSplineCoupling
 
-__all__ = ["Saved", "available", "backward", "forward", "usable"]
+__all__ = ["Saved", "available", "backward", "backward_arrays", "forward", "forward_arrays", "usable"]
 
 ENABLED = os.environ.get("POSEPRIORS_NUMBA", "1") != "0"
 """Whether the couplings may use these kernels (where Numba is installed); tests and benchmarks switch it."""
@@ -103,12 +103,21 @@ def _settings(coupling: RQSplineCoupling) -> tuple[int | float, ...]:
 
 @cache
 def _kernels() -> tuple[Any, Any]:
-    """The forward and backward loops (:mod:`posepriors.flows._numba_kernels`), compiled on first use."""
+    """The forward and backward loops over rows in parallel threads (:mod:`posepriors.flows._numba_kernels`),
+    compiled on first use."""
     from posepriors.flows import _numba_kernels
 
     global _STARTED
     _STARTED = True
     return _numba_kernels.spline_forward, _numba_kernels.spline_backward
+
+
+@cache
+def _serial_kernels() -> tuple[Any, Any, Any]:
+    """The same loops in the calling thread, for a few rows (no thread pool: fork-safe)."""
+    from posepriors.flows import _numba_kernels
+
+    return _numba_kernels.spline_forward_serial, _numba_kernels.spline_backward_serial, _numba_kernels.prepare_serial
 
 
 _STARTED = False
@@ -158,14 +167,11 @@ def forward(coupling: RQSplineCoupling, x2: Tensor, params: Tensor) -> tuple[Ten
     (*, n), the log-determinant (*,) (summed over the n dims) and what :func:`backward` needs. No autograd."""
     shape = x2.shape
     x = x2.detach().reshape(-1, shape[-1]).contiguous().numpy()
-    raw = params.detach().reshape(x.shape[0], -1).contiguous()
-    (e, sp), raw = _prepare(coupling, raw), raw.numpy()
-    y = np.empty_like(x)
-    logdet = np.empty(x.shape[0], dtype=np.float64)
-    _threads()
-    _kernels()[0](x, e, sp, raw, *_settings(coupling), y, logdet)
+    raw = params.detach().reshape(x.shape[0], -1).contiguous().numpy()
+    y, logdet, saved = forward_arrays(coupling, x, raw, parallel=True)
+    saved.shape = shape
     out = torch.from_numpy(y).reshape(shape)
-    return out, torch.from_numpy(logdet).to(x2.dtype).reshape(shape[:-1]), Saved(x, raw, e, sp, shape)
+    return out, torch.from_numpy(logdet).to(x2.dtype).reshape(shape[:-1]), saved
 
 
 def backward(coupling: RQSplineCoupling, saved: Saved, grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,12 +180,45 @@ def backward(coupling: RQSplineCoupling, saved: Saved, grad_y: Tensor, grad_logd
     x = saved.x
     gy = grad_y.detach().reshape(x.shape).to(torch.float64 if x.dtype == np.float64 else torch.float32)
     gl = grad_logdet.detach().reshape(x.shape[0]).to(gy.dtype)
-    gy, gl = gy.contiguous().numpy(), gl.contiguous().numpy()
-    grad_x = np.empty_like(x)
-    grad_p = np.empty_like(saved.params)
-    _threads()
-    _kernels()[1](x, saved.e, saved.sp, saved.params, *_settings(coupling), gy, gl, grad_x, grad_p)
+    grad_x, grad_p = backward_arrays(coupling, saved, gy.contiguous().numpy(), gl.contiguous().numpy(), parallel=True)
     return (
         torch.from_numpy(grad_x).reshape(saved.shape),
         torch.from_numpy(grad_p).reshape(*saved.shape[:-1], saved.params.shape[-1]),
     )
+
+
+def forward_arrays(
+    coupling: RQSplineCoupling, x: np.ndarray, raw: np.ndarray, *, parallel: bool
+) -> tuple[np.ndarray, np.ndarray, Saved]:
+    """:func:`forward` on C-contiguous arrays of one float dtype: ``x`` (rows, n) and ``raw`` (rows, n * (3K - 1))
+    to the outputs (rows, n), the float64 log-determinant (rows,) and what :func:`backward_arrays` needs. The rows
+    run in parallel threads, or in the calling thread (``parallel=False``: a few rows, as the NumPy flows of small
+    batches have them, ``posepriors.flows._numpy_spline``)."""
+    settings = _settings(coupling)
+    if parallel:
+        e, sp = _prepare(coupling, torch.from_numpy(raw))
+        _threads()
+        forward_kernel = _kernels()[0]
+    else:  # the same arrays from one loop: a few rows cost more in op calls than in arithmetic
+        forward_kernel, _, prepare = _serial_kernels()
+        K = coupling.bins
+        e, sp = np.empty_like(raw), np.empty((raw.shape[0], raw.shape[1] // (3 * K - 1) * (K - 1)), raw.dtype)
+        prepare(raw, K, settings[8], settings[9], e, sp)
+    y = np.empty_like(x)
+    logdet = np.empty(x.shape[0], dtype=np.float64)
+    forward_kernel(x, e, sp, raw, *settings, y, logdet)
+    return y, logdet, Saved(x, raw, e, sp, torch.Size(x.shape))
+
+
+def backward_arrays(
+    coupling: RQSplineCoupling, saved: Saved, gy: np.ndarray, gl: np.ndarray, *, parallel: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`backward` on arrays: the gradients w.r.t. ``x`` (rows, n) and ``raw`` (rows, n * (3K - 1)) of
+    :func:`forward_arrays` from the C-contiguous gradients ``gy`` (rows, n) and ``gl`` (rows,) in the inputs' dtype."""
+    grad_x = np.empty_like(saved.x)
+    grad_p = np.empty_like(saved.params)
+    if parallel:
+        _threads()
+    kernel = (_kernels() if parallel else _serial_kernels())[1]
+    kernel(saved.x, saved.e, saved.sp, saved.params, *_settings(coupling), gy, gl, grad_x, grad_p)
+    return grad_x, grad_p

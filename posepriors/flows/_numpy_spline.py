@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from posepriors.flows import _numba_spline
 from posepriors.flows.couplings import RQSplineCoupling
 
 if TYPE_CHECKING:
@@ -167,6 +168,13 @@ def coupling_forward(
     h = x1 if not coupling.context_features else np.concatenate([x1, context], -1)
     params, hidden = _mlp_saving(coupling, weights, h)
     K, bound, shape = coupling.bins, coupling.bound, x2.shape
+    if _numba_spline.available():  # the spline as one fused loop in this thread (a few rows: no thread pool)
+        rows = x2.size // shape[-1]
+        x2_rows = np.ascontiguousarray(x2.reshape(rows, shape[-1]))
+        raw_rows = np.ascontiguousarray(params.reshape(rows, -1))
+        y, logdet, fused = _numba_spline.forward_arrays(coupling, x2_rows, raw_rows, parallel=False)
+        y2, logdet = y.reshape(shape), logdet.astype(x.dtype).reshape(shape[:-1])
+        return _join(coupling, x1, y2), logdet, (fused, None, weights, constants, hidden)
     raw = params.reshape(*shape, 3 * K - 1)
     raw_sizes, raw_derivs = raw[..., : 2 * K].reshape(*shape, 2, K), raw[..., 2 * K :]
     scale, offset, columns_k, _ = constants
@@ -209,10 +217,40 @@ def coupling_backward(
     """Gradients w.r.t. ``x`` (B, G, D) and the context (B, G, C) or None, given those w.r.t. ``z`` and the
     log-determinant (the vector-Jacobian product of :func:`coupling_forward`), which hold no subnormal numbers;
     neither do the results."""
-    (probs, unclamped, shifted, index), elements, weights, (scale, _, _, tiny), hidden = saved
+    spline, elements, weights, (scale, _, _, tiny), hidden = saved
+    grad_z1, grad_y = _split(coupling, grad_z)
+    if elements is None:  # the fused kernels of coupling_forward
+        rows = grad_y.size // grad_y.shape[-1]
+        gy = np.ascontiguousarray(grad_y.reshape(rows, -1))
+        gl = np.ascontiguousarray(grad_logdet.reshape(rows), dtype=gy.dtype)
+        grad_x2, grad_params = _numba_spline.backward_arrays(coupling, spline, gy, gl, parallel=False)
+        grad_x2 = grad_x2.reshape(grad_y.shape)
+        grad_params = _flush_subnormal(grad_params.reshape(*grad_y.shape[:-1], -1), tiny)
+    else:
+        grad_x2, grad_params = _spline_vjp(coupling, spline, elements, scale, tiny, grad_y, grad_logdet)
+    grad_h = _mlp_input_vjp(coupling, weights, hidden, grad_params)
+    grad_context = None
+    if coupling.context_features:
+        k = coupling.num_conditioning
+        grad_h, grad_context = grad_h[..., :k], _flush_subnormal(grad_h[..., k:], tiny)
+    grad_x = _flush_subnormal(_join(coupling, grad_z1 + grad_h, grad_x2), tiny)
+    return grad_x, grad_context
+
+
+def _spline_vjp(
+    coupling: RQSplineCoupling,
+    spline: tuple,
+    elements: tuple,
+    scale: np.ndarray,
+    tiny: float,
+    grad_y: np.ndarray,
+    grad_logdet: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The spline's gradients w.r.t. the transformed dims (B, G, n) and the conditioner outputs (B, G, n * P), in
+    NumPy ops, from what :func:`coupling_forward` saved."""
+    probs, unclamped, shifted, index = spline
     xi, xi_1m, xi_sq, t, s_k, c, q, p, g, m, w_k, h_k, d_k, d_k1, outside = elements
     K = coupling.bins
-    grad_z1, grad_y = _split(coupling, grad_z)
     gy = np.where(outside, 0, grad_y)  # the tails are the identity: no gradient to the spline's parameters there
     gl = np.where(outside, 0, grad_logdet[..., None])
     inv_q, inv_m = 1 / q, 1 / m
@@ -243,14 +281,7 @@ def coupling_backward(
     grad_raw_sizes = probs * (grad_probs - _add(probs * grad_probs, -1, keepdims=True)) * unclamped
     grad_raw_derivs = table[..., 4 * K + 1 : 5 * K] * _sigmoid(shifted)
     grad_params = np.concatenate([grad_raw_sizes.reshape(*xi.shape, 2 * K), grad_raw_derivs], -1)
-    grad_params = _flush_subnormal(grad_params.reshape(*xi.shape[:-1], -1), tiny)
-    grad_h = _mlp_input_vjp(coupling, weights, hidden, grad_params)
-    grad_context = None
-    if coupling.context_features:
-        k = coupling.num_conditioning
-        grad_h, grad_context = grad_h[..., :k], _flush_subnormal(grad_h[..., k:], tiny)
-    grad_x = _flush_subnormal(_join(coupling, grad_z1 + grad_h, grad_x2), tiny)
-    return grad_x, grad_context
+    return grad_x2, _flush_subnormal(grad_params.reshape(*xi.shape[:-1], -1), tiny)
 
 
 Plan = list[tuple[RQSplineCoupling, list, tuple] | tuple[np.ndarray, np.ndarray, np.ndarray, bool]]
