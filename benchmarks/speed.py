@@ -118,7 +118,8 @@ def nll_step(prior: PosePrior, pose: torch.Tensor, method: str = "nll") -> Calla
 
 @contextlib.contextmanager
 def no_kernels() -> Iterator[None]:
-    """Switch off the fused Numba spline kernels (``flows._numba_spline.ENABLED``): the couplings run tensor ops."""
+    """Switch off the fused Numba spline kernels (``flows._numba_spline.ENABLED``): the couplings run tensor ops,
+    the NumPy flows of small batches NumPy ops."""
     original = _numba_spline.ENABLED
     _numba_spline.ENABLED = False
     try:
@@ -234,6 +235,7 @@ def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
             add(f"{name} gemms", timed(gemms[name], 5))
             with no_kernels():
                 add(f"{name} b256 no kernels", timed(steps[f"{name} b256"], 5))
+                add(f"{name} b1 no kernels", timed(steps[f"{name} b1"], args.repeat))
     med = {k: 1000 * statistics.median(v) for k, v in results.items()}
     print(f"{'model':<20}{'b=1 ms':>10}{'b=256 ms':>10}   b=1 / gaussian")
     for name in [key[: -len(" b1")] for key in steps if key.endswith(" b1")]:
@@ -249,9 +251,11 @@ def fitting_terms(args: argparse.Namespace, names: list[str]) -> None:
             f"  {name}: op-by-op autograd {med[f'{name} b1 autograd']:.3f} ms at b=1 (fast path {spread(speedup1)} "
             f"faster), {med[f'{name} b256 autograd']:.2f} ms at b=256 (fast path {spread(speedup256)} faster)"
         )
+        fused1 = [a / b for a, b in zip(results[f"{name} b1 no kernels"], results[f"{name} b1"], strict=True)]
         print(
             f"  {name}: b=1 as tensor ops (the NumPy path off) {med[f'{name} b1 tensor']:.3f} ms "
-            f"(NumPy path {spread(numpy1)} faster)"
+            f"(NumPy path {spread(numpy1)} faster); the NumPy path with its splines as NumPy ops (the fused kernels "
+            f"off) {med[f'{name} b1 no kernels']:.3f} ms (kernels {spread(fused1)} faster)"
         )
         print(f"  {name}: b=256 forward + backward / its GEMMs alone ({med[f'{name} gemms']:.2f} ms): {spread(over)}")
         print(f"  {name}: the same with the fused kernels off ({med[f'{name} b256 no kernels']:.2f} ms): {spread(off)}")

@@ -561,7 +561,10 @@ class PosePrior(nn.Module, ABC):
         shape compiles (tens of seconds on a CPU; a warm inductor cache makes it several times shorter), so it
         pays for loops of thousands of calls at a fixed batch size; ``docs/benchmarks.md`` has the figures.
         Numbers match eager within float round-off. Families without a flow (``gaussian``, ``gmm``, the VAEs)
-        are left as they are. Unlike :meth:`torch.nn.Module.compile`, the prior's methods keep their signatures.
+        are left as they are. On the CPU with Numba installed (``posepriors[fast]``) the eager couplings run fused
+        kernels that compiled graphs cannot call, and compiling measured 0.8x to 1.1x the eager step: keep eager
+        there (``docs/benchmarks.md``). Unlike :meth:`torch.nn.Module.compile`, the prior's methods keep their
+        signatures.
 
         Args:
             enabled: ``False`` returns to eager execution.
