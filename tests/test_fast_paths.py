@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import posepriors
-from posepriors.flows import _numba_spline, sequence
+from posepriors.flows import _numba_spline, _numpy_spline, sequence
 from posepriors.flows.couplings import _FrozenCoupling
 from posepriors.grouped import GroupedMLP
 from tests.test_flows import data, perturb
@@ -226,6 +226,7 @@ def fused_spline_calls(monkeypatch, kernels: bool) -> list[bool]:
     if kernels and not _numba_spline.available():
         pytest.skip("Numba is not installed (pip install 'posepriors[fast]'): no fused spline kernels")
     monkeypatch.setattr(_numba_spline, "ENABLED", kernels)
+    monkeypatch.setattr(_numpy_spline, "KERNELS_AFTER", 0)  # from the first run
     calls: list[bool] = []
     forward = _numba_spline.forward_arrays
     monkeypatch.setattr(
@@ -300,6 +301,23 @@ def test_numpy_path_scope(monkeypatch):
     monkeypatch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
     torch.testing.assert_close(after, flow.log_prob(x, c), atol=1e-10, rtol=1e-10)
     assert (after - before).abs().max() > 1e-3 and calls == [3, 3, 3, 3]
+
+
+def test_numpy_path_takes_the_kernels_after_its_first_runs(monkeypatch):
+    """The NumPy flows' splines run as NumPy ops for the first ``KERNELS_AFTER`` flow runs of a process (a one-off
+    call does not load Numba) and as the fused kernels from then on, with the same numbers to round-off."""
+    calls = numpy_calls(monkeypatch)
+    fused = fused_spline_calls(monkeypatch, True)
+    monkeypatch.setattr(_numpy_spline, "KERNELS_AFTER", 2)
+    monkeypatch.setattr(_numpy_spline, "_runs", 0)
+    flow = small_flow(1, 10, 5, torch.float64)
+    x, c = data(3, 1, 10, 5, torch.float64)
+    first = [flow.log_prob(x, c) for _ in range(2)]
+    assert calls == [3, 3] and fused == []
+    later = flow.log_prob(x, c)
+    assert calls == [3, 3, 3] and fused == [False] * 3  # three couplings, in the calling thread
+    torch.testing.assert_close(later, first[0], atol=1e-10, rtol=1e-10)
+    assert torch.equal(first[0], first[1])
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["numpy_ops", "fused_spline"])

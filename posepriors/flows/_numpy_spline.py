@@ -159,16 +159,38 @@ def _join(coupling: RQSplineCoupling, a1: np.ndarray, a2: np.ndarray) -> np.ndar
     return out
 
 
+KERNELS_AFTER = 32
+"""Where Numba is installed, the splines of the NumPy flows run as the fused kernels (looped in the calling thread)
+from the first flow run after this many in the process, and as NumPy ops before: a one-off call does not wait for
+Numba to load (about 0.6 s; seconds to compile on a machine's first use), and a fitting loop switches within its
+first steps. The two agree to float round-off. 0: the kernels from the first run."""
+
+_runs = 0
+
+
+def _fused() -> bool:
+    """Whether this flow run takes the fused spline kernels (:data:`KERNELS_AFTER`)."""
+    global _runs
+    _runs += 1
+    return _runs > KERNELS_AFTER and _numba_spline.available()  # in this order: no import of Numba before
+
+
 def coupling_forward(
-    coupling: RQSplineCoupling, weights: list, constants: tuple, x: np.ndarray, context: np.ndarray | None
+    coupling: RQSplineCoupling,
+    weights: list,
+    constants: tuple,
+    x: np.ndarray,
+    context: np.ndarray | None,
+    fused: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, tuple]:
     """``(z, log |det dz/dx| (B, G), saved)`` of the coupling (with the weights and constants of its
-    :func:`coupling_step`) on ``x`` (B, G, D) and ``context`` (B, G, C)."""
+    :func:`coupling_step`) on ``x`` (B, G, D) and ``context`` (B, G, C); ``fused``: the spline as the fused kernels
+    (Numba installed and switched on), else as NumPy ops."""
     x1, x2 = _split(coupling, x)
     h = x1 if not coupling.context_features else np.concatenate([x1, context], -1)
     params, hidden = _mlp_saving(coupling, weights, h)
     K, bound, shape = coupling.bins, coupling.bound, x2.shape
-    if _numba_spline.available():  # the spline as one fused loop in this thread (a few rows: no thread pool)
+    if fused:  # the spline as one fused loop in this thread (a few rows: no thread pool)
         rows = x2.size // shape[-1]
         x2_rows = np.ascontiguousarray(x2.reshape(rows, shape[-1]))
         raw_rows = np.ascontiguousarray(params.reshape(rows, -1))
@@ -296,9 +318,10 @@ def flow_forward(plan: Plan, x: np.ndarray, context: np.ndarray | None) -> tuple
     """
     logdet = np.zeros(x.shape[:2], x.dtype)
     saved = []
+    fused = _fused()
     for step in plan:
         if isinstance(step[0], RQSplineCoupling):
-            x, ld, keep = coupling_forward(*step, x, context)
+            x, ld, keep = coupling_forward(*step, x, context, fused)
             saved.append(keep)
         else:  # z = x A + c
             matrix, offset, ld, single = step
