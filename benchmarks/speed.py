@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import posepriors
 from posepriors.fitting import body_keypoints, fit_keypoints
-from posepriors.flows import _numba_spline, _numpy_spline, sequence
+from posepriors.flows import _numba_spline, sequence
 from posepriors.grouped import GroupedMLP
 from posepriors.priors import GMMPrior, PosePrior
 
@@ -368,7 +368,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     posepriors.set_validation(False)  # the finite-value check is a sync per call; fitting loops turn it off
-    _numpy_spline.KERNELS_AFTER = 0  # a loop's steady state: the NumPy flows take the fused kernels from the start
+    _numba_spline.LOAD_AFTER = 0  # a loop's steady state: the fused kernels from the first call
     names = posepriors.list_models()
     if args.models:
         unknown = sorted(set(args.models) - set(names))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import posepriors
-from posepriors.flows import _numba_spline, _numpy_spline, sequence
+from posepriors.flows import _numba_spline, sequence
 from posepriors.flows.couplings import _FrozenCoupling
 from posepriors.grouped import GroupedMLP
 from tests.test_flows import data, perturb
@@ -226,7 +228,7 @@ def fused_spline_calls(monkeypatch, kernels: bool) -> list[bool]:
     if kernels and not _numba_spline.available():
         pytest.skip("Numba is not installed (pip install 'posepriors[fast]'): no fused spline kernels")
     monkeypatch.setattr(_numba_spline, "ENABLED", kernels)
-    monkeypatch.setattr(_numpy_spline, "KERNELS_AFTER", 0)  # from the first run
+    monkeypatch.setattr(_numba_spline, "LOAD_AFTER", 0)  # from the first call
     calls: list[bool] = []
     forward = _numba_spline.forward_arrays
     monkeypatch.setattr(
@@ -303,21 +305,33 @@ def test_numpy_path_scope(monkeypatch):
     assert (after - before).abs().max() > 1e-3 and calls == [3, 3, 3, 3]
 
 
-def test_numpy_path_takes_the_kernels_after_its_first_runs(monkeypatch):
-    """The NumPy flows' splines run as NumPy ops for the first ``KERNELS_AFTER`` flow runs of a process (a one-off
-    call does not load Numba) and as the fused kernels from then on, with the same numbers to round-off."""
+def test_kernels_load_after_the_first_calls_or_for_a_large_one(monkeypatch):
+    """Before Numba is imported, the splines run as NumPy or tensor ops for the first ``LOAD_AFTER`` calls that
+    could run the kernels (a one-off call does not wait for Numba to load) and as the kernels from then on, with
+    the same numbers to round-off; a call of ``LOAD_AT_VALUES`` values or more loads them at once, and once loaded,
+    every call that can run them does."""
     calls = numpy_calls(monkeypatch)
     fused = fused_spline_calls(monkeypatch, True)
-    monkeypatch.setattr(_numpy_spline, "KERNELS_AFTER", 2)
-    monkeypatch.setattr(_numpy_spline, "_runs", 0)
+    not_imported = functools.cache(_numba_spline._numba.__wrapped__)  # as in a fresh process
+    monkeypatch.setattr(_numba_spline, "_numba", not_imported)
+    monkeypatch.setattr(_numba_spline, "LOAD_AFTER", 2)
+    monkeypatch.setattr(_numba_spline, "_waiting", 0)
     flow = small_flow(1, 10, 5, torch.float64)
     x, c = data(3, 1, 10, 5, torch.float64)
     first = [flow.log_prob(x, c) for _ in range(2)]
-    assert calls == [3, 3] and fused == []
+    assert calls == [3, 3] and fused == [] and not_imported.cache_info().currsize == 0  # Numba not even imported
     later = flow.log_prob(x, c)
     assert calls == [3, 3, 3] and fused == [False] * 3  # three couplings, in the calling thread
     torch.testing.assert_close(later, first[0], atol=1e-10, rtol=1e-10)
     assert torch.equal(first[0], first[1])
+    # a large call loads them at once; the tensor path counts its coupling calls too
+    for values, expected in ((10, False), (_numba_spline.LOAD_AT_VALUES, True)):
+        monkeypatch.setattr(_numba_spline, "_numba", functools.cache(_numba_spline._numba.__wrapped__))
+        monkeypatch.setattr(_numba_spline, "_waiting", 0)
+        assert _numba_spline.wanted(values) is expected
+    assert _numba_spline.wanted(10) is True  # loaded: every call
+    monkeypatch.setattr(_numba_spline, "ENABLED", False)
+    assert _numba_spline.wanted(_numba_spline.LOAD_AT_VALUES) is False
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["numpy_ops", "fused_spline"])

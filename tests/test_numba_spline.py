@@ -55,7 +55,8 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _restore_enabled() -> Iterator[None]:
+def _restore_enabled(monkeypatch) -> Iterator[None]:
+    monkeypatch.setattr(_numba_spline, "LOAD_AFTER", 0)  # the kernels from the first call (no warm-up)
     with numba_enabled(_numba_spline.ENABLED):
         yield
 

@@ -34,7 +34,18 @@ from torch.autograd import forward_ad
 if TYPE_CHECKING:
     from posepriors.flows.couplings import RQSplineCoupling
 
-__all__ = ["Saved", "available", "backward", "backward_arrays", "forward", "forward_arrays", "usable"]
+__all__ = [
+    "LOAD_AFTER",
+    "LOAD_AT_VALUES",
+    "Saved",
+    "available",
+    "backward",
+    "backward_arrays",
+    "forward",
+    "forward_arrays",
+    "usable",
+    "wanted",
+]
 
 ENABLED = os.environ.get("POSEPRIORS_NUMBA", "1") != "0"
 """Whether the couplings may use these kernels (where Numba is installed); tests and benchmarks switch it."""
@@ -54,15 +65,40 @@ def available() -> bool:
     return ENABLED and _numba() is not None
 
 
+LOAD_AFTER = 32
+"""Numba and the kernels load (the import, then the compiled code from the disk cache: about 0.5 s; seconds to
+compile on a machine's first use) at the first spline call that could run them after this many such calls in the
+process, or at once for a call of at least :data:`LOAD_AT_VALUES` values, which repays the load by itself. So a
+one-off call of a script never waits for Numba, and a loop switches within its first steps; once loaded, every call
+that can run them does. 0: from the first call."""
+
+LOAD_AT_VALUES = 1 << 18
+
+_waiting = 0
+
+
+def wanted(values: int) -> bool:
+    """Whether a spline call of ``values`` transformed values that could run the kernels should (see
+    :data:`LOAD_AFTER`); imports Numba only when the answer may be yes."""
+    global _waiting
+    if not ENABLED:
+        return False
+    if _numba.cache_info().currsize == 0:  # Numba not imported yet
+        _waiting += 1
+        if _waiting <= LOAD_AFTER and values < LOAD_AT_VALUES:
+            return False
+    return available()
+
+
 def usable(x2: Tensor, params: Tensor) -> bool:
-    """Whether a spline on these tensors can run here: the kernels are available, both are plain CPU tensors of one
-    float dtype, not empty, and no tracer, dispatch mode or transform (``torch.compile``, ``make_fx``, fake
-    tensors, ``torch.func``, forward-mode tangents) is watching, for which the work must stay in tensor ops."""
+    """Whether a spline on these tensors can run here: both are plain CPU tensors of one float dtype, not empty, no
+    tracer, dispatch mode or transform (``torch.compile``, ``make_fx``, fake tensors, ``torch.func``, forward-mode
+    tangents) is watching, for which the work must stay in tensor ops, and the kernels are available and
+    :func:`wanted`."""
     if torch.compiler.is_compiling():  # first: under torch.compile nothing else here is traced
         return False
     return (
-        available()
-        and type(x2) is Tensor
+        type(x2) is Tensor
         and type(params) is Tensor
         and x2.device.type == "cpu"
         and x2.dtype in (torch.float32, torch.float64)
@@ -75,6 +111,7 @@ def usable(x2: Tensor, params: Tensor) -> bool:
         and x2.numel() > 0
         and _no_tangent(x2)
         and _no_tangent(params)
+        and wanted(x2.numel())  # last: it counts the calls that could run the kernels, and may import Numba
     )
 
 

@@ -159,22 +159,6 @@ def _join(coupling: RQSplineCoupling, a1: np.ndarray, a2: np.ndarray) -> np.ndar
     return out
 
 
-KERNELS_AFTER = 32
-"""Where Numba is installed, the splines of the NumPy flows run as the fused kernels (looped in the calling thread)
-from the first flow run after this many in the process, and as NumPy ops before: a one-off call does not wait for
-Numba to load (about 0.6 s; seconds to compile on a machine's first use), and a fitting loop switches within its
-first steps. The two agree to float round-off. 0: the kernels from the first run."""
-
-_runs = 0
-
-
-def _fused() -> bool:
-    """Whether this flow run takes the fused spline kernels (:data:`KERNELS_AFTER`)."""
-    global _runs
-    _runs += 1
-    return _runs > KERNELS_AFTER and _numba_spline.available()  # in this order: no import of Numba before
-
-
 def coupling_forward(
     coupling: RQSplineCoupling,
     weights: list,
@@ -318,7 +302,7 @@ def flow_forward(plan: Plan, x: np.ndarray, context: np.ndarray | None) -> tuple
     """
     logdet = np.zeros(x.shape[:2], x.dtype)
     saved = []
-    fused = _fused()
+    fused = _numba_spline.wanted(x.size)  # after the first runs of a process (_numba_spline.LOAD_AFTER)
     for step in plan:
         if isinstance(step[0], RQSplineCoupling):
             x, ld, keep = coupling_forward(*step, x, context, fused)
