@@ -238,9 +238,9 @@ def forward_arrays(
         forward_kernel = _kernels()[0]
     else:  # the same arrays from one loop: a few rows cost more in op calls than in arithmetic
         forward_kernel, _, prepare = _serial_kernels()
-        K = coupling.bins
+        K, *_, exp_shift, limit = settings
         e, sp = np.empty_like(raw), np.empty((raw.shape[0], raw.shape[1] // (3 * K - 1) * (K - 1)), raw.dtype)
-        prepare(raw, K, settings[8], settings[9], e, sp)
+        prepare(raw, K, exp_shift, limit, e, sp)
     y = np.empty_like(x)
     logdet = np.empty(x.shape[0], dtype=np.float64)
     forward_kernel(x, e, sp, raw, *settings, y, logdet)

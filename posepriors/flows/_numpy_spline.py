@@ -178,9 +178,9 @@ def coupling_forward(
         rows = x2.size // shape[-1]
         x2_rows = np.ascontiguousarray(x2.reshape(rows, shape[-1]))
         raw_rows = np.ascontiguousarray(params.reshape(rows, -1))
-        y, logdet, fused = _numba_spline.forward_arrays(coupling, x2_rows, raw_rows, parallel=False)
+        y, logdet, state = _numba_spline.forward_arrays(coupling, x2_rows, raw_rows, parallel=False)
         y2, logdet = y.reshape(shape), logdet.astype(x.dtype).reshape(shape[:-1])
-        return _join(coupling, x1, y2), logdet, (fused, None, weights, constants, hidden)
+        return _join(coupling, x1, y2), logdet, (state, None, weights, constants, hidden)
     raw = params.reshape(*shape, 3 * K - 1)
     raw_sizes, raw_derivs = raw[..., : 2 * K].reshape(*shape, 2, K), raw[..., 2 * K :]
     scale, offset, columns_k, _ = constants
