@@ -222,37 +222,43 @@ def value_and_gradients(flow, x, c):
     return (log_prob.detach(), z_plain, logdet_plain, *grads)
 
 
-def fused_spline_calls(monkeypatch, kernels: bool) -> list[bool]:
-    """Switch the fused spline kernels on or off (skip when Numba is missing) and record their array-level runs
-    (``parallel``)."""
+def fused_spline_calls(monkeypatch, kernels: bool) -> list[str]:
+    """Switch the fused spline kernels on or off (skip when Numba is missing) and record their array-level runs:
+    ``"parallel"`` or ``"serial"`` for a spline, ``"coupling"`` for a whole coupling in one loop."""
     if kernels and not _numba_spline.available():
         pytest.skip("Numba is not installed (pip install 'posepriors[fast]'): no fused spline kernels")
     monkeypatch.setattr(_numba_spline, "ENABLED", kernels)
     monkeypatch.setattr(_numba_spline, "LOAD_AFTER", 0)  # from the first call
-    calls: list[bool] = []
-    forward = _numba_spline.forward_arrays
-    monkeypatch.setattr(
-        _numba_spline, "forward_arrays", lambda *a, parallel: calls.append(parallel) or forward(*a, parallel=parallel)
-    )
+    calls: list[str] = []
+    spline, coupling = _numba_spline.forward_arrays, _numba_spline.coupling_forward_arrays
+
+    def spline_run(*args, parallel):
+        calls.append("parallel" if parallel else "serial")
+        return spline(*args, parallel=parallel)
+
+    monkeypatch.setattr(_numba_spline, "forward_arrays", spline_run)
+    monkeypatch.setattr(_numba_spline, "coupling_forward_arrays", lambda *a: calls.append("coupling") or coupling(*a))
     return calls
 
 
+@pytest.mark.parametrize("layers", [1, 2], ids=["one_hidden_layer", "two_hidden_layers"])
 @pytest.mark.parametrize("kernels", [False, True], ids=["numpy_ops", "fused_spline"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", [(1, 63, 0), (1, 10, 5), (21, 3, 6), (4, 2, 0)], ids=str)
-def test_numpy_path_matches_the_tensor_path(case, dtype, kernels, monkeypatch):
-    """A frozen spline flow on a small CPU batch runs in NumPy (one autograd node for the flow), its splines as
-    NumPy ops or (with Numba) as the fused kernels run in the calling thread: the same log-densities, latent
-    codes, log-determinants and gradients w.r.t. the input and the context as the tensor path (tensor ops), to
-    float round-off, with values in both tails and every mask layout (D = 3 cycles through them)."""
+def test_numpy_path_matches_the_tensor_path(case, dtype, kernels, layers, monkeypatch):
+    """A frozen spline flow on a small CPU batch runs in NumPy (one autograd node for the flow), its couplings as
+    NumPy ops or (with Numba) as fused loops in the calling thread: the whole coupling where the conditioner has
+    one hidden layer (as the shipped flows have), else the spline alone. The same log-densities, latent codes,
+    log-determinants and gradients w.r.t. the input and the context as the tensor path (tensor ops), to float
+    round-off, with values in both tails and every mask layout (D = 3 cycles through them)."""
     groups, dim, context = case
-    flow = small_flow(groups, dim, context, dtype)
+    flow = small_flow(groups, dim, context, dtype, num_hidden_layers=layers)
     x, c = data(5, groups, dim, context, dtype)
     calls = numpy_calls(monkeypatch)
     fused = fused_spline_calls(monkeypatch, kernels)
     fast = value_and_gradients(flow, x, c)
     assert calls == [5, 5, 5]  # log_prob, forward with gradients, forward without
-    assert fused == ([False] * 9 if kernels else [])  # three couplings per run, in the calling thread
+    assert fused == ([("coupling" if layers == 1 else "serial")] * 9 if kernels else [])  # three couplings per run
     with monkeypatch.context() as patch:
         patch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
         patch.setattr(_numba_spline, "ENABLED", False)
@@ -321,7 +327,7 @@ def test_kernels_load_after_the_first_calls_or_for_a_large_one(monkeypatch):
     first = [flow.log_prob(x, c) for _ in range(2)]
     assert calls == [3, 3] and fused == [] and not_imported.cache_info().currsize == 0  # Numba not even imported
     later = flow.log_prob(x, c)
-    assert calls == [3, 3, 3] and fused == [False] * 3  # three couplings, in the calling thread
+    assert calls == [3, 3, 3] and fused == ["serial"] * 3  # three couplings (two hidden layers), in this thread
     torch.testing.assert_close(later, first[0], atol=1e-10, rtol=1e-10)
     assert torch.equal(first[0], first[1])
     # a large call loads them at once; the tensor path counts its coupling calls too
@@ -334,13 +340,14 @@ def test_kernels_load_after_the_first_calls_or_for_a_large_one(monkeypatch):
     assert _numba_spline.wanted(_numba_spline.LOAD_AT_VALUES) is False
 
 
+@pytest.mark.parametrize("layers", [1, 2], ids=["one_hidden_layer", "two_hidden_layers"])
 @pytest.mark.parametrize("kernels", [False, True], ids=["numpy_ops", "fused_spline"])
-def test_numpy_path_flushes_subnormal_gradients(kernels, monkeypatch):
+def test_numpy_path_flushes_subnormal_gradients(kernels, layers, monkeypatch):
     """Upstream gradients below the smallest normal float leave the NumPy path as exact zeros (subnormal floats
     make a CPU's arithmetic tens of times slower), never as subnormals; normal gradients get through."""
     calls = numpy_calls(monkeypatch)
     fused_spline_calls(monkeypatch, kernels)
-    flow = small_flow(1, 63, 0, torch.float32)
+    flow = small_flow(1, 63, 0, torch.float32, num_hidden_layers=layers)
     tiny = torch.finfo(torch.float32).tiny
     x = data(2, 1, 63, 0, torch.float32)[0].requires_grad_(True)
     z, logdet = flow(x)

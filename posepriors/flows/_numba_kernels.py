@@ -12,9 +12,18 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 from numba import prange
 
-__all__ = ["prepare_serial", "spline_backward", "spline_backward_serial", "spline_forward", "spline_forward_serial"]
+__all__ = [
+    "coupling_backward_serial",
+    "coupling_forward_serial",
+    "prepare_serial",
+    "spline_backward",
+    "spline_backward_serial",
+    "spline_forward",
+    "spline_forward_serial",
+]
 
 jit = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
 serial = numba.njit(cache=True, error_model="numpy", nogil=True)
@@ -199,3 +208,109 @@ def spline_backward_serial(
 ):
     for r in range(x.shape[0]):
         backward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, gy, gl, grad_x, grad_p, r)
+
+
+# ---------------------------------------------------------------------------------------------------- whole couplings
+@scalar
+def silu_parts(a):
+    """silu(a) = a s and its derivative s + a s (1 - s), with s = sigmoid(a) as 1/2 + tanh(a / 2) / 2 (no overflow;
+    the NumPy path's formula)."""
+    s = 0.5 + 0.5 * math.tanh(0.5 * a)
+    h = a * s
+    return h, s + h * (1.0 - s)
+
+
+@serial
+def coupling_forward_serial(
+    x, ctx, cond, trans, w0, b0, w1, b1, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, z, logdet, pre,
+    x2, raw, e, sp, y, ld,
+):  # fmt: skip
+    """A spline coupling whose conditioner has one hidden layer (SiLU), for a few rows in the calling thread: x
+    (B, G, D) and the context ctx (B, G, C) to z (B, G, D) and logdet (B, G). The conditioning dims ``cond`` of x and
+    the context feed the conditioner (weights w0 (G, k + C, H), b0 (G, H), w1 (G, H, n (3K - 1)), b1 (G, n (3K -
+    1))); the transformed dims ``trans`` go through the spline. Saves, per row r = b G + g, the hidden
+    pre-activations pre (rows, H), the transformed inputs x2 (rows, n), the conditioner outputs raw and what the
+    spline needs (e, sp), and fills the scratch y (rows, n), ld (rows,)."""
+    B, G, _ = x.shape
+    k, n, C, H, width = cond.shape[0], trans.shape[0], ctx.shape[2], w0.shape[2], w1.shape[2]
+    P = 3 * K - 1
+    hidden = np.empty(H, dtype=pre.dtype)
+    for b in range(B):
+        for g in range(G):
+            r = b * G + g
+            for j in range(H):
+                pre[r, j] = b0[g, j]
+            for i in range(k):
+                v = x[b, g, cond[i]]
+                for j in range(H):
+                    pre[r, j] += v * w0[g, i, j]
+            for c in range(C):
+                v = ctx[b, g, c]
+                for j in range(H):
+                    pre[r, j] += v * w0[g, k + c, j]
+            for j in range(H):
+                hidden[j] = silu_parts(pre[r, j])[0]
+            for j in range(width):
+                raw[r, j] = b1[g, j]
+            for j in range(H):
+                v = hidden[j]
+                for m in range(width):
+                    raw[r, m] += v * w1[g, j, m]
+            for m in range(width):
+                e[r, m] = math.exp(min(max(raw[r, m], -limit), limit))
+            for i in range(n):
+                x2[r, i] = x[b, g, trans[i]]
+                for q in range(K - 1):
+                    sp[r, i * (K - 1) + q] = math.log1p(e[r, i * P + 2 * K + q] * exp_shift)
+            forward_row(x2, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, ld, r)
+            for i in range(k):
+                z[b, g, cond[i]] = x[b, g, cond[i]]
+            for i in range(n):
+                z[b, g, trans[i]] = y[r, i]
+            logdet[b, g] = ld[r]
+
+
+@scalar
+def flush(v, tiny):
+    """v, or 0 where it is subnormal (|v| < tiny, the dtype's smallest normal number)."""
+    return 0.0 if abs(v) < tiny else v
+
+
+@serial
+def coupling_backward_serial(
+    gz, gl, cond, trans, w0t, w1t, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, pre, x2, raw, e, sp,
+    tiny, gy, gx2, gp, grad_x, grad_ctx,
+):  # fmt: skip
+    """The vector-Jacobian product of :func:`coupling_forward_serial` from the gradients w.r.t. z (B, G, D) and the
+    log-determinant (B, G): grad_x (B, G, D) and grad_ctx (B, G, C), subnormal entries flushed to zero (as are the
+    conditioner outputs' gradients on the way). w0t (G, H, k + C) and w1t (G, n (3K - 1), H) are the transposed
+    weights; gy (rows, n), gx2 (rows, n) and gp (rows, n (3K - 1)) are scratch."""
+    B, G, _ = gz.shape
+    k, n, C, H, width = cond.shape[0], trans.shape[0], grad_ctx.shape[2], w1t.shape[2], w1t.shape[1]
+    g_hidden = np.empty(H, dtype=pre.dtype)
+    g_in = np.empty(k + C, dtype=pre.dtype)
+    for b in range(B):
+        for g in range(G):
+            r = b * G + g
+            for i in range(n):
+                gy[r, i] = gz[b, g, trans[i]]
+            backward_row(x2, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, gy, gl, gx2, gp, r)
+            for j in range(H):
+                g_hidden[j] = 0.0
+            for m in range(width):
+                v = flush(gp[r, m], tiny)
+                if v != 0.0:
+                    for j in range(H):
+                        g_hidden[j] += v * w1t[g, m, j]
+            for i in range(k + C):
+                g_in[i] = 0.0
+            for j in range(H):
+                v = g_hidden[j] * silu_parts(pre[r, j])[1]
+                for i in range(k + C):
+                    g_in[i] += v * w0t[g, j, i]
+            for i in range(k):
+                grad_x[b, g, cond[i]] = flush(gz[b, g, cond[i]] + g_in[i], tiny)
+            for i in range(n):
+                grad_x[b, g, trans[i]] = flush(gx2[r, i], tiny)
+            for c in range(C):
+                grad_ctx[b, g, c] = flush(g_in[k + c], tiny)

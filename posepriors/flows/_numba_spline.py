@@ -259,3 +259,64 @@ def backward_arrays(
     kernel = (_kernels() if parallel else _serial_kernels())[1]
     kernel(saved.x, saved.e, saved.sp, saved.params, *_settings(coupling), gy, gl, grad_x, grad_p)
     return grad_x, grad_p
+
+
+@cache
+def _coupling_kernels() -> tuple[Any, Any]:
+    """A whole coupling (conditioner and spline) for a few rows in the calling thread, forward and backward."""
+    from posepriors.flows import _numba_kernels
+
+    return _numba_kernels.coupling_forward_serial, _numba_kernels.coupling_backward_serial
+
+
+def coupling_fusable(coupling: RQSplineCoupling) -> bool:
+    """Whether :func:`coupling_forward_arrays` covers this coupling: a conditioner with one hidden layer and SiLU
+    (as every shipped flow has)."""
+    return len(coupling.conditioner._linears) == 2 and coupling.conditioner.activation == "silu"
+
+
+def coupling_forward_arrays(
+    coupling: RQSplineCoupling, weights: list, x: np.ndarray, context: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """A whole spline coupling (:func:`coupling_fusable`) on a few rows in one loop in the calling thread: ``x``
+    (B, G, D) and ``context`` (B, G, C) or None to the outputs (B, G, D), the float64 log-determinant (B, G) and
+    what :func:`coupling_backward_arrays` needs. ``weights``: per layer (weight (G, in, out), bias (G, out), weight
+    transposed (G, out, in)) as arrays in x's dtype (``posepriors.flows._numpy_spline.coupling_step``)."""
+    (w0, b0, w0t), (w1, b1, w1t) = weights
+    x = np.ascontiguousarray(x)
+    B, G, _ = x.shape
+    ctx = np.zeros((B, G, 0), x.dtype) if context is None else np.ascontiguousarray(context)
+    cond, trans = coupling.conditioning_index.numpy(), coupling.transformed_index.numpy()
+    rows, n, width = B * G, trans.shape[0], w1.shape[2]
+    K = coupling.bins
+    z, logdet = np.empty_like(x), np.empty((B, G), np.float64)
+    pre, x2, raw = (
+        np.empty((rows, w0.shape[2]), x.dtype),
+        np.empty((rows, n), x.dtype),
+        np.empty((rows, width), x.dtype),
+    )
+    e, sp = np.empty_like(raw), np.empty((rows, n * (K - 1)), x.dtype)
+    scratch = np.empty((rows, n), x.dtype), np.empty(rows, np.float64)
+    forward_kernel = _coupling_kernels()[0]
+    forward_kernel(x, ctx, cond, trans, w0, b0, w1, b1, *_settings(coupling), z, logdet, pre, x2, raw, e, sp, *scratch)
+    return z, logdet, (cond, trans, pre, x2, raw, e, sp, ctx.shape[2])
+
+
+def coupling_backward_arrays(
+    coupling: RQSplineCoupling, weights: list, state: tuple, grad_z: np.ndarray, grad_logdet: np.ndarray, tiny: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The gradients w.r.t. x (B, G, D) and the context (B, G, C), or None without one, of
+    :func:`coupling_forward_arrays`, given those w.r.t. its outputs (B, G, D) and log-determinant (B, G); entries
+    below ``tiny`` (the dtype's smallest normal number) come out as zeros."""
+    (_, _, w0t), (_, _, w1t) = weights
+    cond, trans, pre, x2, raw, e, sp, C = state
+    gz = np.ascontiguousarray(grad_z, dtype=pre.dtype)
+    gl = np.ascontiguousarray(grad_logdet, dtype=pre.dtype).reshape(-1)
+    B, G, _ = gz.shape
+    grad_x, grad_ctx = np.empty_like(gz), np.empty((B, G, C), gz.dtype)
+    scratch = np.empty_like(x2), np.empty_like(x2), np.empty_like(raw)
+    backward_kernel = _coupling_kernels()[1]
+    backward_kernel(
+        gz, gl, cond, trans, w0t, w1t, *_settings(coupling), pre, x2, raw, e, sp, tiny, *scratch, grad_x, grad_ctx
+    )
+    return grad_x, grad_ctx if C else None

@@ -168,8 +168,13 @@ def coupling_forward(
     fused: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, tuple]:
     """``(z, log |det dz/dx| (B, G), saved)`` of the coupling (with the weights and constants of its
-    :func:`coupling_step`) on ``x`` (B, G, D) and ``context`` (B, G, C); ``fused``: the spline as the fused kernels
-    (Numba installed and switched on), else as NumPy ops."""
+    :func:`coupling_step`) on ``x`` (B, G, D) and ``context`` (B, G, C); ``fused`` (Numba installed and switched
+    on): the conditioner and the spline as one Numba loop where it covers the conditioner
+    (:func:`~posepriors.flows._numba_spline.coupling_fusable`), else the spline alone as the fused kernels; otherwise
+    NumPy ops."""
+    if fused and _numba_spline.coupling_fusable(coupling):  # conditioner and spline in one loop, this thread
+        z, logdet, state = _numba_spline.coupling_forward_arrays(coupling, weights, x, context)
+        return z, logdet.astype(x.dtype), (state, "whole coupling", weights, constants, None)
     x1, x2 = _split(coupling, x)
     h = x1 if not coupling.context_features else np.concatenate([x1, context], -1)
     params, hidden = _mlp_saving(coupling, weights, h)
@@ -224,6 +229,8 @@ def coupling_backward(
     log-determinant (the vector-Jacobian product of :func:`coupling_forward`), which hold no subnormal numbers;
     neither do the results."""
     spline, elements, weights, (scale, _, _, tiny), hidden = saved
+    if isinstance(elements, str):  # the whole coupling in one loop
+        return _numba_spline.coupling_backward_arrays(coupling, weights, spline, grad_z, grad_logdet, tiny)
     grad_z1, grad_y = _split(coupling, grad_z)
     if elements is None:  # the fused kernels of coupling_forward
         rows = grad_y.size // grad_y.shape[-1]
