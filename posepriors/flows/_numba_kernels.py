@@ -91,18 +91,24 @@ def bin_terms(v, xk, w, h, d0, d1):
     return s, xi, xi_1m, t, c, s + c * t, s * xi * xi + d0 * t, d1 * xi * xi + 2.0 * s * t + d0 * xi_1m * xi_1m
 
 
+@scalar
+def prepare_row(raw, K, exp_shift, limit, e, sp, r):
+    """What ``_numba_spline._prepare`` makes of row r of the conditioner outputs raw (rows, n * (3K - 1)):
+    e = exp(clamp(raw, +-limit)) and, for the knot derivatives, sp = log1p(e exp(shift)) (rows, n * (K - 1))."""
+    width = raw.shape[1]
+    P = 3 * K - 1
+    for j in range(width):
+        e[r, j] = math.exp(min(max(raw[r, j], -limit), limit))
+    for i in range(width // P):
+        for k in range(K - 1):
+            sp[r, i * (K - 1) + k] = math.log1p(e[r, i * P + 2 * K + k] * exp_shift)
+
+
 @serial
 def prepare_serial(raw, K, exp_shift, limit, e, sp):
-    """What ``_numba_spline._prepare`` makes of the conditioner outputs raw (rows, n * (3K - 1)), for a few rows:
-    e = exp(clamp(raw, +-limit)) and, for the knot derivatives, sp = log1p(e exp(shift)) (rows, n * (K - 1))."""
-    rows, width = raw.shape
-    P = 3 * K - 1
-    for r in range(rows):
-        for j in range(width):
-            e[r, j] = math.exp(min(max(raw[r, j], -limit), limit))
-        for i in range(width // P):
-            for k in range(K - 1):
-                sp[r, i * (K - 1) + k] = math.log1p(e[r, i * P + 2 * K + k] * exp_shift)
+    """:func:`prepare_row` for every row, in the calling thread."""
+    for r in range(raw.shape[0]):
+        prepare_row(raw, K, exp_shift, limit, e, sp, r)
 
 
 @scalar
@@ -233,7 +239,6 @@ def coupling_forward_serial(
     spline needs (e, sp), and fills the scratch y (rows, n), ld (rows,)."""
     B, G, _ = x.shape
     k, n, C, H, width = cond.shape[0], trans.shape[0], ctx.shape[2], w0.shape[2], w1.shape[2]
-    P = 3 * K - 1
     hidden = np.empty(H, dtype=pre.dtype)
     for b in range(B):
         for g in range(G):
@@ -256,12 +261,9 @@ def coupling_forward_serial(
                 v = hidden[j]
                 for m in range(width):
                     raw[r, m] += v * w1[g, j, m]
-            for m in range(width):
-                e[r, m] = math.exp(min(max(raw[r, m], -limit), limit))
+            prepare_row(raw, K, exp_shift, limit, e, sp, r)
             for i in range(n):
                 x2[r, i] = x[b, g, trans[i]]
-                for q in range(K - 1):
-                    sp[r, i * (K - 1) + q] = math.log1p(e[r, i * P + 2 * K + q] * exp_shift)
             forward_row(x2, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift, limit, y, ld, r)
             for i in range(k):
                 z[b, g, cond[i]] = x[b, g, cond[i]]
