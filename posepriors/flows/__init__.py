@@ -25,7 +25,10 @@ conditioners' activations in place wherever autograd records nothing, and splits
 keep each layer's hidden activations in cache; :meth:`FlowSequence.compile_frozen` opts in to ``torch.compile``.
 On the CPU with Numba installed (``pip install "posepriors[fast]"``), a spline coupling that records no autograd, or
 runs as one frozen autograd node, evaluates its spline (and its written-out backward) as one fused kernel
-(``posepriors.flows._numba_spline``) instead of some 60 tensor ops; ``POSEPRIORS_NUMBA=0`` turns that off.
+(``posepriors.flows._numba_spline``) instead of some 60 tensor ops, and a frozen flow on a few poses (its NumPy
+path) runs each coupling whose conditioner has one hidden layer, conditioner and spline, as one loop in the calling
+thread; Numba loads after the first 32 calls that could use it (or at once for a very large one), and
+``POSEPRIORS_NUMBA=0`` turns all of it off.
 
 Modules: :mod:`~posepriors.flows.core` (the block protocol), :mod:`~posepriors.flows.linear` (ActNorm, permutations,
 LU mixing), :mod:`~posepriors.flows.couplings` (affine and spline couplings), :mod:`~posepriors.flows.sequence`
