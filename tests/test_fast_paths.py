@@ -412,3 +412,22 @@ def test_numpy_path_refuses_a_backward_after_an_in_place_change(monkeypatch):
         x.add_(0.5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         log_prob.sum().backward()
+
+
+def test_whole_coupling_loop_refuses_arrays_that_do_not_match_its_conditioner():
+    """The whole-coupling loop does not check its indices, so its wrapper does: inputs or a context whose groups or
+    widths do not match the conditioner raise (naming both) instead of reading past the arrays."""
+    if not _numba_spline.available():
+        pytest.skip("Numba is not installed (pip install 'posepriors[fast]'): no fused spline kernels")
+    from posepriors.flows import _numpy_spline
+    from posepriors.flows.couplings import RQSplineCoupling
+
+    flow = small_flow(2, 10, 5, torch.float64, num_hidden_layers=1)
+    coupling = next(m for m in flow.modules() if isinstance(m, RQSplineCoupling))
+    weights = _numpy_spline.coupling_step(coupling, torch.zeros(1, dtype=torch.float64))[1]
+    x, c = data(3, 2, 10, 5, torch.float64)
+    z, logdet, _ = _numba_spline.coupling_forward_arrays(coupling, weights, x.numpy(), c.numpy())
+    assert z.shape == (3, 2, 10) and logdet.shape == (3, 2)
+    for bad_x, bad_c in ((x[:, :1], c[:, :1]), (x, c[..., :4]), (x[..., :9], c)):
+        with pytest.raises(ValueError, match=r"expected inputs \(B, 2, 10\) and a context \(B, 2, 5\)"):
+            _numba_spline.coupling_forward_arrays(coupling, weights, bad_x.numpy(), bad_c.numpy())

@@ -282,11 +282,22 @@ def coupling_forward_arrays(
     (B, G, D) and ``context`` (B, G, C) or None to the outputs (B, G, D), the float64 log-determinant (B, G) and
     what :func:`coupling_backward_arrays` needs. ``weights``: per layer (weight (G, in, out), bias (G, out), weight
     transposed (G, out, in)) as arrays in x's dtype (``posepriors.flows._numpy_spline.coupling_step``)."""
-    (w0, b0, w0t), (w1, b1, w1t) = weights
+    (w0, b0, _), (w1, b1, _) = weights
     x = np.ascontiguousarray(x)
     B, G, _ = x.shape
-    ctx = np.zeros((B, G, 0), x.dtype) if context is None else np.ascontiguousarray(context)
+    C = coupling.context_features  # a coupling without context features ignores the flow's context
+    ctx = np.ascontiguousarray(context) if C else np.zeros((B, G, 0), x.dtype)
     cond, trans = coupling.conditioning_index.numpy(), coupling.transformed_index.numpy()
+    if (
+        x.shape[2] != coupling.dim
+        or ctx.shape != (B, G, C)
+        or w0.shape[:2] != (G, cond.shape[0] + C)
+        or w1.shape[::2] != (G, trans.shape[0] * (3 * coupling.bins - 1))
+    ):  # the loop does not check its indices: a mismatch would read past the arrays
+        raise ValueError(
+            f"expected inputs (B, {w0.shape[0]}, {coupling.dim}) and a context (B, {w0.shape[0]}, {C}) for this "
+            f"coupling's conditioner, got {x.shape} and {None if context is None else context.shape}"
+        )
     rows, n, width = B * G, trans.shape[0], w1.shape[2]
     K = coupling.bins
     z, logdet = np.empty_like(x), np.empty((B, G), np.float64)
