@@ -9,7 +9,11 @@ the partial derivatives, with every intermediate in registers. Numba compiles th
 installed (``pip install "posepriors[fast]"``), or with ``POSEPRIORS_NUMBA=0`` in the environment, the couplings keep
 their tensor ops, and so does a process forked after its parent ran the kernels (Numba's OpenMP thread pool is not
 fork-safe); ``tests/test_numba_spline.py`` checks both give the same numbers (float64 to 1e-9: PyTorch's
-``softplus`` returns its input above 20, where the kernels' is exact).
+``softplus`` returns its input above 20, where the kernels' is exact). For the few rows of the NumPy flows of small
+batches (``posepriors.flows._numpy_spline``) the same loops run in the calling thread (:func:`forward_arrays` with
+``parallel=False``), and a coupling whose conditioner has one hidden SiLU layer runs whole, conditioner included, as
+one loop (:func:`coupling_forward_arrays`). Numba loads only once a process has made :data:`LOAD_AFTER` calls that
+could use it (:func:`wanted`).
 
 The formulas are those of ``RQSplineCoupling._transform_saving`` / ``_transform_vjp``: in a bin with left knot
 ``(x_k, y_k)``, width ``w``, height ``h`` and knot derivatives ``d0, d1``, with ``xi = (x - x_k) / w``,
@@ -24,7 +28,7 @@ import math
 import os
 from functools import cache
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LOAD_AFTER",
     "LOAD_AT_VALUES",
+    "CouplingState",
     "Saved",
     "available",
     "backward",
@@ -139,26 +144,15 @@ def _settings(coupling: RQSplineCoupling) -> tuple[int | float, ...]:
 
 
 @cache
-def _kernels() -> tuple[Any, Any]:
-    """The forward and backward loops over rows in parallel threads (:mod:`posepriors.flows._numba_kernels`),
-    compiled on first use."""
+def _kernels() -> ModuleType:
+    """The loops (:mod:`posepriors.flows._numba_kernels`), compiled or read from the disk cache on first use."""
     from posepriors.flows import _numba_kernels
 
-    global _STARTED
-    _STARTED = True
-    return _numba_kernels.spline_forward, _numba_kernels.spline_backward
-
-
-@cache
-def _serial_kernels() -> tuple[Any, Any, Any]:
-    """The same loops in the calling thread, for a few rows (no thread pool: fork-safe)."""
-    from posepriors.flows import _numba_kernels
-
-    return _numba_kernels.spline_forward_serial, _numba_kernels.spline_backward_serial, _numba_kernels.prepare_serial
+    return _numba_kernels
 
 
 _STARTED = False
-"""Whether this process has run the kernels (and so started Numba's thread pool)."""
+"""Whether this process has run a parallel loop (and so started Numba's thread pool)."""
 
 
 def _after_fork_in_child() -> None:
@@ -185,6 +179,9 @@ def _prepare(coupling: RQSplineCoupling, params: Tensor) -> tuple[np.ndarray, np
 
 
 def _threads() -> None:
+    """Before a parallel loop: as many threads as PyTorch's (Numba's pool starts with the first such loop)."""
+    global _STARTED
+    _STARTED = True
     numba = _numba()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
@@ -235,12 +232,12 @@ def forward_arrays(
     if parallel:
         e, sp = _prepare(coupling, torch.from_numpy(raw))
         _threads()
-        forward_kernel = _kernels()[0]
+        forward_kernel = _kernels().spline_forward
     else:  # the same arrays from one loop: a few rows cost more in op calls than in arithmetic
-        forward_kernel, _, prepare = _serial_kernels()
+        forward_kernel = _kernels().spline_forward_serial
         K, *_, exp_shift, limit = settings
         e, sp = np.empty_like(raw), np.empty((raw.shape[0], raw.shape[1] // (3 * K - 1) * (K - 1)), raw.dtype)
-        prepare(raw, K, exp_shift, limit, e, sp)
+        _kernels().prepare_serial(raw, K, exp_shift, limit, e, sp)
     y = np.empty_like(x)
     logdet = np.empty(x.shape[0], dtype=np.float64)
     forward_kernel(x, e, sp, raw, *settings, y, logdet)
@@ -256,17 +253,22 @@ def backward_arrays(
     grad_p = np.empty_like(saved.params)
     if parallel:
         _threads()
-    kernel = (_kernels() if parallel else _serial_kernels())[1]
+    kernel = _kernels().spline_backward if parallel else _kernels().spline_backward_serial
     kernel(saved.x, saved.e, saved.sp, saved.params, *_settings(coupling), gy, gl, grad_x, grad_p)
     return grad_x, grad_p
 
 
-@cache
-def _coupling_kernels() -> tuple[Any, Any]:
-    """A whole coupling (conditioner and spline) for a few rows in the calling thread, forward and backward."""
-    from posepriors.flows import _numba_kernels
+class CouplingState:
+    """What :func:`coupling_backward_arrays` needs from :func:`coupling_forward_arrays`: the index arrays, the
+    hidden pre-activations, the transformed inputs, the conditioner outputs and what the spline made of them (rows
+    first), and the context width."""
 
-    return _numba_kernels.coupling_forward_serial, _numba_kernels.coupling_backward_serial
+    __slots__ = ("context_features", "cond", "e", "pre", "raw", "sp", "trans", "x2")
+
+    def __init__(self, *arrays: np.ndarray, context_features: int) -> None:
+        """``arrays``: cond, trans, pre, x2, raw, e, sp, in this order."""
+        self.cond, self.trans, self.pre, self.x2, self.raw, self.e, self.sp = arrays
+        self.context_features = context_features
 
 
 def coupling_fusable(coupling: RQSplineCoupling) -> bool:
@@ -308,26 +310,32 @@ def coupling_forward_arrays(
     )
     e, sp = np.empty_like(raw), np.empty((rows, n * (K - 1)), x.dtype)
     scratch = np.empty((rows, n), x.dtype), np.empty(rows, np.float64)
-    forward_kernel = _coupling_kernels()[0]
+    forward_kernel = _kernels().coupling_forward_serial
     forward_kernel(x, ctx, cond, trans, w0, b0, w1, b1, *_settings(coupling), z, logdet, pre, x2, raw, e, sp, *scratch)
-    return z, logdet, (cond, trans, pre, x2, raw, e, sp, ctx.shape[2])
+    return z, logdet, CouplingState(cond, trans, pre, x2, raw, e, sp, context_features=C)
 
 
 def coupling_backward_arrays(
-    coupling: RQSplineCoupling, weights: list, state: tuple, grad_z: np.ndarray, grad_logdet: np.ndarray, tiny: float
+    coupling: RQSplineCoupling,
+    weights: list,
+    state: CouplingState,
+    grad_z: np.ndarray,
+    grad_logdet: np.ndarray,
+    tiny: float,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The gradients w.r.t. x (B, G, D) and the context (B, G, C), or None without one, of
     :func:`coupling_forward_arrays`, given those w.r.t. its outputs (B, G, D) and log-determinant (B, G); entries
     below ``tiny`` (the dtype's smallest normal number) come out as zeros."""
     (_, _, w0t), (_, _, w1t) = weights
-    cond, trans, pre, x2, raw, e, sp, C = state
+    pre, x2, raw, C = state.pre, state.x2, state.raw, state.context_features
     gz = np.ascontiguousarray(grad_z, dtype=pre.dtype)
     gl = np.ascontiguousarray(grad_logdet, dtype=pre.dtype).reshape(-1)
     B, G, _ = gz.shape
     grad_x, grad_ctx = np.empty_like(gz), np.empty((B, G, C), gz.dtype)
     scratch = np.empty_like(x2), np.empty_like(x2), np.empty_like(raw)
-    backward_kernel = _coupling_kernels()[1]
+    backward_kernel = _kernels().coupling_backward_serial
     backward_kernel(
-        gz, gl, cond, trans, w0t, w1t, *_settings(coupling), pre, x2, raw, e, sp, tiny, *scratch, grad_x, grad_ctx
-    )
+        gz, gl, state.cond, state.trans, w0t, w1t, *_settings(coupling), pre, x2, raw, state.e, state.sp, tiny,
+        *scratch, grad_x, grad_ctx,
+    )  # fmt: skip
     return grad_x, grad_ctx if C else None

@@ -174,7 +174,7 @@ def coupling_forward(
     NumPy ops."""
     if fused and _numba_spline.coupling_fusable(coupling):  # conditioner and spline in one loop, this thread
         z, logdet, state = _numba_spline.coupling_forward_arrays(coupling, weights, x, context)
-        return z, logdet.astype(x.dtype), (state, "whole coupling", weights, constants, None)
+        return z, logdet.astype(x.dtype), (state, None, weights, constants, None)
     x1, x2 = _split(coupling, x)
     h = x1 if not coupling.context_features else np.concatenate([x1, context], -1)
     params, hidden = _mlp_saving(coupling, weights, h)
@@ -229,10 +229,10 @@ def coupling_backward(
     log-determinant (the vector-Jacobian product of :func:`coupling_forward`), which hold no subnormal numbers;
     neither do the results."""
     spline, elements, weights, (scale, _, _, tiny), hidden = saved
-    if isinstance(elements, str):  # the whole coupling in one loop
+    if isinstance(spline, _numba_spline.CouplingState):  # the whole coupling in one loop
         return _numba_spline.coupling_backward_arrays(coupling, weights, spline, grad_z, grad_logdet, tiny)
     grad_z1, grad_y = _split(coupling, grad_z)
-    if elements is None:  # the fused kernels of coupling_forward
+    if isinstance(spline, _numba_spline.Saved):  # the spline as the fused kernels
         rows = grad_y.size // grad_y.shape[-1]
         gy = np.ascontiguousarray(grad_y.reshape(rows, -1))
         gl = np.ascontiguousarray(grad_logdet.reshape(rows), dtype=gy.dtype)
