@@ -30,7 +30,7 @@ from posepriors.train import prepare_data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("src", help="a bundled model name or a model folder")
     parser.add_argument("out", help="output folder (must not hold a model)")
     parser.add_argument("--data_dir", action="append", required=True, help="training data (repeatable)")

@@ -9,7 +9,7 @@ Prints the prior's ``body_val`` NLL and the mean joint-angle errors (deg).
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 import torch
@@ -48,4 +48,9 @@ def main(name: str, optimizer: str = "lbfgs", steps: int = 200) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *sys.argv[2:3], *[int(a) for a in sys.argv[3:4]])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("name", help="a bundled model name or a model folder")
+    parser.add_argument("optimizer", nargs="?", default="lbfgs", choices=("lbfgs", "adam"))
+    parser.add_argument("steps", nargs="?", type=int, default=200, help="optimiser steps (L-BFGS iterations)")
+    cli = parser.parse_args()
+    main(cli.name, cli.optimizer, cli.steps)
