@@ -65,3 +65,24 @@ def test_log_prob_is_a_function_of_the_pose_alone(variant):
         copies = prior.log_prob(x[1].expand(8, -1, -1).clone())
         torch.testing.assert_close(copies, alone[1].expand(8), **tight)
         torch.testing.assert_close(prior.log_prob(x), prior.log_prob(x), atol=0, rtol=0)  # deterministic
+
+
+@pytest.mark.parametrize("variant", ["standard", "so3"])
+def test_fast_projection_with_a_mask_projects_every_fully_observed_hand(variant):
+    """A mask of all True, or one MANO hand given alone, projects the observed hands like no mask; a hand with a
+    missing joint keeps its observed joints and gets the missing one filled in."""
+    torch.manual_seed(0)
+    prior = HandVAE(HandVAEConfig(variant=variant, z_dim=4, hidden=16)).eval()
+    prior.initialize_from_data(synthetic_poses(64, prior.joints))
+    x = synthetic_poses(3, prior.joints, seed=4) + 0.2 * torch.randn(3, prior.num_joints, 3)
+    plain = prior.project(x)
+    assert (plain - x).abs().amax() > 1e-3  # the projection moves the hands: the checks below mean something
+    torch.testing.assert_close(prior.project(x, torch.ones(prior.num_joints, dtype=torch.bool)), plain)
+    right = x[:, 15:]  # prior.joints: the left hand, then the right one
+    torch.testing.assert_close(prior.project(right, layout="mano_right")[:, 15:], plain[:, 15:])
+    mask = torch.ones(prior.num_joints, dtype=torch.bool)
+    mask[17] = False  # one joint of the right hand missing
+    out = prior.project(x, mask, steps=5)
+    torch.testing.assert_close(out[:, :15], plain[:, :15])  # the left hand: projected as without a mask
+    torch.testing.assert_close(out[:, mask][:, 15:], x[:, mask][:, 15:], atol=0, rtol=0)  # right: observed kept
+    assert (out[:, 17] - x[:, 17]).abs().amax() > 1e-3

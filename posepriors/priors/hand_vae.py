@@ -436,14 +436,18 @@ class HandVAE(PosePrior):
         return _adam_argmin(objective, start, steps, lr)
 
     def _project(self, x: Tensor, mask: Tensor | None, steps: int = 100, lr: float = 0.05) -> Tensor:
-        """Without a mask: decoder mean of the encoder mean. With a mask: the decoder mean of the latent code that
-        best explains the observed joints (:meth:`_fit_latent`) fills the missing joints; observed joints are kept."""
+        """Per hand: the decoder mean of the encoder mean for a hand with every joint observed (with or without a
+        mask, so that a mask of all True, or one MANO hand given alone, projects like no mask). A hand with missing
+        joints: the decoder mean of the latent code that best explains its observed joints (:meth:`_fit_latent`)
+        fills them in; its observed joints are kept."""
         hands, hand_mask = self._split_hands(x, mask)
-        if hand_mask is None:
-            return self._merge_hands(self.decode(self.encode(hands).mean).pose, x.shape[0])
-        decoded = self.decode(self._fit_latent(hands, hand_mask, steps, lr)).pose
-        completed = torch.where(hand_mask[..., None], hands, decoded)
-        return self._merge_hands(completed, x.shape[0])
+        projected = self.decode(self.encode(hands).mean).pose
+        if hand_mask is not None and not bool(hand_mask.all()):
+            rows = (~hand_mask.all(-1)).nonzero().squeeze(-1)  # the hands with a missing joint
+            some, some_mask = hands.index_select(0, rows), hand_mask.index_select(0, rows)
+            decoded = self.decode(self._fit_latent(some, some_mask, steps, lr)).pose
+            projected = projected.index_copy(0, rows, torch.where(some_mask[..., None], some, decoded))
+        return self._merge_hands(projected, x.shape[0])
 
     def _map_project(
         self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 100, lr: float = 0.05
