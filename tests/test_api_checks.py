@@ -213,3 +213,23 @@ def test_validation_context_manager_restores_the_previous_setting_even_on_errors
         assert not posepriors.get_validation()  # the previous state, not the default
     finally:
         posepriors.set_validation(True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("filler", [1e20, float("nan")])
+def test_the_values_of_missing_joints_are_never_read(name, filler):
+    """A mask's missing joints may hold anything, NaN included: the marginal and the completion ignore them."""
+    torch.manual_seed(0)
+    prior = make(name).eval()
+    x = synthetic_poses(3, prior.joints, seed=1)
+    joints = torch.tensor(prior.joints)
+    missing = joints >= 40 if (joints >= 40).any() else joints == joints[-1]  # the right hand, or the right wrist
+    mask = ~missing
+    junk = x.clone()
+    junk[:, missing] = filler
+    with torch.no_grad():
+        if name != "global_flow_conditional":  # one part: no exact marginal of a partial part, only completion
+            expected = prior.log_prob(x, mask)
+            assert torch.isfinite(expected).all()
+            torch.testing.assert_close(prior.log_prob(junk, mask), expected)
+        torch.testing.assert_close(prior.project(junk, mask), prior.project(x, mask))

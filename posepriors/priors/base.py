@@ -1268,12 +1268,14 @@ class PosePrior(nn.Module, ABC):
         original, out_dtype = x, torch.promote_types(x.dtype, self.dtype)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
-        if _VALIDATE and not bool(torch.isfinite(x).all()):
-            raise ValueError("expected finite pose values, got NaN or Inf")
         m = self._prepare_mask(mask, batch_shape, x.shape[0]) if mask is not None else None
         if observed is not None:
             observed = observed.expand(x.shape[0], J)
             m = observed if m is None else (m & observed)
+        if mask is not None:  # the values of missing joints are never read (they may be NaN or anything)
+            x = torch.where(m[..., None], x, 0.0)
+        if _VALIDATE and not bool(torch.isfinite(x).all()):
+            raise ValueError("expected finite pose values (of the observed joints), got NaN or Inf")
         if m is not None and not bool(m.any(-1).all()):
             if mask is None:
                 raise ValueError(
