@@ -7,6 +7,7 @@ exact in both directions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -214,10 +215,13 @@ DICT_KEYS: dict[str, tuple[int, ...]] = {
 """smplx-style keyword names and the SMPL-X joints each holds."""
 
 
+_POSE_WORDS = ("pose", "orient", "hand", "jaw", "eye")
+
+
 def _is_pose_key(key: Any) -> bool:
-    """Keys that name joint rotations (with ``pose`` or ``orient`` in them): unknown ones are refused as likely
-    typos."""
-    return isinstance(key, str) and ("pose" in key.lower() or "orient" in key.lower())
+    """Keys that name joint rotations (with ``pose``, ``orient``, ``hand``, ``jaw`` or ``eye`` in them, as in
+    ``left_hand`` or ``lhand``): unknown ones are refused as likely typos."""
+    return isinstance(key, str) and any(word in key.lower() for word in _POSE_WORDS)
 
 
 _IGNORED_POSE_KEYS = frozenset({"full_pose"})  # smplx outputs: the same rotations as the part keys, concatenated
@@ -309,24 +313,36 @@ def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
     """The pose keys of ``values`` (:data:`DICT_KEYS`); other keys of smplx inputs and outputs (``vertices``,
     ``joints``, ``betas``, ``transl``, ``expression``, ``full_pose``, ...) are ignored, unknown rotation keys
     (with ``pose`` or ``orient`` in them: likely typos) refused."""
+    odd = [k for k in values if not isinstance(k, str)]
+    if odd:
+        raise TypeError(f"expected the pose dict's keys to be strings such as {list(DICT_KEYS)}, got {odd!r}")
     unknown = sorted(k for k in values if _is_pose_key(k) and k not in DICT_KEYS and k not in _IGNORED_POSE_KEYS)
     if unknown:
         raise ValueError(f"unknown pose keys {unknown}; expected keys from {list(DICT_KEYS)}")
     present = [k for k in DICT_KEYS if k in values and values[k] is not None]
     if not present:
         raise ValueError(f"expected at least one of {list(DICT_KEYS)} in the pose dict, got {sorted(values)}")
+    # the parts of several joints first: their batch shape tells whether a single joint's (B, 1, 3) is one joint of
+    # each of B poses (as some pipelines store global_orient) or a batch (B, 1) of (3,) rotations
+    present.sort(key=lambda key: len(DICT_KEYS[key]) == 1)
     parts: list[tuple[tuple[int, ...], Tensor]] = []
     batch_shape = None
     for key in present:
         index = DICT_KEYS[key]
         t = _as_tensor(values[key], key)
         k = len(index)
-        if k > 1 and t.dim() >= 2 and t.shape[-2:] == (k, 3):
+        if k == 1 and t.dim() >= 2 and t.shape[-2:] == (1, 3) and batch_shape == t.shape[:-2]:
             pass
-        elif t.dim() >= 1 and t.shape[-1] == 3 * k:  # single joints are always (*, 3)
+        elif k > 1 and t.dim() >= 2 and t.shape[-2:] == (k, 3):
+            pass
+        elif t.dim() >= 1 and t.shape[-1] == 3 * k:
             t = t.reshape(*t.shape[:-1], k, 3)
         else:
-            raise ValueError(f"expected {key} of shape (*, {3 * k}) or (*, {k}, 3), got {tuple(t.shape)}")
+            if k == 1:
+                shapes = "(*, 3) (or (*, 1, 3) next to other keys of batch shape (*))"
+            else:
+                shapes = f"(*, {3 * k}) or (*, {k}, 3)"
+            raise ValueError(f"expected {key} of shape {shapes}, got {tuple(t.shape)}")
         if batch_shape is None:
             batch_shape = t.shape[:-2]
         elif t.shape[:-2] != batch_shape:
@@ -335,7 +351,7 @@ def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
                 f"{key} has {tuple(t.shape[:-2])}"
             )
         parts.append((index, t))
-    dtype = parts[0][1].dtype
+    dtype = functools.reduce(torch.promote_types, [t.dtype for _, t in parts])  # as torch.cat would promote them
     index = [j for idx, _ in parts for j in idx]
     joined = torch.cat([t.to(dtype) for _, t in parts], dim=-2)
     observed = torch.zeros(NUM_JOINTS, dtype=torch.bool, device=joined.device)

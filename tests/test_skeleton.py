@@ -97,6 +97,21 @@ def test_dict_round_trip_and_numpy():
     assert from_numpy.shape == (2, 55, 3) and from_numpy.dtype == torch.float32
 
 
+def test_dict_parts_of_mixed_dtypes_are_promoted_and_single_joints_may_carry_a_joint_axis():
+    pose = torch.randn(4, 55, 3, dtype=torch.float64)
+    parts = skeleton.to_smplx_dict(pose)
+    mixed = {**parts, "body_pose": parts["body_pose"].half(), "jaw_pose": parts["jaw_pose"].float()}
+    full, _ = skeleton.to_smplx(mixed)
+    assert full.dtype == torch.float64  # not the first key's half precision: the hands keep their float64 values
+    torch.testing.assert_close(full[:, 25:], pose[:, 25:], atol=0, rtol=0)
+    stored = {"global_orient": pose[:, :1], "body_pose": pose[:, 1:22]}  # (B, 1, 3), as some pipelines store it
+    full, observed = skeleton.to_smplx(stored)
+    torch.testing.assert_close(full[:, :22], pose[:, :22], atol=0, rtol=0)
+    assert observed.sum() == 22
+    alone, _ = skeleton.to_smplx({"global_orient": pose[:, :1]})  # alone, (*, 3): a batch (B, 1)
+    assert alone.shape == (4, 1, 55, 3)
+
+
 def test_gradient_flows_through_conversion():
     pose = torch.randn(2, 53, 3, requires_grad=True)
     full, _ = skeleton.to_smplx(pose)
@@ -128,6 +143,14 @@ def test_resolve_joints():
         ({"body_pose": torch.zeros(2, 62)}, ValueError, r"body_pose of shape \(\*, 63\)"),
         ({"body_pose": torch.zeros(2, 63), "jaw_pose": torch.zeros(3, 3)}, ValueError, "batch shapes"),
         ({"head_pose": torch.zeros(2, 3)}, ValueError, "unknown pose keys"),
+        (
+            {"body_pose": torch.zeros(2, 63), "left_hand": torch.zeros(2, 45)},
+            ValueError,
+            r"unknown pose keys \['left_hand'\]",
+        ),
+        ({"body_pose": torch.zeros(2, 63), "lhand": torch.zeros(2, 45)}, ValueError, "unknown pose keys"),
+        ({"body_pose": torch.zeros(2, 63), 3: torch.zeros(2, 3)}, TypeError, "keys to be strings"),
+        ({"body_pose": torch.zeros(2, 63), "global_orient": torch.zeros(2, 4)}, ValueError, r"\(\*, 1, 3\) next"),
         ({}, ValueError, "at least one of"),
         ([1.0, 2.0], TypeError, "tensor or numpy"),
     ],
