@@ -33,6 +33,11 @@ def test_masks_that_are_not_trailing_parts_raise_without_a_completion_flow():
         prior.log_prob(x, hand)
     with pytest.raises(ValueError, match="conditional=True"):
         prior.project(x, torch.arange(prior.num_joints) != 3)
+    body_only = {"body_pose": x[:, : len(skeleton.PARTS["body"])]}  # the hand part is not given: no term for it
+    with pytest.raises(ValueError, match="lacks right_hand"):
+        prior.log_prob_per_part(body_only)
+    if prior.broad is None:  # the parts' terms are the flows' density
+        torch.testing.assert_close(prior.log_prob_per_part(x).sum(-1), prior.log_prob(x))
 
 
 def test_random_joint_masks_hide_and_keep_something_and_are_reproducible():

@@ -212,15 +212,29 @@ class GlobalFlowPrior(PosePrior):
     def log_prob_per_part(self, pose: Any, *, layout: str | None = None, context: Tensor | None = None) -> Tensor:
         """Log-density of every part given the previous ones.
 
+        The terms are the flows' own density (the broad component, when there is one, mixes whole poses and has no
+        per-part split); without it they sum to ``log_prob(pose)``.
+
         Args:
-            pose: Any supported pose input, batch shape (*).
+            pose: Any supported pose input with every joint of the prior, batch shape (*).
             layout: The layout of a pose tensor, as in :meth:`log_prob`.
             context: The context of a conditioned prior, as in :meth:`log_prob`.
 
         Returns:
             Per-part log-densities, shape (*, P), in the promoted dtype of the pose and the prior.
+
+        Raises:
+            ValueError: If the input lacks joints of the prior (a body-only pose for a body-and-hands prior): a
+                missing part has no term, and the parts after it are conditioned on it. ``log_prob`` gives the
+                marginal of the observed parts.
         """
-        x, _, batch_shape, out_dtype, _ = self._prepare_full(pose, None, layout)
+        x, observed, batch_shape, out_dtype, _ = self._prepare_full(pose, None, layout)
+        if observed is not None:
+            missing = [j for j, seen in zip(self.joints, observed[0].tolist(), strict=True) if not seen]
+            raise ValueError(
+                f"log_prob_per_part needs every joint of the prior; the input lacks "
+                f"{skeleton.describe_joints(tuple(missing))} (use log_prob for the marginal of the observed parts)"
+            )
         ctx = self._check_context(context, x.shape[0], batch_shape).get("context")
         return self._part_log_probs(x, ctx).reshape(*batch_shape, self.num_parts).to(out_dtype)
 
