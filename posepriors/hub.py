@@ -282,7 +282,14 @@ def load_pretrained(
     Returns:
         The prior.
     """
+    _check_dtype(dtype)
     return _load_folder(Path(directory), device=device, dtype=dtype, frozen=frozen, verified=False)
+
+
+def _check_dtype(dtype: Any) -> None:
+    """A clear error for a ``dtype=`` that is not a floating torch dtype (before any file is read or fetched)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"expected dtype to be None or a floating torch.dtype such as torch.float64, got {dtype!r}")
 
 
 def _load_folder(
@@ -403,6 +410,7 @@ def load(
     Returns:
         The prior.
     """
+    _check_dtype(dtype)
     kwargs = {"device": device, "dtype": dtype, "frozen": frozen}
     path = Path(name_or_path)
     if path.is_dir():

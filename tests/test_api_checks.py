@@ -87,6 +87,32 @@ def test_project_options_are_checked_against_the_mode_that_runs(name):
         prior.project(x, noise_std=0.1, bogus_option=1)
 
 
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"keep_observed": "no"}, TypeError, "expected keep_observed to be True or False, got 'no'"),
+        ({"shrink": "a"}, TypeError, r"expected shrink to be a number in \[0, 1\], got 'a'"),
+        ({"shrink": None}, TypeError, r"expected shrink to be a number in \[0, 1\], got None"),
+        ({"shrink": 1.5}, ValueError, r"expected shrink to be a number in \[0, 1\], got 1.5"),
+    ],
+)
+def test_shared_fast_mode_options_name_what_they_expect(options, error, match):
+    prior = make("joint_flow").eval()
+    with pytest.raises(error, match=match):
+        prior.project(synthetic_poses(2, prior.joints, seed=1), **options)
+
+
+def test_switches_and_dtypes_are_checked():
+    import posepriors
+
+    with pytest.raises(TypeError, match="expected enabled to be True or False, got 'False'"):
+        posepriors.set_validation("False")
+    assert posepriors.get_validation()
+    for bad in (torch.int32, "float64"):
+        with pytest.raises(TypeError, match="expected dtype to be None or a floating torch.dtype"):
+            posepriors.load("gaussian", dtype=bad)
+
+
 def test_map_options_work_in_the_map_mode():
     prior = make("global_flow").eval()
     x = synthetic_poses(2, prior.joints, seed=1)

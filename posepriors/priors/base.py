@@ -73,6 +73,8 @@ def set_validation(enabled: bool) -> None:
     The checks cost a device synchronisation per call; shape and dtype checks always run.
     """
     global _VALIDATE
+    if not isinstance(enabled, bool | np.bool_):
+        raise TypeError(f"expected enabled to be True or False, got {enabled!r} ({type(enabled).__name__})")
     _VALIDATE = bool(enabled)
 
 
@@ -1445,5 +1447,7 @@ _OPTION_CHECKS: dict[str, tuple[str, Any]] = {
     "steps": ("an integer >= 0", lambda v: not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 0),
     "lr": ("a finite number > 0", lambda v: math.isfinite(_real("lr", v)) and _real("lr", v) > 0),
     "max_sigma": ("a finite number > 0", lambda v: math.isfinite(_real("max_sigma", v)) and _real("max_sigma", v) > 0),
+    "shrink": ("a number in [0, 1]", lambda v: 0 <= _real("shrink", v) <= 1),
+    "keep_observed": ("True or False", lambda v: isinstance(v, bool | np.bool_)),
 }
 """Checks of the projection options that several families share: what each must be, and the test."""
