@@ -99,6 +99,26 @@ def test_sampling_mixes_and_is_reproducible(tmp_path):
     torch.testing.assert_close(loaded.log_prob(data[:8]), mixed.eval().log_prob(data[:8]))
 
 
+def test_temperature_tempers_the_broad_weight_and_zero_is_deterministic():
+    from posepriors.priors.base import tempered_weight
+
+    assert tempered_weight(0.2, 1.0) == pytest.approx(0.2)
+    assert tempered_weight(0.2, 0.5) == pytest.approx(0.2**4 / (0.2**4 + 0.8**4))
+    assert tempered_weight(0.2, 0.0) == 0.0 and tempered_weight(0.7, 0.0) == 1.0
+    assert 0.2 < tempered_weight(0.2, 2.0) < 0.5  # hotter: towards even odds
+    prior = GaussianPrior(GaussianConfig(joints="body"))
+    data = synthetic_poses(300, prior.joints, seed=4)
+    prior.fit(data)
+    mixed = _with_broad(prior, 0.3)
+    mixed.fit_broad(data + 1.0)  # far from the family's component: draws show where they came from
+    cold = mixed.sample(50, generator=torch.Generator().manual_seed(0), temperature=0)
+    torch.testing.assert_close(cold, prior.sample(50, temperature=0), atol=0, rtol=0)  # the family's mode, always
+    cool = mixed.sample(400, generator=torch.Generator().manual_seed(0), temperature=0.5)
+    assert (cool.mean((1, 2)) > 0.5).float().mean().item() < 0.05  # 0.3 -> 0.026
+    broad = mixed.broad.sample(5, torch.Generator().manual_seed(1), temperature=0.0)
+    assert torch.equal(broad, mixed.broad.sample(5, torch.Generator().manual_seed(2), temperature=0.0))
+
+
 def test_fit_broad_needs_a_broad_component():
     with pytest.raises(ValueError, match="broad_weight 0"):
         make("gaussian").fit_broad(torch.zeros(4, 36, 3))

@@ -600,7 +600,9 @@ class PosePrior(nn.Module, ABC):
         Args:
             n: Number of samples (>= 1; a Python or NumPy integer).
             generator: Optional ``torch.Generator`` for reproducible draws; the global RNG is never reseeded.
-            temperature: Scale of the latent noise; ``< 1`` concentrates samples on typical poses.
+            temperature: Scale of the latent noise; ``< 1`` concentrates samples on typical poses. A broad
+                component's weight is tempered with it (:func:`tempered_weight`: 0.1 at 1, 1.5e-4 at 0.5, none at
+                0), so that at 0 the draws are the family's deterministic mode.
             observed: Optional poses to complete (any supported layout), batch shape (*). Observed joints are
                 copied exactly; missing ones (``mask == False``) are drawn from the prior's conditional.
             mask: Observed-joint mask for ``observed`` (see :meth:`log_prob`).
@@ -620,8 +622,10 @@ class PosePrior(nn.Module, ABC):
                 raise ValueError("a mask needs the observed poses it refers to: pass observed=pose")
             ctx = self._check_context(context, n)
             out = self._sample(n, generator, temperature, None, None, **ctx)
-            if self.broad is not None:  # each draw comes from the broad component with probability broad_weight
-                pick = rand((n,), generator, out.device, torch.float32) < self.config.broad_weight
+            if self.broad is not None:  # each draw comes from the broad component with its (tempered) weight
+                pick = rand((n,), generator, out.device, torch.float32) < tempered_weight(
+                    self.config.broad_weight, temperature
+                )
                 broad = self.broad.sample(n, generator, temperature, out.dtype).reshape(out.shape)
                 out = torch.where(pick.to(out.device)[:, None, None], broad, out)
             return out
@@ -1431,6 +1435,17 @@ def _check_temperature(temperature: Any) -> float:
     if not math.isfinite(t) or t < 0:
         raise ValueError(f"expected a finite temperature >= 0, got {temperature!r}")
     return t
+
+
+def tempered_weight(w: float, temperature: float) -> float:
+    """The weight of a mixture component of weight ``w`` (against ``1 - w``) at a sampling temperature:
+    ``w^b / (w^b + (1 - w)^b)`` with ``b = 1 / temperature^2``; ``w`` at 1, the heavier component alone at 0."""
+    if w <= 0 or w >= 1:
+        return float(w)
+    if temperature == 0:
+        return 0.0 if w < 0.5 else (1.0 if w > 0.5 else 0.5)
+    d = (math.log1p(-w) - math.log(w)) / temperature**2  # log((1 - w)^b / w^b)
+    return 0.0 if d > 700 else 1.0 / (1.0 + math.exp(d))
 
 
 def _real(name: str, value: Any) -> float:

@@ -157,9 +157,16 @@ class MarginalMixture(nn.Module):
     def sample(
         self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0, dtype: torch.dtype = None
     ) -> Tensor:
-        """Draws, shape (n, D), with every std scaled by ``temperature``."""
+        """Draws, shape (n, D), with every std scaled by ``temperature`` and the component weights tempered to
+        ``w^(1 / temperature^2)`` (normalised; the weights of equal-width components of ``p^(1 / temperature^2)``):
+        at 0, every coordinate is its heaviest component's mean."""
         device = self.means.device
-        probs = self.log_weights.exp().T  # (D, K); the multinomial draws happen where the generator lives
+        if temperature == 0:
+            probs = torch.nn.functional.one_hot(self.log_weights.argmax(0), self.log_weights.shape[0])
+            probs = probs.to(self.log_weights.dtype)  # (D, K)
+        else:
+            probs = torch.softmax(self.log_weights.T / temperature**2, dim=-1)  # (D, K)
+        # the multinomial draws happen where the generator lives
         if generator is not None:
             probs = probs.to(generator.device)
         k = torch.multinomial(probs, n, replacement=True, generator=generator).T.to(device)  # (n, D)
