@@ -259,3 +259,30 @@ def test_the_values_of_missing_joints_are_never_read(name, filler):
             assert torch.isfinite(expected).all()
             torch.testing.assert_close(prior.log_prob(junk, mask), expected)
         torch.testing.assert_close(prior.project(junk, mask), prior.project(x, mask))
+
+
+@pytest.mark.parametrize("name", ["joint_flow", "global_flow"])
+def test_body_latent_maps_check_their_argument_and_keep_its_dtype(name):
+    from posepriors.priors import GlobalFlowConfig, GlobalFlowPrior
+
+    if name == "global_flow":  # the test prior's first part must be the body
+        prior = GlobalFlowPrior(GlobalFlowConfig(joints="body", hidden=16, num_layers=2)).eval()
+    else:
+        prior = make(name).eval()
+    _, encode, decode = prior.body_latent()
+    pose = synthetic_poses(3, skeleton.PARTS["body"], seed=2)
+    with torch.no_grad():
+        code = encode(pose)
+        torch.testing.assert_close(encode(pose.reshape(3, 63)), code)  # flat poses too
+        assert encode(pose.double()).dtype == torch.float64 and decode(code.double()).dtype == torch.float64
+        torch.testing.assert_close(encode(pose.numpy()), code)
+    for bad, error, match in [
+        (torch.zeros(3, 55, 3), ValueError, r"body poses of shape \(B, 21, 3\) or \(B, 63\), got \(3, 55, 3\)"),
+        (torch.zeros(21, 3), ValueError, r"got \(21, 3\)"),
+        (torch.zeros(3, 21, 3, dtype=torch.int64), TypeError, "floating-point body poses"),
+        ([0.0] * 63, TypeError, "got list"),
+    ]:
+        with pytest.raises(error, match=match):
+            encode(bad)
+    with pytest.raises(ValueError, match=r"body codes of shape \(B, 63\), got \(3, 21, 3\)"):
+        decode(pose)

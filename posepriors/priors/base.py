@@ -1437,6 +1437,26 @@ def _check_temperature(temperature: Any) -> float:
     return t
 
 
+def body_latent_input(value: Any, code: bool, prior: PosePrior) -> tuple[Tensor, torch.dtype]:
+    """The argument of a ``body_latent()`` map checked and cast: body poses (B, 21, 3) or (B, 63) as (B, 21, 3)
+    (``code=False``), or body codes (B, 63) (``code=True``), in the prior's dtype; and the argument's own dtype, in
+    which the map returns its result."""
+    what, shapes = ("body codes", "(B, 63)") if code else ("body poses", "(B, 21, 3) or (B, 63)")
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"expected {what} as a tensor of shape {shapes}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"expected floating-point {what}, got dtype {value.dtype}")
+    if value.dim() == 2 and value.shape[1] == 63:
+        value = value if code else value.reshape(-1, 21, 3)
+    elif code or value.dim() != 3 or value.shape[1:] != (21, 3):
+        raise ValueError(f"expected {what} of shape {shapes}, got {tuple(value.shape)}")
+    if value.device != prior.device:
+        raise ValueError(f"{what} are on {value.device} but the prior is on {prior.device}; move one of them")
+    return value.to(prior.dtype), value.dtype
+
+
 def tempered_weight(w: float, temperature: float) -> float:
     """The weight of a mixture component of weight ``w`` (against ``1 - w``) at a sampling temperature:
     ``w^b / (w^b + (1 - w)^b)`` with ``b = 1 / temperature^2``; ``w`` at 1, the heavier component alone at 0."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import FlowSequence, build_flow, flow_settings
-from posepriors.priors.base import PoseInput, PosePrior, latent_map
+from posepriors.priors.base import PoseInput, PosePrior, body_latent_input, latent_map
 from posepriors.priors.draws import randn
 from posepriors.priors.flow_config import FlowConfig
 from posepriors.utils import LOG_2PI
@@ -336,10 +336,12 @@ class GlobalFlowPrior(PosePrior):
         dim = 3 * len(body)
 
         def encode(pose: Tensor) -> Tensor:
-            return flow(pose.reshape(pose.shape[0], 1, dim), None)[0].flatten(1)
+            pose, dtype = body_latent_input(pose, False, self)
+            return flow(pose.reshape(pose.shape[0], 1, dim), None)[0].flatten(1).to(dtype)
 
         def decode(z: Tensor) -> Tensor:
-            return flow.inverse(z.reshape(z.shape[0], 1, dim), None)[0].reshape(z.shape[0], len(body), 3)
+            z, dtype = body_latent_input(z, True, self)
+            return flow.inverse(z.reshape(z.shape[0], 1, dim), None)[0].reshape(z.shape[0], len(body), 3).to(dtype)
 
         return dim, encode, decode
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from posepriors import skeleton
 from posepriors.flows import build_flow, flow_settings, standard_normal_log_prob
-from posepriors.priors.base import PosePrior, latent_map
+from posepriors.priors.base import PosePrior, body_latent_input, latent_map
 from posepriors.priors.draws import randn
 from posepriors.priors.flow_config import FlowConfig
 from posepriors.rotations import axis_angle_to_rotation_6d
@@ -257,16 +257,18 @@ class JointFlowPrior(PosePrior):
         J, dim = self.num_joints, 3 * len(body)
 
         def encode(pose: Tensor) -> Tensor:
+            pose, dtype = body_latent_input(pose, False, self)
             x = pose.new_zeros(pose.shape[0], J, 3).index_copy(1, body_index, pose)
-            return self._run(body_index, pose, self._context(x, body_index), reverse=False).flatten(1)
+            return self._run(body_index, pose, self._context(x, body_index), reverse=False).flatten(1).to(dtype)
 
         def decode(z: Tensor) -> Tensor:
+            z, dtype = body_latent_input(z, True, self)
             code = z.reshape(z.shape[0], len(body), 3)
             out = z.new_zeros(z.shape[0], J, 3)
             for index, rows in levels:
                 new = self._run(index, code.index_select(1, rows), self._context(out, index), reverse=True)
                 out = out.index_copy(1, index, new)
-            return out.index_select(1, body_index)
+            return out.index_select(1, body_index).to(dtype)
 
         return dim, encode, decode
 
