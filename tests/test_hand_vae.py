@@ -86,3 +86,28 @@ def test_fast_projection_with_a_mask_projects_every_fully_observed_hand(variant)
     torch.testing.assert_close(out[:, :15], plain[:, :15])  # the left hand: projected as without a mask
     torch.testing.assert_close(out[:, mask][:, 15:], x[:, mask][:, 15:], atol=0, rtol=0)  # right: observed kept
     assert (out[:, 17] - x[:, 17]).abs().amax() > 1e-3
+
+
+def test_encode_decode_and_to_smplx_check_their_arguments():
+    prior = HandVAE(HandVAEConfig(z_dim=4, hidden=16)).eval()
+    hand = synthetic_poses(2, prior.joints)[:, 15:]  # right hands
+    with torch.no_grad():
+        torch.testing.assert_close(prior.encode(hand.double()).mean, prior.encode(hand).mean)  # run in float32
+        torch.testing.assert_close(prior.encode(hand.numpy()).mean, prior.encode(hand).mean)
+        torch.testing.assert_close(
+            prior.encode(hand, torch.ones(15, dtype=torch.bool)).mean,
+            prior.encode(hand, torch.ones(2, 15, dtype=torch.bool)).mean,
+        )
+        assert prior.decode(torch.zeros(3, 4, dtype=torch.float64)).pose.dtype == torch.float32
+    for call, error, match in [
+        (lambda: prior.encode(hand.long()), TypeError, "floating-point right-hand poses"),
+        (lambda: prior.encode(hand[:, :14]), ValueError, r"shape \(\*, 15, 3\), got \(2, 14, 3\)"),
+        (lambda: prior.encode(hand, torch.ones(2, 15)), ValueError, "boolean mask"),
+        (lambda: prior.encode(hand, torch.ones(3, 15, dtype=torch.bool)), ValueError, r"\(15,\) or \(2, 15\)"),
+        (lambda: prior.decode(torch.zeros(2, 5)), ValueError, r"latent codes of shape \(\*, 4\), got \(2, 5\)"),
+        (lambda: prior.decode([0.0] * 4), TypeError, "got list"),
+        (lambda: prior.to_smplx([0.0]), TypeError, "got list"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    assert prior.to_smplx(synthetic_poses(2, prior.joints).numpy()).shape == (2, 55, 3)

@@ -941,12 +941,16 @@ class PosePrior(nn.Module, ABC):
         """Place poses in this prior's joint order into the SMPL-X layout (other joints zero).
 
         Args:
-            pose: Poses from :meth:`sample` or :meth:`project`, shape (*, J, 3).
+            pose: Poses from :meth:`sample` or :meth:`project`, shape (*, J, 3) (a tensor or NumPy array).
 
         Returns:
             SMPL-X poses, shape (*, 55, 3).
         """
-        if pose.shape[-2:] != (self.num_joints, 3):
+        if isinstance(pose, np.ndarray):
+            pose = torch.from_numpy(pose)
+        if not isinstance(pose, Tensor):
+            raise TypeError(f"expected a pose tensor of shape (*, {self.num_joints}, 3), got {type(pose).__name__}")
+        if pose.dim() < 2 or pose.shape[-2:] != (self.num_joints, 3):
             raise ValueError(f"expected pose of shape (*, {self.num_joints}, 3), got {tuple(pose.shape)}")
         out = pose.new_zeros(*pose.shape[:-2], skeleton.NUM_JOINTS, 3)
         out[..., self.joint_index, :] = pose

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
@@ -190,14 +191,24 @@ class HandVAE(PosePrior):
         """Approximate posterior of right hands.
 
         Args:
-            hand: Right-hand poses (mirror left hands first), shape (B, 15, 3).
-            mask: Optional observed joints, shape (B, 15).
+            hand: Right-hand poses (mirror left hands first), shape (B, 15, 3), a float tensor or NumPy array (run in
+                the prior's dtype).
+            mask: Optional observed joints, boolean, shape (B, 15) or (15,).
 
         Returns:
-            The posterior's mean and log-variance, each (B, z_dim).
+            The posterior's mean and log-variance, each (B, z_dim), in the prior's dtype.
         """
-        if hand.dim() != 3 or hand.shape[1:] != (15, 3):
+        hand = self._checked(hand, "right-hand poses", (15, 3))
+        if hand.dim() != 3:
             raise ValueError(f"expected right-hand poses of shape (B, 15, 3), got {tuple(hand.shape)}")
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=hand.device)
+            if mask.dtype != torch.bool or mask.shape not in ((15,), (hand.shape[0], 15)):
+                raise ValueError(
+                    f"expected a boolean mask of shape (15,) or ({hand.shape[0]}, 15), got {mask.dtype} "
+                    f"{tuple(mask.shape)}"
+                )
+            mask = mask.expand(hand.shape[0], 15)
         out = self.encoder(self._features(hand, mask).unsqueeze(1)).squeeze(1)
         mean, log_var = out.chunk(2, dim=-1)
         return HandEncoding(mean, log_var.clamp(-12.0, 6.0))
@@ -206,16 +217,32 @@ class HandVAE(PosePrior):
         """Decoder mean and scale for latent codes.
 
         Args:
-            z: Latent codes, shape (*, z_dim).
+            z: Latent codes, shape (*, z_dim), a float tensor or NumPy array (run in the prior's dtype).
 
         Returns:
-            Mean right-hand poses (*, 15, 3) and the decoder's scales.
+            Mean right-hand poses (*, 15, 3) and the decoder's scales, in the prior's dtype.
         """
+        z = self._checked(z, "latent codes", (self.config.z_dim,))
         batch = z.shape[:-1]
         mean, scale = self._head(z)
         if self.config.variant == "so3":
             return HandDecoding(matrix_to_axis_angle(mean).reshape(*batch, 15, 3), scale.reshape(*batch, 15))
         return HandDecoding(mean.reshape(*batch, 15, 3), scale.reshape(*batch, 15, 3))
+
+    def _checked(self, value: Any, what: str, tail: tuple[int, ...]) -> Tensor:
+        """``value`` (*, *tail) as a tensor in the prior's dtype, or a clear error naming ``what``."""
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"expected {what} as a tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"expected floating-point {what}, got dtype {value.dtype}")
+        if value.dim() < len(tail) or tuple(value.shape[value.dim() - len(tail) :]) != tail:
+            shape = ", ".join(["*", *map(str, tail)])
+            raise ValueError(f"expected {what} of shape ({shape}), got {tuple(value.shape)}")
+        if value.device != self.device:
+            raise ValueError(f"{what} are on {value.device} but the prior is on {self.device}; move one of them")
+        return value.to(self.dtype)
 
     def _head(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """The decoder's distribution for latent codes (*, z_dim), flattened to N = prod(*) rows.
