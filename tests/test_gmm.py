@@ -15,7 +15,7 @@ import posepriors
 from posepriors import skeleton
 from posepriors import train as train_module
 from posepriors.priors import GaussianConfig, GaussianPrior, GMMConfig, GMMPrior
-from tests.families import check_device_and_dtype, make
+from tests.families import check_device_and_dtype, make, synthetic_poses
 
 MIN_STD = 0.01
 
@@ -524,3 +524,17 @@ def test_full_covariance_beats_the_diagonal_gaussian_on_shared_body_data(shared_
 def test_gmm_on_the_requested_device_and_dtype(device, dtype):
     """``pytest --device cuda --dtype float64`` runs this on a GPU in float64 (it skips where there is none)."""
     check_device_and_dtype(make("gmm"), device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_log_prob_in_half_precision_solves_in_float32(dtype):
+    prior = make("gmm").eval()
+    x = synthetic_poses(4, prior.joints, seed=3)
+    mask = torch.ones(prior.num_joints, dtype=torch.bool)
+    mask[-1] = False
+    references = ((None, prior.log_prob(x)), (mask, prior.log_prob(x, mask)))
+    prior.to(dtype)
+    for m, reference in references:
+        got = prior.log_prob(x.to(dtype), m)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), reference, rtol=2e-2, atol=1.0)

@@ -328,12 +328,15 @@ class GMMPrior(PosePrior):
     def _component_log_prob(self, x: Tensor, dims: Tensor | None) -> Tensor:
         """Per-component joint log-densities ``log w_k + log N(x; mu_k, S_k)``, shape (B, K)."""
         mean, tril = self._components(dims)
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # no triangular solve in half precision: solve in float32
+            x, mean, tril = x.float(), mean.float(), tril.float()
         diff = x[None, :, :] - mean[:, None, :]  # (K, B, d)
         sol = torch.linalg.solve_triangular(tril, diff.transpose(-1, -2), upper=False)  # (K, d, B): one solve each
         d = mean.shape[-1]
         log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         log_norm = -0.5 * sol.square().sum(-2).transpose(0, 1) - log_det - 0.5 * d * LOG_2PI
-        return log_norm + torch.log_softmax(self.logits, -1)
+        return (log_norm + torch.log_softmax(self.logits.to(log_norm.dtype), -1)).to(dtype)
 
     def _log_prob(self, x: Tensor, mask: Tensor | None) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
