@@ -431,3 +431,26 @@ def test_whole_coupling_loop_refuses_arrays_that_do_not_match_its_conditioner():
     for bad_x, bad_c in ((x[:, :1], c[:, :1]), (x, c[..., :4]), (x[..., :9], c)):
         with pytest.raises(ValueError, match=r"expected inputs \(B, 2, 10\) and a context \(B, 2, 5\)"):
             _numba_spline.coupling_forward_arrays(coupling, weights, bad_x.numpy(), bad_c.numpy())
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_the_numpy_path_raises_no_floating_point_warnings_far_beyond_the_splines(kernels, monkeypatch):
+    """np.where evaluates the branch it discards: a pose far outside every spline's interval must not warn."""
+    import warnings
+
+    monkeypatch.setattr(_numba_spline, "ENABLED", kernels)
+    prior = _perturbed_flow_prior()
+    x = torch.zeros(1, prior.num_joints, 3)
+    x[0, 2] = 1e6
+    x.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nll = prior.nll(x)
+        nll.sum().backward()
+    assert torch.isfinite(nll).all() and torch.isfinite(x.grad).all()
+
+
+def _perturbed_flow_prior():
+    from tests.families import make
+
+    return perturb(make("global_flow"), scale=3.0).eval().requires_grad_(False)  # splines far from the identity

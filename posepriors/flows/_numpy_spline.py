@@ -310,18 +310,19 @@ def flow_forward(plan: Plan, x: np.ndarray, context: np.ndarray | None) -> tuple
     logdet = np.zeros(x.shape[:2], x.dtype)
     saved = []
     fused = _numba_spline.wanted(x.size)  # after the first runs of a process (_numba_spline.LOAD_AFTER)
-    for step in plan:
-        if isinstance(step[0], RQSplineCoupling):
-            x, ld, keep = coupling_forward(*step, x, context, fused)
-            saved.append(keep)
-        else:  # z = x A + c
-            matrix, offset, ld, single = step
-            if single:
-                x = (x[:, 0] @ matrix[0] + offset[0])[:, None]
-            else:
-                x = (np.matmul(x.transpose(1, 0, 2), matrix) + offset[:, None]).transpose(1, 0, 2)
-            saved.append(None)
-        logdet = logdet + ld
+    with np.errstate(all="ignore"):  # np.where evaluates the branch it discards (e.g. the spline beyond its ends)
+        for step in plan:
+            if isinstance(step[0], RQSplineCoupling):
+                x, ld, keep = coupling_forward(*step, x, context, fused)
+                saved.append(keep)
+            else:  # z = x A + c
+                matrix, offset, ld, single = step
+                if single:
+                    x = (x[:, 0] @ matrix[0] + offset[0])[:, None]
+                else:
+                    x = (np.matmul(x.transpose(1, 0, 2), matrix) + offset[:, None]).transpose(1, 0, 2)
+                saved.append(None)
+            logdet = logdet + ld
     return x, logdet, saved
 
 
@@ -332,15 +333,16 @@ def flow_backward(
     its latent codes and log-determinant."""
     tiny = float(np.finfo(grad_z.dtype).tiny)
     grad, grad_logdet, grad_context = _flush_subnormal(grad_z, tiny), _flush_subnormal(grad_logdet, tiny), None
-    for step, keep in zip(reversed(plan), reversed(saved), strict=True):
-        if keep is None:  # z = x A + c: dx = dz A^T
-            matrix, single = step[0], step[3]
-            if single:
-                grad = (grad[:, 0] @ matrix[0].T)[:, None]
+    with np.errstate(all="ignore"):  # as in flow_forward
+        for step, keep in zip(reversed(plan), reversed(saved), strict=True):
+            if keep is None:  # z = x A + c: dx = dz A^T
+                matrix, single = step[0], step[3]
+                if single:
+                    grad = (grad[:, 0] @ matrix[0].T)[:, None]
+                else:
+                    grad = np.matmul(grad.transpose(1, 0, 2), matrix.transpose(0, 2, 1)).transpose(1, 0, 2)
             else:
-                grad = np.matmul(grad.transpose(1, 0, 2), matrix.transpose(0, 2, 1)).transpose(1, 0, 2)
-        else:
-            grad, grad_c = coupling_backward(step[0], keep, grad, grad_logdet)
-            if grad_c is not None:
-                grad_context = grad_c if grad_context is None else grad_context + grad_c
+                grad, grad_c = coupling_backward(step[0], keep, grad, grad_logdet)
+                if grad_c is not None:
+                    grad_context = grad_c if grad_context is None else grad_context + grad_c
     return grad, grad_context
