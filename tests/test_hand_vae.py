@@ -100,7 +100,7 @@ def test_encode_decode_and_to_smplx_check_their_arguments():
         )
         assert prior.decode(torch.zeros(3, 4, dtype=torch.float64)).pose.dtype == torch.float32
     for call, error, match in [
-        (lambda: prior.encode(hand.long()), TypeError, "floating-point right-hand poses"),
+        (lambda: prior.encode(hand.long()), TypeError, "right-hand poses as floating-point values"),
         (lambda: prior.encode(hand[:, :14]), ValueError, r"shape \(\*, 15, 3\), got \(2, 14, 3\)"),
         (lambda: prior.encode(hand, torch.ones(2, 15)), ValueError, "boolean mask"),
         (lambda: prior.encode(hand, torch.ones(3, 15, dtype=torch.bool)), ValueError, r"\(15,\) or \(2, 15\)"),

@@ -1446,19 +1446,26 @@ def body_latent_input(value: Any, code: bool, prior: PosePrior) -> tuple[Tensor,
     (``code=False``), or body codes (B, 63) (``code=True``), in the prior's dtype; and the argument's own dtype, in
     which the map returns its result."""
     what, shapes = ("body codes", "(B, 63)") if code else ("body poses", "(B, 21, 3) or (B, 63)")
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, Tensor):
-        raise TypeError(f"expected {what} as a tensor of shape {shapes}, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"expected floating-point {what}, got dtype {value.dtype}")
+    value = float_tensor(value, f"{what} of shape {shapes}", prior)
     if value.dim() == 2 and value.shape[1] == 63:
         value = value if code else value.reshape(-1, 21, 3)
     elif code or value.dim() != 3 or value.shape[1:] != (21, 3):
         raise ValueError(f"expected {what} of shape {shapes}, got {tuple(value.shape)}")
-    if value.device != prior.device:
-        raise ValueError(f"{what} are on {value.device} but the prior is on {prior.device}; move one of them")
     return value.to(prior.dtype), value.dtype
+
+
+def float_tensor(value: Any, what: str, prior: PosePrior) -> Tensor:
+    """``value``, a float tensor or NumPy array on the prior's device, as a tensor; else a clear error naming
+    ``what`` (for the arguments of the public methods that do not take every pose format)."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"expected {what} as a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"expected {what} as floating-point values, got dtype {value.dtype}")
+    if value.device != prior.device:
+        raise ValueError(f"expected {what} on the prior's device {prior.device}, got {value.device}")
+    return value
 
 
 def tempered_weight(w: float, temperature: float) -> float:

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
 import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.grouped import GroupedMLP
-from posepriors.priors.base import PosePrior, PriorConfig, _adam_argmin, _check_generator
+from posepriors.priors.base import PosePrior, PriorConfig, _adam_argmin, _check_generator, float_tensor
 from posepriors.priors.draws import randn
 from posepriors.rotations import (
     axis_angle_geodesic,
@@ -231,17 +230,10 @@ class HandVAE(PosePrior):
 
     def _checked(self, value: Any, what: str, tail: tuple[int, ...]) -> Tensor:
         """``value`` (*, *tail) as a tensor in the prior's dtype, or a clear error naming ``what``."""
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(value)
-        if not isinstance(value, Tensor):
-            raise TypeError(f"expected {what} as a tensor, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise TypeError(f"expected floating-point {what}, got dtype {value.dtype}")
+        value = float_tensor(value, what, self)
         if value.dim() < len(tail) or tuple(value.shape[value.dim() - len(tail) :]) != tail:
             shape = ", ".join(["*", *map(str, tail)])
             raise ValueError(f"expected {what} of shape ({shape}), got {tuple(value.shape)}")
-        if value.device != self.device:
-            raise ValueError(f"{what} are on {value.device} but the prior is on {self.device}; move one of them")
         return value.to(self.dtype)
 
     def _head(self, z: Tensor) -> tuple[Tensor, Tensor]:
