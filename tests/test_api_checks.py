@@ -258,7 +258,8 @@ def test_the_values_of_missing_joints_are_never_read(name, filler):
             expected = prior.log_prob(x, mask)
             assert torch.isfinite(expected).all()
             torch.testing.assert_close(prior.log_prob(junk, mask), expected)
-        torch.testing.assert_close(prior.project(junk, mask), prior.project(x, mask))
+        fast = {"steps": 5} if "steps" in prior.project_options() else {}  # the VAE's completion fits a latent code
+        torch.testing.assert_close(prior.project(junk, mask, **fast), prior.project(x, mask, **fast))
 
 
 @pytest.mark.parametrize("name", ["joint_flow", "global_flow"])
