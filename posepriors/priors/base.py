@@ -751,6 +751,13 @@ class PosePrior(nn.Module, ABC):
             raise TypeError(f"expected adaptive to be a bool, got {type(adaptive).__name__}")
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
         estimator, why = self._estimator(noise_std, m)
+        seen = None  # with a per-pose mask, the poses that show the whole body still get Tweedie's formula
+        if estimator == "map" and m is not None and self._estimator(noise_std, None)[0] == "tweedie":
+            seen = m[:, self.body_index].all(-1)
+            if bool(seen.any()):
+                why += f" ({int((~seen).sum())} of {seen.numel()} poses; the others get Tweedie's formula)"
+            else:
+                seen = None
         if adaptive and estimator != "tweedie":
             raise ValueError(
                 f"adaptive=True blends Tweedie's posterior mean of a smoothed body density, but "
@@ -771,15 +778,20 @@ class PosePrior(nn.Module, ABC):
                 x, m = x.clone(), (m.clone() if m is not None else None)
             if estimator == "tweedie":
                 out = self._denoise_tweedie(x, m, noise_std, ctx, adaptive)
-            else:  # what project(noise_std=...) runs
+            elif seen is None:  # what project(noise_std=...) runs
                 out = self._map_project(x, m, noise_std, **ctx)
+            else:  # each pose by its own estimator
+                tweedie, rest = seen.nonzero().squeeze(-1), (~seen).nonzero().squeeze(-1)
+                first = self._denoise_tweedie(x[tweedie], m[tweedie], noise_std, _rows_of(ctx, tweedie))
+                second = self._map_project(x[rest], m[rest], noise_std, **_rows_of(ctx, rest))
+                out = first.new_zeros(x.shape).index_copy(0, tweedie, first).index_copy(0, rest, second)
         return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
 
     def denoise_estimator(self, noise_std: float, mask: Tensor | np.ndarray | None = None) -> str:
         """Which estimator :meth:`denoise` runs at ``noise_std`` (for poses observed as ``mask`` says, as in
         :meth:`log_prob`; None: every joint): ``"closed_form"`` (the Gaussian families' exact posterior mean),
         ``"tweedie"`` (the smoothed body density, at its level with the whole body observed) or ``"map"`` (the MAP
-        fallback)."""
+        fallback, for every pose or, with a per-pose mask, for the poses that hide body joints)."""
         noise_std = _check_noise_std(noise_std)
         m = None
         if mask is not None:
@@ -851,11 +863,21 @@ class PosePrior(nn.Module, ABC):
             return out
         others = torch.ones(self.num_joints, dtype=torch.bool, device=x.device)
         others[body] = False
-        if mask is not None and not bool(mask[:, others].any()) and "keep_observed" in self.project_options():
-            # nothing but the body observed (a body-only input): fill the rest given the denoised body
+        # poses with nothing but the body observed (body-only inputs): the rest filled in given the denoised body;
+        # the other poses' other joints by the MAP denoiser given the noisy pose
+        alone = None
+        if mask is not None and "keep_observed" in self.project_options():
+            alone = ~mask[:, others].any(-1)
+        if alone is not None and bool(alone.all()):
             return self._project(out, mask, keep_observed=True, **ctx).detach()
-        mapped = self._map_project(x, mask, noise_std, **ctx).detach()
-        return torch.where(others[:, None], mapped, out)
+        if alone is None or not bool(alone.any()):
+            mapped = self._map_project(x, mask, noise_std, **ctx).detach()
+            return torch.where(others[:, None], mapped, out)
+        first, rest = alone.nonzero().squeeze(-1), (~alone).nonzero().squeeze(-1)
+        filled = self._project(out[first], mask[first], keep_observed=True, **_rows_of(ctx, first)).detach()
+        mapped = self._map_project(x[rest], mask[rest], noise_std, **_rows_of(ctx, rest)).detach()
+        mapped = torch.where(others[:, None], mapped, out[rest])
+        return out.index_copy(0, first, filled).index_copy(0, rest, mapped)
 
     def _broad_posterior_mean(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """The body's posterior mean under the broad component (without one: the smoothed density's per-coordinate
@@ -1439,6 +1461,18 @@ def _check_temperature(temperature: Any) -> float:
     if not math.isfinite(t) or t < 0:
         raise ValueError(f"expected a finite temperature >= 0, got {temperature!r}")
     return t
+
+
+def select_rows(t: Tensor | None, rows: Tensor | None) -> Tensor | None:
+    """The rows ``rows`` of a per-pose tensor ``t`` (all of them for None; a one-row context is shared and kept)."""
+    if t is None or rows is None or t.shape[0] == 1:
+        return t
+    return t.index_select(0, rows)
+
+
+def _rows_of(ctx: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The context keyword arguments of the poses ``rows``."""
+    return {k: select_rows(v, rows) for k, v in ctx.items()}
 
 
 def body_latent_input(value: Any, code: bool, prior: PosePrior) -> tuple[Tensor, torch.dtype]:

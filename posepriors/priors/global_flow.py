@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import FlowSequence, build_flow, flow_settings
-from posepriors.priors.base import PoseInput, PosePrior, body_latent_input, latent_map
+from posepriors.priors.base import PoseInput, PosePrior, body_latent_input, latent_map, select_rows
 from posepriors.priors.draws import randn
 from posepriors.priors.flow_config import FlowConfig
 from posepriors.utils import LOG_2PI
@@ -382,12 +382,28 @@ class GlobalFlowPrior(PosePrior):
         u, _ = self.completion.inverse(z, self._completion_context(x, mask, ctx))
         return torch.where(mask[..., None], x, u.reshape(x.shape))
 
-    def _is_trailing_parts(self, mask: Tensor) -> bool:
-        try:
-            self._part_mask(mask)
-        except ValueError:
-            return False
-        return True
+    def _trailing_rows(self, mask: Tensor) -> Tensor:
+        """(B, J) joint mask -> (B,) flags: the poses whose mask hides whole trailing parts (the exact marginals)."""
+        parts = [mask[:, getattr(self, f"part_index_{k}")] for k in range(self.num_parts)]
+        full = torch.stack([m.all(-1) for m in parts], dim=-1)
+        empty = torch.stack([~m.any(-1) for m in parts], dim=-1)
+        return (full | empty).all(-1) & ~(full[:, 1:] & ~full[:, :-1]).any(-1)
+
+    def _per_pose_route(self, mask: Tensor, run: Callable[[Tensor | None, bool], Tensor]) -> Tensor:
+        """``run(rows, trailing)`` on the poses (B,) whose mask hides whole trailing parts (``trailing=True``: the
+        exact decoding) and on the others (the completion flow), each pose's result from its own pose and mask
+        alone; ``rows`` is None for the whole batch. Results (B, ...) in the batch's order."""
+        trailing = self._trailing_rows(mask)
+        if bool(trailing.all()):
+            return run(None, True)
+        if self.completion is None:
+            raise ValueError(self._mask_error("a mask that is not a trailing-part pattern"))
+        if not bool(trailing.any()):
+            return run(None, False)
+        exact, other = trailing.nonzero().squeeze(-1), (~trailing).nonzero().squeeze(-1)
+        first, second = run(exact, True), run(other, False)
+        out = first.new_zeros(mask.shape[0], *first.shape[1:])
+        return out.index_copy(0, exact, first).index_copy(0, other, second)
 
     # ------------------------------------------------------------------ sampling and projection
     def _sample(
@@ -412,18 +428,19 @@ class GlobalFlowPrior(PosePrior):
         x = repeat(observed, "b j c -> (n b) j c", n=n)  # sample-major: out.reshape(n, B, ...) below
         m = repeat(mask, "b j -> (n b) j", n=n)
         ctx = None if context is None else repeat(context, "b c -> (n b) c", n=n)
-        if self._is_trailing_parts(m):
-            zs = [
-                temperature * randn((n * B, 1, 3 * len(idx)), generator=generator, device=device, dtype=dtype)
-                for idx in self._part_index
-            ]
-            out = self._decode(zs, x, self._part_mask(m), ctx)
-        elif self.completion is not None:
-            z = temperature * randn((n * B, 1, self.dim), generator=generator, device=device, dtype=dtype)
-            out = self._complete(x, m, z, ctx)
-        else:
-            raise ValueError(self._mask_error("a mask that is not a trailing-part pattern"))
-        return out.reshape(n, B, self.num_joints, 3)
+
+        def run(rows: Tensor | None, trailing: bool) -> Tensor:
+            xs, ms, cs = (select_rows(t, rows) for t in (x, m, ctx))
+            if trailing:
+                zs = [
+                    temperature * randn((xs.shape[0], 1, 3 * len(idx)), generator=generator, device=device, dtype=dtype)
+                    for idx in self._part_index
+                ]
+                return self._decode(zs, xs, self._part_mask(ms), cs)
+            z = temperature * randn((xs.shape[0], 1, self.dim), generator=generator, device=device, dtype=dtype)
+            return self._complete(xs, ms, z, cs)
+
+        return self._per_pose_route(m, run).reshape(n, B, self.num_joints, 3)
 
     def _project(
         self,
@@ -433,20 +450,38 @@ class GlobalFlowPrior(PosePrior):
         keep_observed: bool = False,
         context: Tensor | None = None,
     ) -> Tensor:
-        """Latent shrinkage ``x' = f^-1(shrink * f(x))``; missing joints completed at latent zero."""
+        """Latent shrinkage ``x' = f^-1(shrink * f(x))``; missing joints completed at latent zero (per pose: the
+        exact decoding of missing trailing parts, the completion flow for any other mask)."""
         if not 0 <= shrink <= 1:
             raise ValueError(f"expected 0 <= shrink <= 1, got {shrink}")
+        if mask is None:
+            return self._project_poses(x, None, shrink, keep_observed, context, True)
+
+        def run(rows: Tensor | None, trailing: bool) -> Tensor:
+            xs, ms, cs = (select_rows(t, rows) for t in (x, mask, context))
+            return self._project_poses(xs, ms, shrink, keep_observed, cs, trailing)
+
+        return self._per_pose_route(mask, run)
+
+    def _project_poses(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        shrink: float,
+        keep_observed: bool,
+        context: Tensor | None,
+        trailing: bool,
+    ) -> Tensor:
+        """:meth:`_project` of poses whose masks all hide whole trailing parts (``trailing``), or none of which do."""
         observed_parts = None
         if mask is not None:
-            if self._is_trailing_parts(mask):
+            if trailing:
                 observed_parts = self._part_mask(mask)
-            elif self.completion is not None:
+            else:
                 z = torch.zeros(x.shape[0], 1, self.dim, device=x.device, dtype=x.dtype)
                 x = self._complete(x, mask, z, context)
                 if keep_observed:
                     return x
-            else:
-                raise ValueError(self._mask_error("a mask that is not a trailing-part pattern"))
         zs = self._encode(x, context)
         if observed_parts is not None:  # missing parts go to latent zero, given the parts before them
             zs = [torch.where(observed_parts[:, k, None, None], z, torch.zeros_like(z)) for k, z in enumerate(zs)]
