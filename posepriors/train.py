@@ -456,13 +456,17 @@ def _existing_outputs(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if not p.name.startswith(LOCK_NAME))
 
 
-def _check_output_folder(out: Path, *, resume: bool, overwrite: bool, closed_form: bool = False) -> None:
-    """Refuse an output folder that a run must not write into (a ``ValueError`` says what to pass)."""
+def _check_output_folder(out: Path, *, resume: bool, overwrite: bool, closed_form: str | None = None) -> None:
+    """Refuse an output folder that a run must not write into (a ``ValueError`` says what to pass).
+    ``closed_form``: the model type of a family fitted in closed form (its ``--resume`` refits, into a folder that
+    holds a finished run of that family only)."""
     if resume and overwrite:
         raise ValueError("expected --resume (continue the run in --out) or --overwrite (replace it), got both")
     if out.exists() and not out.is_dir():
         raise ValueError(f"expected --out to be a folder, got the file {out}")
-    if resume and not closed_form:
+    if resume and closed_form:
+        _closed_form_run(out, closed_form)
+    elif resume:
         _checkpoint_meta(out)
     if resume or overwrite:
         return
@@ -471,6 +475,22 @@ def _check_output_folder(out: Path, *, resume: bool, overwrite: bool, closed_for
         raise ValueError(
             f"expected a new or empty --out folder, got {out} holding {held[:6]}{' ...' if len(held) > 6 else ''}; "
             "pass --resume to continue the run saved there, --overwrite to replace it, or choose another --out"
+        )
+
+
+def _closed_form_run(out: Path, model_type: str) -> None:
+    """Refuse ``--resume`` of a closed-form family unless ``out`` holds a finished run of that family."""
+    try:
+        summary = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    found = summary.get("model_type") if isinstance(summary, dict) else None
+    if found is not None and found != model_type:
+        raise ValueError(f"--resume: expected a {model_type} run in {out}, got a {found} run")
+    if found is None or not summary.get("closed_form"):
+        raise ValueError(
+            f"--resume: expected a finished {model_type} run in {out} (its metrics.json), found none; drop --resume "
+            "to start a run"
         )
 
 
@@ -618,7 +638,8 @@ def fit(
         return _seeded_fit(prior, train, val, cfg, out=out, resume=resume, run_info=run_info)
     out_path = Path(out)
     with folder_lock(out_path):
-        _check_output_folder(out_path, resume=resume, overwrite=overwrite, closed_form=prior.closed_form)
+        closed_form = prior.model_type if prior.closed_form else None
+        _check_output_folder(out_path, resume=resume, overwrite=overwrite, closed_form=closed_form)
         if overwrite:
             _clear_outputs(out_path)
         return _seeded_fit(prior, train, val, cfg, out=out_path, resume=resume, run_info=run_info)
@@ -1368,7 +1389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(text, flush=True)
 
     with contextlib.ExitStack() as stack:
-        closed_form = family.closed_form
+        closed_form = family.model_type if family.closed_form else None
         try:
             if args.resume and args.overwrite:
                 raise ValueError("expected --resume (continue the run in --out) or --overwrite (replace it), got both")

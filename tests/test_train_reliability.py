@@ -479,6 +479,26 @@ def test_resume_without_a_checkpoint_is_a_clear_error(data_dir, tmp_path, capsys
         assert f"--resume: expected a checkpoint in {out} (last.json" in stderr and "start without --resume" in stderr
 
 
+def test_resume_of_a_closed_form_family_needs_a_finished_run_of_that_family(data_dir, tmp_path, capsys):
+    """gmm's --resume refits; only into a folder that holds a gmm run, never over another family's or a stray one."""
+    other, stray, gmm = tmp_path / "other", tmp_path / "stray", tmp_path / "gmm"
+    assert _run(_quick("gaussian", data_dir, other, epochs=1), capsys)[0] == 0
+    stray.mkdir()
+    (stray / "readme").write_text("mine")
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    for out, says in (
+        (other, f"--resume: expected a gmm run in {other}, got a gaussian run"),
+        (stray, f"--resume: expected a finished gmm run in {stray} (its metrics.json), found none"),
+        (tmp_path / "missing", "expected a finished gmm run"),
+    ):
+        code, _, stderr = _run([*_quick("gmm", data_dir, out, epochs=1), "--resume"], capsys)
+        assert code == 2 and "Traceback" not in stderr and says in stderr
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before  # nothing written
+    assert sorted(p.name for p in stray.iterdir()) == ["readme"]
+    assert _run(_quick("gmm", data_dir, gmm, epochs=1), capsys)[0] == 0
+    assert _run([*_quick("gmm", data_dir, gmm, epochs=1), "--resume"], capsys)[0] == 0  # its own run: refits
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_cuda_is_a_clear_error(data_dir, tmp_path, capsys):
     code, stdout, stderr = _run([*_quick("gaussian", data_dir, tmp_path / "o"), "--device", "cuda"], capsys)
