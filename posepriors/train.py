@@ -843,9 +843,14 @@ class _Trainer:
                 scaler.update()
             else:
                 self.optimizer.step()
-            total, count = total + loss.item(), count + 1
+            total, count = total + loss.item() * len(batch_index), count + len(batch_index)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        if self.world > 1:  # the loss over every process's share of the batches, not this process's alone
+            local = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            sums = torch.tensor([total, count], dtype=torch.float64, device=local)
+            dist.all_reduce(sums)
+            total, count = sums.tolist()
         if self.scheduler is not None:
             self.scheduler.step()
         prior.eval()

@@ -208,6 +208,10 @@ def test_two_processes_equal_one(data_dir, tmp_path):
     a, b = _final_state(one), _final_state(two)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=key)
+    # the logged loss is the whole batches', not process 0's share
+    history = [json.loads((out / "metrics.json").read_text())["history"] for out in (one, two)]
+    losses = [torch.tensor([epoch["train_loss"] for epoch in runs]) for runs in history]
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
