@@ -735,7 +735,13 @@ class _Trainer:
         self._open_logger()
         self._prepare_loop()
         epoch = self.start_epoch
-        for epoch in range(self.start_epoch + 1, self.cfg.max_epochs + 1):
+        stopped = self.cfg.patience and self.since_best >= self.cfg.patience  # a resumed run that stopped early
+        if stopped and self.rank == 0:
+            print(
+                f"early stop: the run stopped at epoch {epoch}, {self.since_best} epochs after its best "
+                f"(--patience {self.cfg.patience}); nothing to train (pass a larger --patience to go on)"
+            )
+        for epoch in range(self.start_epoch + 1, 0 if stopped else self.cfg.max_epochs + 1):
             metrics = self._epoch(model, epoch)
             self._record(epoch, metrics)
             if self.writer:

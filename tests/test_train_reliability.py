@@ -479,6 +479,30 @@ def test_resume_without_a_checkpoint_is_a_clear_error(data_dir, tmp_path, capsys
         assert f"--resume: expected a checkpoint in {out} (last.json" in stderr and "start without --resume" in stderr
 
 
+def test_a_run_that_stopped_early_is_not_trained_further_by_resume(data_dir, tmp_path, capsys, monkeypatch):
+    real, calls = train_module._validate, []
+
+    def worse_after_the_first(*args, **kwargs):  # the validation NLL grows after epoch 1: patience 2 stops at 3
+        metrics = real(*args, **kwargs)
+        calls.append(1)
+        return {**metrics, "val_nll": 10.0 + len(calls)}
+
+    monkeypatch.setattr(train_module, "_validate", worse_after_the_first)
+    out = tmp_path / "o"
+    code, stdout, _ = _run(_quick("gaussian", data_dir, out, epochs=8, extra=("--patience", "2")), capsys)
+    assert code == 0 and "early stop: no better validation NLL for 2 epochs" in stdout
+
+    def epochs() -> list[int]:
+        return [row["epoch"] for row in json.loads((out / "metrics.json").read_text())["history"]]
+
+    assert epochs() == [1, 2, 3]
+    code, stdout, _ = _run([*_quick("gaussian", data_dir, out, epochs=8), "--resume"], capsys)
+    assert code == 0 and "early stop: the run stopped at epoch 3, 2 epochs after its best" in stdout
+    assert epochs() == [1, 2, 3]  # nothing trained
+    code, stdout, _ = _run([*_quick("gaussian", data_dir, out, epochs=8), "--resume", "--patience", "3"], capsys)
+    assert code == 0 and epochs() == [1, 2, 3, 4]  # a larger patience goes on, and stops again
+
+
 def test_resume_of_a_closed_form_family_needs_a_finished_run_of_that_family(data_dir, tmp_path, capsys):
     """gmm's --resume refits; only into a folder that holds a gmm run, never over another family's or a stray one."""
     other, stray, gmm = tmp_path / "other", tmp_path / "stray", tmp_path / "gmm"
