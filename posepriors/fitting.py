@@ -46,15 +46,17 @@ held-out poses (``benchmarks/fitting.py`` does, docs/models.md lists the tuned v
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from posepriors import skeleton
 from posepriors.kinematics import rest_offsets
-from posepriors.priors.base import PosePrior
+from posepriors.priors.base import PosePrior, _check_generator
 from posepriors.rotations import axis_angle_to_matrix, wrap_axis_angle
 
 __all__ = ["BODY_KEYPOINTS", "FitResult", "body_keypoints", "fit_keypoints"]
@@ -117,7 +119,12 @@ def body_keypoints(pose: Tensor, global_orient: Tensor | None = None, offsets: T
     else:
         if global_orient.shape[-1:] != (3,):
             raise ValueError(f"expected global_orient of shape (*, 3) or (3,), got {tuple(global_orient.shape)}")
-        root = global_orient.to(pose.dtype).expand(*pose.shape[:-2], 3).unsqueeze(-2)
+        try:
+            root = global_orient.to(pose.dtype).expand(*pose.shape[:-2], 3).unsqueeze(-2)
+        except RuntimeError:
+            raise ValueError(
+                f"expected global_orient of shape (3,) or {(*pose.shape[:-2], 3)}, got {tuple(global_orient.shape)}"
+            ) from None
     rot = axis_angle_to_matrix(torch.cat([root, pose], dim=-2))  # (*, 22, 3, 3)
     world_rot: list[Tensor] = []
     world_pos: list[Tensor] = []
@@ -170,7 +177,8 @@ def fit_keypoints(
             step scale (default 1, the usual choice with a line search).
         init: Starting body pose, shape (*, 21, 3); default zeros (the T-pose of the skeleton).
         global_orient: Known root orientation, axis-angle, shape (*, 3) or (3,); default identity.
-        generator: Generator of the optional start jitter (``init_noise``); the global RNG is never used.
+        generator: Generator of the optional start jitter (``init_noise``); without one the jitter comes from the
+            global RNG (the fit itself draws nothing).
         init_noise: Std (radians) of Gaussian jitter added to the start (default 0: a deterministic fit).
         offsets: Bone offsets of the skeleton, shape (55, 3) or (22, 3); default
             :func:`posepriors.kinematics.rest_offsets`.
@@ -182,16 +190,26 @@ def fit_keypoints(
             ``body_latent``).
 
     Returns:
-        The fit (pose (*, 21, 3), keypoints (*, 22, 3), final loss terms (*,)).
+        The fit (pose (*, 21, 3), keypoints (*, 22, 3), final loss terms (*,)), in the keypoints' dtype (half-precision
+        keypoints are fitted in float32).
 
     Raises:
-        ValueError: On inputs of the wrong shape or value, or a prior that cannot score a body-only pose.
-        TypeError: On non-floating keypoints or a non-boolean ``visible``.
+        ValueError: On inputs of the wrong shape or value (non-finite keypoints, ``init``, ``global_orient`` or
+            ``offsets`` included), or a prior that cannot score a body-only pose.
+        TypeError: On non-floating keypoints, a non-boolean ``visible`` or arguments of the wrong type.
     """
-    if not isinstance(keypoints, Tensor):
-        raise TypeError(f"expected keypoints as a torch.Tensor, got {type(keypoints).__name__}")
-    if not keypoints.is_floating_point():
-        raise TypeError(f"expected floating-point keypoints, got dtype {keypoints.dtype}")
+    if torch.is_inference_mode_enabled():  # the fit needs autograd: run it on copies, with autograd back on
+        with torch.inference_mode(False):
+            copies = {
+                "keypoints": keypoints, "visible": visible, "weight": weight, "init": init,
+                "global_orient": global_orient, "offsets": offsets,
+            }  # fmt: skip
+            copies = {k: v.clone() if isinstance(v, Tensor) else v for k, v in copies.items()}
+            return fit_keypoints(
+                **copies, prior=prior, steps=steps, lr=lr, generator=generator, init_noise=init_noise,
+                optimizer=optimizer, space=space,
+            )  # fmt: skip
+    keypoints = _float_tensor(keypoints, "keypoints", finite=False)
     if keypoints.dim() < 2 or keypoints.shape[-2:] != (BODY_KEYPOINTS, 3):
         raise ValueError(
             f"expected keypoints of SMPL-X joints 0..21 of shape (*, {BODY_KEYPOINTS}, 3), got {tuple(keypoints.shape)}"
@@ -203,8 +221,13 @@ def fit_keypoints(
         raise ValueError(f"expected at least one pose of keypoints, got an empty batch of shape {tuple(batch_shape)}")
     if not bool(torch.isfinite(target).all()):
         raise ValueError("expected finite keypoints, got NaN or Inf (mark missing keypoints with visible=False)")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    out_dtype = target.dtype
+    if out_dtype in (torch.float16, torch.bfloat16):  # too coarse for the fit's squared errors: fit in float32
+        target = target.float()
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"expected steps to be an integer >= 0, got {steps!r}")
+    steps = int(steps)
+    _check_generator(generator)
     if space not in ("pose", "latent"):
         raise ValueError(f"expected space 'pose' or 'latent', got {space!r}")
     if space == "latent" and prior is None:
@@ -213,9 +236,11 @@ def fit_keypoints(
         raise ValueError(f"expected optimizer to be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
     if lr is None:
         lr = _OPTIMIZERS[optimizer]
-    if isinstance(lr, bool) or not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"expected a finite learning rate lr > 0, got {lr!r}")
-    if not (isinstance(init_noise, int | float) and math.isfinite(init_noise) and init_noise >= 0):
+    lr = float(lr)
+    real = isinstance(init_noise, numbers.Real) and not isinstance(init_noise, bool)
+    if not (real and math.isfinite(init_noise) and init_noise >= 0):
         raise ValueError(f"expected a finite init_noise >= 0 (radians), got {init_noise!r}")
     dtype, device = target.dtype, target.device
     vis = _check_visible(visible, batch_shape, B, device, dtype)
@@ -223,6 +248,7 @@ def fit_keypoints(
     offsets = _check_offsets(offsets, target)
     root = None
     if global_orient is not None:
+        global_orient = _float_tensor(global_orient, "global_orient")
         if global_orient.shape[-1:] != (3,):
             raise ValueError(f"expected global_orient of shape (*, 3) or (3,), got {tuple(global_orient.shape)}")
         try:
@@ -234,6 +260,7 @@ def fit_keypoints(
     if init is None:
         start = target.new_zeros(B, len(_BODY), 3)
     else:
+        init = _float_tensor(init, "init")
         if init.shape != (*batch_shape, len(_BODY), 3):
             raise ValueError(f"expected init of shape {(*batch_shape, len(_BODY), 3)}, got {tuple(init.shape)}")
         start = init.detach().to(device=device, dtype=dtype).reshape(B, len(_BODY), 3)
@@ -297,13 +324,17 @@ def fit_keypoints(
         if decode is None:
             total = data if energy is None else data + w * energy
         fitted = body_keypoints(final, root, offsets)
+
+    def shaped(t: Tensor | None, *tail: int) -> Tensor | None:
+        return None if t is None else t.reshape(*batch_shape, *tail).to(out_dtype)
+
     return FitResult(
-        pose=final.reshape(*batch_shape, len(_BODY), 3),
-        keypoints=fitted.reshape(*batch_shape, BODY_KEYPOINTS, 3),
-        loss=total.reshape(batch_shape),
-        keypoint_loss=data.reshape(batch_shape),
-        prior_nll=None if nll is None else nll.reshape(batch_shape),
-        prior_energy=None if energy is None else energy.reshape(batch_shape),
+        pose=shaped(final, len(_BODY), 3),
+        keypoints=shaped(fitted, BODY_KEYPOINTS, 3),
+        loss=shaped(total),
+        keypoint_loss=shaped(data),
+        prior_nll=shaped(nll),
+        prior_energy=shaped(energy),
         steps=steps,
     )
 
@@ -381,8 +412,10 @@ def _check_weight(
     weight: float | Tensor, batch_shape: torch.Size, batch: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
     """``weight`` as a (B,) tensor of finite values >= 0."""
-    if isinstance(weight, bool) or not isinstance(weight, int | float | Tensor):
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real | Tensor):
         raise TypeError(f"expected weight to be a number or a tensor of shape (*,), got {type(weight).__name__}")
+    if isinstance(weight, Tensor) and (weight.dtype == torch.bool or weight.is_complex()):
+        raise TypeError(f"expected real prior weights, got a tensor of dtype {weight.dtype}")
     w = torch.as_tensor(weight, dtype=dtype).to(device)
     try:
         w = w.expand(batch_shape).reshape(batch)
@@ -395,10 +428,25 @@ def _check_weight(
     return w
 
 
+def _float_tensor(value: object, name: str, finite: bool = True) -> Tensor:
+    """``value`` (a float tensor or NumPy array) as a tensor, or a clear error naming ``name``; with ``finite``, a
+    NaN or Inf is an error too."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"expected {name} as a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"expected floating-point {name}, got dtype {value.dtype}")
+    if finite and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"expected finite {name}, got NaN or Inf")
+    return value
+
+
 def _check_offsets(offsets: Tensor | None, like: Tensor) -> Tensor:
     """Bone offsets (22, 3) in ``like``'s dtype and device."""
     if offsets is None:
         return rest_offsets(like.dtype, like.device)[:BODY_KEYPOINTS]
+    offsets = _float_tensor(offsets, "offsets")
     if offsets.shape not in ((skeleton.NUM_JOINTS, 3), (BODY_KEYPOINTS, 3)):
         raise ValueError(f"expected offsets of shape (55, 3) or (22, 3), got {tuple(offsets.shape)}")
     return offsets[:BODY_KEYPOINTS].to(device=like.device, dtype=like.dtype)

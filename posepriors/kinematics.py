@@ -87,6 +87,11 @@ def forward_kinematics(pose: Tensor, offsets: Tensor | None = None) -> Tensor:
         raise ValueError(f"expected SMPL-X poses of shape (*, 55, 3), got {tuple(pose.shape)}")
     if offsets is None:
         offsets = rest_offsets(pose.dtype, pose.device)
+    elif not isinstance(offsets, Tensor) or offsets.shape != (skeleton.NUM_JOINTS, 3):
+        shape = tuple(offsets.shape) if isinstance(offsets, Tensor) else type(offsets).__name__
+        raise ValueError(f"expected offsets as a tensor of shape (55, 3), got {shape}")
+    else:
+        offsets = offsets.to(device=pose.device, dtype=pose.dtype)
     rot = axis_angle_to_matrix(pose)  # (*, 55, 3, 3)
     world_rot: list[Tensor] = []
     world_pos: list[Tensor] = []

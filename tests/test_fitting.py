@@ -162,6 +162,9 @@ def test_leading_batch_dims_and_a_known_root():
         ({"steps": -1}, r"expected steps to be an integer >= 0, got -1"),
         ({"lr": 0.0}, r"expected a finite learning rate lr > 0, got 0.0"),
         ({"keypoints": torch.full((2, 22, 3), math.nan)}, r"expected finite keypoints"),
+        ({"init": torch.full((2, 21, 3), math.nan)}, r"expected finite init, got NaN or Inf"),
+        ({"global_orient": torch.tensor([math.inf, 0, 0])}, r"expected finite global_orient"),
+        ({"offsets": torch.full((55, 3), math.nan)}, r"expected finite offsets"),
     ],
 )
 def test_bad_inputs_raise_value_errors(kwargs, message):
@@ -182,6 +185,41 @@ def test_bad_types_and_priors_raise():
         fit_keypoints(torch.zeros(1, 22, 3), prior=hand)
     with pytest.raises(ValueError, match=r"expected body poses of shape \(\*, 21, 3\), got \(2, 55, 3\)"):
         body_keypoints(torch.zeros(2, 55, 3))
+    for kwargs, message in (
+        ({"generator": 0, "init_noise": 0.1}, "expected generator to be None or a torch.Generator"),
+        ({"weight": torch.ones(1, dtype=torch.complex64)}, "expected real prior weights"),
+        ({"weight": torch.ones(1, dtype=torch.bool)}, "expected real prior weights"),
+        ({"init": [0.0] * 63}, "expected init as a torch.Tensor, got list"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            fit_keypoints(torch.zeros(1, 22, 3), prior=body_prior(torch.zeros(21, 3), 0.2), **kwargs)
+    with pytest.raises(ValueError, match=r"expected global_orient of shape \(3,\) or \(4, 3\), got \(3, 3\)"):
+        body_keypoints(torch.zeros(4, 21, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"expected offsets as a tensor of shape \(55, 3\), got \(22, 3\)"):
+        forward_kinematics(torch.zeros(1, 55, 3), torch.zeros(22, 3))
+
+
+def test_numpy_numbers_half_keypoints_and_inference_mode_are_fitted_as_usual():
+    import numpy as np
+
+    truth = 0.3 * torch.randn(2, 21, 3, generator=torch.Generator().manual_seed(4))
+    keypoints = body_keypoints(truth)
+    prior = body_prior(torch.zeros(21, 3), 0.5)
+    plain = fit_keypoints(keypoints, prior=prior, steps=20)
+    numpy_args = fit_keypoints(
+        keypoints, prior=prior, steps=np.int64(20), lr=np.float64(0.05), init=np.zeros((2, 21, 3))
+    )
+    torch.testing.assert_close(numpy_args.pose, plain.pose)
+    with torch.inference_mode():
+        inside = fit_keypoints(keypoints, prior=prior, steps=20)
+    torch.testing.assert_close(inside.pose, plain.pose)
+    half = fit_keypoints(keypoints.half(), prior=prior, steps=20)  # fitted in float32, returned in float16
+    assert half.pose.dtype == torch.float16 and torch.isfinite(half.loss).all()
+    torch.testing.assert_close(half.pose.float(), plain.pose, atol=2e-2, rtol=0)
+    double = rest_offsets(torch.float64)  # offsets in another dtype are cast to the pose's
+    torch.testing.assert_close(
+        forward_kinematics(torch.zeros(1, 55, 3), double), forward_kinematics(torch.zeros(1, 55, 3))
+    )
 
 
 def test_lbfgs_reaches_a_lower_objective_than_adam_with_a_gaussian_prior() -> None:
