@@ -287,3 +287,18 @@ def test_body_latent_maps_check_their_argument_and_keep_its_dtype(name):
             encode(bad)
     with pytest.raises(ValueError, match=r"body codes of shape \(B, 63\), got \(3, 21, 3\)"):
         decode(pose)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "gmm", "global_flow", "joint_flow"])
+def test_torch_func_transforms_work_on_frozen_priors(name):
+    """vmap and grad over nll: the frozen flows run block by block there, the finite check is skipped."""
+    from torch.func import grad, vmap
+
+    prior = make(name).eval().requires_grad_(False)
+    x = synthetic_poses(3, prior.joints, seed=5).double()
+    prior.double()
+    expected = prior.nll(x)
+    torch.testing.assert_close(vmap(prior.nll)(x[:, None])[:, 0], expected)
+    leaf = x.clone().requires_grad_(True)
+    prior.nll(leaf).sum().backward()
+    torch.testing.assert_close(grad(lambda q: prior.nll(q).sum())(x), leaf.grad)

@@ -128,8 +128,10 @@ class FlowSequence(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _frozen(self) -> bool:
-        """Eval mode, and no gradient can reach the parameters (none requires grad, or grad mode is off)."""
-        if self.training:
+        """Eval mode, and no gradient can reach the parameters (none requires grad, or grad mode is off), outside
+        ``torch.func`` transforms (the frozen couplings' autograd functions have no functorch rules; under ``vmap``
+        or ``grad`` the blocks run one by one)."""
+        if self.training or torch._C._functorch.peek_interpreter_stack() is not None:
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._parameter_tuple()))
 

@@ -1306,7 +1306,8 @@ class PosePrior(nn.Module, ABC):
             m = observed if m is None else (m & observed)
         if mask is not None:  # the values of missing joints are never read (they may be NaN or anything)
             x = torch.where(m[..., None], x, 0.0)
-        if _VALIDATE and not bool(torch.isfinite(x).all()):
+        # a data-dependent check; skipped under torch.func transforms (vmap, grad), which cannot branch on values
+        if _VALIDATE and torch._C._functorch.peek_interpreter_stack() is None and not bool(torch.isfinite(x).all()):
             raise ValueError("expected finite pose values (of the observed joints), got NaN or Inf")
         if m is not None and not bool(m.any(-1).all()):
             if mask is None:
