@@ -1420,7 +1420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config, loop_kwargs, data_flags = _resume_settings(out, args, explicit, config_class)
             cfg = TrainConfig(**loop_kwargs)
             _check_train_config(cfg)
-            resolve_device(cfg.device)
+            if resolve_device(cfg.device).type != "cuda" and cfg.amp and lead:
+                warnings.warn("--amp (mixed precision) runs on CUDA only: ignored here", stacklevel=1)
             if args.push_to_hub and lead:
                 _check_can_push(args.push_to_hub)
             train_sets = [(f"--data_dir {p}", load_poses(p, fps=data_flags["fps"])) for p in args.data_dir]
@@ -1463,6 +1464,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail(err)
         except OSError as err:
             fail(f"could not write the run's files: {err}", 1)
+        except KeyboardInterrupt:
+            kept = (Path(out) / "last.json").is_file()
+            fail(
+                f"interrupted; --out {out} keeps the last finished epoch: continue with --resume"
+                if kept
+                else f"interrupted before the first epoch finished; nothing was kept in --out {out}",
+                130,
+            )
     if args.push_to_hub and lead:
         from posepriors import hub
 

@@ -503,6 +503,23 @@ def test_a_run_that_stopped_early_is_not_trained_further_by_resume(data_dir, tmp
     assert code == 0 and epochs() == [1, 2, 3, 4]  # a larger patience goes on, and stops again
 
 
+def test_ctrl_c_ends_in_one_line_and_amp_off_cuda_warns(data_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    with pytest.warns(UserWarning, match="--amp .* runs on CUDA only: ignored here"):
+        assert _run([*_quick("gaussian", data_dir, tmp_path / "amp", epochs=1), "--amp"], capsys)[0] == 0
+    assert _run(_quick("gaussian", data_dir, out, epochs=1), capsys)[0] == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "fit", interrupted)
+    code, _, stderr = _run([*_quick("gaussian", data_dir, out, epochs=2), "--resume"], capsys)
+    assert code == 130 and "Traceback" not in stderr
+    assert f"interrupted; --out {out} keeps the last finished epoch: continue with --resume" in stderr
+    code, _, stderr = _run(_quick("gaussian", data_dir, tmp_path / "new", epochs=2), capsys)
+    assert code == 130 and "interrupted before the first epoch finished; nothing was kept" in stderr
+
+
 def test_resume_of_a_closed_form_family_needs_a_finished_run_of_that_family(data_dir, tmp_path, capsys):
     """gmm's --resume refits; only into a folder that holds a gmm run, never over another family's or a stray one."""
     other, stray, gmm = tmp_path / "other", tmp_path / "stray", tmp_path / "gmm"
