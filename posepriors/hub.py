@@ -328,8 +328,13 @@ def _load_folder(
         raise ValueError(f"weights in {weights_path} hold NaN or Inf values (in {bad[:5]}); the file is corrupted")
     try:
         prior.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"weights in {weights_path} do not match the config in {config_path}: {err}") from err
+    except RuntimeError as err:  # torch lists every mismatch on a line of its own: the first few, on one line
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        detail = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
+        raise ValueError(
+            f"weights in {weights_path} do not match the config in {config_path} (edited, or from another model): "
+            f"{detail or err}"
+        ) from err
     prior = prior.to(device=resolve_device(device))
     if dtype is None:  # keep the saved precision (a float64 prior comes back in float64)
         saved = {v.dtype for v in state.values() if v.is_floating_point()}
