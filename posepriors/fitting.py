@@ -50,7 +50,6 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -431,12 +430,7 @@ def _check_weight(
 def _float_tensor(value: object, name: str, finite: bool = True) -> Tensor:
     """``value`` (a float tensor or NumPy array) as a tensor, or a clear error naming ``name``; with ``finite``, a
     NaN or Inf is an error too."""
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, Tensor):
-        raise TypeError(f"expected {name} as a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"expected floating-point {name}, got dtype {value.dtype}")
+    value = skeleton.as_float_tensor(value, name)
     if finite and not bool(torch.isfinite(value).all()):
         raise ValueError(f"expected finite {name}, got NaN or Inf")
     return value

@@ -237,13 +237,14 @@ def pose_mapping(pose: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def _as_tensor(pose: Any, what: str) -> Tensor:
+def as_float_tensor(pose: Any, what: str) -> Tensor:
+    """``pose``, a floating-point tensor or NumPy array, as a tensor; else a ``TypeError`` naming ``what``."""
     if isinstance(pose, np.ndarray):
         pose = torch.from_numpy(pose)
     if not isinstance(pose, Tensor):
-        raise TypeError(f"expected a tensor or numpy array for {what}, got {type(pose).__name__}")
+        raise TypeError(f"expected {what} as a tensor or numpy array, got {type(pose).__name__}")
     if not pose.is_floating_point():
-        raise TypeError(f"expected a floating-point {what}, got dtype {pose.dtype}")
+        raise TypeError(f"expected {what} as floating-point values, got dtype {pose.dtype}")
     return pose
 
 
@@ -300,7 +301,7 @@ def to_smplx(
     values = pose_mapping(pose)
     if values is not None:
         return _dict_to_smplx(values)
-    pose = _as_tensor(pose, "pose")
+    pose = as_float_tensor(pose, "pose")
     lay, pose = _layout_for(pose, layout, hand)
     observed = torch.zeros(NUM_JOINTS, dtype=torch.bool, device=pose.device)
     observed[[j for j in lay.smplx_index if j >= 0]] = True
@@ -329,7 +330,7 @@ def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
     batch_shape = None
     for key in present:
         index = DICT_KEYS[key]
-        t = _as_tensor(values[key], key)
+        t = as_float_tensor(values[key], key)
         k = len(index)
         if k == 1 and t.dim() >= 2 and t.shape[-2:] == (1, 3) and batch_shape == t.shape[:-2]:
             pass

@@ -178,7 +178,7 @@ def test_bad_inputs_raise_value_errors(kwargs, message):
 def test_bad_types_and_priors_raise():
     with pytest.raises(TypeError, match="boolean visible"):
         fit_keypoints(torch.zeros(1, 22, 3), visible=torch.ones(22))
-    with pytest.raises(TypeError, match="floating-point keypoints"):
+    with pytest.raises(TypeError, match="keypoints as floating-point values"):
         fit_keypoints(torch.zeros(1, 22, 3, dtype=torch.long))
     hand = GaussianPrior(GaussianConfig(joints="left_hand"))
     with pytest.raises(ValueError, match=r"models some of the 21 body joints .*got one over joints \(25,"):
@@ -189,7 +189,7 @@ def test_bad_types_and_priors_raise():
         ({"generator": 0, "init_noise": 0.1}, "expected generator to be None or a torch.Generator"),
         ({"weight": torch.ones(1, dtype=torch.complex64)}, "expected real prior weights"),
         ({"weight": torch.ones(1, dtype=torch.bool)}, "expected real prior weights"),
-        ({"init": [0.0] * 63}, "expected init as a torch.Tensor, got list"),
+        ({"init": [0.0] * 63}, "expected init as a tensor or numpy array, got list"),
     ):
         with pytest.raises(TypeError, match=message):
             fit_keypoints(torch.zeros(1, 22, 3), prior=body_prior(torch.zeros(21, 3), 0.2), **kwargs)

@@ -124,8 +124,9 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "_save_checkpoint", crash_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line, exit code 130
         train_module.main(_args("global_flow", data_dir, interrupted, epochs=4))
+    assert stopped.value.code == 130
     monkeypatch.setattr(train_module, "_save_checkpoint", original)
     assert json.loads((interrupted / "last.json").read_text())["epoch"] == 2
     assert train_module.main([*_args("global_flow", data_dir, interrupted, epochs=4), "--resume"]) == 0

@@ -385,8 +385,7 @@ def test_a_resumed_run_continues_its_csv_without_repeating_epochs(data_dir, tmp_
         original(out, prior, optimizer, scheduler, info, generators)
 
     monkeypatch.setattr(train_module, "_save_checkpoint", crash_before_checkpoint_2)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.main(_args("gaussian", data_dir, out, epochs=3))
+    assert _run(_args("gaussian", data_dir, out, epochs=3), capsys)[0] == 130  # Ctrl-C
     monkeypatch.setattr(train_module, "_save_checkpoint", original)
     assert not (out / LOCK_NAME).exists()  # released on the way out
     assert _run([*_args("gaussian", data_dir, out, epochs=3), "--resume"], capsys)[0] == 0

@@ -1492,12 +1492,7 @@ def body_latent_input(value: Any, code: bool, prior: PosePrior) -> tuple[Tensor,
 def float_tensor(value: Any, what: str, prior: PosePrior) -> Tensor:
     """``value``, a float tensor or NumPy array on the prior's device, as a tensor; else a clear error naming
     ``what`` (for the arguments of the public methods that do not take every pose format)."""
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, Tensor):
-        raise TypeError(f"expected {what} as a tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"expected {what} as floating-point values, got dtype {value.dtype}")
+    value = skeleton.as_float_tensor(value, what)
     if value.device != prior.device:
         raise ValueError(f"expected {what} on the prior's device {prior.device}, got {value.device}")
     return value
