@@ -42,6 +42,12 @@ LOCK_NAME = ".posepriors.lock"
 """Name of the lock file that :func:`folder_lock` creates inside the locked folder."""
 
 
+def in_transform() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running: no branching on tensor values there,
+    and no ``torch.autograd.Function`` without functorch rules."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """Turn a device spec into a ``torch.device``.
 

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from posepriors.utils import in_transform
+
 if TYPE_CHECKING:
     from posepriors.flows.couplings import RQSplineCoupling
 
@@ -112,7 +114,7 @@ def usable(x2: Tensor, params: Tensor) -> bool:
         and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
         and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
         and not torch._C._is_torch_function_mode_enabled()
-        and torch._C._functorch.peek_interpreter_stack() is None  # no torch.func transform (grad, vmap)
+        and not in_transform()  # no torch.func transform (grad, vmap)
         and x2.numel() > 0
         and _no_tangent(x2)
         and _no_tangent(params)
@@ -279,7 +281,7 @@ def coupling_fusable(coupling: RQSplineCoupling) -> bool:
 
 def coupling_forward_arrays(
     coupling: RQSplineCoupling, weights: list, x: np.ndarray, context: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, tuple]:
+) -> tuple[np.ndarray, np.ndarray, CouplingState]:
     """A whole spline coupling (:func:`coupling_fusable`) on a few rows in one loop in the calling thread: ``x``
     (B, G, D) and ``context`` (B, G, C) or None to the outputs (B, G, D), the float64 log-determinant (B, G) and
     what :func:`coupling_backward_arrays` needs. ``weights``: per layer (weight (G, in, out), bias (G, out), weight

@@ -14,6 +14,7 @@ from posepriors.flows.core import _Block, _check_context, _check_input, _full_lo
 from posepriors.flows.couplings import RQSplineCoupling, _Coupling
 from posepriors.flows.linear import ActNorm, LULinear, Permutation
 from posepriors.grouped import GroupedLinear
+from posepriors.utils import in_transform
 
 __all__ = ["FlowSequence", "ensemble_log_prob"]
 
@@ -131,7 +132,7 @@ class FlowSequence(nn.Module):
         """Eval mode, and no gradient can reach the parameters (none requires grad, or grad mode is off), outside
         ``torch.func`` transforms (the frozen couplings' autograd functions have no functorch rules; under ``vmap``
         or ``grad`` the blocks run one by one)."""
-        if self.training or torch._C._functorch.peek_interpreter_stack() is not None:
+        if self.training or in_transform():
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._parameter_tuple()))
 

@@ -44,6 +44,7 @@ from posepriors.priors.draws import rand
 from posepriors.priors.energy import BodyGaussian
 from posepriors.priors.smoothed import BODY, SmoothedBody
 from posepriors.rotations import LOG_SO3_VOLUME, exp_map_log_abs_det
+from posepriors.utils import in_transform
 
 __all__ = [
     "MODEL_TYPES",
@@ -778,13 +779,12 @@ class PosePrior(nn.Module, ABC):
                 x, m = x.clone(), (m.clone() if m is not None else None)
             if estimator == "tweedie":
                 out = self._denoise_tweedie(x, m, noise_std, ctx, adaptive)
-            elif seen is None:  # what project(noise_std=...) runs
-                out = self._map_project(x, m, noise_std, **ctx)
-            else:  # each pose by its own estimator
-                tweedie, rest = seen.nonzero().squeeze(-1), (~seen).nonzero().squeeze(-1)
-                first = self._denoise_tweedie(x[tweedie], m[tweedie], noise_std, _rows_of(ctx, tweedie))
-                second = self._map_project(x[rest], m[rest], noise_std, **_rows_of(ctx, rest))
-                out = first.new_zeros(x.shape).index_copy(0, tweedie, first).index_copy(0, rest, second)
+            else:  # each pose by its own estimator: the MAP (what project(noise_std=...) runs) unless it is `seen`
+                out = split_batch(
+                    seen if seen is not None else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device),
+                    lambda r: self._denoise_tweedie(select_rows(x, r), select_rows(m, r), noise_std, _rows_of(ctx, r)),
+                    lambda r: self._map_project(select_rows(x, r), select_rows(m, r), noise_std, **_rows_of(ctx, r)),
+                )
         return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
 
     def denoise_estimator(self, noise_std: float, mask: Tensor | np.ndarray | None = None) -> str:
@@ -865,19 +865,20 @@ class PosePrior(nn.Module, ABC):
         others[body] = False
         # poses with nothing but the body observed (body-only inputs): the rest filled in given the denoised body;
         # the other poses' other joints by the MAP denoiser given the noisy pose
-        alone = None
         if mask is not None and "keep_observed" in self.project_options():
             alone = ~mask[:, others].any(-1)
-        if alone is not None and bool(alone.all()):
-            return self._project(out, mask, keep_observed=True, **ctx).detach()
-        if alone is None or not bool(alone.any()):
-            mapped = self._map_project(x, mask, noise_std, **ctx).detach()
-            return torch.where(others[:, None], mapped, out)
-        first, rest = alone.nonzero().squeeze(-1), (~alone).nonzero().squeeze(-1)
-        filled = self._project(out[first], mask[first], keep_observed=True, **_rows_of(ctx, first)).detach()
-        mapped = self._map_project(x[rest], mask[rest], noise_std, **_rows_of(ctx, rest)).detach()
-        mapped = torch.where(others[:, None], mapped, out[rest])
-        return out.index_copy(0, first, filled).index_copy(0, rest, mapped)
+        else:
+            alone = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+        def fill(r: Tensor | None) -> Tensor:
+            rows = select_rows(out, r), select_rows(mask, r)
+            return self._project(*rows, keep_observed=True, **_rows_of(ctx, r)).detach()
+
+        def mapped(r: Tensor | None) -> Tensor:
+            estimate = self._map_project(select_rows(x, r), select_rows(mask, r), noise_std, **_rows_of(ctx, r))
+            return torch.where(others[:, None], estimate.detach(), select_rows(out, r))
+
+        return split_batch(alone, fill, mapped)
 
     def _broad_posterior_mean(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """The body's posterior mean under the broad component (without one: the smoothed density's per-coordinate
@@ -1307,7 +1308,7 @@ class PosePrior(nn.Module, ABC):
         if mask is not None:  # the values of missing joints are never read (they may be NaN or anything)
             x = torch.where(m[..., None], x, 0.0)
         # a data-dependent check; skipped under torch.func transforms (vmap, grad), which cannot branch on values
-        if _VALIDATE and torch._C._functorch.peek_interpreter_stack() is None and not bool(torch.isfinite(x).all()):
+        if _VALIDATE and not in_transform() and not bool(torch.isfinite(x).all()):
             raise ValueError("expected finite pose values (of the observed joints), got NaN or Inf")
         if m is not None and not bool(m.any(-1).all()):
             if mask is None:
@@ -1471,9 +1472,25 @@ def select_rows(t: Tensor | None, rows: Tensor | None) -> Tensor | None:
     return t.index_select(0, rows)
 
 
-def _rows_of(ctx: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    """The context keyword arguments of the poses ``rows``."""
+def _rows_of(ctx: Mapping[str, Tensor], rows: Tensor | None) -> dict[str, Tensor]:
+    """The context keyword arguments of the poses ``rows`` (all of them for None)."""
     return {k: select_rows(v, rows) for k, v in ctx.items()}
+
+
+def split_batch(
+    flags: Tensor, when_set: Callable[[Tensor | None], Tensor], when_clear: Callable[[Tensor | None], Tensor]
+) -> Tensor:
+    """``when_set(rows)`` on the poses whose flag (B,) is set and ``when_clear(rows)`` on the others, merged in the
+    batch's order (B, ...): each pose's result from its own route, whatever the rest of the batch. ``rows`` is None
+    when one route takes the whole batch (read it with :func:`select_rows`)."""
+    if bool(flags.all()):
+        return when_set(None)
+    if not bool(flags.any()):
+        return when_clear(None)
+    set_rows, clear_rows = flags.nonzero().squeeze(-1), (~flags).nonzero().squeeze(-1)
+    first, second = when_set(set_rows), when_clear(clear_rows)
+    out = first.new_zeros(flags.shape[0], *first.shape[1:])
+    return out.index_copy(0, set_rows, first).index_copy(0, clear_rows, second)
 
 
 def body_latent_input(value: Any, code: bool, prior: PosePrior) -> tuple[Tensor, torch.dtype]:

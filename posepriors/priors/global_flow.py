@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import FlowSequence, build_flow, flow_settings
-from posepriors.priors.base import PoseInput, PosePrior, body_latent_input, latent_map, select_rows
+from posepriors.priors.base import PoseInput, PosePrior, body_latent_input, latent_map, select_rows, split_batch
 from posepriors.priors.draws import randn
 from posepriors.priors.flow_config import FlowConfig
 from posepriors.utils import LOG_2PI
@@ -394,16 +394,9 @@ class GlobalFlowPrior(PosePrior):
         exact decoding) and on the others (the completion flow), each pose's result from its own pose and mask
         alone; ``rows`` is None for the whole batch. Results (B, ...) in the batch's order."""
         trailing = self._trailing_rows(mask)
-        if bool(trailing.all()):
-            return run(None, True)
-        if self.completion is None:
+        if self.completion is None and not bool(trailing.all()):
             raise ValueError(self._mask_error("a mask that is not a trailing-part pattern"))
-        if not bool(trailing.any()):
-            return run(None, False)
-        exact, other = trailing.nonzero().squeeze(-1), (~trailing).nonzero().squeeze(-1)
-        first, second = run(exact, True), run(other, False)
-        out = first.new_zeros(mask.shape[0], *first.shape[1:])
-        return out.index_copy(0, exact, first).index_copy(0, other, second)
+        return split_batch(trailing, lambda rows: run(rows, True), lambda rows: run(rows, False))
 
     # ------------------------------------------------------------------ sampling and projection
     def _sample(

@@ -35,7 +35,15 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.grouped import GroupedMLP
-from posepriors.priors.base import PosePrior, PriorConfig, _adam_argmin, _check_generator, float_tensor
+from posepriors.priors.base import (
+    PosePrior,
+    PriorConfig,
+    _adam_argmin,
+    _check_generator,
+    float_tensor,
+    select_rows,
+    split_batch,
+)
 from posepriors.priors.draws import randn
 from posepriors.rotations import (
     axis_angle_geodesic,
@@ -460,13 +468,17 @@ class HandVAE(PosePrior):
         joints: the decoder mean of the latent code that best explains its observed joints (:meth:`_fit_latent`)
         fills them in; its observed joints are kept."""
         hands, hand_mask = self._split_hands(x, mask)
-        projected = self.decode(self.encode(hands).mean).pose
-        if hand_mask is not None and not bool(hand_mask.all()):
-            rows = (~hand_mask.all(-1)).nonzero().squeeze(-1)  # the hands with a missing joint
-            some, some_mask = hands.index_select(0, rows), hand_mask.index_select(0, rows)
+
+        def whole(rows: Tensor | None) -> Tensor:
+            return self.decode(self.encode(select_rows(hands, rows)).mean).pose
+
+        def completed(rows: Tensor | None) -> Tensor:
+            some, some_mask = select_rows(hands, rows), select_rows(hand_mask, rows)
             decoded = self.decode(self._fit_latent(some, some_mask, steps, lr)).pose
-            projected = projected.index_copy(0, rows, torch.where(some_mask[..., None], some, decoded))
-        return self._merge_hands(projected, x.shape[0])
+            return torch.where(some_mask[..., None], some, decoded)
+
+        full = hand_mask.all(-1) if hand_mask is not None else hands.new_ones(hands.shape[0], dtype=torch.bool)
+        return self._merge_hands(split_batch(full, whole, completed), x.shape[0])
 
     def _map_project(
         self, x: Tensor, mask: Tensor | None, noise_std: float, steps: int = 100, lr: float = 0.05
