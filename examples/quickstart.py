@@ -32,10 +32,13 @@ def main() -> None:
     fixed = prior.project(poses[1:])  # fast projection of the broken pose
     print(f"projected broken pose: NLL {prior.nll(fixed).item():.1f}")
 
-    mask = torch.ones(55, dtype=torch.bool)
-    mask[25:] = False  # hands unobserved
-    completed = prior.project(poses[:1], mask)  # hands completed from the body
-    print("completed hands (first joint of each):", completed[0, [21, 36]].tolist())
+    # completion: hide the hands of a body + hands prior (a hand prior: hide the right hand) and fill them in
+    hidden = list(range(25, 55)) if min(prior.joints) < 25 else list(range(40, 55))
+    if set(hidden) < set(prior.joints):
+        mask = torch.ones(55, dtype=torch.bool)
+        mask[hidden] = False
+        completed = prior.to_smplx(prior.project(poses[:1], mask))  # results come in the prior's joint order
+        print(f"completed joints {hidden[0]}..{hidden[-1]} (first one):", completed[0, hidden[0]].tolist())
 
 
 if __name__ == "__main__":

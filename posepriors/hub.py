@@ -116,8 +116,11 @@ def read_manifest(path: str | os.PathLike | None = None) -> dict[str, ManifestEn
     except json.JSONDecodeError as err:
         raise ValueError(f"weights manifest {path} is not valid JSON: {err}") from err
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
-        raise ValueError(f"expected a manifest with a 'models' object, got keys {sorted(raw)} in {path}")
+        got = f"keys {sorted(raw)}" if isinstance(raw, dict) else f"a JSON {type(raw).__name__}"
+        raise ValueError(f"expected a manifest with a 'models' object, got {got} in {path}")
     hub = raw.get("hub", {})
+    if not isinstance(hub, dict):
+        raise ValueError(f"expected the manifest's 'hub' to be an object (repo_id, revision), got {hub!r} in {path}")
     entries = {}
     known = {"model_type", "description", "files", "repo_id", "revision", "subfolder", "bundled"}
     for name, item in raw["models"].items():
@@ -127,13 +130,19 @@ def read_manifest(path: str | os.PathLike | None = None) -> dict[str, ManifestEn
         if missing:
             raise ValueError(f"manifest entry {name!r} in {path} lacks {sorted(missing)}")
         _check_manifest_files(name, item["files"], path)
+        revision = item.get("revision", hub.get("revision"))
+        if revision is not None and not (isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision)):
+            raise ValueError(
+                f"manifest entry {name!r} in {path}: expected its Hub revision to be a pinned commit (40 lowercase "
+                f"hex digits) or null, got {revision!r} (a branch or tag moves, and the SHA-256 values would not hold)"
+            )
         entries[name] = ManifestEntry(
             name=name,
             model_type=item["model_type"],
             description=item.get("description", ""),
             files=item["files"],
             repo_id=item.get("repo_id", hub.get("repo_id")),
-            revision=item.get("revision", hub.get("revision")),
+            revision=revision,
             subfolder=item.get("subfolder", name),
             bundled=bool(item.get("bundled", False)),
             extra={k: v for k, v in item.items() if k not in known},
@@ -335,12 +344,20 @@ def _load_folder(
             f"weights in {weights_path} do not match the config in {config_path} (edited, or from another model): "
             f"{detail or err}"
         ) from err
-    prior = prior.to(device=resolve_device(device))
+    device = resolve_device(device)
+    if device.type == "mps" and dtype == torch.float64:
+        raise ValueError("expected a dtype that MPS supports, got torch.float64: load on device='cpu' for float64")
     if dtype is None:  # keep the saved precision (a float64 prior comes back in float64)
         saved = {v.dtype for v in state.values() if v.is_floating_point()}
         dtype = saved.pop() if len(saved) == 1 else None
-    if dtype is not None:
+        if dtype == torch.float64 and device.type == "mps":
+            warnings.warn(
+                f"{weights_path} holds float64 weights; MPS has no float64, so they load as float32", stacklevel=3
+            )
+            dtype = torch.float32
+    if dtype is not None:  # cast first: MPS cannot hold the float64 a prior may have been saved in
         prior = prior.to(dtype=dtype)
+    prior = prior.to(device=device)
     if frozen:
         prior.eval()
         prior.requires_grad_(False)
@@ -418,10 +435,16 @@ def load(
     _check_dtype(dtype)
     kwargs = {"device": device, "dtype": dtype, "frozen": frozen}
     path = Path(name_or_path)
-    if path.is_dir():
-        return _load_folder(path, **kwargs, verified=False)
     name = str(name_or_path)
     entries = read_manifest(manifest)
+    if path.is_dir() and (name not in entries or (path / CONFIG_NAME).is_file()):
+        if name in entries:
+            warnings.warn(
+                f"loading the local folder {name!r}, not the model of that name in the manifest; pass "
+                f"{'./' + name!r} to load the folder without this warning, or load from another directory",
+                stacklevel=2,
+            )
+        return _load_folder(path, **kwargs, verified=False)
     if name not in entries:
         if path.suffix or os.sep in name or "/" in name:
             raise FileNotFoundError(
@@ -433,11 +456,20 @@ def load(
     if revision is None and entry.bundled:
         folder = BUNDLED_DIR / (entry.subfolder or name)
         if all((folder / f).is_file() for f in entry.files):
-            verify_files(folder, entry)
+            verify_files(
+                folder, entry, remedy="the installation is damaged: `pip install --force-reinstall posepriors`"
+            )
             return _load_folder(folder, **kwargs, verified=True)
-    folder = _download(entry, revision, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only)
+    download = dict(cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only)
+    folder = _download(entry, revision, **download)
     if revision is None or revision == entry.revision:
-        verify_files(folder, entry)
+        try:
+            verify_files(folder, entry)
+        except ValueError:  # a damaged file in the Hub cache: fetch the pinned files again, once
+            if local_files_only:
+                raise
+            folder = _download(entry, revision, **download, force_download=True)
+            verify_files(folder, entry, remedy="the Hub serves other files than the manifest pins")
         return _load_folder(folder, **kwargs, verified=True)
     warnings.warn(
         f"loading {name!r} at revision {revision!r} instead of the pinned {entry.revision!r}: "
@@ -447,21 +479,27 @@ def load(
     return _load_folder(folder, **kwargs, verified=False)
 
 
-def verify_files(folder: Path, entry: ManifestEntry) -> None:
-    """Check every file of ``entry`` in ``folder`` against the manifest's size and SHA-256."""
+def verify_files(folder: Path, entry: ManifestEntry, remedy: str | None = None) -> None:
+    """Check every file of ``entry`` in ``folder`` against the manifest's size and SHA-256; the error ends with
+    ``remedy`` (default: how to fetch a file of the Hub cache again)."""
+    if remedy is None:
+        remedy = (
+            f"load it again without local_files_only (posepriors downloads a damaged file once more), or delete the "
+            f"model's files from the Hub cache (`hf cache delete`, repository {entry.repo_id})"
+        )
     for filename, info in entry.files.items():
         path = folder / filename
         size = path.stat().st_size
         if "size" in info and size != info["size"]:
             raise ValueError(
                 f"{path} has {size} bytes, expected {info['size']} from the manifest entry {entry.name!r}: "
-                "the file is truncated or replaced; delete it and load again"
+                f"the file is truncated or replaced; {remedy}"
             )
         digest = sha256_file(path)
         if digest != info.get("sha256"):
             raise ValueError(
                 f"SHA-256 mismatch for {path}: expected {info['sha256']} from the manifest entry "
-                f"{entry.name!r}, got {digest}; the file is corrupted or was replaced — delete it and load again"
+                f"{entry.name!r}, got {digest}; the file is corrupted or was replaced; {remedy}"
             )
 
 
@@ -472,10 +510,12 @@ def _download(
     cache_dir: str | os.PathLike | None,
     endpoint: str | None,
     local_files_only: bool,
+    force_download: bool = False,
 ) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
@@ -485,6 +525,11 @@ def _download(
 
     from posepriors import __version__
 
+    if entry.repo_id is None and revision is not None:
+        raise FileNotFoundError(
+            f"model {entry.name!r} has no Hub repository in the manifest, so revision {revision!r} cannot be "
+            "downloaded; load a local folder or pass a manifest that names the repository"
+        )
     revision = revision or entry.revision
     if entry.repo_id is None or revision is None:
         raise FileNotFoundError(
@@ -502,13 +547,21 @@ def _download(
                 cache_dir=cache_dir,
                 endpoint=endpoint,
                 local_files_only=local_files_only,
+                force_download=force_download,
                 library_name="posepriors",
                 library_version=__version__,
             )
+        except GatedRepoError as err:
+            detail = " ".join(str(err).split())
+            raise PermissionError(
+                f"the Hub refused access to {entry.repo_id} ({detail}); log in (`hf auth login` or HF_TOKEN) with an "
+                "account that accepted the repository's terms"
+            ) from err
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
             raise FileNotFoundError(
                 f"model {entry.name!r} is not bundled and {filename} is not in the Hub cache, and the Hub cannot "
-                f"be reached ({type(err).__name__}). Connect to the internet once (unset HF_HUB_OFFLINE), or "
+                f"be reached or did not answer ({type(err).__name__}: {err}). Connect to the internet once (unset "
+                "HF_HUB_OFFLINE), or "
                 f"download it elsewhere with `hf download {entry.repo_id} --revision {revision} "
                 f"--include '{entry.subfolder}/*'` and copy the Hub cache, or pass a local folder to load()"
             ) from err
@@ -519,6 +572,11 @@ def _download(
             ) from err
         except HfHubHTTPError as err:
             raise OSError(f"downloading {filename} of {entry.name!r} from {entry.repo_id} failed: {err}") from err
+        except Exception as err:  # the HTTP client's own errors (an interrupted transfer): name the model
+            raise OSError(
+                f"downloading {filename} of {entry.name!r} from {entry.repo_id} failed ({type(err).__name__}: {err}); "
+                "load it again to resume the download"
+            ) from err
         paths.append(Path(local))
     folders = {p.parent for p in paths}
     if len(folders) != 1:  # pragma: no cover - the Hub cache keeps one snapshot folder per revision

@@ -77,12 +77,14 @@ def forward_kinematics(pose: Tensor, offsets: Tensor | None = None) -> Tensor:
     """Joint positions of SMPL-X poses on the approximate skeleton (differentiable).
 
     Args:
-        pose: Axis-angle rotations in the SMPL-X layout, shape (*, 55, 3); joint 0 is the global orientation.
+        pose: Axis-angle rotations in the SMPL-X layout, shape (*, 55, 3) (a tensor or NumPy array); joint 0 is
+            the global orientation.
         offsets: Bone offsets, shape (55, 3); default :func:`rest_offsets`.
 
     Returns:
         Joint positions in metres, shape (*, 55, 3), with the pelvis at the origin.
     """
+    pose = skeleton.as_float_tensor(pose, "SMPL-X poses")
     if pose.dim() < 2 or pose.shape[-2:] != (skeleton.NUM_JOINTS, 3):
         raise ValueError(f"expected SMPL-X poses of shape (*, 55, 3), got {tuple(pose.shape)}")
     if offsets is None:

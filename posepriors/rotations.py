@@ -63,6 +63,22 @@ def _check(x: Tensor, tail: tuple[int, ...], what: str) -> None:
         raise TypeError(f"expected {what} with a floating-point dtype, got {x.dtype}")
 
 
+def _check_pair(x1: Tensor, x2: Tensor, tail: int, what: str) -> None:
+    """Raise unless two checked inputs share a dtype and device and their batch shapes (all but the last ``tail``
+    dims) broadcast."""
+    if x1.dtype != x2.dtype or x1.device != x2.device:
+        raise TypeError(
+            f"expected two {what} of one dtype on one device, got {x1.dtype} on {x1.device} and {x2.dtype} on "
+            f"{x2.device}"
+        )
+    try:
+        torch.broadcast_shapes(x1.shape[: x1.dim() - tail], x2.shape[: x2.dim() - tail])
+    except RuntimeError:
+        raise ValueError(
+            f"expected {what} whose batch shapes broadcast, got {tuple(x1.shape)} and {tuple(x2.shape)}"
+        ) from None
+
+
 def _safe_sqrt(x2: Tensor, small: Tensor) -> Tensor:
     """sqrt(x2) where ``small`` is False and 1 where it is True."""
     # sqrt has an infinite derivative at 0: substituting 1 keeps the unused torch.where branch's gradient finite
@@ -292,6 +308,7 @@ def geodesic_distance(R1: Tensor, R2: Tensor) -> Tensor:
     """
     _check(R1, (3, 3), "rotation matrix")
     _check(R2, (3, 3), "rotation matrix")
+    _check_pair(R1, R2, 2, "rotation matrices")
     M = R1.transpose(-1, -2) @ R2
     skew = torch.stack([M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]], -1)
     s2 = skew.square().sum(-1)  # (2 sin t)^2
@@ -314,6 +331,9 @@ def axis_angle_geodesic(a1: Tensor, a2: Tensor) -> Tensor:
     Returns:
         Angles in radians in [0, pi], shape (*,).
     """
+    _check(a1, (3,), "axis-angle")
+    _check(a2, (3,), "axis-angle")
+    _check_pair(a1, a2, 1, "axis-angle vectors")
     q1, q2 = torch.broadcast_tensors(axis_angle_to_quaternion(a1), axis_angle_to_quaternion(a2))
     w1, v1, w2, v2 = q1[..., :1], q1[..., 1:], q2[..., :1], q2[..., 1:]
     cos_half = (w1 * w2 + (v1 * v2).sum(-1, keepdim=True)).squeeze(-1).abs()  # |w| folds q ~ -q
@@ -383,9 +403,17 @@ def random_rotation_axis_angle(
     Returns:
         Axis-angle vectors with angle in [0, pi], shape (*shape, 3).
     """
-    if not dtype.is_floating_point:
-        raise TypeError(f"expected a floating-point dtype, got {dtype}")
-    if device is None and generator is not None:
-        device = generator.device
-    q = torch.randn((*shape, 4), generator=generator, dtype=dtype, device=device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"expected a floating-point torch.dtype, got {dtype!r}")
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise TypeError(f"expected shape to be a tuple of sizes >= 0 (or one int), got {shape!r}")
+    if generator is None:
+        q = torch.randn((*shape, 4), dtype=dtype, device=device)
+    else:  # drawn where the generator lives, then moved
+        q = torch.randn((*shape, 4), generator=generator, dtype=dtype, device=generator.device)
+        q = q.to(device) if device is not None else q
     return quaternion_to_axis_angle(q)

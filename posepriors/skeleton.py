@@ -110,8 +110,11 @@ def resolve_joints(spec: str | Sequence[int]) -> tuple[int, ...]:
         return tuple(sorted(joints))
     try:
         joints_list = [int(j) for j in spec]
+        exact = all(j == int(j) for j in spec)
     except (TypeError, ValueError):
         raise ValueError(f"expected a part spec string or a sequence of joint indices, got {spec!r}") from None
+    if not exact:
+        raise ValueError(f"expected integer joint indices, got {spec!r}")
     if any(isinstance(j, bool) for j in spec):
         raise ValueError(f"expected joint indices, got booleans in {spec!r}")
     if not joints_list or min(joints_list) < 0 or max(joints_list) >= NUM_JOINTS:
@@ -364,13 +367,14 @@ def from_smplx(pose55: Tensor, layout: str) -> Tensor:
     """Convert SMPL-X poses to another layout (joints without an SMPL-X equivalent become zeros).
 
     Args:
-        pose55: Axis-angle rotations, shape (*, 55, 3).
+        pose55: Axis-angle rotations, shape (*, 55, 3) (a tensor or NumPy array).
         layout: A name from :data:`LAYOUTS` (or an alias, :data:`LAYOUT_ALIASES`).
 
     Returns:
         Poses in ``layout``, shape (*, J, 3).
     """
     lay = resolve_layout(layout)
+    pose55 = as_float_tensor(pose55, "SMPL-X poses")
     if pose55.dim() < 2 or pose55.shape[-2:] != (NUM_JOINTS, 3):
         raise ValueError(f"expected SMPL-X poses of shape (*, 55, 3), got {tuple(pose55.shape)}")
     index = lay.smplx_index
@@ -386,12 +390,13 @@ def to_smplx_dict(pose55: Tensor) -> dict[str, Tensor]:
     """Split SMPL-X poses into smplx keyword arguments, flat as smplx expects them.
 
     Args:
-        pose55: Axis-angle rotations, shape (*, 55, 3).
+        pose55: Axis-angle rotations, shape (*, 55, 3) (a tensor or NumPy array).
 
     Returns:
         ``global_orient`` (*, 3), ``body_pose`` (*, 63), ``jaw_pose``, ``leye_pose``, ``reye_pose`` (*, 3),
         ``left_hand_pose``, ``right_hand_pose`` (*, 45).
     """
+    pose55 = as_float_tensor(pose55, "SMPL-X poses")
     if pose55.dim() < 2 or pose55.shape[-2:] != (NUM_JOINTS, 3):
         raise ValueError(f"expected SMPL-X poses of shape (*, 55, 3), got {tuple(pose55.shape)}")
     return {
@@ -427,12 +432,13 @@ def mirror_pose(pose: Tensor, joints: Sequence[int] = tuple(range(NUM_JOINTS))) 
     mirror each rotation, ``(x, y, z) -> (x, -y, -z)``. An involution that preserves volume (|det| = 1).
 
     Args:
-        pose: Axis-angle rotations, shape (*, J, 3), in ``joints`` order.
+        pose: Axis-angle rotations, shape (*, J, 3), in ``joints`` order (a tensor or NumPy array).
         joints: The SMPL-X joints of ``pose`` (default: all 55), closed under mirroring.
 
     Returns:
         Mirrored poses, shape (*, J, 3).
     """
+    pose = as_float_tensor(pose, "poses")
     if pose.dim() < 2 or pose.shape[-1] != 3 or pose.shape[-2] != len(joints):
         raise ValueError(f"expected pose of shape (*, {len(joints)}, 3), got {tuple(pose.shape)}")
     index = torch.tensor(mirror_index(joints), device=pose.device)

@@ -11,12 +11,16 @@ from pathlib import Path
 class HubServer:
     """Serves ``/{repo_id}/resolve/{revision}/{path}`` from ``files[(repo_id, revision, path)] = bytes``.
 
-    Every request is recorded in ``requests`` as ``(method, path)``.
+    Every request is recorded in ``requests`` as ``(method, path)``. Failures to test against: repositories in
+    ``gated`` answer 403 (the Hub's ``GatedRepo``), and file paths in ``truncated`` send half their body and close
+    the connection (an interrupted transfer).
     """
 
     def __init__(self) -> None:
         self.files: dict[tuple[str, str, str], bytes] = {}
         self.requests: list[tuple[str, str]] = []
+        self.gated: set[str] = set()
+        self.truncated: set[str] = set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,6 +36,13 @@ class HubServer:
                     self.send_error(404)
                     return
                 repo_id, revision, path = "/".join(parts[:i]), parts[i + 1], "/".join(parts[i + 2 :])
+                if repo_id in server.gated:
+                    self.send_response(403)
+                    self.send_header("X-Error-Code", "GatedRepo")
+                    self.send_header("X-Error-Message", "Access to this repository is restricted")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = server.files.get((repo_id, revision, path))
                 if data is None:
                     self.send_response(404)
@@ -46,7 +57,10 @@ class HubServer:
                 self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
                 self.send_header("X-Repo-Commit", revision)
                 self.end_headers()
-                if with_body:
+                if with_body and path in server.truncated:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                elif with_body:
                     self.wfile.write(data)
 
             def do_HEAD(self) -> None:  # noqa: N802

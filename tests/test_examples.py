@@ -27,6 +27,21 @@ def test_example_runs(script, tmp_path):
     assert result.stdout.strip()
 
 
+def test_quickstart_completes_with_every_bundled_model(monkeypatch, capsys):
+    """The quick start's completion step picks joints the model has (a hand prior hides one hand)."""
+    import posepriors
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import quickstart
+    finally:
+        sys.path.pop(0)
+    for name in posepriors.list_models():
+        monkeypatch.setattr(sys, "argv", ["quickstart.py", "--model", name])
+        quickstart.main()
+        assert "completed joints" in capsys.readouterr().out, name
+
+
 def test_demo_prints_a_table():
     from posepriors.demo import main
 

@@ -126,6 +126,76 @@ def test_hub_sha_mismatch_is_an_error(saved, tmp_path):
             posepriors.load("tiny", manifest=manifest, endpoint=server.endpoint, cache_dir=tmp_path / "c")
 
 
+def test_a_damaged_file_in_the_hub_cache_is_downloaded_again(saved, tmp_path):
+    prior, folder = saved
+    manifest = _manifest(tmp_path, folder)
+    with HubServer() as server:
+        server.add_folder(REPO, REVISION, "tiny", folder)
+        kwargs = {"manifest": manifest, "endpoint": server.endpoint, "cache_dir": tmp_path / "cache"}
+        posepriors.load("tiny", **kwargs)
+        cached = next((tmp_path / "cache").rglob("snapshots/*/tiny/model.safetensors")).resolve()
+        cached.chmod(0o644)
+        cached.write_bytes(cached.read_bytes()[:-1] + b"\0")  # the cache's blob, not only the snapshot's link
+        with pytest.raises(ValueError, match="SHA-256 mismatch.*without local_files_only"):
+            posepriors.load("tiny", **kwargs, local_files_only=True)
+        loaded = posepriors.load("tiny", **kwargs)  # fetched once more, then verified
+    x = torch.randn(3, 21, 3)
+    assert torch.equal(loaded.log_prob(x), prior.log_prob(x))
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):  # the file on the Hub itself differs: no loop
+        with HubServer() as server:
+            server.add_folder(REPO, REVISION, "tiny", folder)
+            bad = _manifest(tmp_path, folder, sha_override="f" * 64)
+            posepriors.load("tiny", manifest=bad, endpoint=server.endpoint, cache_dir=tmp_path / "c2")
+    assert sum(method == "GET" and path.endswith("config.json") for method, path in server.requests) == 2
+
+
+def test_bundled_file_damaged_says_reinstall(monkeypatch, tmp_path):
+    import shutil
+
+    copy = tmp_path / "weights"
+    shutil.copytree(hub.BUNDLED_DIR / "gaussian", copy / "gaussian")
+    data = (copy / "gaussian" / hub.WEIGHTS_NAME).read_bytes()
+    (copy / "gaussian" / hub.WEIGHTS_NAME).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    monkeypatch.setattr(hub, "BUNDLED_DIR", copy)
+    with pytest.raises(ValueError, match="SHA-256 mismatch.*pip install --force-reinstall posepriors"):
+        posepriors.load("gaussian")
+
+
+def test_interrupted_download_and_gated_repo_are_clear_errors(saved, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 2)
+    _, folder = saved
+    manifest = _manifest(tmp_path, folder)
+    with HubServer() as server:
+        server.add_folder(REPO, REVISION, "tiny", folder)
+        kwargs = {"manifest": manifest, "endpoint": server.endpoint, "cache_dir": tmp_path / "c"}
+        server.truncated.add(f"tiny/{hub.WEIGHTS_NAME}")
+        with pytest.raises(OSError, match=r"downloading model.safetensors of 'tiny' .* failed .*load it again"):
+            posepriors.load("tiny", **kwargs)
+        server.truncated.clear()
+        posepriors.load("tiny", **kwargs)  # and the next load completes it
+        server.gated.add(REPO)
+        with pytest.raises(PermissionError, match="refused access.*log in"):
+            posepriors.load("tiny", **{**kwargs, "cache_dir": tmp_path / "c2"})
+
+
+def test_a_folder_named_like_a_model(tmp_path, monkeypatch, saved):
+    _, folder = saved
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gaussian").mkdir()  # not a prior: the bundled model of that name loads
+    assert posepriors.load("gaussian").model_type == "gaussian"
+    (tmp_path / "gaussian").rmdir()
+    (tmp_path / "gaussian").symlink_to(folder)
+    with pytest.warns(UserWarning, match=r"local folder 'gaussian'.*'\./gaussian'"):
+        posepriors.load("gaussian")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        posepriors.load("./gaussian")
+
+
 def test_hub_404_is_an_error(saved, tmp_path):
     _, folder = saved
     manifest = _manifest(tmp_path, folder)
@@ -159,6 +229,26 @@ def test_bad_manifest(tmp_path):
         hub.read_manifest(path)
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         hub.read_manifest(tmp_path / "absent.json")
+    files = {"config.json": {"sha256": "0" * 64}}
+    for raw, match in [
+        (5, "got a JSON int"),
+        (None, "got a JSON NoneType"),
+        ({"hub": None, "models": {}}, "'hub' to be an object"),
+        ({"models": {"x": {"model_type": "gaussian", "files": files, "revision": "main"}}}, "pinned commit.*'main'"),
+    ]:
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ValueError, match=match):
+            hub.read_manifest(path)
+
+
+def test_a_revision_without_a_repository(saved, tmp_path):
+    _, folder = saved
+    manifest = _manifest(tmp_path, folder, revision=None)
+    raw = json.loads(manifest.read_text())
+    raw["hub"]["repo_id"] = None
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(FileNotFoundError, match="no Hub repository in the manifest, so revision 'abc'"):
+        posepriors.load("tiny", manifest=manifest, revision="abc")
 
 
 def test_every_manifest_entry_is_bundled_and_verified():
@@ -172,3 +262,14 @@ def test_every_manifest_entry_is_bundled_and_verified():
         prior = posepriors.load(name)
         assert prior.model_type == entry.model_type
         assert name in posepriors.list_models()
+
+
+def test_float64_work_leaves_mps(saved, monkeypatch):
+    from posepriors.utils import float64_device
+
+    assert float64_device(torch.device("mps")) == torch.device("cpu")
+    assert float64_device(torch.device("cpu")) == torch.device("cpu")
+    _, folder = saved
+    monkeypatch.setattr(hub, "resolve_device", lambda device: torch.device("mps"))
+    with pytest.raises(ValueError, match="MPS supports, got torch.float64"):
+        posepriors.load(folder, device="mps", dtype=torch.float64)

@@ -449,3 +449,20 @@ def test_bad_dtypes_raise_type_error(name):
         _call(name, torch.zeros(2, *tail, dtype=torch.long))
     with pytest.raises(TypeError, match="torch.Tensor, got list"):
         _call(name, torch.zeros(2, *tail).tolist())
+
+
+def test_distances_and_random_rotations_check_their_arguments():
+    with pytest.raises(TypeError, match=r"one dtype on one device, got torch.float16 on cpu and torch.float32"):
+        rot.axis_angle_geodesic(torch.zeros(3, dtype=torch.float16), torch.zeros(3))
+    with pytest.raises(TypeError, match="one dtype"):
+        rot.geodesic_distance(torch.eye(3), torch.eye(3).double())
+    with pytest.raises(ValueError, match=r"batch shapes broadcast, got \(2, 3\) and \(3, 3\)"):
+        rot.axis_angle_geodesic(torch.zeros(2, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"axis-angle of shape \(\*, 3\)"):
+        rot.axis_angle_geodesic(torch.zeros(2, 4), torch.zeros(2, 4))
+    assert rot.axis_angle_geodesic(torch.zeros(4, 1, 3), torch.zeros(5, 3)).shape == (4, 5)  # broadcasting works
+    assert rot.random_rotation_axis_angle(5).shape == (5, 3)
+    with pytest.raises(TypeError, match="tuple of sizes"):
+        rot.random_rotation_axis_angle((2, -1))
+    with pytest.raises(TypeError, match="floating-point torch.dtype, got 'float32'"):
+        rot.random_rotation_axis_angle((2,), dtype="float32")

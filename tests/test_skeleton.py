@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from posepriors import skeleton
+from posepriors import kinematics, skeleton
 
 
 def test_tree_and_parts():
@@ -200,3 +200,17 @@ def test_modelled_descendants_are_the_subtrees():
                 chain.append(p)
                 p = skeleton.modelled_parents(body)[p]
             assert i in chain
+
+
+def test_numpy_poses_and_fractional_indices():
+    pose = np.random.default_rng(0).normal(scale=0.3, size=(2, 55, 3))
+    torch_pose = torch.from_numpy(pose)
+    assert torch.equal(skeleton.from_smplx(pose, "smplh"), skeleton.from_smplx(torch_pose, "smplh"))
+    assert torch.equal(skeleton.to_smplx_dict(pose)["body_pose"], skeleton.to_smplx_dict(torch_pose)["body_pose"])
+    assert torch.equal(skeleton.mirror_pose(pose), skeleton.mirror_pose(torch_pose))
+    assert torch.equal(kinematics.forward_kinematics(pose), kinematics.forward_kinematics(torch_pose))
+    with pytest.raises(TypeError, match="SMPL-X poses as a tensor or numpy array, got list"):
+        kinematics.forward_kinematics(pose.tolist())
+    with pytest.raises(ValueError, match=r"integer joint indices, got \[0, 1.5\]"):
+        skeleton.resolve_joints([0, 1.5])
+    assert skeleton.resolve_joints([1.0, 2]) == (1, 2)
