@@ -235,7 +235,7 @@ def sample_stats(
     Returns:
         The statistics.
     """
-    samples = prior.sample(num_samples, generator=generator)[:, observed].to(data.dtype)
+    samples = prior.sample(num_samples, generator=generator)[:, observed].to(device=data.device, dtype=data.dtype)
     data = data[:, observed]
     perm = torch.randperm(len(data), generator=generator)
     reference = data[perm[:max_reference]]
@@ -294,7 +294,9 @@ def denoise_stats(
     adaptive = denoiser == "adaptive" and estimator == "tweedie"
     if adaptive:
         estimator = "tweedie_sure"
-    noisy = clean + sigma * torch.randn(clean.shape, generator=generator, dtype=clean.dtype)
+    where = clean.device if generator is None else generator.device  # drawn where the generator lives
+    noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device=where)
+    noisy = clean + sigma * noise.to(clean.device)
     # chunks of at most batch_size poses; for the SURE blend (one weight per call) of near-equal sizes, so that no
     # call gets a small remainder
     chunks = noisy.tensor_split(math.ceil(len(noisy) / batch_size)) if adaptive else noisy.split(batch_size)

@@ -30,6 +30,12 @@ LOG_2PI = math.log(2 * math.pi)
 """``log(2 pi)``, the constant of every Gaussian log-density."""
 
 
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 work for tensors on ``device`` runs: ``device`` itself, or the CPU for MPS, which has no
+    float64 (a prior's closed-form fits and folded linear maps; the results are cast before they go back)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def floor_eigenvalues(cov: torch.Tensor, floor: float) -> torch.Tensor:
     """The symmetric matrices (*, D, D) with eigenvalues below ``floor`` raised to it (the nearest such matrices in
     Frobenius norm): the covariance floor of the Gaussian families."""

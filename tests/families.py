@@ -107,6 +107,19 @@ def check_device_and_dtype(prior: PosePrior, device: torch.device, dtype: torch.
     assert denoised.dtype == dtype and bool(torch.isfinite(denoised).all())
     cpu = copy.deepcopy(prior).to(device="cpu", dtype=torch.float64)
     torch.testing.assert_close(lp.cpu().double(), cpu.log_prob(x.cpu().double()), atol=1e-2, rtol=1e-3)
+    # frozen, as load() returns it: the flows fold their linear maps (in float64: on the CPU for MPS)
+    frozen = copy.deepcopy(prior).requires_grad_(False)
+    torch.testing.assert_close(frozen.log_prob(x), lp, atol=1e-2 if dtype == torch.float64 else 0.1, rtol=1e-3)
+    mask = torch.ones(5, prior.num_joints, dtype=torch.bool, device=device)
+    mask[:2, -1] = False
+    completed = frozen.project(x, mask)
+    assert completed.device.type == device.type and bool(torch.isfinite(completed).all())
+    drawn = frozen.sample(2, generator=torch.Generator().manual_seed(0), observed=x, mask=mask)
+    assert drawn.shape == (2, 5, prior.num_joints, 3) and drawn.device.type == device.type
+    assert frozen.to_smplx(samples.cpu()).shape == (4, skeleton.NUM_JOINTS, 3)  # a CPU pose, a prior elsewhere
+    refit = copy.deepcopy(prior).train().requires_grad_(True)  # the closed-form fits (float64: CPU for MPS)
+    refit.initialize_from_data(data.to(device=device, dtype=dtype))
+    assert refit.device.type == device.type and bool(torch.isfinite(refit.log_prob(x)).all())
 
 
 assert skeleton.resolve_joints(BODY_HAND)

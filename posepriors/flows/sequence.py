@@ -14,7 +14,7 @@ from posepriors.flows.core import _Block, _check_context, _check_input, _full_lo
 from posepriors.flows.couplings import RQSplineCoupling, _Coupling
 from posepriors.flows.linear import ActNorm, LULinear, Permutation
 from posepriors.grouped import GroupedLinear
-from posepriors.utils import in_transform
+from posepriors.utils import float64_device, in_transform
 
 __all__ = ["FlowSequence", "ensemble_log_prob"]
 
@@ -34,10 +34,13 @@ class _FoldedAffine:
 
     @classmethod
     def from_blocks(cls, blocks: list[nn.Module], inverse: bool, dtype: torch.dtype) -> _FoldedAffine:
-        """Compose the blocks' affine maps in float64 and cast to ``dtype``; the inverse map when ``inverse``."""
+        """Compose the blocks' affine maps in float64 (on the CPU for MPS) and cast to ``dtype`` on the blocks'
+        device; the inverse map when ``inverse``."""
         matrix = offset = logdet = None
         for block in blocks:
-            a, c, ld = (t.double() for t in block._affine())
+            a, c, ld = block._affine()
+            device = a.device
+            a, c, ld = (t.detach().to(float64_device(device), torch.float64) for t in (a, c, ld))
             if matrix is None:
                 matrix, offset, logdet = a, c, ld
             else:
@@ -51,7 +54,8 @@ class _FoldedAffine:
         groups = max(matrix.shape[0], offset.shape[0])
         matrix = matrix.expand(groups, -1, -1)
         offset = offset.expand(groups, -1)
-        return cls(matrix.to(dtype).contiguous(), offset.to(dtype).contiguous(), logdet.to(dtype).expand(groups))
+        matrix, offset, logdet = (t.to(dtype).to(device).contiguous() for t in (matrix, offset, logdet))
+        return cls(matrix, offset, logdet.expand(groups))
 
     def __call__(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.single:  # one group: a plain GEMM

@@ -976,7 +976,7 @@ class PosePrior(nn.Module, ABC):
         if pose.dim() < 2 or pose.shape[-2:] != (self.num_joints, 3):
             raise ValueError(f"expected pose of shape (*, {self.num_joints}, 3), got {tuple(pose.shape)}")
         out = pose.new_zeros(*pose.shape[:-2], skeleton.NUM_JOINTS, 3)
-        out[..., self.joint_index, :] = pose
+        out[..., self.joint_index.to(pose.device), :] = pose
         return out
 
     def reconstruction_error(self, pose: Tensor) -> Tensor:

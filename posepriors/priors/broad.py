@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors.priors.draws import randn
-from posepriors.utils import LOG_2PI
+from posepriors.utils import LOG_2PI, float64_device
 
 __all__ = ["MarginalMixture"]
 
@@ -68,6 +68,8 @@ class MarginalMixture(nn.Module):
             raise ValueError(f"expected an observed mask of shape {tuple(x.shape)}, got {tuple(obs.shape)}")
         if not min_std > 0:
             raise ValueError(f"expected min_std > 0, got {min_std}")
+        work = float64_device(x.device)  # MPS has no float64
+        x, obs = x.to(work, torch.float64), obs.to(work)
         o = obs.double()
         count = o.sum(0)
         if bool((count == 0).any()):
@@ -86,9 +88,9 @@ class MarginalMixture(nn.Module):
             log_w = (nk / count).log()
             mu = (resp * data[:, None]).sum(0) / nk
             sd = ((resp * (data[:, None] - mu).square()).sum(0) / nk + min_std**2).sqrt()
-        self.means.copy_(mu)
-        self.stds.copy_(sd)
-        self.log_weights.copy_(log_w)
+        self.means.copy_(mu.to(self.means.dtype))
+        self.stds.copy_(sd.to(self.stds.dtype))
+        self.log_weights.copy_(log_w.to(self.log_weights.dtype))
 
     @staticmethod
     def _terms(x: Tensor, mu: Tensor, sd: Tensor, log_w: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from posepriors.utils import LOG_2PI, floor_eigenvalues
+from posepriors.utils import LOG_2PI, float64_device, floor_eigenvalues
 
 __all__ = ["BodyGaussian"]
 
@@ -66,14 +66,14 @@ class BodyGaussian(nn.Module):
             raise ValueError(f"expected at least 2 training rows of shape (N, {self.dim}), got {tuple(x.shape)}")
         if not (math.isfinite(min_std) and min_std > 0):
             raise ValueError(f"expected a finite min_std > 0, got {min_std!r}")
-        x = x.to(torch.float64)
+        x = x.to(float64_device(x.device), torch.float64)  # MPS has no float64
         mean = x.mean(0)
         cov = floor_eigenvalues((x - mean).transpose(0, 1) @ (x - mean) / x.shape[0], min_std**2)
         eye = torch.eye(self.dim, dtype=torch.float64, device=x.device)
         # Sigma = L L^T  ->  Sigma^-1 = L^-T L^-1, so A = L^-T (upper triangular) whitens: (v - mu) A ~ N(0, I)
         inverse = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye, upper=False)
-        self.mean.copy_(mean)
-        self.whiten.copy_(inverse.transpose(0, 1))
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.whiten.copy_(inverse.transpose(0, 1).to(self.whiten.dtype))
         return self
 
     def log_prob(self, v: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from posepriors.priors.base import PosePrior, PriorConfig
 from posepriors.priors.draws import randn
-from posepriors.utils import LOG_2PI
+from posepriors.utils import LOG_2PI, float64_device
 
 __all__ = ["GaussianConfig", "GaussianPrior"]
 
@@ -76,7 +76,7 @@ class GaussianPrior(PosePrior):
         """
         if pose.dim() != 3 or pose.shape[1:] != (self.num_joints, 3):
             raise ValueError(f"expected poses of shape (N, {self.num_joints}, 3), got {tuple(pose.shape)}")
-        pose = pose.to(device=self.mean.device, dtype=torch.float64)
+        pose = pose.to(device=float64_device(self.mean.device), dtype=torch.float64)
         if not bool(torch.isfinite(pose).all()):
             raise ValueError("expected finite training poses, got NaN or Inf values; drop those frames first")
         if observed is None:
@@ -93,8 +93,8 @@ class GaussianPrior(PosePrior):
             raise ValueError(f"expected at least 2 poses observing every joint to fit a Gaussian; too few for {names}")
         mean = (pose * weight).sum(0) / count
         var = ((pose - mean).square() * weight).sum(0) / count
-        self.mean.copy_(mean)
-        self.log_std.copy_(var.sqrt().clamp_min(self.config.min_std).log())
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.log_std.copy_(var.sqrt().clamp_min(self.config.min_std).log().to(self.log_std.dtype))
         return self
 
     initialize_from_data = fit

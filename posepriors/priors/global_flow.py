@@ -613,7 +613,8 @@ def random_joint_mask(
         for members in (set(skeleton.PARTS[name]) for name in ("body", "left_hand", "right_hand"))
         if members & set(joints)
     ]
-    cpu = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    seed = torch.randint(2**31, (1,), generator=generator, device=None if generator is None else generator.device)
+    cpu = torch.Generator().manual_seed(int(seed))
     use = torch.rand(batch, generator=cpu) < probability
     roots = torch.randint(J, (batch,), generator=cpu)
     hide = subtree[roots]

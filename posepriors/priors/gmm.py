@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from posepriors import skeleton
 from posepriors.priors.base import PoseInput, PosePrior, PriorConfig
 from posepriors.priors.draws import categorical, rand, randn
-from posepriors.utils import LOG_2PI, floor_eigenvalues
+from posepriors.utils import LOG_2PI, float64_device, floor_eigenvalues
 
 __all__ = ["GMMConfig", "GMMPrior"]
 
@@ -113,10 +113,10 @@ class GMMPrior(PosePrior):
         return self.tril_lower.tril(-1) + torch.diag_embed(self.log_diag.exp())
 
     def covariance(self) -> Tensor:
-        """Component covariances in float64, shape (K, D, D)."""
+        """Component covariances in float64, shape (K, D, D) (on the CPU for a prior on MPS, which lacks float64)."""
 
         def compute() -> Tensor:
-            tril = self.scale_tril.double()
+            tril = self.scale_tril.to(float64_device(self.means.device), torch.float64)
             eye = torch.eye(self.dim, dtype=torch.float64, device=tril.device)
             return tril @ tril.transpose(-1, -2) + self.config.min_std**2 * eye
 
@@ -143,8 +143,10 @@ class GMMPrior(PosePrior):
         return self._cache[name]
 
     def _params64(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Means (K, D), covariances (K, D, D) and log-weights (K,), in float64."""
-        return self.means.double(), self.covariance(), torch.log_softmax(self.logits.double(), -1)
+        """Means (K, D), covariances (K, D, D) and log-weights (K,), in float64 (where :meth:`covariance` is)."""
+        cov = self.covariance()
+        log_w = torch.log_softmax(self.logits.to(cov.device, torch.float64), -1)
+        return self.means.to(cov.device, torch.float64), cov, log_w
 
     @torch.no_grad()
     def _set_covariances(self, cov: Tensor) -> None:
@@ -154,10 +156,11 @@ class GMMPrior(PosePrior):
         defined where ``cov`` has eigenvalues exactly at the floor).
         """
         floor = self.config.min_std**2
+        cov = cov.to(float64_device(cov.device), torch.float64)
         eye = torch.eye(self.dim, dtype=torch.float64, device=cov.device)
-        tril = torch.linalg.cholesky(cov.double() - (1 - _JITTER) * floor * eye)
-        self.tril_lower.copy_(tril.tril(-1))
-        self.log_diag.copy_(tril.diagonal(dim1=-2, dim2=-1).log())
+        tril = torch.linalg.cholesky(cov - (1 - _JITTER) * floor * eye)
+        self.tril_lower.copy_(tril.tril(-1).to(self.tril_lower.dtype))
+        self.log_diag.copy_(tril.diagonal(dim1=-2, dim2=-1).log().to(self.log_diag.dtype))
 
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()
@@ -225,9 +228,9 @@ class GMMPrior(PosePrior):
             history = [_mean_log_likelihood(mean, cov, log_w, x, w)]
         else:
             mean, cov, log_w, history = _em(x, w, K, floor, regularization, generator, max_iter, tol, init)
-        self.means.copy_(mean)
+        self.means.copy_(mean.to(self.means.dtype))
         self._set_covariances(cov)
-        self.logits.copy_(log_w)
+        self.logits.copy_(log_w.to(self.logits.dtype))
         self.fit_history = history
         return self
 
@@ -235,7 +238,7 @@ class GMMPrior(PosePrior):
         self, pose: Tensor | np.ndarray, observed: Tensor | np.ndarray | None
     ) -> tuple[Tensor, Tensor]:
         """Checked training data as float64 coordinates (N, D) and their observed mask (N, D), on the prior's
-        device; frames that observe no modelled joint are dropped."""
+        device (the CPU for MPS); frames that observe no modelled joint are dropped."""
         if isinstance(pose, np.ndarray):
             pose = torch.from_numpy(pose)
         if not isinstance(pose, Tensor) or not pose.is_floating_point():
@@ -245,7 +248,7 @@ class GMMPrior(PosePrior):
             raise ValueError(f"expected poses of shape (N, {self.num_joints}, 3), got {tuple(pose.shape)}")
         if not self.config.min_std > 0:
             raise ValueError(f"fitting needs min_std > 0 (a floor on the covariances), got {self.config.min_std}")
-        device = self.means.device
+        device = float64_device(self.means.device)
         pose = pose.to(device=device, dtype=torch.float64)
         if observed is None:
             observed = torch.ones(pose.shape[:2], dtype=torch.bool, device=device)
@@ -319,9 +322,11 @@ class GMMPrior(PosePrior):
 
         def compute() -> tuple[Tensor, Tensor]:
             cov = self.covariance()  # float64: a float32 Cholesky of an ill-conditioned block can fail
+            like = dict(device=self.means.device, dtype=self.means.dtype)
             if dims is None:
-                return self.means, torch.linalg.cholesky(cov).to(self.means.dtype)
-            return self.means[:, dims], torch.linalg.cholesky(cov[:, dims][:, :, dims]).to(self.means.dtype)
+                return self.means, torch.linalg.cholesky(cov).to(**like)
+            d = dims.to(cov.device)
+            return self.means[:, dims], torch.linalg.cholesky(cov[:, d][:, :, d]).to(**like)
 
         return self._cached(("marginal", None if dims is None else tuple(dims.tolist())), compute)
 
@@ -350,8 +355,9 @@ class GMMPrior(PosePrior):
     def _patterns(self, mask: Tensor) -> list[tuple[Tensor, Tensor]]:
         """``(rows, dims)`` per distinct observed pattern of ``mask`` (B, J): a boolean row selector (B,) and the
         observed coordinates (d,)."""
-        dim_mask = mask.repeat_interleave(3, dim=-1)
+        dim_mask = mask.to(float64_device(mask.device)).repeat_interleave(3, dim=-1)  # MPS: no unique(dim=0)
         patterns, inverse = torch.unique(dim_mask, dim=0, return_inverse=True)
+        patterns, inverse = patterns.to(mask.device), inverse.to(mask.device)
         return [(inverse == p, torch.nonzero(pattern).flatten()) for p, pattern in enumerate(patterns)]
 
     # ------------------------------------------------------------------ completion and projection
@@ -385,12 +391,12 @@ class GMMPrior(PosePrior):
         mean, cov, log_w = self._params64()
         out = torch.empty_like(flat)
         for rows, dims in self._patterns(mask):
-            y = flat[rows][:, dims].double()
+            y, dims = flat[rows][:, dims].to(cov.device, torch.float64), dims.to(cov.device)
             post = _Posterior(mean, cov, log_w, y, dims, noise_var)
             est = torch.einsum("bk,bkd->bd", torch.softmax(post.log_joint, -1), post.mean())
             if noise_var == 0:
                 est[:, dims] = y  # exact, not up to the solve's round-off
-            out[rows] = est.to(x.dtype)
+            out[rows] = est.to(x.dtype).to(x.device)
         return out.reshape(B, self.num_joints, 3)
 
     def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float) -> Tensor:
@@ -410,7 +416,7 @@ class GMMPrior(PosePrior):
         mean, cov, log_w = self._params64()
         clamped = flat.clone()
         for rows, dims in self._patterns(mask):
-            y = flat[rows][:, dims].double()
+            y, dims = flat[rows][:, dims].to(cov.device, torch.float64), dims.to(cov.device)
             k = _Posterior(mean, cov, log_w, y, dims, 0.0).log_joint.argmax(-1)  # (b,)
             eigval, eigvec = torch.linalg.eigh(cov[:, dims][:, :, dims])  # principal axes of each marginal
             scale, axes, centre = eigval[k].sqrt(), eigvec[k], mean[k][:, dims]
@@ -418,7 +424,7 @@ class GMMPrior(PosePrior):
             z = z.clamp(-max_sigma, max_sigma)
             y = centre + (axes @ (scale * z).unsqueeze(-1)).squeeze(-1)
             block = clamped[rows]
-            block[:, dims] = y.to(x.dtype)
+            block[:, dims.to(x.device)] = y.to(x.dtype).to(x.device)
             clamped[rows] = block
         clamped = clamped.reshape(B, self.num_joints, 3)
         if bool(mask.all()):
@@ -434,25 +440,26 @@ class GMMPrior(PosePrior):
         observed: Tensor | None,
         mask: Tensor | None,
     ) -> Tensor:
-        device, dtype = self.means.device, self.means.dtype
         mean, cov, log_w = self._params64()
+        like = dict(device=self.means.device, dtype=self.means.dtype)
+        device = cov.device  # the float64 work's (the CPU for MPS)
         if observed is None or mask is None:
             k = categorical(log_w.exp().expand(n, -1), generator)
             eps = randn((n, self.dim), generator=generator, device=device, dtype=torch.float64)
             tril = torch.linalg.cholesky(cov)
             x = mean[k] + temperature * (tril[k] @ eps.unsqueeze(-1)).squeeze(-1)
-            return x.to(dtype).reshape(n, self.num_joints, 3)
+            return x.to(like["dtype"]).to(like["device"]).reshape(n, self.num_joints, 3)
         B = observed.shape[0]
-        flat = observed.reshape(B, self.dim)
+        flat = observed.reshape(B, self.dim).to(device, torch.float64)
         u = rand((n, B), generator, device)  # all draws up front: independent of the order of the patterns
         eps = randn((n, B, self.dim), generator=generator, device=device, dtype=torch.float64)
-        out = flat.double().expand(n, B, self.dim).clone()
-        for rows, dims in self._patterns(mask):
+        out = flat.expand(n, B, self.dim).clone()
+        for rows, dims in self._patterns(mask.to(device)):
             missing = torch.ones(self.dim, dtype=torch.bool, device=device)
             missing[dims] = False
             if not bool(missing.any()):
                 continue
-            post = _Posterior(mean, cov, log_w, flat[rows][:, dims].double(), dims, 0.0)
+            post = _Posterior(mean, cov, log_w, flat[rows][:, dims], dims, 0.0)
             k = categorical(torch.softmax(post.log_joint, -1), None, u[:, rows])  # (n, b)
             cond_mean = post.mean()[torch.arange(k.shape[1], device=device), k][..., missing]  # (n, b, m)
             tril = torch.linalg.cholesky(post.missing_covariance(missing))  # (K, m, m)
@@ -460,7 +467,7 @@ class GMMPrior(PosePrior):
             block = out[:, rows]
             block[..., missing] = cond_mean + temperature * noise
             out[:, rows] = block
-        return out.to(dtype).reshape(n, B, self.num_joints, 3)
+        return out.to(like["dtype"]).to(like["device"]).reshape(n, B, self.num_joints, 3)
 
 
 # ---------------------------------------------------------------------------- Gaussian algebra (float64)
