@@ -49,21 +49,29 @@ def sigmoid(exp_u, raw, shift, limit):
 
 
 @scalar
-def locate(e, r, b, K, v, bound, sw, ow, sh, oh):
-    """The bin k of v in the spline whose bin logits' exps start at e[r, b] (K widths, then K heights): k, its left
-    knot (xk, yk), width w and height h, and the softmax scales fw = sw / sum(widths' exps), fh likewise."""
+def bin_exp(e, r, j, lo, hi):
+    """e[r, j] clamped to [lo, hi] = exp(-+limit): the exp of the clamped logit (``_numba_spline._prepare`` leaves
+    the clamp to the loops: one pass over memory less)."""
+    return min(max(e[r, j], lo), hi)
+
+
+@scalar
+def locate(e, r, b, K, v, bound, sw, ow, sh, oh, lo, hi):
+    """The bin k of v in the spline whose bin logits' exps start at e[r, b] (K widths, then K heights; clamped to
+    [lo, hi] on reading): k, its left knot (xk, yk), width w and height h, and the softmax scales
+    fw = sw / sum(widths' exps), fh likewise."""
     zw, zh = 0.0, 0.0
     for j in range(K):
-        zw += e[r, b + j]
-        zh += e[r, b + K + j]
+        zw += bin_exp(e, r, b + j, lo, hi)
+        zh += bin_exp(e, r, b + K + j, lo, hi)
     fw, fh = sw / zw, sh / zh
     xk, yk, k = -bound, -bound, 0
-    w, h = ow + fw * e[r, b], oh + fh * e[r, b + K]
+    w, h = ow + fw * bin_exp(e, r, b, lo, hi), oh + fh * bin_exp(e, r, b + K, lo, hi)
     while k < K - 1 and v >= xk + w:
         xk += w
         yk += h
         k += 1
-        w, h = ow + fw * e[r, b + k], oh + fh * e[r, b + K + k]
+        w, h = ow + fw * bin_exp(e, r, b + k, lo, hi), oh + fh * bin_exp(e, r, b + K + k, lo, hi)
     return k, xk, yk, w, h, fw, fh
 
 
@@ -116,6 +124,8 @@ def forward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift
     """Row r of the spline forward: y[r] and logdet[r]."""
     n = x.shape[1]
     P = 3 * K - 1
+    hi = math.exp(limit)
+    lo = 1.0 / hi
     product, total = 1.0, 0.0
     for i in range(n):
         v = x[r, i]
@@ -123,7 +133,7 @@ def forward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift
             y[r, i] = v
             continue
         b = i * P
-        k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh)
+        k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh, lo, hi)
         d0, d1, _, _ = knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit)
         s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
         y[r, i] = yk + h * p / q
@@ -151,6 +161,8 @@ def backward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shif
     """Row r of the spline's vector-Jacobian product: grad_x[r] and grad_p[r]."""
     n = x.shape[1]
     P = 3 * K - 1
+    hi = math.exp(limit)
+    lo = 1.0 / hi
     g_ld = gl[r]
     for i in range(n):
         v = x[r, i]
@@ -161,7 +173,7 @@ def backward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shif
             grad_x[r, i] = gy[r, i]
             continue
         g_y = gy[r, i]
-        k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh)
+        k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh, lo, hi)
         d0, d1, e0, e1 = knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit)
         s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
         g = p / q
@@ -184,8 +196,8 @@ def backward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shif
         for j in range(K):
             gw = -grad_xi if j < k else (grad_w if j == k else 0.0)
             gh = g_y if j < k else (grad_h if j == k else 0.0)
-            dot_w += e[r, b + j] * fw * gw
-            dot_h += e[r, b + K + j] * fh * gh
+            dot_w += bin_exp(e, r, b + j, lo, hi) * fw * gw
+            dot_h += bin_exp(e, r, b + K + j, lo, hi) * fh * gh
         for j in range(K):
             gw = -grad_xi if j < k else (grad_w if j == k else 0.0)
             gh = g_y if j < k else (grad_h if j == k else 0.0)

@@ -2,9 +2,9 @@
 
 On a large CPU batch the spline costs several times the coupling's matrix multiplies: about 60 element-wise tensor
 ops forward (as many backward), each a pass over memory. Here the element-wise work after the conditioner is one
-vectorised tensor op (``exp`` of the clamped outputs, on contiguous memory) and one Numba loop over the rows that
-finds each value's bin and evaluates the knot derivatives, the spline, its log-determinant and, in the backward,
-the partial derivatives, with every intermediate in registers. Numba compiles the loops on first use
+vectorised tensor op (``exp`` of the outputs, on contiguous memory; the loops clamp it) and one Numba loop over the
+rows that finds each value's bin and evaluates the knot derivatives, the spline, its log-determinant and, in the
+backward, the partial derivatives, with every intermediate in registers. Numba compiles the loops on first use
 (a few seconds; cached on disk) from the Python below: no build step, nothing compiled ships. Without Numba
 installed (``pip install "posepriors[fast]"``), or with ``POSEPRIORS_NUMBA=0`` in the environment, the couplings keep
 their tensor ops, and so does a process forked after its parent ran the kernels (Numba's OpenMP thread pool is not
@@ -170,11 +170,12 @@ if hasattr(os, "register_at_fork"):
 
 
 def _prepare(coupling: RQSplineCoupling, params: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The vectorised tensor ops, from the raw conditioner outputs (rows, n * (3K - 1)): their clamped ``exp`` (the
-    bins' unnormalised softmax), and the knot derivatives' ``softplus(raw + shift)`` as ``log1p(exp(clamped raw)
-    exp(shift))``, (rows, n * (K - 1)) (the kernels redo the rare entries where the clamp was active)."""
-    limit, K = coupling._LOGIT_LIMIT, coupling.bins
-    e = params.clamp(-limit, limit).exp_()
+    """The vectorised tensor ops, from the raw conditioner outputs (rows, n * (3K - 1)): their ``exp`` (the bins'
+    unnormalised softmax; the loops clamp it to exp(+-limit) on reading, as the tensor ops clamp the logits), and the
+    knot derivatives' ``softplus(raw + shift)`` as ``log1p(exp(raw) exp(shift))``, (rows, n * (K - 1)) (the loops
+    redo the rare entries beyond the clamp, where this overflows)."""
+    K = coupling.bins
+    e = params.exp()
     derivs = e.view(e.shape[0], -1, 3 * K - 1)[..., 2 * K :]
     sp = torch.mul(derivs, math.exp(coupling._derivative_shift)).log1p_()
     return e.numpy(), sp.reshape(e.shape[0], -1).numpy()
