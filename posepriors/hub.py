@@ -572,6 +572,8 @@ def _download(
             ) from err
         except HfHubHTTPError as err:
             raise OSError(f"downloading {filename} of {entry.name!r} from {entry.repo_id} failed: {err}") from err
+        except (ValueError, TypeError):  # invalid arguments (a malformed repo id): as they are
+            raise
         except Exception as err:  # the HTTP client's own errors (an interrupted transfer): name the model
             raise OSError(
                 f"downloading {filename} of {entry.name!r} from {entry.repo_id} failed ({type(err).__name__}: {err}); "

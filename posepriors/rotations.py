@@ -18,6 +18,7 @@ a non-floating tensor raises ``TypeError``.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import Tensor
@@ -385,6 +386,18 @@ def exp_map_log_abs_det(aa: Tensor) -> Tensor:
     return torch.where(small, taylor, exact)
 
 
+def _sizes(shape: object) -> tuple[int, ...] | None:
+    """``shape`` (one size, or a sequence of Python or NumPy integers) as a tuple of ints >= 0, else None."""
+    items = shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
+    if any(isinstance(n, bool) for n in items):
+        return None
+    try:
+        sizes = tuple(operator.index(n) for n in items)
+    except TypeError:
+        return None
+    return sizes if all(n >= 0 for n in sizes) else None
+
+
 def random_rotation_axis_angle(
     shape: tuple[int, ...],
     *,
@@ -395,7 +408,7 @@ def random_rotation_axis_angle(
     """Uniform (Haar) random rotations as canonical axis-angle (normalised Gaussian quaternions).
 
     Args:
-        shape: Batch shape of the result.
+        shape: Batch shape of the result (a tuple of sizes, or one size).
         generator: Optional random generator; the default device is the generator's.
         dtype: Floating-point dtype of the result.
         device: Device of the result (default: the generator's device, else torch's default device).
@@ -405,12 +418,10 @@ def random_rotation_axis_angle(
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"expected a floating-point torch.dtype, got {dtype!r}")
-    if isinstance(shape, int) and not isinstance(shape, bool):
-        shape = (shape,)
-    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
-    ):
+    sizes = _sizes(shape)
+    if sizes is None:
         raise TypeError(f"expected shape to be a tuple of sizes >= 0 (or one int), got {shape!r}")
+    shape = sizes
     if generator is None:
         q = torch.randn((*shape, 4), dtype=dtype, device=device)
     else:  # drawn where the generator lives, then moved

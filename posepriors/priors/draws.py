@@ -35,7 +35,10 @@ def rand(
     device: torch.device,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Uniform [0, 1) draws in ``dtype`` on ``device`` from ``generator`` (which may live on another device)."""
+    """Uniform [0, 1) draws in ``dtype`` on ``device`` from ``generator`` (which may live on another device); float32
+    on MPS, which has no float64."""
+    if torch.device(device).type == "mps" and dtype == torch.float64:
+        dtype = torch.float32
     if generator is None:
         return torch.rand(shape, device=device, dtype=dtype)
     return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
