@@ -36,3 +36,15 @@ def test_docstring_examples_run(name):
 def test_the_package_docstring_has_a_runnable_example():
     tests = doctest.DocTestFinder().find(posepriors, "posepriors")
     assert sum(len(t.examples) for t in tests if t.name == "posepriors") >= 3
+
+
+def test_the_package_ships_its_type_annotations():
+    """PEP 561: ``py.typed`` sits in the package and the wheel's package data lists it (type checkers read the
+    annotations of an installed posepriors only then)."""
+    from pathlib import Path
+
+    root = Path(posepriors.__file__).parent
+    assert (root / "py.typed").is_file()
+    lines = (root.parent / "pyproject.toml").read_text().splitlines()
+    data = lines[lines.index("[tool.setuptools.package-data]") + 1]
+    assert data.startswith("posepriors = [") and '"py.typed"' in data
