@@ -37,19 +37,11 @@ class HubServer:
                     return
                 repo_id, revision, path = "/".join(parts[:i]), parts[i + 1], "/".join(parts[i + 2 :])
                 if repo_id in server.gated:
-                    self.send_response(403)
-                    self.send_header("X-Error-Code", "GatedRepo")
-                    self.send_header("X-Error-Message", "Access to this repository is restricted")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._hub_error(403, "GatedRepo", "Access to this repository is restricted")
                     return
                 data = server.files.get((repo_id, revision, path))
                 if data is None:
-                    self.send_response(404)
-                    self.send_header("X-Error-Code", "EntryNotFound")
-                    self.send_header("X-Error-Message", "Entry not found")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._hub_error(404, "EntryNotFound", "Entry not found")
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
@@ -62,6 +54,14 @@ class HubServer:
                     self.close_connection = True
                 elif with_body:
                     self.wfile.write(data)
+
+            def _hub_error(self, status: int, code: str, message: str) -> None:
+                """An error as the Hub sends it: the status, and the error code and message in headers."""
+                self.send_response(status)
+                self.send_header("X-Error-Code", code)
+                self.send_header("X-Error-Message", message)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def do_HEAD(self) -> None:  # noqa: N802
                 self._serve(with_body=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -36,6 +37,18 @@ def _manifest(tmp_path, folder, *, sha_override=None, revision=REVISION):
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))
     return path
+
+
+@contextlib.contextmanager
+def _served(tmp_path, folder, cache="cache"):
+    """A Hub server holding ``folder`` as model 'tiny' at the pinned revision, and load()'s keyword arguments for
+    it (the manifest, the endpoint and a cache folder)."""
+    with HubServer() as server:
+        server.add_folder(REPO, REVISION, "tiny", folder)
+        yield (
+            server,
+            {"manifest": _manifest(tmp_path, folder), "endpoint": server.endpoint, "cache_dir": tmp_path / cache},
+        )
 
 
 def test_save_writes_sorted_config_and_safetensors(saved):
@@ -103,10 +116,7 @@ def test_weights_that_do_not_match_the_config(saved, tmp_path):
 
 def test_hub_download_then_cache_hit(saved, tmp_path):
     prior, folder = saved
-    manifest = _manifest(tmp_path, folder)
-    with HubServer() as server:
-        server.add_folder(REPO, REVISION, "tiny", folder)
-        kwargs = {"manifest": manifest, "endpoint": server.endpoint, "cache_dir": tmp_path / "cache"}
+    with _served(tmp_path, folder) as (server, kwargs):
         loaded = posepriors.load("tiny", **kwargs)
         assert any(method == "GET" for method, _ in server.requests)
         first = len(server.requests)
@@ -128,10 +138,7 @@ def test_hub_sha_mismatch_is_an_error(saved, tmp_path):
 
 def test_a_damaged_file_in_the_hub_cache_is_downloaded_again(saved, tmp_path):
     prior, folder = saved
-    manifest = _manifest(tmp_path, folder)
-    with HubServer() as server:
-        server.add_folder(REPO, REVISION, "tiny", folder)
-        kwargs = {"manifest": manifest, "endpoint": server.endpoint, "cache_dir": tmp_path / "cache"}
+    with _served(tmp_path, folder) as (_, kwargs):
         posepriors.load("tiny", **kwargs)
         cached = next((tmp_path / "cache").rglob("snapshots/*/tiny/model.safetensors")).resolve()
         cached.chmod(0o644)
@@ -166,10 +173,7 @@ def test_interrupted_download_and_gated_repo_are_clear_errors(saved, tmp_path, m
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 2)
     _, folder = saved
-    manifest = _manifest(tmp_path, folder)
-    with HubServer() as server:
-        server.add_folder(REPO, REVISION, "tiny", folder)
-        kwargs = {"manifest": manifest, "endpoint": server.endpoint, "cache_dir": tmp_path / "c"}
+    with _served(tmp_path, folder) as (server, kwargs):
         server.truncated.add(f"tiny/{hub.WEIGHTS_NAME}")
         with pytest.raises(OSError, match=r"downloading model.safetensors of 'tiny' .* failed .*load it again"):
             posepriors.load("tiny", **kwargs)
