@@ -182,7 +182,8 @@ class PoseData:
             if all(c[1] == cut[0][1] for c in cut):
                 limit, chunk, size = cut[0][1]
                 group = "" if size == n else " frames observing the same joints"
-                bound, pieces = f"{limit:.0f} frames, 1.25 x {val_fraction} of {size}{group}", f"{chunk} frames"
+                share = f"1.25 x {val_fraction} of {size}" if limit < size - 1 else f"all but one of {size}"
+                bound, pieces = f"{limit:.0f} frames, {share}{group}", f"{chunk} frames"
             else:
                 bound = f"1.25 x {val_fraction} of the frames observing the same joints"
                 pieces = "a quarter of that share"
@@ -212,7 +213,7 @@ def _split_units(
     for sids in strata:
         size = sum(len(by_sequence[sid]) for sid in sids)
         target = val_fraction * size
-        limit = 1.25 * target
+        limit = min(1.25 * target, size - 1)  # below the stratum's size: a lone sequence is cut, never kept whole
         chunk = max(1, math.ceil(target / 4))
         units: list[Tensor] = []
         for sid in sids:
@@ -373,6 +374,11 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
         if "poses" in keys:
             poses, layout, rate = _read_amass_or_seed(npz, file)
             step = 1
+            if fps is not None and rate is None and layout != "smplx_no_eyes":
+                raise ValueError(
+                    f"{file}: cannot subsample to {fps} fps: the file has no frame rate (mocap_framerate or "
+                    "mocap_frame_rate); add it, or load without fps"
+                )
             if fps is not None and rate is not None and rate > fps:
                 step = max(1, round(rate / fps))
             pose55, observed = skeleton.to_smplx(torch.from_numpy(poses[::step]), layout=layout)
@@ -380,11 +386,13 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
             labels: dict[str, np.ndarray] = {}
             rejected: dict[str, str] = {}
         elif keys & set(skeleton.DICT_KEYS):
-            parts = {}
-            for key in skeleton.DICT_KEYS:
-                if key in keys:
-                    parts[key] = torch.from_numpy(np.asarray(_read_array(npz, key, file), dtype=np.float32))
-            n = {k: v.shape[0] if v.dim() else -1 for k, v in parts.items()}
+            parts = {key: torch.from_numpy(_pose_array(npz, key, file)) for key in skeleton.DICT_KEYS if key in keys}
+            for key in sorted(keys - set(skeleton.DICT_KEYS) - skeleton._IGNORED_POSE_KEYS):
+                if skeleton._is_pose_key(key) and _read_array(npz, key, file).dtype.kind == "f":  # not a label
+                    raise ValueError(
+                        f"{file}: unknown pose key {key!r} (a typo?); expected pose keys {list(skeleton.DICT_KEYS)}"
+                    )
+            n = {k: v.shape[0] for k, v in parts.items()}
             if len(set(n.values())) != 1:
                 raise ValueError(f"{file}: the pose arrays have different frame counts: {n}")
             try:
@@ -445,8 +453,21 @@ def _read_array(npz: np.lib.npyio.NpzFile, key: str, file: Path) -> np.ndarray:
         raise _UnusableFile(file, f"corrupt .npz, cannot read {key!r} ({err})", list_keys=False) from None
 
 
+def _pose_array(npz: np.lib.npyio.NpzFile, key: str, file: Path) -> np.ndarray:
+    """``npz[key]`` as float32 rotations with a leading frame axis (else ``ValueError`` naming the file and key)."""
+    values = _read_array(npz, key, file)
+    if values.dtype.kind not in "fiu":
+        raise ValueError(f"{file}: expected {key!r} to hold numbers (rotations), got dtype {values.dtype}")
+    if values.ndim < 2:
+        raise ValueError(
+            f"{file}: expected {key!r} with a leading frame axis, (frames, 3 x joints) or (frames, joints, 3), "
+            f"got shape {values.shape}"
+        )
+    return np.asarray(values, dtype=np.float32)
+
+
 def _read_amass_or_seed(npz: np.lib.npyio.NpzFile, file: Path) -> tuple[np.ndarray, str, float | None]:
-    poses = np.asarray(_read_array(npz, "poses", file), dtype=np.float32)
+    poses = _pose_array(npz, "poses", file)
     if poses.ndim == 3 and poses.shape[1:] == (53, 3):
         return poses, "smplx_no_eyes", None
     if poses.ndim == 2 and poses.shape[1] in _AMASS_WIDTHS:
@@ -480,7 +501,12 @@ def _sequences(npz: np.lib.npyio.NpzFile, file: Path, name: str, n: int) -> tupl
     if "sequence" in npz.files:
         labels = np.asarray(_read_array(npz, "sequence", file)).astype(str)
         if "subject" in npz.files:
-            labels = np.char.add(np.char.add(np.asarray(_read_array(npz, "subject", file)).astype(str), "/"), labels)
+            subject = np.asarray(_read_array(npz, "subject", file)).astype(str)
+            if subject.shape != labels.shape:
+                raise ValueError(
+                    f"{file}: expected 'subject' of the shape of 'sequence', {labels.shape}, got {subject.shape}"
+                )
+            labels = np.char.add(np.char.add(subject, "/"), labels)
     elif "source" in npz.files:
         labels = np.asarray(_read_array(npz, "source", file)).astype(str)
     if labels is None or labels.shape != (n,):

@@ -183,6 +183,36 @@ def test_errors(tmp_path):
         load_poses(tmp_path / "broken.npz")
 
 
+def test_malformed_prepared_files_name_the_file_and_key(tmp_path):
+    cases = {
+        "strings": ({"body_pose": np.array([["x"] * 63] * 5)}, r"'body_pose' to hold numbers .* dtype <U1"),
+        "complex": ({"body_pose": np.zeros((5, 63), np.complex64)}, r"'body_pose' to hold numbers .* complex64"),
+        "one_frame": ({"body_pose": np.zeros(63, np.float32)}, r"'body_pose' with a leading frame axis.* \(63,\)"),
+        "typo": ({"body_pose": np.zeros((5, 63)), "left_hand": np.zeros((5, 45))}, r"unknown pose key 'left_hand'"),
+        "subject": (
+            {"body_pose": np.zeros((5, 63)), "sequence": np.array(list("aabbc")), "subject": np.array(["s1", "s2"])},
+            r"'subject' of the shape of 'sequence', \(5,\), got \(2,\)",
+        ),
+    }
+    for name, (arrays, match) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(ValueError, match=rf"{name}\.npz: (expected )?{match}"):
+            load_poses(tmp_path / f"{name}.npz")
+    np.savez(tmp_path / "label.npz", body_pose=np.zeros((5, 63)), hand=np.array(["left"] * 5))  # a label, not a typo
+    assert list(load_poses(tmp_path / "label.npz").labels) == ["hand"]
+
+
+def test_fps_needs_a_frame_rate_and_a_lone_sequence_still_splits(tmp_path):
+    np.savez(tmp_path / "norate.npz", poses=np.zeros((120, 156), np.float32))
+    with pytest.raises(ValueError, match=r"norate.npz: cannot subsample to 30 fps: the file has no frame rate"):
+        load_poses(tmp_path / "norate.npz", fps=30)
+    data = load_poses(tmp_path / "norate.npz")
+    for fraction in (0.8, 0.9):  # 1.25 x the share would keep the one sequence whole, and validation empty
+        with pytest.warns(UserWarning, match="all but one of 120"):
+            train, val = data.split_by_sequence(fraction)
+        assert len(train) > 0 and len(val) > 0 and len(train) + len(val) == 120
+
+
 def test_posedata_validation():
     with pytest.raises(ValueError, match=r"\(N, 55, 3\)"):
         PoseData(
