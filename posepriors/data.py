@@ -249,7 +249,9 @@ def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: 
     Recognised files:
 
     - AMASS: ``poses`` of width 156 (SMPL-H), 165 (SMPL-X) or 72 (SMPL), with ``mocap_framerate`` (or
-      ``mocap_frame_rate``) used to subsample to ``fps``; one sequence per file.
+      ``mocap_frame_rate``) used to subsample to ``fps``; one sequence per file. Jaw, eyes and hands that hold
+      the same value in every frame of a file (not captured: the MANO mean hand of SMPL-H files without fingers,
+      zeros in SMPL-X files) count as unobserved, with one warning naming the files.
     - The seed's format: ``poses`` of shape (N, 53, 3); one sequence per file.
     - Prepared files: any of ``global_orient``, ``body_pose`` (N, 21, 3) or (N, 63), ``jaw_pose``, ``leye_pose``,
       ``reye_pose``, ``left_hand_pose``, ``right_hand_pose`` (N, 15, 3) or (N, 45); sequences from per-frame
@@ -290,16 +292,19 @@ def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: 
     skipped: list[str] = []
     dropped: dict[str, int] = {}
     empty: list[str] = []  # files without a usable frame, with the reason
+    uncaptured: dict[str, list[str]] = {}  # part -> AMASS files that hold one value of it in every frame
     total = 0
     for file in files:
         try:
-            item, nonfinite = _load_file(file, root, fps)
+            item, nonfinite, constant = _load_file(file, root, fps)
         except _UnusableFile as err:
             if path.is_file():
                 raise ValueError(str(err)) from None
             skipped.append(f"{file.relative_to(root)} ({err.reason})")
             continue
         total += len(item) + nonfinite
+        for part in constant:
+            uncaptured.setdefault(part, []).append(str(file.relative_to(root)))
         if nonfinite:
             dropped[str(file.relative_to(root))] = nonfinite
         if len(item):
@@ -331,6 +336,16 @@ def load_poses(path: str | os.PathLike, *, fps: float | None = None, recursive: 
         detail = ", ".join(f"{name}: {count}" for name, count in list(dropped.items())[:10])
         warnings.warn(
             f"dropped {sum(dropped.values())} of {total} frames with NaN/Inf in poses ({detail})", stacklevel=2
+        )
+    if uncaptured:
+        detail = "; ".join(
+            f"{part} in {len(names)} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+            for part, names in uncaptured.items()
+        )
+        warnings.warn(
+            f"AMASS file(s) hold the same value in every frame for parts they did not capture ({detail}): those "
+            "parts count as unobserved (a training set would otherwise learn the constant, e.g. the MANO mean hand)",
+            stacklevel=2,
         )
     if skipped:
         warnings.warn(
@@ -382,6 +397,7 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
             if fps is not None and rate is not None and rate > fps:
                 step = max(1, round(rate / fps))
             pose55, observed = skeleton.to_smplx(torch.from_numpy(poses[::step]), layout=layout)
+            constant = _uncaptured_parts(pose55, observed) if layout != "smplx_no_eyes" else []
             seq_names, seq = [name], torch.zeros(len(pose55), dtype=torch.long)
             labels: dict[str, np.ndarray] = {}
             rejected: dict[str, str] = {}
@@ -401,6 +417,7 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
                 raise ValueError(f"{file}: {err}") from None
             seq_names, seq = _sequences(npz, file, name, len(pose55))
             labels, rejected = _labels(npz, len(pose55), name)
+            constant = []
         else:
             raise _UnusableFile(file, f"none of the accepted keys (has {sorted(keys)[:12]})")
     # wrapped first, then filtered: a huge finite angle (1e30) may overflow to NaN/Inf inside the wrap
@@ -411,7 +428,27 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
         pose55, seq = pose55[finite], seq[finite]
         labels = {key: values[finite.numpy()] for key, values in labels.items()}
     obs = observed.expand(len(pose55), -1).clone()
-    return PoseData(pose55, obs, seq, seq_names, [str(file)], labels, rejected), nonfinite
+    return PoseData(pose55, obs, seq, seq_names, [str(file)], labels, rejected), nonfinite, constant
+
+
+_UNCAPTURED = ("jaw", "eyes", "left_hand", "right_hand")
+"""Parts an AMASS file may fill with one value in every frame when they were not captured (SMPL-H files without
+finger capture hold the MANO mean hand, SMPL-X files zeros for the jaw and eyes)."""
+
+
+def _uncaptured_parts(pose55: Tensor, observed: Tensor) -> list[str]:
+    """The parts of :data:`_UNCAPTURED` that hold the same value in every one of several frames: marked unobserved
+    (``observed`` (55,) is changed) and zeroed in ``pose55`` (T, 55, 3), in place; returns their names."""
+    if len(pose55) < 2:
+        return []
+    constant = []
+    for part in _UNCAPTURED:
+        joints = list(skeleton.PARTS[part])
+        if bool(observed[joints].all()) and bool((pose55[:, joints] == pose55[:1, joints]).all()):
+            observed[joints] = False
+            pose55[:, joints] = 0.0
+            constant.append(part)
+    return constant
 
 
 def _labels(npz: np.lib.npyio.NpzFile, n: int, name: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

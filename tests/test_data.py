@@ -213,6 +213,23 @@ def test_fps_needs_a_frame_rate_and_a_lone_sequence_still_splits(tmp_path):
         assert len(train) > 0 and len(val) > 0 and len(train) + len(val) == 120
 
 
+def test_parts_an_amass_file_did_not_capture_count_as_unobserved(tmp_path):
+    rng = np.random.default_rng(0)
+    poses = rng.normal(scale=0.2, size=(40, 156)).astype(np.float32)
+    poses[:, 66:111] = rng.normal(scale=0.2, size=45)  # left hand: one pose in every frame (no finger capture)
+    np.savez(tmp_path / "smplh.npz", poses=poses, mocap_framerate=np.array(30.0))
+    with pytest.warns(UserWarning, match=r"same value in every frame .*left_hand in 1 \(smplh.npz\)"):
+        data = load_poses(tmp_path / "smplh.npz")
+    left, right = list(range(25, 40)), list(range(40, 55))
+    assert not data.observed[:, left].any() and bool((data.poses[:, left] == 0).all())
+    assert data.observed[:, right].all() and data.observed[:, 1:22].all()
+    torch.testing.assert_close(data.poses[:, right].reshape(40, 45), torch.from_numpy(poses[:, 111:156]))
+    np.savez(tmp_path / "one.npz", poses=poses[:1], mocap_framerate=np.array(30.0))  # one frame: nothing to tell
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_poses(tmp_path / "one.npz").observed[:, left].all()
+
+
 def test_posedata_validation():
     with pytest.raises(ValueError, match=r"\(N, 55, 3\)"):
         PoseData(
