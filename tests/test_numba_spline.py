@@ -586,3 +586,23 @@ def test_a_child_forked_after_the_kernels_ran_keeps_the_tensor_ops():
         child.join(timeout=60)
         assert child.exitcode == 0 and in_child is False
         assert _numba_spline.available()  # the parent keeps them
+
+
+def test_the_kernels_keep_the_users_thread_count():
+    """Starting Numba's OpenMP pool raised PyTorch's thread count to NUMBA_NUM_THREADS (a fresh process: the
+    setting is process-wide)."""
+    script = (
+        "import torch, posepriors\n"
+        "from posepriors.flows import _numba_spline\n"
+        "_numba_spline.LOAD_AFTER = 0\n"
+        "torch.set_num_threads(1)\n"
+        "prior = posepriors.load('global_flow')\n"
+        "x = (0.2 * torch.randn(256, 21, 3)).requires_grad_()\n"
+        "prior.nll({'body_pose': x}).sum().backward()\n"
+        "assert _numba_spline._STARTED, 'the kernels did not run'\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "POSEPRIORS_NUMBA": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "1"

@@ -182,11 +182,16 @@ def _prepare(coupling: RQSplineCoupling, params: Tensor) -> tuple[np.ndarray, np
 
 
 def _threads() -> None:
-    """Before a parallel loop: as many threads as PyTorch's (Numba's pool starts with the first such loop)."""
+    """Before a parallel loop: as many threads as PyTorch's (Numba's pool starts with the first such loop). Numba's
+    OpenMP pool shares the process's OpenMP settings, and starting it raises them to ``NUMBA_NUM_THREADS``: PyTorch's
+    thread count (what the user set) is put back."""
     global _STARTED
     _STARTED = True
     numba = _numba()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 class Saved:
