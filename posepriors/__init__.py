@@ -30,6 +30,19 @@ from posepriors.priors import (  # noqa: E402
     validation,
 )
 
+_SUBMODULES = frozenset({"data", "evaluate", "fitting", "kinematics", "plots", "train", "utils"})
+
+
+def __getattr__(name: str) -> object:
+    """Submodules on first use (``posepriors.fitting.fit_keypoints`` without ``import posepriors.fitting``), so
+    that ``import posepriors`` stays light."""
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"posepriors.{name}")
+    raise AttributeError(f"module 'posepriors' has no attribute {name!r}")
+
+
 __all__ = [
     "GaussianConfig",
     "GaussianPrior",

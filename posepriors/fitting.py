@@ -167,7 +167,8 @@ def fit_keypoints(
             ``forward_kinematics(pose55)[..., :22, :]`` plus noise, shape (*, 22, 3).
         prior: Optional :class:`~posepriors.priors.base.PosePrior` modelling some of the body joints, on the
             keypoints' device.
-        weight: Weight of the prior's NLL (>= 0): a number, or one per pose, shape (*,). Ignored without a prior.
+        weight: Weight of the prior's fitting energy (``prior.energy``; its NLL for most priors), >= 0: a number,
+            or one per pose, shape (*,). Ignored without a prior.
         visible: Which keypoints are observed, boolean, shape (22,) or (*, 22); default all. Hidden keypoints do
             not enter the loss; their joints are left to the prior.
         steps: Number of Adam steps, or the most L-BFGS iterations (>= 0; an L-BFGS iteration may evaluate the

@@ -48,3 +48,20 @@ def test_the_package_ships_its_type_annotations():
     lines = (root.parent / "pyproject.toml").read_text().splitlines()
     data = lines[lines.index("[tool.setuptools.package-data]") + 1]
     assert data.startswith("posepriors = [") and '"py.typed"' in data
+
+
+def test_submodules_are_attributes_of_the_package():
+    """``posepriors.fitting.fit_keypoints`` works after a bare ``import posepriors`` (a fresh process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, posepriors\n"
+        "assert 'posepriors.fitting' not in sys.modules\n"
+        "print(posepriors.fitting.fit_keypoints.__name__, posepriors.kinematics.__name__, posepriors.data.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["fit_keypoints", "posepriors.kinematics", "posepriors.data"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        posepriors.nothing  # noqa: B018

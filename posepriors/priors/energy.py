@@ -85,5 +85,27 @@ class BodyGaussian(nn.Module):
         log_det = whiten.diagonal().abs().log().sum()
         return -0.5 * z.square().sum(-1) + log_det - 0.5 * self.dim * LOG_2PI
 
+    def conditional(self, v: Tensor, observed: Tensor) -> tuple[Tensor, Tensor]:
+        """The Gaussian of the missing coordinates given the observed ones, in float64 (on the CPU for MPS).
+
+        Args:
+            v: Rows, shape (B, dim) (values at missing coordinates are not read).
+            observed: Which coordinates are observed, shape (dim,) bool, the same for every row.
+
+        Returns:
+            The conditional means (B, m) and the upper triangular ``U`` (m, m) with ``U^T U`` the conditional
+            precision, so that ``mean + solve(U, eps)`` with ``eps ~ N(0, I)`` draws from the conditional.
+        """
+        work = float64_device(v.device)
+        whiten = self.whiten.to(work, torch.float64)
+        precision = whiten @ whiten.transpose(0, 1)
+        obs = observed.to(work)
+        mis = ~obs
+        upper = torch.linalg.cholesky(precision[mis][:, mis], upper=True)
+        mean = self.mean.to(work, torch.float64)
+        diff = v.to(work, torch.float64)[:, obs] - mean[obs]
+        shift = torch.cholesky_solve(precision[mis][:, obs] @ diff.transpose(0, 1), upper, upper=True)
+        return mean[mis] - shift.transpose(0, 1), upper
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
