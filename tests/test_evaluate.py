@@ -148,3 +148,19 @@ def test_hand_vae_report_has_a_reconstruction_error():
     data = posepriors.data.PoseData(poses, observed, torch.zeros(32, dtype=torch.long), ["synthetic"], [])
     report = evaluate.evaluate(prior, data, samples=False, denoise=False, completion=False)
     assert report.reconstruction_deg is not None and 0 < report.reconstruction_deg < 180
+
+
+def test_cli_skips_a_model_without_a_density_for_the_data_and_goes_on(tmp_path, capsys):
+    """Hands without a body: global_flow (body first, hands given the body) has no density for them; the run
+    skips it, says why, and evaluates the other model (it aborted with exit 2 before)."""
+    rng = np.random.default_rng(0)
+    hands = rng.normal(scale=0.2, size=(40, 15, 3)).astype(np.float32)
+    np.savez(tmp_path / "hands.npz", left_hand_pose=hands, right_hand_pose=hands[::-1].copy())
+    code = evaluate.main(
+        ["global_flow", "hands", "--data", str(tmp_path / "hands.npz"), "--no_samples", "--no_denoise",
+         "--no_completion"]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "skipping global_flow on" in err and "exact densities only for masks" in err
+    assert "| hands | hands.npz |" in out and "| global_flow |" not in out

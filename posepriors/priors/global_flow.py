@@ -198,9 +198,14 @@ class GlobalFlowPrior(PosePrior):
 
     def _mask_error(self, why: str) -> str:
         parts = self.config.parts or ("all joints",)
+        other = (
+            "sample() and project() complete other masks"
+            if self.completion is not None
+            else "a prior built with conditional=True completes other masks in sample() and project()"
+        )
         return (
-            f"global_flow with parts {parts} gives exact marginals only for masks that hide whole trailing parts "
-            f"(got {why}); use sample/project with a completion flow (conditional=True) for other masks"
+            f"global_flow with parts {parts} has exact densities only for masks that hide whole trailing parts "
+            f"(got {why}): score poses that observe the first part; {other}"
         )
 
     def _log_prob(self, x: Tensor, mask: Tensor | None, context: Tensor | None = None) -> Tensor:
