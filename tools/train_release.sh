@@ -27,7 +27,8 @@ for m in $models; do
             --energy_gaussian_weight 0.5 --energy_members 2 ;;
     gaussian_full) posepriors-train gmm --joints body+left_hand+right_hand --num_components 1 $BODY $HANDS --logger none --out "$OUT/gaussian_full" ;;
     # The recommended hand prior: the full-covariance Gaussian over both hands (gaussian_full's hand block, on its own).
-    hands) posepriors-train gmm --joints left_hand+right_hand --num_components 1 $HANDS --logger none --out "$OUT/hands" ;;
+    hands) posepriors-train gmm --joints left_hand+right_hand --num_components 1 $HANDS --logger none --out "$OUT/hands_trained"
+        python tools/attach.py "$OUT/hands_trained" "$OUT/hands" --data_dir $D/hands_train.npz --broad_weight 0.1 ;;
     hand_vae) posepriors-train hand_vae --model_type standard $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae" ;;
     hand_vae_so3) posepriors-train hand_vae --model_type so3 $HANDS --max_epochs 8 --batch_size 1024 --learning_rate 1e-3 --logger none --out "$OUT/hand_vae_so3" ;;
     # Hand-only flows: not bundled (size budget), trained to measure which hand prior to pick (docs/models.md).

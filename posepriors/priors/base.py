@@ -311,6 +311,8 @@ class PosePrior(nn.Module, ABC):
     """``posepriors-train`` fits the family once with ``fit(poses, observed, generator=...)`` instead of SGD."""
     exact_posterior_mean: ClassVar[bool] = False
     """The family's MAP denoiser (``project(noise_std=...)``) is its exact posterior mean (the Gaussian families)."""
+    posterior_mean_with_broad: ClassVar[bool] = False
+    """With a broad component too, ``project(noise_std=...)`` is the exact mixture's posterior mean (``gmm``)."""
     training_defaults: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
     """Defaults of ``posepriors-train``'s loop flags for this family (:class:`posepriors.train.TrainConfig` fields)."""
     seed_batch_size: ClassVar[int | None] = None
@@ -802,7 +804,7 @@ class PosePrior(nn.Module, ABC):
 
     def _estimator(self, noise_std: float, mask: Tensor | None) -> tuple[str, str]:
         """The estimator of :meth:`denoise_estimator` and, for the MAP fallback, why there is no posterior mean."""
-        if self.exact_posterior_mean and self.broad is None:
+        if self.exact_posterior_mean and (self.broad is None or self.posterior_mean_with_broad):
             return "closed_form", ""
         if self.smoothed is None:
             return "map", "no smoothed body density"

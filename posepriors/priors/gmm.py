@@ -93,6 +93,7 @@ class GMMPrior(PosePrior):
     config_class = GMMConfig
     closed_form = True
     exact_posterior_mean = True
+    posterior_mean_with_broad = True
     training_defaults = MappingProxyType({"learning_rate": 1e-2, "max_epochs": 20, "batch_size": 1024})
 
     def __init__(self, config: GMMConfig | None = None) -> None:
@@ -384,12 +385,17 @@ class GMMPrior(PosePrior):
 
     def _posterior_mean(self, x: Tensor, mask: Tensor | None, noise_var: float) -> Tensor:
         """Posterior mean (B, J, 3) of the poses given their observed joints plus N(0, noise_var) noise."""
+        return self._posterior_mean_and_evidence(x, mask, noise_var)[0]
+
+    def _posterior_mean_and_evidence(self, x: Tensor, mask: Tensor | None, noise_var: float) -> tuple[Tensor, Tensor]:
+        """:meth:`_posterior_mean`, and the log-density of the observed noisy coordinates (B,) (float64)."""
         B = x.shape[0]
         flat = x.reshape(B, self.dim)
         if mask is None:
             mask = torch.ones(B, self.num_joints, dtype=torch.bool, device=x.device)
         mean, cov, log_w = self._params64()
         out = torch.empty_like(flat)
+        evidence = torch.empty(B, dtype=torch.float64, device=cov.device)
         for rows, dims in self._patterns(mask):
             y, dims = flat[rows][:, dims].to(cov.device, torch.float64), dims.to(cov.device)
             post = _Posterior(mean, cov, log_w, y, dims, noise_var)
@@ -397,12 +403,29 @@ class GMMPrior(PosePrior):
             if noise_var == 0:
                 est[:, dims] = y  # exact, not up to the solve's round-off
             out[rows] = est.to(x.dtype).to(x.device)
-        return out.reshape(B, self.num_joints, 3)
+            evidence[rows.to(cov.device)] = torch.logsumexp(post.log_joint, -1)
+        return out.reshape(B, self.num_joints, 3), evidence
 
     def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float) -> Tensor:
         """Closed-form posterior mean under N(0, noise_std^2) noise on the observed joints (the Wiener filter for
-        one component, then also the MAP); missing joints take their posterior mean."""
-        return self._posterior_mean(x, mask, noise_std**2)
+        one component, then also the MAP); missing joints take their posterior mean. With a broad component, the
+        exact mixture's: the two parts' posterior means weighted by their posterior probabilities (each part's
+        density of the noisy observed coordinates, times its weight)."""
+        if self.broad is None:
+            return self._posterior_mean(x, mask, noise_std**2)
+        est, log_z = self._posterior_mean_and_evidence(x, mask, noise_std**2)
+        B = x.shape[0]
+        flat = x.reshape(B, self.dim)
+        observed = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.repeat_interleave(3, dim=-1)
+        broad = self.broad
+        moved, _ = broad.posterior_mean(flat, noise_std=noise_std)
+        prior_mean = (torch.softmax(broad.log_weights, 0) * broad.means).sum(0).to(flat.dtype)  # the free coordinates
+        broad_est = torch.where(observed, moved, prior_mean)
+        w = self.config.broad_weight
+        log_zb = broad.log_prob(flat, observed, noise_std=noise_std).to(log_z.device, torch.float64)
+        share = torch.sigmoid(log_zb + math.log(w) - log_z - math.log1p(-w)).to(x.device, x.dtype)  # (B,)
+        mixed = est.reshape(B, self.dim) + share[:, None] * (broad_est - est.reshape(B, self.dim))
+        return mixed.reshape(B, self.num_joints, 3)
 
     def _project(self, x: Tensor, mask: Tensor | None, max_sigma: float = 2.0) -> Tensor:
         """Clamp the observed joints to ``max_sigma`` standard deviations along the principal axes of the most
