@@ -270,7 +270,12 @@ def _layout_for(pose: Tensor, layout: str | None, hand: str) -> tuple[Layout, Te
         J = shape[-1] // 3
         pose = pose.reshape(*shape[:-1], J, 3)
     else:
-        raise ValueError(f"expected a pose of shape (*, J, 3) or (*, 3J) with J in {_COUNTS}, got {shape}")
+        hint = (
+            " (rotation matrices? convert them with posepriors.rotations.matrix_to_axis_angle)"
+            if pose.dim() >= 3 and shape[-2:] == (3, 3)
+            else ""
+        )
+        raise ValueError(f"expected a pose of shape (*, J, 3) or (*, 3J) with J in {_COUNTS}, got {shape}{hint}")
     return _layout_by_count(J, hand), pose
 
 

@@ -214,3 +214,8 @@ def test_numpy_poses_and_fractional_indices():
     with pytest.raises(ValueError, match=r"integer joint indices, got \[0, 1.5\]"):
         skeleton.resolve_joints([0, 1.5])
     assert skeleton.resolve_joints([1.0, 2]) == (1, 2)
+
+
+def test_rotation_matrices_get_a_hint():
+    with pytest.raises(ValueError, match=r"got \(2, 55, 3, 3\) \(rotation matrices\? .*matrix_to_axis_angle"):
+        skeleton.to_smplx(torch.eye(3).expand(2, 55, 3, 3))
