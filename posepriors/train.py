@@ -22,10 +22,12 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import numbers
 import os
+import re
 import shutil
 import sys
 import time
@@ -1103,6 +1105,28 @@ def _config_fields(config_class: type[PriorConfig]) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(config_class)]
 
 
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's description from the ``Attributes:`` sections of the docstrings of ``cls`` and its bases (the
+    flags' help), as plain text."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        text = inspect.getdoc(klass) or ""
+        if "\nAttributes:\n" not in text:
+            continue
+        current = None
+        for line in text.split("\nAttributes:\n", 1)[1].splitlines():
+            entry = re.match(r"^ {4}(\w+): (.*)$", line)
+            if entry:
+                current = entry[1]
+                docs[current] = entry[2]
+            elif current is not None and line.startswith(" " * 8):
+                docs[current] += " " + line.strip()
+            elif line.strip():  # the next section
+                break
+    plain = {name: re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "") for name, text in docs.items()}
+    return {name: text.replace("%", "%%") for name, text in plain.items()}
+
+
 def build_parser(model_type: str | None) -> argparse.ArgumentParser:
     """The argument parser of ``posepriors-train`` (with the family flags of ``model_type`` when given)."""
     families = available_model_types()
@@ -1162,18 +1186,20 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
         "log_dir": "folder of the logs (default: runs/<model>); a run logs into <log_dir>/<run id>/",
         "device": "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps",
     }
+    described = _field_docs(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         _add_flag(
             loop,
             f.name,
             defaults[f.name],
-            helps.get(f.name, f.name.replace("_", " ")),
+            helps.get(f.name, described.get(f.name, f.name.replace("_", " "))),
             f.type,
             choices=LOOP_CHOICES.get(f.name),
         )
     if family is not None:
         group = parser.add_argument_group(f"{model_type} model")
         config_class = family.config_class
+        described = _field_docs(config_class)
         for f in _config_fields(config_class):
             default = getattr(config_class(), f.name)
             if f.name == "joints":
@@ -1187,7 +1213,8 @@ def build_parser(model_type: str | None) -> argparse.ArgumentParser:
                 continue
             old = family.flag_aliases.get(f.name)
             names = [f"--{f.name}"] + ([f"--{old}"] if old else [])
-            help_text = f.name.replace("_", " ") + (f" (--{old}: its old name, still accepted)" if old else "")
+            help_text = described.get(f.name, f.name.replace("_", " "))
+            help_text += f" (--{old}: its old name, still accepted)" if old else ""
             _add_flag(group, f.name, default, help_text, f.type, names, MODEL_CHOICES.get(f.name))
     return parser
 

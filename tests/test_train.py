@@ -293,3 +293,17 @@ def test_the_train_cli_fits_a_smoothed_body_density_that_denoise_then_uses(data_
     assert not torch.equal(prior.smoothed.var, untrained.smoothed.var)  # fitted on the data, saved and loaded
     pose = synthetic_poses(4, tuple(range(1, 22)), seed=9)
     assert prior.denoise(pose, noise_std=0.1).shape == (4, 21, 3)
+
+
+@pytest.mark.parametrize("model_type", sorted(available_model_types()))
+def test_every_flag_has_a_help_text_beyond_its_name(model_type):
+    """The family and loop flags take their help from the config dataclasses' docstrings (it used to repeat the
+    flag's name: "broad weight", "energy members")."""
+    parser = train_module.build_parser(model_type)
+    bare = [
+        action.dest
+        for action in parser._actions
+        if action.option_strings and action.help and action.help.strip().lower() == action.dest.replace("_", " ")
+    ]
+    assert not bare, f"flags whose help only repeats their name: {bare}"
+    parser.format_help()  # a stray % in a help text would fail here
