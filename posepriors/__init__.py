@@ -30,7 +30,7 @@ from posepriors.priors import (  # noqa: E402
     validation,
 )
 
-_SUBMODULES = frozenset({"data", "evaluate", "fitting", "kinematics", "plots", "train", "utils"})
+_SUBMODULES = frozenset({"attach", "data", "evaluate", "fitting", "kinematics", "plots", "train", "utils"})
 
 
 def __getattr__(name: str) -> object:

@@ -1,10 +1,10 @@
-"""Console entry points: ``posepriors-train``, ``posepriors-eval``, ``posepriors-demo``."""
+"""Console entry points: ``posepriors-train``, ``posepriors-eval``, ``posepriors-demo``, ``posepriors-attach``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["demo_main", "eval_main", "train_main"]
+__all__ = ["attach_main", "demo_main", "eval_main", "train_main"]
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -24,5 +24,12 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 def demo_main(argv: Sequence[str] | None = None) -> int:
     """``posepriors-demo``: see :func:`posepriors.demo.main`."""
     from posepriors.demo import main
+
+    return main(argv)
+
+
+def attach_main(argv: Sequence[str] | None = None) -> int:
+    """``posepriors-attach``: see :func:`posepriors.attach.main`."""
+    from posepriors.attach import main
 
     return main(argv)

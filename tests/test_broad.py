@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,35 @@ def test_mirroring_is_an_involution_that_maps_left_joints_to_right_ones():
     torch.testing.assert_close(skeleton.mirror_pose(x[:, body], body), mirrored[:, body])
     with pytest.raises(ValueError, match="closed under left-right mirroring"):
         skeleton.mirror_pose(x[:, skeleton.PARTS["left_hand"]], skeleton.PARTS["left_hand"])
+
+
+def test_posepriors_attach_adds_a_broad_component_without_touching_the_weights(tmp_path, capsys):
+    """``posepriors-attach`` (installed with the package): a trained prior plus a broad component, saved as a new
+    folder; the family's weights are copied unchanged."""
+    from posepriors import attach
+
+    poses = synthetic_poses(200, skeleton.resolve_joints("body"), seed=0)
+    source = GaussianPrior().fit(poses)
+    posepriors.save_pretrained(source, tmp_path / "src")
+    data = np.zeros((200, 55, 3), np.float32)
+    data[:, 1:22] = poses.numpy()
+    np.savez(tmp_path / "train.npz", body_pose=data[:, 1:22])
+    code = attach.main(
+        [
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "--data_dir",
+            str(tmp_path / "train.npz"),
+            "--broad_weight",
+            "0.2",
+        ]
+    )
+    assert code == 0 and "broad component (weight 0.2) fitted on 200 poses" in capsys.readouterr().out
+    out = posepriors.load(tmp_path / "out")
+    assert out.config.broad_weight == 0.2
+    torch.testing.assert_close(out.mean, source.mean)
+    x = poses[:5]
+    mixed = torch.logaddexp(source.log_prob(x) + math.log(0.8), out.broad.log_prob(x.flatten(1)) + math.log(0.2))
+    torch.testing.assert_close(out.log_prob(x), mixed)
+    with pytest.raises(SystemExit):
+        attach.main([str(tmp_path / "src"), str(tmp_path / "out2"), "--data_dir", str(tmp_path / "train.npz")])
