@@ -388,8 +388,9 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
         name = str(file.relative_to(root)) if file.is_relative_to(root) else str(file)
         if "poses" in keys:
             poses, layout, rate = _read_amass_or_seed(npz, file)
+            amass = layout != "smplx_no_eyes"  # the seed's format has no frame rate and no uncaptured parts
             step = 1
-            if fps is not None and rate is None and layout != "smplx_no_eyes":
+            if fps is not None and rate is None and amass:
                 raise ValueError(
                     f"{file}: cannot subsample to {fps} fps: the file has no frame rate (mocap_framerate or "
                     "mocap_frame_rate); add it, or load without fps"
@@ -397,14 +398,14 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
             if fps is not None and rate is not None and rate > fps:
                 step = max(1, round(rate / fps))
             pose55, observed = skeleton.to_smplx(torch.from_numpy(poses[::step]), layout=layout)
-            constant = _uncaptured_parts(pose55, observed) if layout != "smplx_no_eyes" else []
+            constant = _uncaptured_parts(pose55, observed) if amass else []
             seq_names, seq = [name], torch.zeros(len(pose55), dtype=torch.long)
             labels: dict[str, np.ndarray] = {}
             rejected: dict[str, str] = {}
         elif keys & set(skeleton.DICT_KEYS):
             parts = {key: torch.from_numpy(_pose_array(npz, key, file)) for key in skeleton.DICT_KEYS if key in keys}
-            for key in sorted(keys - set(skeleton.DICT_KEYS) - skeleton._IGNORED_POSE_KEYS):
-                if skeleton._is_pose_key(key) and _read_array(npz, key, file).dtype.kind == "f":  # not a label
+            for key in skeleton.unknown_pose_keys(keys):
+                if _read_array(npz, key, file).dtype.kind == "f":  # rotations, not a label
                     raise ValueError(
                         f"{file}: unknown pose key {key!r} (a typo?); expected pose keys {list(skeleton.DICT_KEYS)}"
                     )

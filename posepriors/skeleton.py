@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,24 +20,25 @@ __all__ = [
     "DICT_KEYS",
     "LAYOUTS",
     "LAYOUT_ALIASES",
+    "Layout",
     "MIRROR_JOINTS",
     "NUM_JOINTS",
     "PARTS",
     "SMPLX_JOINT_NAMES",
     "SMPLX_PARENTS",
-    "Layout",
     "describe_joints",
     "from_smplx",
     "layouts_with",
-    "resolve_layout",
     "mirror_index",
     "mirror_pose",
     "modelled_descendants",
     "modelled_parents",
     "pose_mapping",
     "resolve_joints",
+    "resolve_layout",
     "to_smplx",
     "to_smplx_dict",
+    "unknown_pose_keys",
 ]
 
 _FINGERS = ("index", "middle", "pinky", "ring", "thumb")
@@ -221,13 +222,20 @@ DICT_KEYS: dict[str, tuple[int, ...]] = {
 _POSE_WORDS = ("pose", "orient", "hand", "jaw", "eye")
 
 
-def _is_pose_key(key: Any) -> bool:
-    """Keys that name joint rotations (with ``pose``, ``orient``, ``hand``, ``jaw`` or ``eye`` in them, as in
-    ``left_hand`` or ``lhand``): unknown ones are refused as likely typos."""
-    return isinstance(key, str) and any(word in key.lower() for word in _POSE_WORDS)
-
-
 _IGNORED_POSE_KEYS = frozenset({"full_pose"})  # smplx outputs: the same rotations as the part keys, concatenated
+
+
+def unknown_pose_keys(keys: Iterable[Any]) -> list[str]:
+    """The keys that look like joint rotations (with ``pose``, ``orient``, ``hand``, ``jaw`` or ``eye`` in them, as
+    in ``left_hand`` or ``lhand``) but are none of :data:`DICT_KEYS`: likely typos, sorted."""
+    return sorted(
+        k
+        for k in keys
+        if isinstance(k, str)
+        and any(word in k.lower() for word in _POSE_WORDS)
+        and k not in DICT_KEYS
+        and k not in _IGNORED_POSE_KEYS
+    )
 
 
 def pose_mapping(pose: Any) -> Mapping[str, Any] | None:
@@ -325,7 +333,7 @@ def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
     odd = [k for k in values if not isinstance(k, str)]
     if odd:
         raise TypeError(f"expected the pose dict's keys to be strings such as {list(DICT_KEYS)}, got {odd!r}")
-    unknown = sorted(k for k in values if _is_pose_key(k) and k not in DICT_KEYS and k not in _IGNORED_POSE_KEYS)
+    unknown = unknown_pose_keys(values)
     if unknown:
         raise ValueError(f"unknown pose keys {unknown}; expected keys from {list(DICT_KEYS)}")
     present = [k for k in DICT_KEYS if k in values and values[k] is not None]

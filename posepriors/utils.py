@@ -36,6 +36,17 @@ def float64_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
+def to_float64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64 where float64 work runs (:func:`float64_device`): moved there first, then cast."""
+    return t.to(float64_device(t.device)).to(torch.float64)
+
+
+def cast_back(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A result ``t`` of float64 work in ``like``'s dtype on ``like``'s device: cast first (MPS cannot hold float64),
+    then moved."""
+    return t.to(like.dtype).to(like.device)
+
+
 def floor_eigenvalues(cov: torch.Tensor, floor: float) -> torch.Tensor:
     """The symmetric matrices (*, D, D) with eigenvalues below ``floor`` raised to it (the nearest such matrices in
     Frobenius norm): the covariance floor of the Gaussian families."""

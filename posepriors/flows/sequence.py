@@ -14,7 +14,7 @@ from posepriors.flows.core import _Block, _check_context, _check_input, _full_lo
 from posepriors.flows.couplings import RQSplineCoupling, _Coupling
 from posepriors.flows.linear import ActNorm, LULinear, Permutation
 from posepriors.grouped import GroupedLinear
-from posepriors.utils import float64_device, in_transform
+from posepriors.utils import in_transform, to_float64
 
 __all__ = ["FlowSequence", "ensemble_log_prob"]
 
@@ -40,7 +40,7 @@ class _FoldedAffine:
         for block in blocks:
             a, c, ld = block._affine()
             device = a.device
-            a, c, ld = (t.detach().to(float64_device(device), torch.float64) for t in (a, c, ld))
+            a, c, ld = (to_float64(t.detach()) for t in (a, c, ld))
             if matrix is None:
                 matrix, offset, logdet = a, c, ld
             else:

@@ -971,10 +971,7 @@ class PosePrior(nn.Module, ABC):
         Returns:
             SMPL-X poses, shape (*, 55, 3).
         """
-        if isinstance(pose, np.ndarray):
-            pose = torch.from_numpy(pose)
-        if not isinstance(pose, Tensor):
-            raise TypeError(f"expected a pose tensor of shape (*, {self.num_joints}, 3), got {type(pose).__name__}")
+        pose = skeleton.as_float_tensor(pose, f"poses of shape (*, {self.num_joints}, 3)")
         if pose.dim() < 2 or pose.shape[-2:] != (self.num_joints, 3):
             raise ValueError(f"expected pose of shape (*, {self.num_joints}, 3), got {tuple(pose.shape)}")
         out = pose.new_zeros(*pose.shape[:-2], skeleton.NUM_JOINTS, 3)

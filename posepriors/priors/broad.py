@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors.priors.draws import randn
-from posepriors.utils import LOG_2PI, float64_device
+from posepriors.utils import LOG_2PI, to_float64
 
 __all__ = ["MarginalMixture"]
 
@@ -68,8 +68,8 @@ class MarginalMixture(nn.Module):
             raise ValueError(f"expected an observed mask of shape {tuple(x.shape)}, got {tuple(obs.shape)}")
         if not min_std > 0:
             raise ValueError(f"expected min_std > 0, got {min_std}")
-        work = float64_device(x.device)  # MPS has no float64
-        x, obs = x.to(work, torch.float64), obs.to(work)
+        x = to_float64(x)  # on the CPU for MPS, which has no float64
+        obs = obs.to(x.device)
         o = obs.double()
         count = o.sum(0)
         if bool((count == 0).any()):

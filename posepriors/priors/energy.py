@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from posepriors.utils import LOG_2PI, float64_device, floor_eigenvalues
+from posepriors.utils import LOG_2PI, floor_eigenvalues, to_float64
 
 __all__ = ["BodyGaussian"]
 
@@ -66,7 +66,7 @@ class BodyGaussian(nn.Module):
             raise ValueError(f"expected at least 2 training rows of shape (N, {self.dim}), got {tuple(x.shape)}")
         if not (math.isfinite(min_std) and min_std > 0):
             raise ValueError(f"expected a finite min_std > 0, got {min_std!r}")
-        x = x.to(float64_device(x.device), torch.float64)  # MPS has no float64
+        x = to_float64(x)  # on the CPU for MPS, which has no float64
         mean = x.mean(0)
         cov = floor_eigenvalues((x - mean).transpose(0, 1) @ (x - mean) / x.shape[0], min_std**2)
         eye = torch.eye(self.dim, dtype=torch.float64, device=x.device)
@@ -96,14 +96,12 @@ class BodyGaussian(nn.Module):
             The conditional means (B, m) and the upper triangular ``U`` (m, m) with ``U^T U`` the conditional
             precision, so that ``mean + solve(U, eps)`` with ``eps ~ N(0, I)`` draws from the conditional.
         """
-        work = float64_device(v.device)
-        whiten = self.whiten.to(work, torch.float64)
+        whiten, mean = to_float64(self.whiten), to_float64(self.mean)
         precision = whiten @ whiten.transpose(0, 1)
-        obs = observed.to(work)
+        obs = observed.to(whiten.device)
         mis = ~obs
         upper = torch.linalg.cholesky(precision[mis][:, mis], upper=True)
-        mean = self.mean.to(work, torch.float64)
-        diff = v.to(work, torch.float64)[:, obs] - mean[obs]
+        diff = to_float64(v)[:, obs] - mean[obs]
         shift = torch.cholesky_solve(precision[mis][:, obs] @ diff.transpose(0, 1), upper, upper=True)
         return mean[mis] - shift.transpose(0, 1), upper
 

@@ -23,7 +23,7 @@ from posepriors.flows import FlowSequence, build_flow, flow_settings
 from posepriors.priors.base import PoseInput, PosePrior, body_latent_input, latent_map, select_rows, split_batch
 from posepriors.priors.draws import categorical, randn
 from posepriors.priors.flow_config import FlowConfig
-from posepriors.utils import LOG_2PI
+from posepriors.utils import LOG_2PI, cast_back, to_float64
 
 __all__ = ["ContextBound", "GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
 
@@ -182,19 +182,19 @@ class GlobalFlowPrior(PosePrior):
             out.append(flow.log_prob(xk, self._part_context(x, k, ctx)))  # (B, 1)
         return torch.cat(out, dim=-1)
 
+    def _part_states(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, J) joint mask -> which parts each pose observes whole, and which not at all, each (B, P)."""
+        parts = [mask[:, getattr(self, f"part_index_{k}")] for k in range(self.num_parts)]
+        return torch.stack([m.all(-1) for m in parts], dim=-1), torch.stack([~m.any(-1) for m in parts], dim=-1)
+
     def _part_mask(self, mask: Tensor) -> Tensor:
         """(B, J) joint mask -> (B, P) part-observed flags; raises unless it hides whole trailing parts."""
-        observed = []
-        for k in range(self.num_parts):
-            m = mask[:, getattr(self, f"part_index_{k}")]
-            full, empty = m.all(-1), ~m.any(-1)
-            if not bool((full | empty).all()):
-                raise ValueError(self._mask_error("partially observed part"))
-            observed.append(full)
-        observed_parts = torch.stack(observed, dim=-1)
-        if bool((observed_parts[:, 1:] & ~observed_parts[:, :-1]).any()):
+        full, empty = self._part_states(mask)
+        if not bool((full | empty).all()):
+            raise ValueError(self._mask_error("partially observed part"))
+        if bool((full[:, 1:] & ~full[:, :-1]).any()):
             raise ValueError(self._mask_error("a missing part before an observed one"))
-        return observed_parts
+        return full
 
     def _mask_error(self, why: str) -> str:
         parts = self.config.parts or ("all joints",)
@@ -392,9 +392,7 @@ class GlobalFlowPrior(PosePrior):
 
     def _trailing_rows(self, mask: Tensor) -> Tensor:
         """(B, J) joint mask -> (B,) flags: the poses whose mask hides whole trailing parts (the exact marginals)."""
-        parts = [mask[:, getattr(self, f"part_index_{k}")] for k in range(self.num_parts)]
-        full = torch.stack([m.all(-1) for m in parts], dim=-1)
-        empty = torch.stack([~m.any(-1) for m in parts], dim=-1)
+        full, empty = self._part_states(mask)
         return (full | empty).all(-1) & ~(full[:, 1:] & ~full[:, :-1]).any(-1)
 
     def _per_pose_route(self, mask: Tensor, run: Callable[[Tensor | None, bool], Tensor]) -> Tensor:
@@ -417,14 +415,9 @@ class GlobalFlowPrior(PosePrior):
         context: Tensor | None = None,
     ) -> Tensor:
         """Samples given the context (n, C) without ``observed``, (B, C) with it (the same for all n draws)."""
-        device, dtype = self.joint_index.device, self.dtype
         if observed is None:
-            zs = [
-                temperature * randn((n, 1, 3 * len(idx)), generator=generator, device=device, dtype=dtype)
-                for idx in self._part_index
-            ]
-            x = torch.zeros(n, self.num_joints, 3, device=device, dtype=dtype)
-            return self._decode(zs, x, None, context)
+            x = torch.zeros(n, self.num_joints, 3, device=self.joint_index.device, dtype=self.dtype)
+            return self._decode(self._part_latents(temperature, generator, x), x, None, context)
         B = observed.shape[0]
         x = repeat(observed, "b j c -> (n b) j c", n=n)  # sample-major: out.reshape(n, B, ...) below
         m = repeat(mask, "b j -> (n b) j", n=n)
@@ -433,11 +426,7 @@ class GlobalFlowPrior(PosePrior):
         def run(rows: Tensor | None, trailing: bool) -> Tensor:
             xs, ms, cs = (select_rows(t, rows) for t in (x, m, ctx))
             if trailing:
-                zs = [
-                    temperature * randn((xs.shape[0], 1, 3 * len(idx)), generator=generator, device=device, dtype=dtype)
-                    for idx in self._part_index
-                ]
-                return self._decode(zs, xs, self._part_mask(ms), cs)
+                return self._decode(self._part_latents(temperature, generator, xs), xs, self._part_mask(ms), cs)
             return self._draw_missing(xs, ms, cs, temperature, generator)
 
         return self._per_pose_route(m, run).reshape(n, B, self.num_joints, 3)
@@ -468,15 +457,18 @@ class GlobalFlowPrior(PosePrior):
             return like.new_zeros(shape)
         return temperature * randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
+    def _part_latents(self, temperature: float, generator: torch.Generator | None, x: Tensor) -> list[Tensor]:
+        """:meth:`_latent` draws for every part of the poses ``x`` (B, J, 3), each (B, 1, D_k)."""
+        return [self._latent((x.shape[0], 1, 3 * len(idx)), temperature, generator, x) for idx in self._part_index]
+
     RESAMPLED_PROPOSALS = 32
     """Proposals per draw of :meth:`_complete_by_resampling`."""
 
     def _resampled_rows(self, mask: Tensor) -> Tensor:
         """(B, J) -> (B,): the poses whose missing body joints :meth:`_complete_by_resampling` draws (each hand
         observed whole or missing whole, so that the hands then follow exactly)."""
-        hands = [mask[:, getattr(self, f"part_index_{k}")] for k in range(1, self.num_parts)]
-        whole = [m.all(-1) | ~m.any(-1) for m in hands]
-        return torch.stack(whole, -1).all(-1) if whole else torch.ones_like(mask[:, 0])
+        full, empty = self._part_states(mask)
+        return (full | empty)[:, 1:].all(-1)
 
     def _complete_by_resampling(
         self, x: Tensor, mask: Tensor, temperature: float, generator: torch.Generator | None
@@ -502,28 +494,27 @@ class GlobalFlowPrior(PosePrior):
         for p, pattern in enumerate(patterns):
             rows = (inverse == p).nonzero().squeeze(-1).to(x.device)
             mean, upper = self.energy_gaussian.conditional(v[rows], pattern)
-            cand = v[rows].to(mean.device, torch.float64).expand(max(K, 1) if temperature > 0 else 1, -1, -1).clone()
             missing = ~pattern.to(mean.device)
+            chosen = to_float64(v[rows])
             if temperature == 0:
-                cand[0][:, missing] = mean
-                chosen = cand[0]
+                chosen[:, missing] = mean
             else:
                 eps = randn((K, len(rows), mean.shape[1]), generator=generator, device=mean.device, dtype=torch.float64)
                 step = torch.linalg.solve_triangular(upper, eps.reshape(-1, mean.shape[1]).T, upper=True)
+                cand = chosen.expand(K, -1, -1).clone()
                 cand[..., missing] = mean + temperature * step.T.reshape(K, len(rows), -1)
                 poses = out[rows].repeat(K, 1, 1)
-                poses[:, body] = cand.reshape(K * len(rows), len(body), 3).to(x.device, x.dtype)
-                log_p = self._density(poses, done[rows].repeat(K, 1)).reshape(K, len(rows))
-                weights = log_p.to(torch.float64).to(eps.device) / temperature**2 + 0.5 * eps.square().sum(-1)
+                poses[:, body] = cast_back(cand.reshape(K * len(rows), len(body), 3), x)
+                log_p = to_float64(self._density(poses, done[rows].repeat(K, 1)).reshape(K, len(rows)))
+                weights = log_p / temperature**2 + 0.5 * eps.square().sum(-1)
                 pick = categorical(torch.softmax(weights, 0).T, generator)  # (rows,)
                 chosen = cand[pick, torch.arange(len(rows), device=cand.device)]
             block = out[rows]
-            block[:, body] = chosen.reshape(len(rows), len(body), 3).to(x.device, x.dtype)
+            block[:, body] = cast_back(chosen.reshape(len(rows), len(body), 3), x)
             out[rows] = block
         if bool(done.all()):
             return out
-        zs = [self._latent((x.shape[0], 1, 3 * len(idx)), temperature, generator, x) for idx in self._part_index]
-        return self._decode(zs, out, self._part_mask(done), None)
+        return self._decode(self._part_latents(temperature, generator, out), out, self._part_mask(done), None)
 
     def _project(
         self,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from posepriors import skeleton
 from posepriors.priors.base import PoseInput, PosePrior, PriorConfig
 from posepriors.priors.draws import categorical, rand, randn
-from posepriors.utils import LOG_2PI, float64_device, floor_eigenvalues
+from posepriors.utils import LOG_2PI, cast_back, float64_device, floor_eigenvalues, to_float64
 
 __all__ = ["GMMConfig", "GMMPrior"]
 
@@ -117,7 +117,7 @@ class GMMPrior(PosePrior):
         """Component covariances in float64, shape (K, D, D) (on the CPU for a prior on MPS, which lacks float64)."""
 
         def compute() -> Tensor:
-            tril = self.scale_tril.to(float64_device(self.means.device), torch.float64)
+            tril = to_float64(self.scale_tril)
             eye = torch.eye(self.dim, dtype=torch.float64, device=tril.device)
             return tril @ tril.transpose(-1, -2) + self.config.min_std**2 * eye
 
@@ -145,9 +145,7 @@ class GMMPrior(PosePrior):
 
     def _params64(self) -> tuple[Tensor, Tensor, Tensor]:
         """Means (K, D), covariances (K, D, D) and log-weights (K,), in float64 (where :meth:`covariance` is)."""
-        cov = self.covariance()
-        log_w = torch.log_softmax(self.logits.to(cov.device, torch.float64), -1)
-        return self.means.to(cov.device, torch.float64), cov, log_w
+        return to_float64(self.means), self.covariance(), torch.log_softmax(to_float64(self.logits), -1)
 
     @torch.no_grad()
     def _set_covariances(self, cov: Tensor) -> None:
@@ -157,7 +155,7 @@ class GMMPrior(PosePrior):
         defined where ``cov`` has eigenvalues exactly at the floor).
         """
         floor = self.config.min_std**2
-        cov = cov.to(float64_device(cov.device), torch.float64)
+        cov = to_float64(cov)
         eye = torch.eye(self.dim, dtype=torch.float64, device=cov.device)
         tril = torch.linalg.cholesky(cov - (1 - _JITTER) * floor * eye)
         self.tril_lower.copy_(tril.tril(-1).to(self.tril_lower.dtype))
@@ -323,11 +321,10 @@ class GMMPrior(PosePrior):
 
         def compute() -> tuple[Tensor, Tensor]:
             cov = self.covariance()  # float64: a float32 Cholesky of an ill-conditioned block can fail
-            like = dict(device=self.means.device, dtype=self.means.dtype)
             if dims is None:
-                return self.means, torch.linalg.cholesky(cov).to(**like)
+                return self.means, cast_back(torch.linalg.cholesky(cov), self.means)
             d = dims.to(cov.device)
-            return self.means[:, dims], torch.linalg.cholesky(cov[:, d][:, :, d]).to(**like)
+            return self.means[:, dims], cast_back(torch.linalg.cholesky(cov[:, d][:, :, d]), self.means)
 
         return self._cached(("marginal", None if dims is None else tuple(dims.tolist())), compute)
 
@@ -397,12 +394,12 @@ class GMMPrior(PosePrior):
         out = torch.empty_like(flat)
         evidence = torch.empty(B, dtype=torch.float64, device=cov.device)
         for rows, dims in self._patterns(mask):
-            y, dims = flat[rows][:, dims].to(cov.device, torch.float64), dims.to(cov.device)
+            y, dims = to_float64(flat[rows][:, dims]), dims.to(cov.device)
             post = _Posterior(mean, cov, log_w, y, dims, noise_var)
             est = torch.einsum("bk,bkd->bd", torch.softmax(post.log_joint, -1), post.mean())
             if noise_var == 0:
                 est[:, dims] = y  # exact, not up to the solve's round-off
-            out[rows] = est.to(x.dtype).to(x.device)
+            out[rows] = cast_back(est, x)
             evidence[rows.to(cov.device)] = torch.logsumexp(post.log_joint, -1)
         return out.reshape(B, self.num_joints, 3), evidence
 
@@ -419,11 +416,11 @@ class GMMPrior(PosePrior):
         observed = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.repeat_interleave(3, dim=-1)
         broad = self.broad
         moved, _ = broad.posterior_mean(flat, noise_std=noise_std)
-        prior_mean = (torch.softmax(broad.log_weights, 0) * broad.means).sum(0).to(flat.dtype)  # the free coordinates
+        prior_mean = (torch.softmax(broad.log_weights, 0) * broad.means).sum(0)  # the free coordinates
         broad_est = torch.where(observed, moved, prior_mean)
         w = self.config.broad_weight
-        log_zb = broad.log_prob(flat, observed, noise_std=noise_std).to(log_z.device, torch.float64)
-        share = torch.sigmoid(log_zb + math.log(w) - log_z - math.log1p(-w)).to(x.device, x.dtype)  # (B,)
+        log_zb = to_float64(broad.log_prob(flat, observed, noise_std=noise_std))
+        share = cast_back(torch.sigmoid(log_zb + math.log(w) - log_z - math.log1p(-w)), x)  # (B,)
         mixed = est.reshape(B, self.dim) + share[:, None] * (broad_est - est.reshape(B, self.dim))
         return mixed.reshape(B, self.num_joints, 3)
 
@@ -439,7 +436,7 @@ class GMMPrior(PosePrior):
         mean, cov, log_w = self._params64()
         clamped = flat.clone()
         for rows, dims in self._patterns(mask):
-            y, dims = flat[rows][:, dims].to(cov.device, torch.float64), dims.to(cov.device)
+            y, dims = to_float64(flat[rows][:, dims]), dims.to(cov.device)
             k = _Posterior(mean, cov, log_w, y, dims, 0.0).log_joint.argmax(-1)  # (b,)
             eigval, eigvec = torch.linalg.eigh(cov[:, dims][:, :, dims])  # principal axes of each marginal
             scale, axes, centre = eigval[k].sqrt(), eigvec[k], mean[k][:, dims]
@@ -447,7 +444,7 @@ class GMMPrior(PosePrior):
             z = z.clamp(-max_sigma, max_sigma)
             y = centre + (axes @ (scale * z).unsqueeze(-1)).squeeze(-1)
             block = clamped[rows]
-            block[:, dims.to(x.device)] = y.to(x.dtype).to(x.device)
+            block[:, dims.to(x.device)] = cast_back(y, x)
             clamped[rows] = block
         clamped = clamped.reshape(B, self.num_joints, 3)
         if bool(mask.all()):
@@ -464,16 +461,15 @@ class GMMPrior(PosePrior):
         mask: Tensor | None,
     ) -> Tensor:
         mean, cov, log_w = self._params64()
-        like = dict(device=self.means.device, dtype=self.means.dtype)
         device = cov.device  # the float64 work's (the CPU for MPS)
         if observed is None or mask is None:
             k = categorical(log_w.exp().expand(n, -1), generator)
             eps = randn((n, self.dim), generator=generator, device=device, dtype=torch.float64)
             tril = torch.linalg.cholesky(cov)
             x = mean[k] + temperature * (tril[k] @ eps.unsqueeze(-1)).squeeze(-1)
-            return x.to(like["dtype"]).to(like["device"]).reshape(n, self.num_joints, 3)
+            return cast_back(x, self.means).reshape(n, self.num_joints, 3)
         B = observed.shape[0]
-        flat = observed.reshape(B, self.dim).to(device, torch.float64)
+        flat = to_float64(observed.reshape(B, self.dim))
         u = rand((n, B), generator, device)  # all draws up front: independent of the order of the patterns
         eps = randn((n, B, self.dim), generator=generator, device=device, dtype=torch.float64)
         out = flat.expand(n, B, self.dim).clone()
@@ -490,7 +486,7 @@ class GMMPrior(PosePrior):
             block = out[:, rows]
             block[..., missing] = cond_mean + temperature * noise
             out[:, rows] = block
-        return out.to(like["dtype"]).to(like["device"]).reshape(n, B, self.num_joints, 3)
+        return cast_back(out, self.means).reshape(n, B, self.num_joints, 3)
 
 
 # ---------------------------------------------------------------------------- Gaussian algebra (float64)
