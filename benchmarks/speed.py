@@ -19,7 +19,8 @@ all of them alike), reported as medians and as per-round ratios ``median [min, m
    same forward + backward, with and without the fused kernels.
 3. **Keypoint fits** (:func:`posepriors.fitting.fit_keypoints`, ``--steps`` Adam steps, all 22 keypoints seen) of 1
    pose and of 256 poses per shipped body prior, next to the Gaussian and SMPLify's GMM (when
-   ``../shared/baselines/smplify_gmm_08.npz`` is there): wall time per step.
+   ``../shared/baselines/smplify_gmm_08.npz`` is there): wall time per step, and with Numba the same fits with the
+   forward kinematics' Numba loops switched off (:mod:`posepriors.kinematics`).
 4. With ``--compile``: :meth:`~posepriors.priors.base.PosePrior.compile` of the default body prior, warm-up with a
    cold and with a warm inductor cache, and its step time against eager.
 
@@ -40,6 +41,7 @@ from benchmark import spread, timed  # the sibling script (run as python benchma
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import posepriors
+from posepriors import kinematics
 from posepriors.fitting import body_keypoints, fit_keypoints
 from posepriors.flows import _numba_spline, sequence
 from posepriors.grouped import GroupedMLP
@@ -152,6 +154,18 @@ def autograd_reference() -> Iterator[None]:
             yield
     finally:
         GroupedMLP.has_input_vjp = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def kinematics_tensor_path() -> Iterator[None]:
+    """Switch off the Numba loops of the forward kinematics (:func:`posepriors.kinematics._fast_path`) alone: the
+    keypoints of a fit come from the pointer-jumping tensor ops."""
+    original = kinematics._fast_path
+    kinematics._fast_path = lambda pose, offsets: False
+    try:
+        yield
+    finally:
+        kinematics._fast_path = original
 
 
 def recorded(fn: Callable[[], object]) -> GemmRecorder:
@@ -273,19 +287,32 @@ def keypoint_fits(args: argparse.Namespace, names: list[str]) -> None:
     else:
         print(f"  ({GMM_FILE} not found: no SMPLify GMM)")
     per_step: dict[str, list[float]] = {}
+    kernels = _numba_spline.available()
     for _ in range(args.rounds):
         for name, prior in priors.items():
             for batch in (1, 256):
-                start = time.perf_counter()
-                fit_keypoints(keypoints[:batch], prior=prior, weight=2e-5, steps=args.steps)
-                per_step.setdefault(f"{name} b{batch}", []).append((time.perf_counter() - start) / args.steps)
-    print(f"{'prior':<16}{'1 pose ms':>11}{'256 poses ms':>14}   1 pose / gaussian   256 poses / gaussian")
+                for suffix in ("", " tensor kinematics") if kernels else ("",):
+                    with kinematics_tensor_path() if suffix else contextlib.nullcontext():
+                        start = time.perf_counter()
+                        fit_keypoints(keypoints[:batch], prior=prior, weight=2e-5, steps=args.steps)
+                    per_step.setdefault(f"{name} b{batch}{suffix}", []).append(
+                        (time.perf_counter() - start) / args.steps
+                    )
+    print(f"{'prior':<16}{'1 pose ms':>11}{'256 poses ms':>14}   1 pose / gaussian   256 poses / gaussian", end="")
+    print("   kinematics' fast path: 1 pose, 256 poses faster" if kernels else "")
     for name in priors:
         r1 = [a / b for a, b in zip(per_step[f"{name} b1"], per_step["gaussian b1"], strict=True)]
         r256 = [a / b for a, b in zip(per_step[f"{name} b256"], per_step["gaussian b256"], strict=True)]
         m1 = 1000 * statistics.median(per_step[f"{name} b1"])
         m256 = 1000 * statistics.median(per_step[f"{name} b256"])
-        print(f"{name:<16}{m1:>11.3f}{m256:>14.2f}   {spread(r1):<20}{spread(r256)}")
+        line = f"{name:<16}{m1:>11.3f}{m256:>14.2f}   {spread(r1):<20}{spread(r256):<20}"
+        if kernels:
+            fast = [
+                spread([a / b for a, b in zip(per_step[f"{key} tensor kinematics"], per_step[key], strict=True)])
+                for key in (f"{name} b1", f"{name} b256")
+            ]
+            line += f"{fast[0]}, {fast[1]}"
+        print(line)
     if DEFAULT_BODY_PRIOR in priors:
         prior = priors[DEFAULT_BODY_PRIOR]
         method = "energy" if prior.energy_gaussian is not None else "nll"  # the term fit_keypoints minimises

@@ -54,9 +54,9 @@ import torch
 from torch import Tensor
 
 from posepriors import skeleton
-from posepriors.kinematics import rest_offsets
+from posepriors.kinematics import _joint_positions, rest_offsets
 from posepriors.priors.base import PosePrior, _check_generator
-from posepriors.rotations import axis_angle_to_matrix, wrap_axis_angle
+from posepriors.rotations import wrap_axis_angle
 
 __all__ = ["BODY_KEYPOINTS", "FitResult", "body_keypoints", "fit_keypoints"]
 
@@ -124,17 +124,7 @@ def body_keypoints(pose: Tensor, global_orient: Tensor | None = None, offsets: T
             raise ValueError(
                 f"expected global_orient of shape (3,) or {(*pose.shape[:-2], 3)}, got {tuple(global_orient.shape)}"
             ) from None
-    rot = axis_angle_to_matrix(torch.cat([root, pose], dim=-2))  # (*, 22, 3, 3)
-    world_rot: list[Tensor] = []
-    world_pos: list[Tensor] = []
-    for j, parent in enumerate(_PARENTS):  # parents precede children
-        if parent < 0:
-            world_rot.append(rot[..., j, :, :])
-            world_pos.append(pose.new_zeros(*pose.shape[:-2], 3))
-            continue
-        world_rot.append(world_rot[parent] @ rot[..., j, :, :])
-        world_pos.append(world_pos[parent] + (world_rot[parent] @ offsets[j].unsqueeze(-1)).squeeze(-1))
-    return torch.stack(world_pos, dim=-2)
+    return _joint_positions(torch.cat([root, pose], dim=-2), _PARENTS, offsets)
 
 
 def fit_keypoints(

@@ -7,10 +7,15 @@ measurements.
 
 from __future__ import annotations
 
+import math
+from functools import cache
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from posepriors import skeleton
+from posepriors.flows import _numba_spline
 from posepriors.rotations import axis_angle_to_matrix
 
 __all__ = ["BONES", "REST_JOINTS", "forward_kinematics", "rest_offsets"]
@@ -94,14 +99,121 @@ def forward_kinematics(pose: Tensor, offsets: Tensor | None = None) -> Tensor:
         raise ValueError(f"expected offsets as a tensor of shape (55, 3), got {shape}")
     else:
         offsets = offsets.to(device=pose.device, dtype=pose.dtype)
-    rot = axis_angle_to_matrix(pose)  # (*, 55, 3, 3)
-    world_rot: list[Tensor] = []
-    world_pos: list[Tensor] = []
-    for j, parent in enumerate(skeleton.SMPLX_PARENTS):  # parents precede children
-        if parent < 0:
-            world_rot.append(rot[..., j, :, :])
-            world_pos.append(torch.zeros_like(pose[..., j, :]))
-            continue
-        world_rot.append(world_rot[parent] @ rot[..., j, :, :])
-        world_pos.append(world_pos[parent] + (world_rot[parent] @ offsets[j].unsqueeze(-1)).squeeze(-1))
-    return torch.stack(world_pos, dim=-2)
+    return _joint_positions(pose, skeleton.SMPLX_PARENTS, offsets)
+
+
+def _joint_positions(pose: Tensor, parents: tuple[int, ...], offsets: Tensor) -> Tensor:
+    """Joint positions of a kinematic tree (differentiable): ``forward_kinematics`` for any tree (shapes unchecked).
+
+    Args:
+        pose: Axis-angle rotations of the J joints, shape (*, J, 3).
+        parents: Each joint's parent index (-1 for a root, whose position is the origin); parents precede children.
+        offsets: Each joint's offset from its parent in the rest pose, shape (J, 3), in the pose's dtype and device.
+
+    Returns:
+        Joint positions, shape (*, J, 3).
+    """
+    jumps, parent_slots, ancestors = _tree_tables(tuple(parents), pose.device)  # checks the parents, once
+    if _fast_path(pose, offsets):
+        batch = pose.shape[:-2]
+        return _Chain.apply(pose.reshape(-1, *pose.shape[-2:]), tuple(parents), offsets).reshape(*batch, -1, 3)
+    rot = axis_angle_to_matrix(pose)  # (*, J, 3, 3)
+    # world rotations by pointer jumping: world_j = rot of j's root ... rot_j, in log2(depth) batched products
+    # (slot J is the identity, every root's "parent")
+    world = torch.cat([rot, torch.eye(3, dtype=rot.dtype, device=rot.device).expand(*rot.shape[:-3], 1, 3, 3)], -3)
+    for jump in jumps:
+        world = world.index_select(-3, jump) @ world
+    # position_j = sum over j's non-root ancestors a (and j) of world_parent(a) offsets_a
+    steps = (world.index_select(-3, parent_slots) @ offsets.unsqueeze(-1)).squeeze(-1)  # (*, J, 3)
+    return ancestors.to(pose.dtype) @ steps
+
+
+@cache
+def _tree_tables(parents: tuple[int, ...], device: torch.device) -> tuple[list[Tensor], Tensor, Tensor]:
+    """For :func:`_joint_positions`' tensor path: the pointer-jumping index lists over the J joints and an identity
+    slot J, each joint's parent slot, and the (J, J) indicator of the non-root ancestors-or-self of each joint."""
+    J = len(parents)
+    if any(not -1 <= p < j for j, p in enumerate(parents)):
+        raise ValueError(f"expected parents that precede their children (or -1 for a root), got {parents}")
+    slots = [p if p >= 0 else J for p in parents] + [J]
+    depth = 0
+    for j in range(J):
+        d, k = 0, j
+        while parents[k] >= 0:
+            d, k = d + 1, parents[k]
+        depth = max(depth, d)
+    jumps = []
+    for _ in range(math.ceil(math.log2(depth + 1))):
+        jumps.append(torch.tensor(slots, device=device))
+        slots = [slots[k] for k in slots]
+    ancestors = torch.zeros(J, J, device=device)  # zeros and ones: exact in any dtype (and MPS has no float64)
+    for j in range(J):
+        k = j
+        while parents[k] >= 0:
+            ancestors[j, k] = 1.0
+            k = parents[k]
+    return jumps, torch.tensor([p if p >= 0 else J for p in parents], device=device), ancestors
+
+
+@cache
+def _parent_array(parents: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(parents, dtype=np.int64)
+
+
+PARALLEL_POSES = 64
+"""From this many poses, the fast path's loops run in parallel threads."""
+
+
+def _fast_path(pose: Tensor, offsets: Tensor) -> bool:
+    """Whether :func:`_joint_positions` runs the Numba loops (:mod:`posepriors._numba_kinematics`): a plain CPU pose
+    (see ``_numba_spline.plain_cpu``), offsets that need no gradient, and the kernels available and wanted."""
+    return (
+        not (offsets.requires_grad and torch.is_grad_enabled())
+        and _numba_spline.plain_cpu(pose, offsets)
+        and _numba_spline.wanted(pose.numel())
+    )
+
+
+@cache
+def _kernels():  # noqa: ANN202
+    from posepriors import _numba_kinematics
+
+    return _numba_kinematics
+
+
+class _Chain(torch.autograd.Function):
+    """:func:`_joint_positions` on the CPU as one autograd node: Rodrigues' formula and the chain per pose in a Numba
+    loop (float64 inside), whose backward is the written-out vector-Jacobian product. Gradients reach the pose only
+    (the caller checks that the offsets need none). First derivatives only."""
+
+    @staticmethod
+    def forward(ctx, pose: Tensor, parents: tuple[int, ...], offsets: Tensor) -> Tensor:  # noqa: ANN001
+        aa = pose.detach().to(torch.float64).contiguous().numpy()
+        B, J = aa.shape[:2]
+        parent_array = _parent_array(parents)
+        off = offsets.detach().to(torch.float64).contiguous().numpy()
+        rot, world, pos = np.empty((B, J, 3, 3)), np.empty((B, J, 3, 3)), np.empty((B, J, 3))
+        kernels = _kernels()
+        if B >= PARALLEL_POSES:
+            _numba_spline._threads()
+            kernels.chain_forward(aa, parent_array, off, rot, world, pos)
+        else:
+            kernels.chain_forward_serial(aa, parent_array, off, rot, world, pos)
+        ctx.arrays = aa, parent_array, off, rot, world
+        ctx.save_for_backward(pose)  # autograd then refuses a backward after an in-place change of the pose
+        return torch.from_numpy(pos).to(pose.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        (pose,) = ctx.saved_tensors
+        aa, parent_array, off, rot, world = ctx.arrays
+        grad_pos = grad.to(torch.float64).contiguous().numpy().copy()  # the loop accumulates into it
+        grad_world, grad_rot, grad_aa = np.empty_like(world), np.empty_like(rot), np.empty_like(aa)
+        kernels = _kernels()
+        if aa.shape[0] >= PARALLEL_POSES:
+            _numba_spline._threads()
+            kernels.chain_backward(aa, parent_array, off, rot, world, grad_pos, grad_world, grad_rot, grad_aa)
+        else:
+            kernels.chain_backward_serial(aa, parent_array, off, rot, world, grad_pos, grad_world, grad_rot, grad_aa)
+        return torch.from_numpy(grad_aa).to(pose.dtype), None, None

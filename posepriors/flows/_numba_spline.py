@@ -50,6 +50,7 @@ __all__ = [
     "backward_arrays",
     "forward",
     "forward_arrays",
+    "plain_cpu",
     "usable",
     "wanted",
 ]
@@ -102,23 +103,22 @@ def usable(x2: Tensor, params: Tensor) -> bool:
     tracer, dispatch mode or transform (``torch.compile``, ``make_fx``, fake tensors, ``torch.func``, forward-mode
     tangents) is watching, for which the work must stay in tensor ops, and the kernels are available and
     :func:`wanted`."""
+    return params.dtype == x2.dtype and plain_cpu(x2, params) and wanted(x2.numel())  # last: it counts calls
+
+
+def plain_cpu(*tensors: Tensor) -> bool:
+    """Whether these are plain, non-empty CPU tensors of float32 or float64 that a NumPy or Numba loop may read:
+    no tracer, dispatch mode or transform (``torch.compile``, ``make_fx``, fake tensors, ``torch.func``,
+    forward-mode tangents) is watching, for which the work must stay in tensor ops."""
     if torch.compiler.is_compiling():  # first: under torch.compile nothing else here is traced
         return False
     return (
-        type(x2) is Tensor
-        and type(params) is Tensor
-        and x2.device.type == "cpu"
-        and x2.dtype in (torch.float32, torch.float64)
-        and params.dtype == x2.dtype
-        and params.device.type == "cpu"
+        all(type(t) is Tensor and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
         and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
         and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
         and not torch._C._is_torch_function_mode_enabled()
         and not in_transform()  # no torch.func transform (grad, vmap)
-        and x2.numel() > 0
-        and _no_tangent(x2)
-        and _no_tangent(params)
-        and wanted(x2.numel())  # last: it counts the calls that could run the kernels, and may import Numba
+        and all(t.numel() > 0 and _no_tangent(t) for t in tensors)
     )
 
 
