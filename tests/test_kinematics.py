@@ -145,6 +145,7 @@ def test_fast_path_refuses_a_backward_after_an_in_place_change_and_a_double_back
 
 @needs_numba
 @pytest.mark.parametrize("path", ["fast"], indirect=True)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func
 def test_transforms_and_forward_mode_keep_the_tensor_path(path):
     pose = poses(0.5, (2,))
     offsets = rest_offsets(torch.float64)
