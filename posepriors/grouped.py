@@ -167,6 +167,29 @@ class GroupedMLP(nn.Sequential):
             h = act(h) if h.requires_grad else act_(h)
         return torch.baddbmm(last.bias.unsqueeze(1), h, last.weight).transpose(0, 1)
 
+    def _run_hidden(self, x: Tensor) -> Tensor:
+        """The last hidden layer's activation of :meth:`_run`, no autograd recorded, in the layout of its GEMMs:
+        (B, hidden) for one group, (G, B, hidden) for several (see :meth:`_apply_last`)."""
+        *hidden_layers, last = self._linears
+        act_ = self._activation_
+        if x.shape[1] == 1 and last.weight.shape[0] == 1:
+            h = x.squeeze(1)
+            for layer in hidden_layers:
+                h = act_(torch.addmm(layer.bias[0], h, layer.weight[0]))
+            return h
+        h = x.transpose(0, 1)
+        for layer in hidden_layers:
+            h = act_(torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight))
+        return h
+
+    @staticmethod
+    def _apply_last(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """A last layer (weight (G, hidden, out), bias (G, out)) on :meth:`_run_hidden`'s output, in its layout:
+        (B, out) for one group, (G, B, out) for several."""
+        if h.dim() == 2:
+            return torch.addmm(bias[0], h, weight[0])
+        return torch.baddbmm(bias.unsqueeze(1), h, weight)
+
     # ------------------------------------------------------------------ frozen fast path (see flows.couplings)
     @property
     def has_input_vjp(self) -> bool:

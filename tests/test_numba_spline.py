@@ -63,8 +63,9 @@ def _restore_enabled(monkeypatch) -> Iterator[None]:
 
 @pytest.fixture
 def kernel_calls(monkeypatch) -> dict[str, int]:
-    """Count the runs of the kernels' forward and backward (the couplings call them through the module)."""
-    calls = {"forward": 0, "backward": 0}
+    """Count the runs of the kernels' forward, backward and scoring forward (the couplings call them through the
+    module)."""
+    calls = {"forward": 0, "backward": 0, "score": 0}
     for name in calls:
         original = getattr(_numba_spline, name)
 
@@ -161,8 +162,8 @@ def test_forward_matches_the_tensor_path_float64(bins, layout, kernel_calls, mon
     y_saving, logdet_saving, saved = transform_saving(coupling, x2, params, True)
     assert isinstance(saved, _numba_spline.Saved) and kernel_calls["forward"] == 2
     with numba_enabled(True), torch.no_grad():
-        z, z_logdet = coupling(x, c)
-    assert kernel_calls["forward"] == 3
+        z, z_logdet = coupling(x, c)  # a whole coupling without autograd: the scoring loop
+    assert kernel_calls["score"] == 1 and kernel_calls["forward"] == 2
     torch.testing.assert_close(z[:, :, coupling.mask], x[:, :, coupling.mask], atol=0, rtol=0)
 
     for softplus, tol in SOFTPLUS_TOLERANCES.items():
@@ -173,7 +174,8 @@ def test_forward_matches_the_tensor_path_float64(bins, layout, kernel_calls, mon
             y_saving_ref, logdet_saving_ref, saved_ref = transform_saving(coupling, x2, params, False)
             with numba_enabled(False), torch.no_grad():
                 z_ref, z_logdet_ref = coupling(x, c)
-        assert not isinstance(saved_ref, _numba_spline.Saved) and kernel_calls["forward"] == 3
+        assert not isinstance(saved_ref, _numba_spline.Saved) and kernel_calls["forward"] == 2
+        assert kernel_calls["score"] == 1
         for got, want in (
             (y, y_ref),
             (logdet, logdet_ref),
@@ -214,12 +216,77 @@ def test_forward_matches_the_tensor_path_float32(bins, layout, kernel_calls):
         assert torch.equal(y[outside], x2[outside])
     assert kernel_calls["forward"] == 4
     with numba_enabled(True), torch.no_grad():
-        z, logdet = coupling(x, c)
-    assert kernel_calls["forward"] == 5
+        z, logdet = coupling(x, c)  # a whole coupling without autograd: the scoring loop
+    assert kernel_calls["forward"] == 4 and kernel_calls["score"] == 1
     with numba_enabled(False), torch.no_grad():
         z_ref, logdet_ref = coupling(x, c)
     torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logdet, logdet_ref, atol=5e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def coupling_outputs(coupling, x, c, enabled: bool):
+    with numba_enabled(enabled), torch.no_grad():
+        return coupling(x, c)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("bins", [4, 8])
+def test_scoring_loop_matches_the_tensor_ops_and_the_saving_loop(bins, groups, kernel_calls):
+    """A whole coupling without autograd (the scoring loop, its conditioner's last layer split in two param-major
+    GEMMs) gives the tensor ops' outputs and log-determinants (float64, 1e-9) and the saving loop's (1e-12), for one
+    group (2-D GEMMs) and several (batched), with conditioner outputs beyond the logit clamp, tails and ends; a NaN
+    input makes its row's log-determinant NaN, not a number."""
+    with seeded(bins):
+        coupling = RQSplineCoupling(groups, 7, MASKS["mid"], 12, context_features=2, bins=bins, bound=3.0)
+    perturb(coupling, scale=1.0, seed=bins)
+    with torch.no_grad():
+        coupling.conditioner[-1].weight.mul_(40.0)  # many outputs beyond the clamp
+    coupling = coupling.double().eval().requires_grad_(False)
+    x, c = data(256, groups, 7, 2, seed=bins)
+    x[2, :, :], x[3, :, :] = coupling.bound, -coupling.bound
+    x[4, 0, 1] = float("nan")  # a transformed dim
+    z, logdet = coupling_outputs(coupling, x, c, True)
+    assert kernel_calls == {"forward": 0, "backward": 0, "score": 1}
+    z_ref, logdet_ref = coupling_outputs(coupling, x, c, False)
+    with numba_enabled(True), torch.no_grad():
+        z_saving, logdet_saving = RQSplineCoupling.__mro__[1]._forward(coupling, x, c)  # the saving loop's forward
+    assert kernel_calls["forward"] == 1 and kernel_calls["score"] == 1
+    assert torch.isnan(logdet[4, 0]) and torch.isnan(z[4, 0, 1]) and torch.isnan(logdet_ref[4, 0])
+    rows = torch.ones(x.shape[:2], dtype=torch.bool)
+    rows[4, 0] = False
+    tensor_ops = SOFTPLUS_TOLERANCES["stock"]  # the tensor ops' F.softplus is linear above 20 (off by 2e-9)
+    torch.testing.assert_close(z[rows], z_ref[rows], **tensor_ops)
+    torch.testing.assert_close(logdet[rows], logdet_ref[rows], **tensor_ops)
+    torch.testing.assert_close(z[rows], z_saving[rows], atol=1e-12, rtol=0)
+    torch.testing.assert_close(logdet[rows], logdet_saving[rows], atol=1e-12, rtol=0)
+    assert float((z - x).abs().nan_to_num().max()) > 0.1  # not the identity: the test sees the spline
+
+
+def test_scoring_loop_sees_changed_weights_and_other_bin_counts_keep_the_saving_loop(kernel_calls):
+    """The scoring loop's reordered last layer follows in-place changes of the weights (a cache keyed on their
+    version, not a stale copy); bin counts without a scoring loop run the saving loop without autograd."""
+    with seeded(0):
+        coupling = RQSplineCoupling(2, 5, [True, False, True, False, False], 8, bins=4, bound=3.0)
+    coupling = perturb(coupling, scale=1.0).double().eval().requires_grad_(False)
+    x, _ = data(64, 2, 5, 0)
+    first = coupling_outputs(coupling, x, None, True)
+    with torch.no_grad():
+        coupling.conditioner[-1].weight.mul_(-2.0)
+        coupling.conditioner[-1].bias.add_(0.5)
+    second = coupling_outputs(coupling, x, None, True)
+    reference = coupling_outputs(coupling, x, None, False)
+    assert kernel_calls["score"] == 2
+    assert not torch.allclose(first[1], second[1])
+    for got, want in zip(second, reference, strict=True):
+        torch.testing.assert_close(got, want, **SOFTPLUS_TOLERANCES["stock"])
+    with seeded(1):
+        six = RQSplineCoupling(2, 5, [True, False, True, False, False], 8, bins=6, bound=3.0)
+    six = perturb(six, scale=1.0).double().eval().requires_grad_(False)
+    got = coupling_outputs(six, x, None, True)
+    assert kernel_calls["score"] == 2 and kernel_calls["forward"] == 1
+    for a, b in zip(got, coupling_outputs(six, x, None, False), strict=True):
+        torch.testing.assert_close(a, b, **SOFTPLUS_TOLERANCES["stock"])
 
 
 # ---------------------------------------------------------------------------------------------------- VJP
@@ -237,9 +304,9 @@ def test_vjp_matches_the_tensor_path(bins, layout, kernel_calls):
     *_, saved = transform_saving(coupling, x2, params, True)
     *_, saved_ref = transform_saving(coupling, x2, params, False)
     grad_x, grad_params = coupling._transform_vjp(saved, grad_y, grad_logdet)
-    assert kernel_calls == {"forward": 1, "backward": 1}
+    assert kernel_calls == {"forward": 1, "backward": 1, "score": 0}
     grad_x_ref, grad_params_ref = coupling._transform_vjp(saved_ref, grad_y, grad_logdet)
-    assert kernel_calls == {"forward": 1, "backward": 1}
+    assert kernel_calls == {"forward": 1, "backward": 1, "score": 0}
     assert grad_x.shape == x2.shape and grad_params.shape == params.shape
     scale = grad_params_ref.abs().max()
     torch.testing.assert_close(grad_x, grad_x_ref, atol=1e-12 * grad_x_ref.abs().max(), rtol=1e-9)
@@ -350,7 +417,8 @@ def test_frozen_flow_log_prob_and_input_gradient(case, dtype, kernel_calls):
     x, _ = data(3000, groups, dim, 0, dtype=dtype, seed=7)
     fast = log_prob_and_input_gradient(flow, x, True)
     calls = dict(kernel_calls)
-    assert calls["forward"] >= 2 * 4 and calls["backward"] == 4  # 4 couplings: with and without autograd
+    # 4 couplings: with autograd the saving loop and its backward, without it the scoring loop (per chunk of rows)
+    assert calls["forward"] == 4 and calls["backward"] == 4 and calls["score"] >= 4
     reference = log_prob_and_input_gradient(flow, x, False)
     assert kernel_calls == calls
     grad_scale = float(reference[1].abs().max())
@@ -379,7 +447,7 @@ def test_training_keeps_the_tensor_ops(kernel_calls):
             with numba_enabled(enabled):
                 (-flow.log_prob(x, c).mean()).backward()
             grads.append([p.grad.clone() for p in flow.parameters()])
-    assert kernel_calls == {"forward": 0, "backward": 0}
+    assert kernel_calls == {"forward": 0, "backward": 0, "score": 0}
     couplings = [b for b in flow.blocks if isinstance(b, RQSplineCoupling)]
     assert len(couplings) == 2
     for coupling in couplings:
@@ -523,15 +591,15 @@ def test_shipped_priors_agree_with_and_without_the_kernels(name, kernel_calls):
     prior = posepriors.load(name)
     with numba_enabled(True):
         samples = prior.sample(2048, generator=torch.Generator().manual_seed(0))
-    assert kernel_calls["forward"] == 0
+    assert kernel_calls["forward"] == kernel_calls["score"] == 0
     with torch.no_grad():
         with numba_enabled(True):
             fast = prior.log_prob(samples)
-        calls = kernel_calls["forward"]
-        assert calls > 0
+        calls = dict(kernel_calls)
+        assert calls["score"] > 0 and calls["forward"] == 0  # 4 and 8 bins: the scoring loop
         with numba_enabled(False):
             reference = prior.log_prob(samples)
-    assert kernel_calls["forward"] == calls
+    assert kernel_calls == calls
     assert torch.isfinite(reference).all() and reference.abs().mean() > 1
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-2)
 

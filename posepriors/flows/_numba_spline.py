@@ -50,7 +50,9 @@ __all__ = [
     "backward_arrays",
     "forward",
     "forward_arrays",
+    "SCORING_BINS",
     "plain_cpu",
+    "score",
     "usable",
     "wanted",
 ]
@@ -214,6 +216,34 @@ def forward(coupling: RQSplineCoupling, x2: Tensor, params: Tensor) -> tuple[Ten
     saved.shape = shape
     out = torch.from_numpy(y).reshape(shape)
     return out, torch.from_numpy(logdet).to(x2.dtype).reshape(shape[:-1]), saved
+
+
+SCORING_BINS = (4, 8)
+"""Bin counts that :func:`score` has a loop for (4: every shipped flow; 8: the flows' default)."""
+
+
+def score(coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor) -> tuple[Tensor, Tensor]:
+    """The spline forward for scoring (no autograd, nothing saved) in the loop vectorised over values
+    (``_numba_kernels.score_rows``; a coupling with :data:`SCORING_BINS` bins): rows of transformed values ``x``
+    (..., n) and their conditioner outputs param-major, the bin logits ``bins`` (..., 2Kn: the K width logits of
+    every value, then the K height logits) and the knot-derivative logits ``derivatives`` (..., (K - 1) n)
+    (``RQSplineCoupling._scoring_weights`` writes them so; both are overwritten), to the outputs (..., n) and the
+    log-determinant (...). Two vectorised ops, in place on contiguous memory: ``exp`` of the bin logits (clamped in
+    the loop) and ``softplus(raw + shift)`` of the knot derivatives' (threshold 40: exact in float64, as the other
+    kernels compute it)."""
+    shape, K = x.shape, coupling.bins
+    n = shape[-1]
+    e = bins.exp_().view(-1, 2 * K, n)
+    sp = torch.nn.functional.softplus(derivatives.add_(coupling._derivative_shift), threshold=40.0)
+    values = x.detach().reshape(-1, n).contiguous().numpy()
+    y = np.empty_like(values)
+    logdet = np.empty(values.shape[0], dtype=np.float64)
+    _threads()
+    kernel = _kernels().spline_score4 if K == 4 else _kernels().spline_score8
+    _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
+    arrays = (values, e.numpy(), sp.view(-1, K - 1, n).numpy())
+    kernel(*arrays, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
+    return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).to(x.dtype).view(shape[:-1])
 
 
 def backward(coupling: RQSplineCoupling, saved: Saved, grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:

@@ -301,6 +301,64 @@ class RQSplineCoupling(_Coupling):
         K = bins
         self.register_buffer("_columns", torch.tensor([0, K, 2 * K, 3 * K, 4 * K, 4 * K + 1]), persistent=False)
 
+    def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, _LogDet]:
+        if not self._scoring_kernel(x, context):
+            return super()._forward(x, context)
+        # Nothing to record: the conditioner's last layer runs as two GEMMs whose outputs are the bin logits and
+        # the knot-derivative logits, each contiguous and param-major, for one vectorised op each and the
+        # vectorised scoring loop (posepriors.flows._numba_spline.score).
+        x1, x2 = self._split(x)
+        hidden = self.conditioner._run_hidden(self._conditioner_input(x1, context))
+        (bin_weight, bin_bias), (derivative_weight, derivative_bias) = self._scoring_weights()
+        bins = self.conditioner._apply_last(hidden, bin_weight, bin_bias)  # (B, 2Kn), or (G, B, 2Kn) for G groups
+        derivatives = self.conditioner._apply_last(hidden, derivative_weight, derivative_bias)
+        grouped = bins.dim() == 3
+        values = x2.transpose(0, 1) if grouped else x2.squeeze(1)  # rows in the GEMMs' order
+        y2, logdet = _numba_spline.score(self, values, bins, derivatives)
+        if grouped:
+            y2, logdet = y2.transpose(0, 1), logdet.transpose(0, 1)
+        else:
+            y2, logdet = y2.unsqueeze(1), logdet.unsqueeze(1)
+        return self._merge(x, x1, y2), logdet
+
+    def _scoring_kernel(self, x: Tensor, context: Tensor | None) -> bool:
+        """Whether :meth:`_forward` scores with the vectorised kernel: a bin count it has a loop for
+        (``_numba_spline.SCORING_BINS``), no autograd to record, and the kernels usable on ``x`` and the weights
+        (``_numba_spline.usable``)."""
+        return (
+            self.bins in _numba_spline.SCORING_BINS
+            and not (
+                torch.is_grad_enabled()
+                and (
+                    x.requires_grad
+                    or (context is not None and context.requires_grad)
+                    or any(p.requires_grad for p in self.conditioner.parameters())
+                )
+            )
+            and _numba_spline.usable(x, self.conditioner._linears[-1].weight.detach())  # detach: a plain tensor
+        )
+
+    def _scoring_weights(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """The conditioner's last layer as two, for :meth:`_forward`'s scoring route: (weight, bias) of the 2K bin
+        logits and of the K - 1 knot-derivative logits of every transformed value, each param-major (parameter j
+        of all n values together: outputs that reshape to (rows, 2K, n) and (rows, K - 1, n)); the last layer
+        writes them value-major (value i's 3K - 1 parameters together). Cached, and rebuilt when the weights
+        change."""
+        last = self.conditioner._linears[-1]
+        key = (last.weight.data_ptr(), last.weight._version, last.bias.data_ptr(), last.bias._version)
+        cached = self.__dict__.get("_scoring_cache")
+        if cached is None or cached[0] != key:
+            n, K = self.num_transformed, self.bins
+            order = torch.arange(n * (3 * K - 1), device=last.weight.device).view(n, 3 * K - 1).t()
+            with torch.no_grad():
+                parts = tuple(
+                    (last.weight[..., rows.flatten()].contiguous(), last.bias[..., rows.flatten()].contiguous())
+                    for rows in (order[: 2 * K], order[2 * K :])
+                )
+            cached = (key, parts)
+            self.__dict__["_scoring_cache"] = cached
+        return cached[1]
+
     def _factors(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The bin sizes' (2, 1) scale and offset, and a (K, K) matrix of ones, in ``like``'s dtype and device."""
         key = (like.dtype, like.device)
