@@ -205,6 +205,14 @@ class GroupedMLP(nn.Sequential):
         Returns:
             The outputs (B, G, out_features) and, per hidden layer, its pre-activation and activation.
         """
+        h, saved = self.run_saving_hidden(x)
+        last = self._linears[-1]
+        out = self._apply_last(h, last.weight, last.bias)
+        return (out.unsqueeze(1) if out.dim() == 2 else out.transpose(0, 1)), saved
+
+    def run_saving_hidden(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """:meth:`run_saving` up to the last hidden layer: its activation in the GEMMs' layout (as
+        :meth:`_run_hidden`) and, per hidden layer, its pre-activation and activation."""
         *hidden_layers, last = self._linears
         act = self._activation
         saved = []
@@ -214,35 +222,45 @@ class GroupedMLP(nn.Sequential):
                 a = torch.addmm(layer.bias[0], h, layer.weight[0])
                 h = act(a)
                 saved.append((a, h))
-            return torch.addmm(last.bias[0], h, last.weight[0]).unsqueeze(1), saved
+            return h, saved
         h = x.transpose(0, 1)  # (G, B, in)
         for layer in hidden_layers:
             a = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight)
             h = act(a)
             saved.append((a, h))
-        return torch.baddbmm(last.bias.unsqueeze(1), h, last.weight).transpose(0, 1), saved
+        return h, saved
 
-    def input_vjp(self, saved: list[tuple[Tensor, Tensor]], grad: Tensor) -> Tensor:
+    def input_vjp(
+        self, saved: list[tuple[Tensor, Tensor]], grad: Tensor | None, last: list[tuple[Tensor, Tensor]] | None = None
+    ) -> Tensor:
         """The gradient w.r.t. the input of ``(outputs * grad).sum()``, for frozen weights.
 
         Args:
-            saved: What :meth:`run_saving` returned with the outputs.
-            grad: Gradient w.r.t. the outputs, shape (B, G, out_features).
+            saved: What :meth:`run_saving` (or :meth:`run_saving_hidden`) returned with the outputs.
+            grad: Gradient w.r.t. the outputs, shape (B, G, out_features); None with ``last``.
+            last: Instead of ``grad``, the last layer as parts: (gradient w.r.t. the part's outputs, the part's
+                weight (G, hidden, out)) pairs, in the GEMMs' layout of :meth:`_apply_last` (a spline coupling's
+                reordered last layer).
 
         Returns:
             Gradient w.r.t. the inputs, shape (B, G, in_features).
         """
         derivative = _DERIVATIVES[self.activation]
         linears = self._linears
-        if grad.shape[1] == 1 and linears[-1].weight.shape[0] == 1:  # one group: plain 2-D GEMMs
-            g = grad.squeeze(1)
-            for layer, (a, h) in zip(reversed(linears[1:]), reversed(saved), strict=True):
-                g = (g @ layer.weight[0].T) * derivative(a, h)
-            return (g @ linears[0].weight[0].T).unsqueeze(1)
-        g = grad.transpose(0, 1)  # (G, B, out)
-        for layer, (a, h) in zip(reversed(linears[1:]), reversed(saved), strict=True):
-            g = torch.bmm(g, layer.weight.transpose(1, 2)) * derivative(a, h)
-        return torch.bmm(g, linears[0].weight.transpose(1, 2)).transpose(0, 1)
+        if last is None:
+            one_group = grad.shape[1] == 1 and linears[-1].weight.shape[0] == 1
+            last = [(grad.squeeze(1) if one_group else grad.transpose(0, 1), linears[-1].weight)]
+        one_group = last[0][0].dim() == 2  # plain 2-D GEMMs
+        g = None
+        for part, weight in last:
+            term = part @ weight[0].T if one_group else torch.bmm(part, weight.transpose(1, 2))
+            g = term if g is None else g + term
+        a, h = saved[-1]
+        g = g * derivative(a, h)
+        for layer, (a, h) in zip(reversed(linears[1:-1]), reversed(saved[:-1]), strict=True):
+            g = (g @ layer.weight[0].T if one_group else torch.bmm(g, layer.weight.transpose(1, 2))) * derivative(a, h)
+        first = linears[0].weight
+        return (g @ first[0].T).unsqueeze(1) if one_group else torch.bmm(g, first.transpose(1, 2)).transpose(0, 1)
 
 
 def _silu_derivative(a: Tensor, h: Tensor) -> Tensor:

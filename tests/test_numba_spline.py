@@ -63,9 +63,9 @@ def _restore_enabled(monkeypatch) -> Iterator[None]:
 
 @pytest.fixture
 def kernel_calls(monkeypatch) -> dict[str, int]:
-    """Count the runs of the kernels' forward, backward and scoring forward (the couplings call them through the
-    module)."""
-    calls = {"forward": 0, "backward": 0, "score": 0}
+    """Count the runs of the kernels (the couplings call them through the module): the saving loop's forward and
+    backward, and the vectorised loops' forward without autograd (score), with it (score_saving) and backward."""
+    calls = {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0}
     for name in calls:
         original = getattr(_numba_spline, name)
 
@@ -75,6 +75,11 @@ def kernel_calls(monkeypatch) -> dict[str, int]:
 
         monkeypatch.setattr(_numba_spline, name, counted)
     return calls
+
+
+def runs(**counts: int) -> dict[str, int]:
+    """The ``kernel_calls`` counts: these, and zero for every other kernel."""
+    return {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0, **counts}
 
 
 def spline_coupling(mask, bins: int, dtype: torch.dtype, groups: int = 3, context: int = 2, logit_scale: float = 1.0):
@@ -240,14 +245,19 @@ def test_scoring_loop_matches_the_tensor_ops_and_the_saving_loop(bins, groups, k
     with seeded(bins):
         coupling = RQSplineCoupling(groups, 7, MASKS["mid"], 12, context_features=2, bins=bins, bound=3.0)
     perturb(coupling, scale=1.0, seed=bins)
+    P = 3 * bins - 1
     with torch.no_grad():
-        coupling.conditioner[-1].weight.mul_(40.0)  # many outputs beyond the clamp
+        last = coupling.conditioner[-1]
+        last.weight.mul_(40.0)  # many outputs beyond the clamp
+        for column, value in ((0, LIMIT), (bins + 1, -LIMIT), (P + 1, 70.0)):  # value 0's and 1's bin logits:
+            last.weight[..., column] = 0.0  # exactly at the clamp, and one beyond it, for every row
+            last.bias[..., column] = value
     coupling = coupling.double().eval().requires_grad_(False)
     x, c = data(256, groups, 7, 2, seed=bins)
     x[2, :, :], x[3, :, :] = coupling.bound, -coupling.bound
     x[4, 0, 1] = float("nan")  # a transformed dim
     z, logdet = coupling_outputs(coupling, x, c, True)
-    assert kernel_calls == {"forward": 0, "backward": 0, "score": 1}
+    assert kernel_calls == runs(score=1)
     z_ref, logdet_ref = coupling_outputs(coupling, x, c, False)
     with numba_enabled(True), torch.no_grad():
         z_saving, logdet_saving = RQSplineCoupling.__mro__[1]._forward(coupling, x, c)  # the saving loop's forward
@@ -261,6 +271,23 @@ def test_scoring_loop_matches_the_tensor_ops_and_the_saving_loop(bins, groups, k
     torch.testing.assert_close(z[rows], z_saving[rows], atol=1e-12, rtol=0)
     torch.testing.assert_close(logdet[rows], logdet_saving[rows], atol=1e-12, rtol=0)
     assert float((z - x).abs().nan_to_num().max()) > 0.1  # not the identity: the test sees the spline
+
+    # a fitting step through the same loop (one autograd node per coupling) and its vectorised backward: the input
+    # and context gradients of the tensor ops' graph, ends, tails and clamped logits included
+    x[4, 0, 1] = 0.5
+    g = torch.Generator().manual_seed(5)
+    weights = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(x.shape[:2], generator=g)
+    grads = []
+    for enabled in (True, False):
+        leaf, context = x.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        with numba_enabled(enabled):
+            out, out_logdet = coupling._frozen_forward(leaf, context)
+            ((out * weights[0]).sum() + (out_logdet * weights[1]).sum()).backward()
+        grads.append((out.detach(), out_logdet.detach(), leaf.grad, context.grad))
+    assert kernel_calls["score_saving"] == kernel_calls["score_backward"] == 1
+    scale = float(grads[1][2].abs().max())
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-9 * max(scale, 1.0), rtol=1e-9)
 
 
 def test_scoring_loop_sees_changed_weights_and_other_bin_counts_keep_the_saving_loop(kernel_calls):
@@ -304,9 +331,9 @@ def test_vjp_matches_the_tensor_path(bins, layout, kernel_calls):
     *_, saved = transform_saving(coupling, x2, params, True)
     *_, saved_ref = transform_saving(coupling, x2, params, False)
     grad_x, grad_params = coupling._transform_vjp(saved, grad_y, grad_logdet)
-    assert kernel_calls == {"forward": 1, "backward": 1, "score": 0}
+    assert kernel_calls == runs(forward=1, backward=1)
     grad_x_ref, grad_params_ref = coupling._transform_vjp(saved_ref, grad_y, grad_logdet)
-    assert kernel_calls == {"forward": 1, "backward": 1, "score": 0}
+    assert kernel_calls == runs(forward=1, backward=1)
     assert grad_x.shape == x2.shape and grad_params.shape == params.shape
     scale = grad_params_ref.abs().max()
     torch.testing.assert_close(grad_x, grad_x_ref, atol=1e-12 * grad_x_ref.abs().max(), rtol=1e-9)
@@ -386,7 +413,7 @@ def test_gradcheck_of_a_frozen_conditional_flow(monkeypatch, kernel_calls):
     c.requires_grad_(True)
     with numba_enabled(True):
         assert torch.autograd.gradcheck(lambda x, c: flow.log_prob(x, c), (x, c))
-    assert kernel_calls["forward"] > 0 and kernel_calls["backward"] > 0
+    assert kernel_calls["score_saving"] > 0 and kernel_calls["score_backward"] > 0  # 4 bins: the vectorised loops
 
 
 def frozen_flow(groups: int, dim: int, bins: int, dtype: torch.dtype, context: int = 0):
@@ -417,8 +444,10 @@ def test_frozen_flow_log_prob_and_input_gradient(case, dtype, kernel_calls):
     x, _ = data(3000, groups, dim, 0, dtype=dtype, seed=7)
     fast = log_prob_and_input_gradient(flow, x, True)
     calls = dict(kernel_calls)
-    # 4 couplings: with autograd the saving loop and its backward, without it the scoring loop (per chunk of rows)
-    assert calls["forward"] == 4 and calls["backward"] == 4 and calls["score"] >= 4
+    # 4 couplings (4 or 8 bins): with autograd the vectorised loop and its backward, without it the scoring loop
+    # (per chunk of rows)
+    assert calls["score_saving"] == 4 and calls["score_backward"] == 4 and calls["score"] >= 4
+    assert calls["forward"] == calls["backward"] == 0
     reference = log_prob_and_input_gradient(flow, x, False)
     assert kernel_calls == calls
     grad_scale = float(reference[1].abs().max())
@@ -447,7 +476,7 @@ def test_training_keeps_the_tensor_ops(kernel_calls):
             with numba_enabled(enabled):
                 (-flow.log_prob(x, c).mean()).backward()
             grads.append([p.grad.clone() for p in flow.parameters()])
-    assert kernel_calls == {"forward": 0, "backward": 0, "score": 0}
+    assert kernel_calls == runs()
     couplings = [b for b in flow.blocks if isinstance(b, RQSplineCoupling)]
     assert len(couplings) == 2
     for coupling in couplings:

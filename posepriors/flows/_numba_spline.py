@@ -51,8 +51,11 @@ __all__ = [
     "forward",
     "forward_arrays",
     "SCORING_BINS",
+    "ScoringState",
     "plain_cpu",
     "score",
+    "score_backward",
+    "score_saving",
     "usable",
     "wanted",
 ]
@@ -244,6 +247,62 @@ def score(coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tens
     arrays = (values, e.numpy(), sp.view(-1, K - 1, n).numpy())
     kernel(*arrays, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
     return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).to(x.dtype).view(shape[:-1])
+
+
+class ScoringState:
+    """What :func:`score_backward` needs from :func:`score_saving`: the values' rows (R, n), the bin logits and
+    their exps (R, 2K, n), the knot derivatives' softplus and sigmoid (R, K - 1, n), as arrays, and the shape."""
+
+    __slots__ = ("e", "raw", "shape", "sig", "sp", "x")
+
+    def __init__(self, *arrays: np.ndarray, shape: torch.Size) -> None:
+        """``arrays``: x, raw, e, sp, sig, in this order."""
+        self.x, self.raw, self.e, self.sp, self.sig = arrays
+        self.shape = shape
+
+
+def score_saving(
+    coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor
+) -> tuple[Tensor, Tensor, ScoringState]:
+    """:func:`score` that also returns what :func:`score_backward` needs (a fitting step through the same loop; the
+    arguments as for :func:`score`; ``derivatives`` is overwritten, ``bins`` kept)."""
+    shape, K = x.shape, coupling.bins
+    n = shape[-1]
+    e = bins.exp().view(-1, 2 * K, n)
+    u = derivatives.add_(coupling._derivative_shift)
+    sp = torch.nn.functional.softplus(u, threshold=40.0).view(-1, K - 1, n)
+    sig = torch.sigmoid(u).view(-1, K - 1, n)
+    values = x.detach().reshape(-1, n).contiguous().numpy()
+    y = np.empty_like(values)
+    logdet = np.empty(values.shape[0], dtype=np.float64)
+    _threads()
+    kernel = _kernels().spline_score4 if K == 4 else _kernels().spline_score8
+    _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
+    kernel(values, e.numpy(), sp.numpy(), bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
+    state = ScoringState(values, bins.view(-1, 2 * K, n).numpy(), e.numpy(), sp.numpy(), sig.numpy(), shape=shape)
+    return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).to(x.dtype).view(shape[:-1]), state
+
+
+def score_backward(
+    coupling: RQSplineCoupling, state: ScoringState, grad_y: Tensor, grad_logdet: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The vector-Jacobian product of :func:`score_saving`: from the gradients w.r.t. its outputs (shape of ``x``)
+    and log-determinant, those w.r.t. ``x`` and the conditioner outputs (..., (3K - 1) n), param-major as
+    :meth:`RQSplineCoupling._scoring_weights` orders them (bin logits, then knot-derivative logits;
+    ``_numba_kernels.grad_rows``). Both are views of one array."""
+    K, (rows, n) = coupling.bins, state.x.shape
+    dtype = torch.float64 if state.x.dtype == np.float64 else torch.float32
+    gy = grad_y.detach().to(dtype).reshape(rows, n).contiguous().numpy()
+    gl = grad_logdet.detach().to(dtype).reshape(rows).contiguous().numpy()
+    out = np.empty((rows, 3 * K, n), dtype=state.x.dtype)
+    _threads()
+    kernel = _kernels().spline_grad4 if K == 4 else _kernels().spline_grad8
+    _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
+    arrays = (state.x, state.e, state.raw, state.sp, state.sig)
+    kernel(*arrays, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, gy, gl, out)
+    grads = torch.from_numpy(out)
+    batch = state.shape[:-1]
+    return grads[:, -1].view(state.shape), grads[:, :-1].reshape(rows, -1).view(*batch, (3 * K - 1) * n)
 
 
 def backward(coupling: RQSplineCoupling, saved: Saved, grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:

@@ -121,6 +121,21 @@ class _Coupling(_Block):
         out = a1.new_empty(*a1.shape[:-1], self.dim)
         return out.index_copy_(-1, self.conditioning_index, a1).index_copy_(-1, self.transformed_index, a2)
 
+    def _saving_forward(self, h: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, object]:
+        """For :class:`_FrozenCoupling`: the conditioner on its inputs ``h`` (B, G, k + C) and the transform of the
+        transformed dims ``x2`` (B, G, n): the outputs, the log-determinant (B, G) and what
+        :meth:`_saving_backward` needs."""
+        params, hidden = self.conditioner.run_saving(h)
+        y2, logdet, saved = self._transform_saving(x2, params)
+        return y2, logdet, (hidden, saved)
+
+    def _saving_backward(self, state: object, grad_y2: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:
+        """The gradients w.r.t. ``x2`` and ``h`` of :meth:`_saving_forward`, from those w.r.t. its outputs and
+        log-determinant (the conditioner's subnormal gradients flushed to zero)."""
+        hidden, saved = state
+        grad_x2, grad_params = self._transform_vjp(saved, grad_y2, grad_logdet)
+        return grad_x2, self.conditioner.input_vjp(hidden, _flush_subnormal(grad_params))
+
     def _transform_saving(self, x2: Tensor, params: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """The forward transform, its log-determinant (B, G) and what :meth:`_transform_vjp` needs."""
         raise NotImplementedError
@@ -159,9 +174,8 @@ class _FrozenCoupling(torch.autograd.Function):
     def forward(ctx, coupling: _Coupling, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         x1, x2 = coupling._split(x)
         h = coupling._conditioner_input(x1, context)
-        params, hidden = coupling.conditioner.run_saving(h)
-        y2, logdet, saved = coupling._transform_saving(x2, params)
-        ctx.coupling, ctx.hidden, ctx.saved = coupling, hidden, saved
+        y2, logdet, ctx.state = coupling._saving_forward(h, x2)
+        ctx.coupling = coupling
         ctx.context_shape = None if h is x1 else context.shape
         return coupling._merge(x, x1, y2), logdet
 
@@ -171,8 +185,7 @@ class _FrozenCoupling(torch.autograd.Function):
         coupling: _Coupling = ctx.coupling
         grad_z, grad_logdet = _flush_subnormal(grad_z), _flush_subnormal(grad_logdet)
         grad_z1, grad_z2 = coupling._split(grad_z)
-        grad_x2, grad_params = coupling._transform_vjp(ctx.saved, grad_z2, grad_logdet)
-        grad_h = coupling.conditioner.input_vjp(ctx.hidden, _flush_subnormal(grad_params))
+        grad_x2, grad_h = coupling._saving_backward(ctx.state, grad_z2, grad_logdet)
         grad_context = None
         if ctx.context_shape is not None:
             grad_h, grad_context = grad_h.split((coupling.num_conditioning, ctx.context_shape[-1]), dim=-1)
@@ -306,55 +319,84 @@ class RQSplineCoupling(_Coupling):
             return super()._forward(x, context)
         # Nothing to record: the conditioner's last layer runs as two GEMMs whose outputs are the bin logits and
         # the knot-derivative logits, each contiguous and param-major, for one vectorised op each and the
-        # vectorised scoring loop (posepriors.flows._numba_spline.score).
+        # vectorised loop (posepriors.flows._numba_spline.score).
         x1, x2 = self._split(x)
         hidden = self.conditioner._run_hidden(self._conditioner_input(x1, context))
-        (bin_weight, bin_bias), (derivative_weight, derivative_bias) = self._scoring_weights()
-        bins = self.conditioner._apply_last(hidden, bin_weight, bin_bias)  # (B, 2Kn), or (G, B, 2Kn) for G groups
-        derivatives = self.conditioner._apply_last(hidden, derivative_weight, derivative_bias)
-        grouped = bins.dim() == 3
-        values = x2.transpose(0, 1) if grouped else x2.squeeze(1)  # rows in the GEMMs' order
-        y2, logdet = _numba_spline.score(self, values, bins, derivatives)
-        if grouped:
-            y2, logdet = y2.transpose(0, 1), logdet.transpose(0, 1)
-        else:
-            y2, logdet = y2.unsqueeze(1), logdet.unsqueeze(1)
-        return self._merge(x, x1, y2), logdet
+        y2, logdet = _numba_spline.score(self, self._rows(x2, hidden), *self._last_parts(hidden))
+        grouped = hidden.dim() == 3
+        return self._merge(x, x1, self._unrows(y2, grouped)), self._unrows(logdet, grouped)
 
-    def _scoring_kernel(self, x: Tensor, context: Tensor | None) -> bool:
-        """Whether :meth:`_forward` scores with the vectorised kernel: a bin count it has a loop for
-        (``_numba_spline.SCORING_BINS``), no autograd to record, and the kernels usable on ``x`` and the weights
-        (``_numba_spline.usable``)."""
-        return (
-            self.bins in _numba_spline.SCORING_BINS
-            and not (
-                torch.is_grad_enabled()
-                and (
-                    x.requires_grad
-                    or (context is not None and context.requires_grad)
-                    or any(p.requires_grad for p in self.conditioner.parameters())
-                )
-            )
-            and _numba_spline.usable(x, self.conditioner._linears[-1].weight.detach())  # detach: a plain tensor
+    def _saving_forward(self, h: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, object]:
+        if not self._vectorised(x2):  # a fitting step through the same loop, and its vectorised backward
+            return super()._saving_forward(h, x2)
+        hidden, saved = self.conditioner.run_saving_hidden(h)
+        y2, logdet, state = _numba_spline.score_saving(self, self._rows(x2, hidden), *self._last_parts(hidden))
+        grouped = hidden.dim() == 3
+        return self._unrows(y2, grouped), self._unrows(logdet, grouped), (saved, state)
+
+    def _saving_backward(self, state: object, grad_y2: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:
+        if not isinstance(state[1], _numba_spline.ScoringState):
+            return super()._saving_backward(state, grad_y2, grad_logdet)
+        saved, scoring = state
+        grouped = len(scoring.shape) == 3
+        grad_x2, grad_params = _numba_spline.score_backward(
+            self, scoring, grad_y2.transpose(0, 1) if grouped else grad_y2.squeeze(1),
+            grad_logdet.transpose(0, 1) if grouped else grad_logdet.squeeze(1),
+        )  # fmt: skip
+        weight = self._scoring_weights()[2]  # the whole last layer, param-major
+        return self._unrows(grad_x2, grouped), self.conditioner.input_vjp(
+            saved, None, last=[(_flush_subnormal(grad_params), weight)]
         )
 
-    def _scoring_weights(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """The conditioner's last layer as two, for :meth:`_forward`'s scoring route: (weight, bias) of the 2K bin
-        logits and of the K - 1 knot-derivative logits of every transformed value, each param-major (parameter j
-        of all n values together: outputs that reshape to (rows, 2K, n) and (rows, K - 1, n)); the last layer
-        writes them value-major (value i's 3K - 1 parameters together). Cached, and rebuilt when the weights
-        change."""
+    def _last_parts(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The bin logits (rows, 2Kn) and knot-derivative logits (rows, (K - 1) n), param-major, from the
+        conditioner's last hidden activation in its GEMMs' layout (:meth:`_scoring_weights`)."""
+        (bin_weight, bin_bias), (derivative_weight, derivative_bias), _ = self._scoring_weights()
+        apply = self.conditioner._apply_last
+        return apply(hidden, bin_weight, bin_bias), apply(hidden, derivative_weight, derivative_bias)
+
+    @staticmethod
+    def _rows(t: Tensor, hidden: Tensor) -> Tensor:
+        """A (B, G, ...) tensor in the conditioner GEMMs' row order: (B, ...) for one group, (G, B, ...) else."""
+        return t.transpose(0, 1) if hidden.dim() == 3 else t.squeeze(1)
+
+    @staticmethod
+    def _unrows(t: Tensor, grouped: bool) -> Tensor:
+        """:meth:`_rows` undone: (G, B, ...) to (B, G, ...) for several groups, (B, ...) to (B, 1, ...) for one."""
+        return t.transpose(0, 1) if grouped else t.unsqueeze(1)
+
+    def _scoring_kernel(self, x: Tensor, context: Tensor | None) -> bool:
+        """Whether :meth:`_forward` scores with the vectorised loop: no autograd to record, and
+        :meth:`_vectorised`."""
+        recording = torch.is_grad_enabled() and (
+            x.requires_grad
+            or (context is not None and context.requires_grad)
+            or any(p.requires_grad for p in self.conditioner.parameters())
+        )
+        return not recording and self._vectorised(x)
+
+    def _vectorised(self, x: Tensor) -> bool:
+        """Whether the vectorised loops (``_numba_spline.score``, ``score_saving``) cover this coupling on ``x``: a
+        bin count they have a loop for (``_numba_spline.SCORING_BINS``) and the kernels usable on ``x`` and the
+        weights (``_numba_spline.usable``)."""
+        weight = self.conditioner._linears[-1].weight.detach()  # detach: a plain tensor (a Parameter is not)
+        return self.bins in _numba_spline.SCORING_BINS and _numba_spline.usable(x, weight)
+
+    def _scoring_weights(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
+        """The conditioner's last layer, param-major, for the vectorised loops: (weight, bias) of the 2K bin logits
+        and of the K - 1 knot-derivative logits of every transformed value (outputs that reshape to (rows, 2K, n)
+        and (rows, K - 1, n); the last layer writes them value-major, value i's 3K - 1 parameters together), and
+        the two weights side by side (for the backward's one GEMM). Cached, and rebuilt when the weights change."""
         last = self.conditioner._linears[-1]
         key = (last.weight.data_ptr(), last.weight._version, last.bias.data_ptr(), last.bias._version)
         cached = self.__dict__.get("_scoring_cache")
         if cached is None or cached[0] != key:
             n, K = self.num_transformed, self.bins
-            order = torch.arange(n * (3 * K - 1), device=last.weight.device).view(n, 3 * K - 1).t()
+            order = torch.arange(n * (3 * K - 1), device=last.weight.device).view(n, 3 * K - 1).t().flatten()
             with torch.no_grad():
-                parts = tuple(
-                    (last.weight[..., rows.flatten()].contiguous(), last.bias[..., rows.flatten()].contiguous())
-                    for rows in (order[: 2 * K], order[2 * K :])
-                )
+                weight, bias = last.weight[..., order].contiguous(), last.bias[..., order].contiguous()
+            split = 2 * K * n
+            parts = ((weight[..., :split], bias[..., :split]), (weight[..., split:], bias[..., split:]), weight)
             cached = (key, parts)
             self.__dict__["_scoring_cache"] = cached
         return cached[1]
