@@ -103,7 +103,7 @@ def forward_kinematics(pose: Tensor, offsets: Tensor | None = None) -> Tensor:
 
 
 def _joint_positions(pose: Tensor, parents: tuple[int, ...], offsets: Tensor) -> Tensor:
-    """Joint positions of a kinematic tree (differentiable): ``forward_kinematics`` for any tree (shapes unchecked).
+    """Joint positions of a kinematic tree (differentiable): ``forward_kinematics`` for any tree.
 
     Args:
         pose: Axis-angle rotations of the J joints, shape (*, J, 3).
@@ -114,9 +114,21 @@ def _joint_positions(pose: Tensor, parents: tuple[int, ...], offsets: Tensor) ->
         Joint positions, shape (*, J, 3).
     """
     jumps, parent_slots, ancestors = _tree_tables(tuple(parents), pose.device)  # checks the parents, once
+    J = len(parents)
+    if pose.dim() < 2 or pose.shape[-2:] != (J, 3) or offsets.shape != (J, 3):  # the loop reads unchecked
+        raise ValueError(
+            f"expected poses (*, {J}, 3) and offsets ({J}, 3), got {tuple(pose.shape)} and {tuple(offsets.shape)}"
+        )
     if _fast_path(pose, offsets):
         batch = pose.shape[:-2]
-        return _Chain.apply(pose.reshape(-1, *pose.shape[-2:]), tuple(parents), offsets).reshape(*batch, -1, 3)
+        return _Chain.apply(pose.reshape(-1, J, 3), tuple(parents), offsets).reshape(*batch, J, 3)
+    return _tensor_positions(pose, jumps, parent_slots, ancestors, offsets)
+
+
+def _tensor_positions(
+    pose: Tensor, jumps: list[Tensor], parent_slots: Tensor, ancestors: Tensor, offsets: Tensor
+) -> Tensor:
+    """:func:`_joint_positions` as tensor ops, from :func:`_tree_tables`."""
     rot = axis_angle_to_matrix(pose)  # (*, J, 3, 3)
     # world rotations by pointer jumping: world_j = rot of j's root ... rot_j, in log2(depth) batched products
     # (slot J is the identity, every root's "parent")
@@ -184,7 +196,8 @@ def _kernels():  # noqa: ANN202
 class _Chain(torch.autograd.Function):
     """:func:`_joint_positions` on the CPU as one autograd node: Rodrigues' formula and the chain per pose in a Numba
     loop (float64 inside), whose backward is the written-out vector-Jacobian product. Gradients reach the pose only
-    (the caller checks that the offsets need none). First derivatives only."""
+    (the caller checks that the offsets need none). A backward with ``create_graph=True`` (second derivatives)
+    runs through the tensor ops instead, so that it is differentiable too."""
 
     @staticmethod
     def forward(ctx, pose: Tensor, parents: tuple[int, ...], offsets: Tensor) -> Tensor:  # noqa: ANN001
@@ -200,13 +213,19 @@ class _Chain(torch.autograd.Function):
         else:
             kernels.chain_forward_serial(aa, parent_array, off, rot, world, pos)
         ctx.arrays = aa, parent_array, off, rot, world
-        ctx.save_for_backward(pose)  # autograd then refuses a backward after an in-place change of the pose
+        ctx.parents = parents
+        # autograd then refuses a backward after an in-place change of either (the arrays may share their memory)
+        ctx.save_for_backward(pose, offsets)
         return torch.from_numpy(pos).to(pose.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
-        (pose,) = ctx.saved_tensors
+        pose, offsets = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the tensor ops' backward, itself differentiable
+            with torch.enable_grad():
+                positions = _tensor_positions(pose, *_tree_tables(ctx.parents, pose.device), offsets.detach())
+                (grad_pose,) = torch.autograd.grad(positions, pose, grad, create_graph=True)
+            return grad_pose, None, None
         aa, parent_array, off, rot, world = ctx.arrays
         grad_pos = grad.to(torch.float64).contiguous().numpy().copy()  # the loop accumulates into it
         grad_world, grad_rot, grad_aa = np.empty_like(world), np.empty_like(rot), np.empty_like(aa)

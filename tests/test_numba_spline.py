@@ -316,6 +316,53 @@ def test_scoring_loop_sees_changed_weights_and_other_bin_counts_keep_the_saving_
         torch.testing.assert_close(a, b, **SOFTPLUS_TOLERANCES["stock"])
 
 
+def test_scoring_loop_with_fresh_weights_every_call(kernel_calls):
+    """A flow that is not frozen (its weights need gradients) scoring subsets of its groups without autograd: every
+    call passes new rows of the weights (``run_groups`` through ``functional_call``), possibly at a freed tensor's
+    address; the reordered last layer must be that call's, never a cached one of other groups. (Eval mode: in train
+    mode the first call would initialise the ActNorms.)"""
+    with seeded(3):
+        flow = flows.build_flow(6, 5, num_layers=2, hidden=8, coupling="spline", bins=4, bound=3.0)
+    flow = perturb(flow, 1.0, seed=3).double().eval()
+    assert not flow._frozen()
+    x, _ = data(300, 2, 5, 0, seed=3)
+    for index in ([0, 1], [2, 3], [4, 5], [1, 0], [0, 1]):
+        rows = torch.tensor(index)
+        with torch.no_grad():
+            fast = [flow.run_groups(rows, x)[1] for _ in range(2)]
+            with numba_enabled(False):
+                reference = flow.run_groups(rows, x)[1]
+        for got in fast:
+            torch.testing.assert_close(got, reference, **SOFTPLUS_TOLERANCES["stock"])
+    assert kernel_calls["score"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside forward_ad
+def test_scoring_loop_keeps_the_tensor_ops_for_tangents_on_the_context_or_the_weights(kernel_calls):
+    """Forward-mode AD with a tangent on the conditioner's context, or on a weight (``functional_call``), gives the
+    tensor ops' tangent: the vectorised loops would drop it."""
+    import torch.autograd.forward_ad as fwAD
+
+    flow = frozen_flow(1, 6, 4, torch.float64, context=3)
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(300, 1, 6, generator=g, dtype=torch.float64), torch.randn(300, 1, 3, dtype=torch.float64)
+    tangent = torch.randn_like(c)
+    name, weight = next((n, p) for n, p in flow.named_parameters() if n.endswith("conditioner.2.weight"))
+    results = {}
+    for enabled in (True, False):
+        with numba_enabled(enabled), fwAD.dual_level():
+            out = flow.log_prob(x, fwAD.make_dual(c, tangent))
+            results["context", enabled] = fwAD.unpack_dual(out).tangent
+            dual = {name: fwAD.make_dual(weight.detach(), torch.ones_like(weight))}
+            out = torch.func.functional_call(flow, dual, (x,), {"context": c}, strict=False)
+            results["weight", enabled] = fwAD.unpack_dual(out[1]).tangent
+    for kind in ("context", "weight"):
+        assert results[kind, False] is not None, kind
+        assert results[kind, True] is not None, kind
+        torch.testing.assert_close(results[kind, True], results[kind, False], atol=1e-9, rtol=1e-9)
+    assert kernel_calls["score"] == 0
+
+
 # ---------------------------------------------------------------------------------------------------- VJP
 @pytest.mark.parametrize("layout", ["mid", "prefix"])
 @pytest.mark.parametrize("bins", [4, 8])

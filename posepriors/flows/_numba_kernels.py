@@ -23,10 +23,8 @@ __all__ = [
     "spline_backward_serial",
     "spline_forward",
     "spline_forward_serial",
-    "spline_grad4",
-    "spline_grad8",
-    "spline_score4",
-    "spline_score8",
+    "spline_grad",
+    "spline_score",
 ]
 
 jit = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
@@ -104,6 +102,26 @@ def bin_terms(v, xk, w, h, d0, d1):
 
 
 @scalar
+def spline_partials(g_y, g_ld, s, xi, xi_1m, t, c, q, p, m, w, h, d0, d1):
+    """From the gradients of the output (g_y) and of the log-determinant (g_ld) and a value's bin terms
+    (``bin_terms``): the gradients w.r.t. xi (the input's), the bin width, the bin height and the two knot
+    derivatives: grad_xi, grad_w, grad_h, a_d0, a_d1."""
+    g = p / q
+    inv_q, inv_m = 1.0 / q, 1.0 / m
+    one_2t, one_2xi = 1.0 - 2.0 * t, 1.0 - 2.0 * xi
+    # partials w.r.t. (xi, s, d0, d1) of y (times q^2 / h) and of log dy/dx
+    coef = g_y * h * inv_q * inv_q
+    a_xi = g_ld * (2.0 * (d1 * xi + s * one_2xi - d0 * xi_1m) * inv_m - 2.0 * c * one_2xi * inv_q)
+    a_xi += coef * s * m
+    a_s = g_ld * (2.0 * t * inv_m - 2.0 * one_2t * inv_q + 2.0 / s) + coef * (xi * xi * q - p * one_2t)
+    a_d0 = g_ld * (xi_1m * xi_1m * inv_m - 2.0 * t * inv_q) + coef * t * (q - p)
+    a_d1 = g_ld * (xi * xi * inv_m - 2.0 * t * inv_q) - coef * t * p
+    grad_xi = a_xi / w
+    grad_s = a_s / w
+    return grad_xi, -(grad_s * s + xi * grad_xi), grad_s + g_y * g, a_d0, a_d1
+
+
+@scalar
 def prepare_row(raw, K, exp_shift, limit, e, sp, r):
     """What ``_numba_spline._prepare`` makes of row r of the conditioner outputs raw (rows, n * (3K - 1)):
     e = exp(clamp(raw, +-limit)) and, for the knot derivatives, sp = log1p(e exp(shift)) (rows, n * (K - 1))."""
@@ -149,6 +167,36 @@ def forward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift
 
 
 @scalar
+def select_bin(e, sp, sig, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi):
+    """Value (r, i) of the param-major loops (``score_rows``, ``grad_rows``): its bin k, the bin's left knot
+    (xk, yk), width w and height h, the softmax scales fw and fh (as ``locate``), the knot derivatives d0, d1 and
+    the sigmoids s0, s1 of their logits (from sig; 1 and 0 at the ends). The bin is the last whose left knot v
+    reaches, taken by selects (K a compile-time constant: the loops unroll)."""
+    zw, zh = 0.0, 0.0
+    for j in range(K):
+        zw += min(max(e[r, j, i], lo), hi)
+        zh += min(max(e[r, K + j, i], lo), hi)
+    fw, fh = sw / zw, sh / zh
+    w, h = ow + fw * min(max(e[r, 0, i], lo), hi), oh + fh * min(max(e[r, K, i], lo), hi)
+    xk, yk, d0, d1, s0, s1, k = -bound, -bound, 1.0, sp[r, 0, i] + min_d, 0.0, sig[r, 0, i], 0
+    cx, cy = xk + w, yk + h  # the right knot of the bin so far
+    for j in range(1, K):
+        wj = ow + fw * min(max(e[r, j, i], lo), hi)
+        hj = oh + fh * min(max(e[r, K + j, i], lo), hi)
+        right = sp[r, j, i] + min_d if j < K - 1 else 1.0
+        right_sig = sig[r, j, i] if j < K - 1 else 0.0
+        take = v >= cx
+        xk, yk = (cx, cy) if take else (xk, yk)
+        w, h = (wj, hj) if take else (w, h)
+        d0, d1 = (sp[r, j - 1, i] + min_d, right) if take else (d0, d1)
+        s0, s1 = (sig[r, j - 1, i], right_sig) if take else (s0, s1)
+        k = j if take else k
+        cx += wj
+        cy += hj
+    return k, xk, yk, w, h, fw, fh, d0, d1, s0, s1
+
+
+@scalar
 def score_rows(x, e, sp, K, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slope, start, stop):
     """Rows start..stop-1 of the spline forward for scoring (nothing saved for a backward), vectorised over each
     row's values: x (R, n), the bin logits' exps e (R, 2K, n) (widths, then heights; clamped here) and the knot
@@ -161,24 +209,8 @@ def score_rows(x, e, sp, K, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slo
     for r in range(start, stop):
         for i in range(n):
             v = x[r, i]
-            zw, zh = 0.0, 0.0
-            for j in range(K):
-                zw += min(max(e[r, j, i], lo), hi)
-                zh += min(max(e[r, K + j, i], lo), hi)
-            fw, fh = sw / zw, sh / zh
-            w, h = ow + fw * min(max(e[r, 0, i], lo), hi), oh + fh * min(max(e[r, K, i], lo), hi)
-            xk, yk, d0, d1 = -bound, -bound, 1.0, sp[r, 0, i] + min_d
-            cx, cy = xk + w, yk + h  # the right knot of the bin so far
-            for j in range(1, K):
-                wj = ow + fw * min(max(e[r, j, i], lo), hi)
-                hj = oh + fh * min(max(e[r, K + j, i], lo), hi)
-                right = sp[r, j, i] + min_d if j < K - 1 else 1.0
-                take = v >= cx
-                xk, yk = (cx, cy) if take else (xk, yk)
-                w, h = (wj, hj) if take else (w, h)
-                d0, d1 = (sp[r, j - 1, i] + min_d, right) if take else (d0, d1)
-                cx += wj
-                cy += hj
+            bin_ = select_bin(e, sp, sp, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi)  # no sigmoids: sp twice
+            xk, yk, w, h, d0, d1 = bin_[1], bin_[2], bin_[3], bin_[4], bin_[7], bin_[8]
             s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
             outside = v <= -bound or v >= bound  # the ends and beyond: the identity (NaN is not: NaN out)
             y[r, i] = v if outside else yk + h * p / q
@@ -194,29 +226,22 @@ def score_rows(x, e, sp, K, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slo
 
 SCORE_CHUNK = 64
 """Rows per task of the scoring loops (each task allocates its scratch once)."""
-FOUR, EIGHT = 4, 8  # the bin counts of the scoring loops, as compile-time constants
+FOUR, EIGHT = 4, 8  # the bin counts of the vectorised loops, as compile-time constants
 
 
 @jit
-def spline_score4(x, e, sp, bound, sw, ow, sh, oh, min_d, limit, y, logdet):
-    """``score_rows`` of a 4-bin spline (every shipped flow) for every row, in parallel threads."""
+def spline_score(x, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, y, logdet):
+    """``score_rows`` for every row, in parallel threads, for K = 4 (global_flow's) or 8 (joint_flow's, the flows'
+    default) bins: each a compile-time constant in its own branch."""
     rows, n = x.shape
     hi = math.exp(limit)
     for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
         slope = np.empty(n, dtype=np.float64)
-        stop = min(rows, (c + 1) * SCORE_CHUNK)
-        score_rows(x, e, sp, FOUR, bound, sw, ow, sh, oh, min_d, 1.0 / hi, hi, y, logdet, slope, c * SCORE_CHUNK, stop)
-
-
-@jit
-def spline_score8(x, e, sp, bound, sw, ow, sh, oh, min_d, limit, y, logdet):
-    """``score_rows`` of an 8-bin spline (the flows' default) for every row, in parallel threads."""
-    rows, n = x.shape
-    hi = math.exp(limit)
-    for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
-        slope = np.empty(n, dtype=np.float64)
-        stop = min(rows, (c + 1) * SCORE_CHUNK)
-        score_rows(x, e, sp, EIGHT, bound, sw, ow, sh, oh, min_d, 1.0 / hi, hi, y, logdet, slope, c * SCORE_CHUNK, stop)
+        start, stop = c * SCORE_CHUNK, min(rows, (c + 1) * SCORE_CHUNK)
+        if K == FOUR:
+            score_rows(x, e, sp, FOUR, bound, sw, ow, sh, oh, min_d, 1.0 / hi, hi, y, logdet, slope, start, stop)
+        else:
+            score_rows(x, e, sp, EIGHT, bound, sw, ow, sh, oh, min_d, 1.0 / hi, hi, y, logdet, slope, start, stop)
 
 
 @scalar
@@ -235,46 +260,14 @@ def grad_rows(x, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, lo, hi, limit
         g_ld = gl[r]
         for i in range(n):
             v = x[r, i]
-            zw, zh = 0.0, 0.0
-            for j in range(K):
-                zw += min(max(e[r, j, i], lo), hi)
-                zh += min(max(e[r, K + j, i], lo), hi)
-            fw, fh = sw / zw, sh / zh
-            w, h = ow + fw * min(max(e[r, 0, i], lo), hi), oh + fh * min(max(e[r, K, i], lo), hi)
-            xk, yk, d0, d1 = -bound, -bound, 1.0, sp[r, 0, i] + min_d
-            s0, s1 = 0.0, sig[r, 0, i]  # the sigmoids of the bin's knot-derivative logits (none at the ends)
-            k = 0
-            cx, cy = xk + w, yk + h
-            for j in range(1, K):
-                wj = ow + fw * min(max(e[r, j, i], lo), hi)
-                hj = oh + fh * min(max(e[r, K + j, i], lo), hi)
-                right = sp[r, j, i] + min_d if j < K - 1 else 1.0
-                right_sig = sig[r, j, i] if j < K - 1 else 0.0
-                take = v >= cx
-                xk, yk = (cx, cy) if take else (xk, yk)
-                w, h = (wj, hj) if take else (w, h)
-                d0, d1 = (sp[r, j - 1, i] + min_d, right) if take else (d0, d1)
-                s0, s1 = (sig[r, j - 1, i], right_sig) if take else (s0, s1)
-                k = j if take else k
-                cx += wj
-                cy += hj
+            k, xk, yk, w, h, fw, fh, d0, d1, s0, s1 = select_bin(
+                e, sp, sig, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi
+            )
             inside = not (v < -bound or v > bound)  # beyond the ends: the identity (selects below)
             g_y = gy[r, i]
             s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
-            g = p / q
-            inv_q, inv_m = 1.0 / q, 1.0 / m
-            one_2t, one_2xi = 1.0 - 2.0 * t, 1.0 - 2.0 * xi
-            coef = g_y * h * inv_q * inv_q
-            a_xi = g_ld * (2.0 * (d1 * xi + s * one_2xi - d0 * xi_1m) * inv_m - 2.0 * c * one_2xi * inv_q)
-            a_xi += coef * s * m
-            a_s = g_ld * (2.0 * t * inv_m - 2.0 * one_2t * inv_q + 2.0 / s) + coef * (xi * xi * q - p * one_2t)
-            a_d0 = g_ld * (xi_1m * xi_1m * inv_m - 2.0 * t * inv_q) + coef * t * (q - p)
-            a_d1 = g_ld * (xi * xi * inv_m - 2.0 * t * inv_q) - coef * t * p
-            grad_xi = a_xi / w
+            grad_xi, grad_w, grad_h, a_d0, a_d1 = spline_partials(g_y, g_ld, s, xi, xi_1m, t, c, q, p, m, w, h, d0, d1)
             out[r, 3 * K - 1, i] = grad_xi if inside else g_y
-            grad_s = a_s / w
-            grad_w = -(grad_s * s + xi * grad_xi)
-            grad_h = grad_s + g_y * g
             # sizes: a left knot is -bound plus the sizes before it; then the softmax of the clamped logits
             dot_w, dot_h = 0.0, 0.0
             for j in range(K):
@@ -296,29 +289,17 @@ def grad_rows(x, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, lo, hi, limit
 
 
 @jit
-def spline_grad4(x, e, raw, sp, sig, bound, sw, ow, sh, oh, min_d, limit, gy, gl, out):
-    """``grad_rows`` of a 4-bin spline for every row, in parallel threads."""
+def spline_grad(x, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, limit, gy, gl, out):
+    """``grad_rows`` for every row, in parallel threads, for K = 4 or 8 bins (as ``spline_score``)."""
     rows = x.shape[0]
     hi = math.exp(limit)
     for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
-        stop = min(rows, (c + 1) * SCORE_CHUNK)
-        grad_rows(
-            x, e, raw, sp, sig, FOUR, bound, sw, ow, sh, oh, min_d, 1.0 / hi, hi, limit, gy, gl, out,
-            c * SCORE_CHUNK, stop,
-        )  # fmt: skip
-
-
-@jit
-def spline_grad8(x, e, raw, sp, sig, bound, sw, ow, sh, oh, min_d, limit, gy, gl, out):
-    """``grad_rows`` of an 8-bin spline for every row, in parallel threads."""
-    rows = x.shape[0]
-    hi = math.exp(limit)
-    for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
-        stop = min(rows, (c + 1) * SCORE_CHUNK)
-        grad_rows(
-            x, e, raw, sp, sig, EIGHT, bound, sw, ow, sh, oh, min_d, 1.0 / hi, hi, limit, gy, gl, out,
-            c * SCORE_CHUNK, stop,
-        )  # fmt: skip
+        start, stop = c * SCORE_CHUNK, min(rows, (c + 1) * SCORE_CHUNK)
+        lo = 1.0 / hi
+        if K == FOUR:
+            grad_rows(x, e, raw, sp, sig, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gy, gl, out, start, stop)
+        else:
+            grad_rows(x, e, raw, sp, sig, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gy, gl, out, start, stop)
 
 
 @jit
@@ -353,21 +334,8 @@ def backward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shif
         k, xk, yk, w, h, fw, fh = locate(e, r, b, K, v, bound, sw, ow, sh, oh, lo, hi)
         d0, d1, e0, e1 = knot_derivatives(e, sp, raw, r, i, b, K, k, min_d, shift, exp_shift, limit)
         s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
-        g = p / q
-        inv_q, inv_m = 1.0 / q, 1.0 / m
-        one_2t, one_2xi = 1.0 - 2.0 * t, 1.0 - 2.0 * xi
-        # partials w.r.t. (xi, s, d0, d1) of y (times q^2 / h) and of log dy/dx
-        coef = g_y * h * inv_q * inv_q
-        a_xi = g_ld * (2.0 * (d1 * xi + s * one_2xi - d0 * xi_1m) * inv_m - 2.0 * c * one_2xi * inv_q)
-        a_xi += coef * s * m
-        a_s = g_ld * (2.0 * t * inv_m - 2.0 * one_2t * inv_q + 2.0 / s) + coef * (xi * xi * q - p * one_2t)
-        a_d0 = g_ld * (xi_1m * xi_1m * inv_m - 2.0 * t * inv_q) + coef * t * (q - p)
-        a_d1 = g_ld * (xi * xi * inv_m - 2.0 * t * inv_q) - coef * t * p
-        grad_xi = a_xi / w
+        grad_xi, grad_w, grad_h, a_d0, a_d1 = spline_partials(g_y, g_ld, s, xi, xi_1m, t, c, q, p, m, w, h, d0, d1)
         grad_x[r, i] = grad_xi
-        grad_s = a_s / w
-        grad_w = -(grad_s * s + xi * grad_xi)
-        grad_h = grad_s + g_y * g
         # sizes: a left knot is -bound plus the sizes before it; then the softmax of the clamped logits
         dot_w, dot_h = 0.0, 0.0
         for j in range(K):

@@ -56,6 +56,7 @@ __all__ = [
     "score",
     "score_backward",
     "score_saving",
+    "untouched",
     "usable",
     "wanted",
 ]
@@ -125,6 +126,12 @@ def plain_cpu(*tensors: Tensor) -> bool:
         and not in_transform()  # no torch.func transform (grad, vmap)
         and all(t.numel() > 0 and _no_tangent(t) for t in tensors)
     )
+
+
+def untouched(t: Tensor) -> bool:
+    """Whether a weight (a Parameter or a tensor) carries no forward-mode tangent and is no tracer's or transform's
+    wrapper: a plain CPU tensor once its Parameter class is set aside."""
+    return t.device.type == "cpu" and (type(t) is Tensor or type(t) is torch.nn.Parameter) and _no_tangent(t)
 
 
 def _no_tangent(t: Tensor) -> bool:
@@ -222,7 +229,7 @@ def forward(coupling: RQSplineCoupling, x2: Tensor, params: Tensor) -> tuple[Ten
 
 
 SCORING_BINS = (4, 8)
-"""Bin counts that :func:`score` has a loop for (4: every shipped flow; 8: the flows' default)."""
+"""Bin counts that :func:`score` has a loop for (4: global_flow's; 8: joint_flow's and the flows' default)."""
 
 
 def score(coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,19 +241,24 @@ def score(coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tens
     log-determinant (...). Two vectorised ops, in place on contiguous memory: ``exp`` of the bin logits (clamped in
     the loop) and ``softplus(raw + shift)`` of the knot derivatives' (threshold 40: exact in float64, as the other
     kernels compute it)."""
+    sp = torch.nn.functional.softplus(derivatives.add_(coupling._derivative_shift), threshold=40.0)
+    y, logdet, _ = _score_loop(coupling, x, bins.exp_(), sp)
+    return y, logdet
+
+
+def _score_loop(coupling: RQSplineCoupling, x: Tensor, e: Tensor, sp: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
+    """The scoring loop on the values ``x`` (..., n), the bin logits' exps ``e`` (..., 2Kn) and the knot derivatives'
+    softplus ``sp`` (..., (K - 1) n): the outputs, the log-determinant and the values' rows as an array."""
     shape, K = x.shape, coupling.bins
     n = shape[-1]
-    e = bins.exp_().view(-1, 2 * K, n)
-    sp = torch.nn.functional.softplus(derivatives.add_(coupling._derivative_shift), threshold=40.0)
     values = x.detach().reshape(-1, n).contiguous().numpy()
     y = np.empty_like(values)
     logdet = np.empty(values.shape[0], dtype=np.float64)
     _threads()
-    kernel = _kernels().spline_score4 if K == 4 else _kernels().spline_score8
     _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
-    arrays = (values, e.numpy(), sp.view(-1, K - 1, n).numpy())
-    kernel(*arrays, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
-    return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).to(x.dtype).view(shape[:-1])
+    arrays = (values, e.view(-1, 2 * K, n).numpy(), sp.view(-1, K - 1, n).numpy())
+    _kernels().spline_score(*arrays, K, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
+    return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).to(x.dtype).view(shape[:-1]), values
 
 
 class ScoringState:
@@ -266,21 +278,13 @@ def score_saving(
 ) -> tuple[Tensor, Tensor, ScoringState]:
     """:func:`score` that also returns what :func:`score_backward` needs (a fitting step through the same loop; the
     arguments as for :func:`score`; ``derivatives`` is overwritten, ``bins`` kept)."""
-    shape, K = x.shape, coupling.bins
-    n = shape[-1]
-    e = bins.exp().view(-1, 2 * K, n)
+    K, n = coupling.bins, x.shape[-1]
+    e = bins.exp()
     u = derivatives.add_(coupling._derivative_shift)
-    sp = torch.nn.functional.softplus(u, threshold=40.0).view(-1, K - 1, n)
-    sig = torch.sigmoid(u).view(-1, K - 1, n)
-    values = x.detach().reshape(-1, n).contiguous().numpy()
-    y = np.empty_like(values)
-    logdet = np.empty(values.shape[0], dtype=np.float64)
-    _threads()
-    kernel = _kernels().spline_score4 if K == 4 else _kernels().spline_score8
-    _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
-    kernel(values, e.numpy(), sp.numpy(), bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
-    state = ScoringState(values, bins.view(-1, 2 * K, n).numpy(), e.numpy(), sp.numpy(), sig.numpy(), shape=shape)
-    return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).to(x.dtype).view(shape[:-1]), state
+    sp, sig = torch.nn.functional.softplus(u, threshold=40.0), torch.sigmoid(u)
+    y, logdet, values = _score_loop(coupling, x, e, sp)
+    arrays = (t.view(-1, m, n).numpy() for t, m in ((bins, 2 * K), (e, 2 * K), (sp, K - 1), (sig, K - 1)))
+    return y, logdet, ScoringState(values, *arrays, shape=x.shape)
 
 
 def score_backward(
@@ -296,10 +300,9 @@ def score_backward(
     gl = grad_logdet.detach().to(dtype).reshape(rows).contiguous().numpy()
     out = np.empty((rows, 3 * K, n), dtype=state.x.dtype)
     _threads()
-    kernel = _kernels().spline_grad4 if K == 4 else _kernels().spline_grad8
     _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
     arrays = (state.x, state.e, state.raw, state.sp, state.sig)
-    kernel(*arrays, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, gy, gl, out)
+    _kernels().spline_grad(*arrays, K, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, gy, gl, out)
     grads = torch.from_numpy(out)
     batch = state.shape[:-1]
     return grads[:, -1].view(state.shape), grads[:, :-1].reshape(rows, -1).view(*batch, (3 * K - 1) * n)

@@ -327,7 +327,7 @@ class RQSplineCoupling(_Coupling):
         return self._merge(x, x1, self._unrows(y2, grouped)), self._unrows(logdet, grouped)
 
     def _saving_forward(self, h: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, object]:
-        if not self._vectorised(x2):  # a fitting step through the same loop, and its vectorised backward
+        if not self._vectorised(x2, h):  # a fitting step through the same loop, and its backward
             return super()._saving_forward(h, x2)
         hidden, saved = self.conditioner.run_saving_hidden(h)
         y2, logdet, state = _numba_spline.score_saving(self, self._rows(x2, hidden), *self._last_parts(hidden))
@@ -373,14 +373,20 @@ class RQSplineCoupling(_Coupling):
             or (context is not None and context.requires_grad)
             or any(p.requires_grad for p in self.conditioner.parameters())
         )
-        return not recording and self._vectorised(x)
+        return not recording and self._vectorised(x, context)
 
-    def _vectorised(self, x: Tensor) -> bool:
-        """Whether the vectorised loops (``_numba_spline.score``, ``score_saving``) cover this coupling on ``x``: a
-        bin count they have a loop for (``_numba_spline.SCORING_BINS``) and the kernels usable on ``x`` and the
-        weights (``_numba_spline.usable``)."""
-        weight = self.conditioner._linears[-1].weight.detach()  # detach: a plain tensor (a Parameter is not)
-        return self.bins in _numba_spline.SCORING_BINS and _numba_spline.usable(x, weight)
+    def _vectorised(self, x: Tensor, context: Tensor | None = None) -> bool:
+        """Whether the vectorised loops (``_numba_spline.score``, ``score_saving``) cover this coupling on ``x`` and
+        the conditioner's other inputs ``context``: a bin count they have a loop for (``_numba_spline.SCORING_BINS``),
+        the kernels usable on ``x`` and the weights (``_numba_spline.usable``), and nothing watching the context or
+        the weights either (no forward-mode tangent, tracer or transform: the loops would drop it)."""
+        weight = self.conditioner._linears[-1].weight
+        return (
+            self.bins in _numba_spline.SCORING_BINS
+            and (context is None or _numba_spline.plain_cpu(context))
+            and all(_numba_spline.untouched(p) for p in self.conditioner.parameters())
+            and _numba_spline.usable(x, weight.detach())  # detach: a plain tensor (a Parameter is not)
+        )
 
     def _scoring_weights(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
         """The conditioner's last layer, param-major, for the vectorised loops: (weight, bias) of the 2K bin logits
@@ -388,9 +394,11 @@ class RQSplineCoupling(_Coupling):
         and (rows, K - 1, n); the last layer writes them value-major, value i's 3K - 1 parameters together), and
         the two weights side by side (for the backward's one GEMM). Cached, and rebuilt when the weights change."""
         last = self.conditioner._linears[-1]
-        key = (last.weight.data_ptr(), last.weight._version, last.bias.data_ptr(), last.bias._version)
+        # keyed on the tensors themselves (held, so that a new tensor at a freed address cannot match) and their
+        # versions; a change through .data (no version bump) is not seen, as for every cache of frozen weights here
+        key = (last.weight, last.weight._version, last.bias, last.bias._version)
         cached = self.__dict__.get("_scoring_cache")
-        if cached is None or cached[0] != key:
+        if cached is None or not (cached[0][0] is key[0] and cached[0][2] is key[2] and cached[0][1::2] == key[1::2]):
             n, K = self.num_transformed, self.bins
             order = torch.arange(n * (3 * K - 1), device=last.weight.device).view(n, 3 * K - 1).t().flatten()
             with torch.no_grad():
