@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import math
 
-import numba
 from numba import prange
 
+from posepriors.flows._numba_kernels import jit, scalar, serial  # the loops' compile options, shared
+from posepriors.rotations import _SMALL_ANGLE as SMALL  # the Taylor series below this angle
+
 __all__ = ["chain_backward", "chain_backward_serial", "chain_forward", "chain_forward_serial"]
-
-jit = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
-serial = numba.njit(cache=True, error_model="numpy", nogil=True)
-scalar = numba.njit(cache=True, error_model="numpy", inline="always")
-
-SMALL = 1e-3  # rotations._SMALL_ANGLE: the Taylor series below this angle
 
 
 @scalar

@@ -170,8 +170,9 @@ def forward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift
 def select_bin(e, sp, sig, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi):
     """Value (r, i) of the param-major loops (``score_rows``, ``grad_rows``): its bin k, the bin's left knot
     (xk, yk), width w and height h, the softmax scales fw and fh (as ``locate``), the knot derivatives d0, d1 and
-    the sigmoids s0, s1 of their logits (from sig; 1 and 0 at the ends). The bin is the last whose left knot v
-    reaches, taken by selects (K a compile-time constant: the loops unroll)."""
+    the sigmoids s0, s1 of their logits (from sig; at the end knots the derivative is 1 and the sigmoid 0: no
+    logit). The bin is the last whose left knot v reaches, taken by selects (K a compile-time constant: the loops
+    unroll)."""
     zw, zh = 0.0, 0.0
     for j in range(K):
         zw += min(max(e[r, j, i], lo), hi)
@@ -201,10 +202,10 @@ def score_rows(x, e, sp, K, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slo
     """Rows start..stop-1 of the spline forward for scoring (nothing saved for a backward), vectorised over each
     row's values: x (R, n), the bin logits' exps e (R, 2K, n) (widths, then heights; clamped here) and the knot
     derivatives sp (R, K - 1, n) (softplus, min_d not added) to y (R, n) and logdet (R,); slope (n,) is scratch.
-    Param-major inputs, so that the loads over the values are contiguous; K a compile-time constant (the callers
-    below), so that LLVM unrolls the loops over bins and vectorises the loop over values: a value's bin is the last
-    whose left knot it reaches, taken by selects instead of a search. The arithmetic of ``forward_row``, to the
-    last bit."""
+    Param-major inputs, so that the loads over the values are contiguous; K a compile-time constant (the caller,
+    ``spline_score``), so that LLVM unrolls the loops over bins and vectorises the loop over values: a value's bin
+    is the last whose left knot it reaches, taken by selects instead of a search. The arithmetic of
+    ``forward_row``, to the last bit."""
     n = x.shape[1]
     for r in range(start, stop):
         for i in range(n):
@@ -235,13 +236,14 @@ def spline_score(x, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, y, logdet):
     default) bins: each a compile-time constant in its own branch."""
     rows, n = x.shape
     hi = math.exp(limit)
+    lo = 1.0 / hi
     for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
         slope = np.empty(n, dtype=np.float64)
         start, stop = c * SCORE_CHUNK, min(rows, (c + 1) * SCORE_CHUNK)
         if K == FOUR:
-            score_rows(x, e, sp, FOUR, bound, sw, ow, sh, oh, min_d, 1.0 / hi, hi, y, logdet, slope, start, stop)
+            score_rows(x, e, sp, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slope, start, stop)
         else:
-            score_rows(x, e, sp, EIGHT, bound, sw, ow, sh, oh, min_d, 1.0 / hi, hi, y, logdet, slope, start, stop)
+            score_rows(x, e, sp, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slope, start, stop)
 
 
 @scalar
@@ -293,9 +295,9 @@ def spline_grad(x, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, limit, gy, 
     """``grad_rows`` for every row, in parallel threads, for K = 4 or 8 bins (as ``spline_score``)."""
     rows = x.shape[0]
     hi = math.exp(limit)
+    lo = 1.0 / hi
     for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
         start, stop = c * SCORE_CHUNK, min(rows, (c + 1) * SCORE_CHUNK)
-        lo = 1.0 / hi
         if K == FOUR:
             grad_rows(x, e, raw, sp, sig, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gy, gl, out, start, stop)
         else:
