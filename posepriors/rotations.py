@@ -86,11 +86,28 @@ def _safe_sqrt(x2: Tensor, small: Tensor) -> Tensor:
     return torch.where(small, torch.ones_like(x2), x2).sqrt()
 
 
-def _skew(v: Tensor) -> Tensor:
-    """The cross-product matrix [v]_x with [v]_x @ u = v x u, (*, 3) -> (*, 3, 3)."""
-    x, y, z = v.unbind(-1)
-    zero = torch.zeros_like(x)
-    return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).unflatten(-1, (3, 3))
+def _rodrigues_columns(aa: Tensor, columns: int) -> list[Tensor]:
+    """The first ``columns`` columns of the rotation matrix of ``aa`` (*, 3), entry by entry (column-major, each
+    (*,)), by Rodrigues' formula ``R = I + a K + b K^2`` with ``K = [aa]_x``, ``a = sin(t)/t`` and
+    ``b = (1 - cos t)/t^2`` (Taylor series near angle 0). ``K^2 = aa aa^T - t^2 I`` is written out entry by entry
+    (off the diagonal ``b x y``, on it ``-b (y^2 + z^2)``): element-wise ops only, no batched 3x3 product."""
+    x, y, z = aa.movedim(-1, 0).contiguous()  # each (*,), contiguous: the ops below read it at stride 1
+    xx, yy, zz = x.square(), y.square(), z.square()
+    theta2 = xx + yy + zz
+    small = theta2 < _SMALL_ANGLE**2
+    t = _safe_sqrt(theta2, small)
+    half_sinc = torch.sin(t / 2) / (t / 2)
+    # 1 - cos t = 2 sin^2(t/2) avoids cancellation in float32
+    a = torch.where(small, 1 - theta2 / 6 + theta2.square() / 120, torch.sin(t) / t)
+    b = torch.where(small, 0.5 - theta2 / 24 + theta2.square() / 720, 0.5 * half_sinc.square())
+    ax, ay, az = a * x, a * y, a * z
+    bx, by = b * x, b * y
+    out = [1 - b * (yy + zz), az + bx * y, bx * z - ay]  # column 0
+    if columns > 1:
+        out += [bx * y - az, 1 - b * (xx + zz), ax + by * z]
+    if columns > 2:
+        out += [ay + bx * z, by * z - ax, 1 - b * (xx + yy)]
+    return out
 
 
 def axis_angle_to_matrix(aa: Tensor) -> Tensor:
@@ -103,16 +120,8 @@ def axis_angle_to_matrix(aa: Tensor) -> Tensor:
         Rotation matrices, shape (*, 3, 3).
     """
     _check(aa, (3,), "axis-angle")
-    theta2 = aa.square().sum(-1, keepdim=True)[..., None]  # (*, 1, 1)
-    small = theta2 < _SMALL_ANGLE**2
-    t = _safe_sqrt(theta2, small)
-    half_sinc = torch.sin(t / 2) / (t / 2)
-    # R = I + sin(t)/t K + (1 - cos t)/t^2 K^2, with 1 - cos t = 2 sin^2(t/2) to avoid cancellation in float32
-    a = torch.where(small, 1 - theta2 / 6 + theta2.square() / 120, torch.sin(t) / t)
-    b = torch.where(small, 0.5 - theta2 / 24 + theta2.square() / 720, 0.5 * half_sinc.square())
-    K = _skew(aa)
-    eye = torch.eye(3, dtype=aa.dtype, device=aa.device)
-    return eye + a * K + b * (K @ K)
+    c = _rodrigues_columns(aa, 3)
+    return torch.stack([c[0], c[3], c[6], c[1], c[4], c[7], c[2], c[5], c[8]], dim=-1).unflatten(-1, (3, 3))
 
 
 def axis_angle_to_quaternion(aa: Tensor) -> Tensor:
@@ -258,7 +267,8 @@ def axis_angle_to_rotation_6d(aa: Tensor) -> Tensor:
     Returns:
         6D representations, shape (*, 6).
     """
-    return matrix_to_rotation_6d(axis_angle_to_matrix(aa))
+    _check(aa, (3,), "axis-angle")
+    return torch.stack(_rodrigues_columns(aa, 2), dim=-1)  # the two columns alone
 
 
 def rotation_6d_to_axis_angle(d6: Tensor) -> Tensor:

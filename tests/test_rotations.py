@@ -362,6 +362,37 @@ def test_gradients_at_zero_are_the_right_ones():
     assert torch.all(_grad(rot.exp_map_log_abs_det, zero) == 0)
 
 
+def _rodrigues_by_products(aa):
+    """R = I + a K + b K @ K with batched 3x3 products (what axis_angle_to_matrix computed before it wrote K @ K
+    out entry by entry), Taylor series below 1e-3 rad."""
+    theta2 = aa.square().sum(-1)[..., None, None]
+    small = theta2 < 1e-6
+    t = torch.where(small, torch.ones_like(theta2), theta2).sqrt()
+    a = torch.where(small, 1 - theta2 / 6 + theta2.square() / 120, torch.sin(t) / t)
+    b = torch.where(small, 0.5 - theta2 / 24 + theta2.square() / 720, 0.5 * (torch.sin(t / 2) / (t / 2)).square())
+    x, y, z = aa.unbind(-1)
+    zero = torch.zeros_like(x)
+    K = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).unflatten(-1, (3, 3))
+    return torch.eye(3, dtype=aa.dtype) + a * K + b * (K @ K)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matrix_and_6d_entries_equal_the_product_form_with_gradients(dtype):
+    aa = torch.cat([_edge_aa(), _random_aa((50,)), 3 * _random_aa((20,), seed=3)]).to(dtype)  # up to 3 pi
+    tol = TOL[dtype]
+    R, R_ref = rot.axis_angle_to_matrix(aa), _rodrigues_by_products(aa)
+    assert R.is_contiguous()
+    torch.testing.assert_close(R, R_ref, **tol)
+    torch.testing.assert_close(rot.axis_angle_to_rotation_6d(aa), rot.matrix_to_rotation_6d(R_ref), **tol)
+    weights = torch.randn(3, 3, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    for fn, ref in (
+        (lambda v: rot.axis_angle_to_matrix(v) * weights, lambda v: _rodrigues_by_products(v) * weights),
+        (lambda v: rot.axis_angle_to_rotation_6d(v) * weights[:2].reshape(6),
+         lambda v: rot.matrix_to_rotation_6d(_rodrigues_by_products(v)) * weights[:2].reshape(6)),
+    ):  # fmt: skip
+        torch.testing.assert_close(_grad(fn, aa), _grad(ref, aa), **tol)
+
+
 # --- random rotations ------------------------------------------------------------------------------------------
 
 

@@ -236,12 +236,12 @@ def score(coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tens
     """The spline forward for scoring (no autograd, nothing saved) in the loop vectorised over values
     (``_numba_kernels.score_rows``; a coupling with :data:`SCORING_BINS` bins): rows of transformed values ``x``
     (..., n) and their conditioner outputs param-major, the bin logits ``bins`` (..., 2Kn: the K width logits of
-    every value, then the K height logits) and the knot-derivative logits ``derivatives`` (..., (K - 1) n)
-    (``RQSplineCoupling._scoring_weights`` writes them so; both are overwritten), to the outputs (..., n) and the
-    log-determinant (...). Two vectorised ops, in place on contiguous memory: ``exp`` of the bin logits (clamped in
-    the loop) and ``softplus(raw + shift)`` of the knot derivatives' (threshold 40: exact in float64, as the other
-    kernels compute it)."""
-    sp = torch.nn.functional.softplus(derivatives.add_(coupling._derivative_shift), threshold=40.0)
+    every value, then the K height logits) and the knot-derivative logits plus the shift, ``raw + shift``
+    (..., (K - 1) n) (``RQSplineCoupling._scoring_weights`` writes them so; ``bins`` is overwritten), to the outputs
+    (..., n) and the log-determinant (...). Two vectorised ops on contiguous memory: ``exp`` of the bin logits, in
+    place (clamped in the loop), and ``softplus`` of the shifted knot-derivative logits (threshold 40: exact in
+    float64, as the other kernels compute it)."""
+    sp = torch.nn.functional.softplus(derivatives, threshold=40.0)
     y, logdet, _ = _score_loop(coupling, x, bins.exp_(), sp)
     return y, logdet
 
@@ -253,12 +253,12 @@ def _score_loop(coupling: RQSplineCoupling, x: Tensor, e: Tensor, sp: Tensor) ->
     n = shape[-1]
     values = x.detach().reshape(-1, n).contiguous().numpy()
     y = np.empty_like(values)
-    logdet = np.empty(values.shape[0], dtype=np.float64)
+    logdet = np.empty(values.shape[0], dtype=values.dtype)  # summed in float64, rounded once on writing
     _threads()
     _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
     arrays = (values, e.view(-1, 2 * K, n).numpy(), sp.view(-1, K - 1, n).numpy())
     _kernels().spline_score(*arrays, K, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
-    return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).to(x.dtype).view(shape[:-1]), values
+    return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).view(shape[:-1]), values
 
 
 class ScoringState:
@@ -277,11 +277,10 @@ def score_saving(
     coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor
 ) -> tuple[Tensor, Tensor, ScoringState]:
     """:func:`score` that also returns what :func:`score_backward` needs (a fitting step through the same loop; the
-    arguments as for :func:`score`; ``derivatives`` is overwritten, ``bins`` kept)."""
+    arguments as for :func:`score`, both kept)."""
     K, n = coupling.bins, x.shape[-1]
     e = bins.exp()
-    u = derivatives.add_(coupling._derivative_shift)
-    sp, sig = torch.nn.functional.softplus(u, threshold=40.0), torch.sigmoid(u)
+    sp, sig = torch.nn.functional.softplus(derivatives, threshold=40.0), torch.sigmoid(derivatives)
     y, logdet, values = _score_loop(coupling, x, e, sp)
     arrays = (t.view(-1, m, n).numpy() for t, m in ((bins, 2 * K), (e, 2 * K), (sp, K - 1), (sig, K - 1)))
     return y, logdet, ScoringState(values, *arrays, shape=x.shape)

@@ -391,8 +391,9 @@ class RQSplineCoupling(_Coupling):
     def _scoring_weights(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
         """The conditioner's last layer, param-major, for the vectorised loops: (weight, bias) of the 2K bin logits
         and of the K - 1 knot-derivative logits of every transformed value (outputs that reshape to (rows, 2K, n)
-        and (rows, K - 1, n); the last layer writes them value-major, value i's 3K - 1 parameters together), and
-        the two weights side by side (for the backward's one GEMM). Cached, and rebuilt when the weights change."""
+        and (rows, K - 1, n); the last layer writes them value-major, value i's 3K - 1 parameters together; the
+        derivatives' bias includes the shift ``_derivative_shift``), and the two weights side by side (for the
+        backward's one GEMM). Cached, and rebuilt when the weights change."""
         last = self.conditioner._linears[-1]
         # keyed on the tensors themselves (held, so that a new tensor at a freed address cannot match) and their
         # versions; a change through .data (no version bump) is not seen, as for every cache of frozen weights here
@@ -404,7 +405,9 @@ class RQSplineCoupling(_Coupling):
             with torch.no_grad():
                 weight, bias = last.weight[..., order].contiguous(), last.bias[..., order].contiguous()
             split = 2 * K * n
-            parts = ((weight[..., :split], bias[..., :split]), (weight[..., split:], bias[..., split:]), weight)
+            # the knot-derivative logits come out shifted (the loops take softplus(raw + shift)): one op less a call
+            shifted = bias[..., split:] + self._derivative_shift
+            parts = ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted), weight)
             cached = (key, parts)
             self.__dict__["_scoring_cache"] = cached
         return cached[1]

@@ -166,7 +166,7 @@ class GlobalFlowPrior(PosePrior):
     # ------------------------------------------------------------------ core maps
     def _part_context(self, x: Tensor, k: int, ctx: Tensor | None) -> Tensor | None:
         """Conditioner input of part k: previous parts' coordinates (B, 3 * previous) and the external context."""
-        pieces = [x[:, getattr(self, f"part_index_{i}")].flatten(1) for i in range(k)]
+        pieces = [x.index_select(1, getattr(self, f"part_index_{i}")).flatten(1) for i in range(k)]
         if ctx is not None:
             pieces.append(ctx)
         if not pieces:
@@ -178,7 +178,7 @@ class GlobalFlowPrior(PosePrior):
         ``ctx`` (B, C) or None, (B, P)."""
         out = []
         for k, flow in enumerate(self.flows[:num_parts]):
-            xk = x[:, getattr(self, f"part_index_{k}")].reshape(x.shape[0], 1, -1)
+            xk = x.index_select(1, getattr(self, f"part_index_{k}")).reshape(x.shape[0], 1, -1)
             out.append(flow.log_prob(xk, self._part_context(x, k, ctx)))  # (B, 1)
         return torch.cat(out, dim=-1)
 
@@ -265,7 +265,7 @@ class GlobalFlowPrior(PosePrior):
     def _encode(self, x: Tensor, ctx: Tensor | None) -> list[Tensor]:
         zs = []
         for k, flow in enumerate(self.flows):
-            xk = x[:, getattr(self, f"part_index_{k}")].reshape(x.shape[0], 1, -1)
+            xk = x.index_select(1, getattr(self, f"part_index_{k}")).reshape(x.shape[0], 1, -1)
             zs.append(flow(xk, self._part_context(x, k, ctx))[0])
         return zs
 
