@@ -20,7 +20,9 @@ all of them alike), reported as medians and as per-round ratios ``median [min, m
 3. **Keypoint fits** (:func:`posepriors.fitting.fit_keypoints`, ``--steps`` Adam steps, all 22 keypoints seen) of 1
    pose and of 256 poses per shipped body prior, next to the Gaussian and SMPLify's GMM (when
    ``../shared/baselines/smplify_gmm_08.npz`` is there): wall time per step, and with Numba the same fits with the
-   forward kinematics' Numba loops switched off (:mod:`posepriors.kinematics`).
+   forward kinematics' Numba loops switched off (:mod:`posepriors.kinematics`); then the flows' latent-space fits
+   (``space="latent"``: each step decodes the body's latent code through the flow's inverse), with Numba with and
+   without the fused kernels (the inverse loops).
 4. With ``--compile``: :meth:`~posepriors.priors.base.PosePrior.compile` of the default body prior, warm-up with a
    cold and with a warm inductor cache, and its step time against eager.
 
@@ -313,6 +315,7 @@ def keypoint_fits(args: argparse.Namespace, names: list[str]) -> None:
             ]
             line += f"{fast[0]}, {fast[1]}"
         print(line)
+    latent_fits(args, {name: priors[name] for name in ("global_flow", "joint_flow") if name in priors}, keypoints)
     if DEFAULT_BODY_PRIOR in priors:
         prior = priors[DEFAULT_BODY_PRIOR]
         method = "energy" if prior.energy_gaussian is not None else "nll"  # the term fit_keypoints minimises
@@ -325,6 +328,35 @@ def keypoint_fits(args: argparse.Namespace, names: list[str]) -> None:
             f"  {DEFAULT_BODY_PRIOR}: 256-pose fitting step {fit_ms:.2f} ms = {fit_ms / gemm_ms:.2f}x the GEMMs of its "
             f"{method} forward + backward alone ({gemm_ms:.2f} ms, timed after the fits)"
         )
+
+
+def latent_fits(args: argparse.Namespace, flows: dict[str, PosePrior | None], keypoints: torch.Tensor) -> None:
+    """Latent-space fits of the flows (``fit_keypoints(space="latent")``), ms per step, with the fused kernels
+    (when Numba is installed) against the tensor ops."""
+    if not flows:
+        return
+    kernels = _numba_spline.available()
+    print(f"  latent-space fits (space='latent'), ms per step: 1 pose, 256 poses{' (kernels off)' if kernels else ''}")
+    per_step: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for name, prior in flows.items():
+            for batch in (1, 256):
+                for off in (False, True) if kernels else (False,):
+                    with no_kernels() if off else contextlib.nullcontext():
+                        start = time.perf_counter()
+                        fit_keypoints(keypoints[:batch], prior=prior, weight=2e-5, steps=args.steps, space="latent")
+                    per_step.setdefault(f"{name} b{batch}{' off' if off else ''}", []).append(
+                        (time.perf_counter() - start) / args.steps
+                    )
+    for name in flows:
+        line = f"  {name:<14}"
+        for batch in (1, 256):
+            line += f"{1000 * statistics.median(per_step[f'{name} b{batch}']):>9.2f}"
+            if kernels:
+                fast, slow = per_step[f"{name} b{batch}"], per_step[f"{name} b{batch} off"]
+                ratios = [a / b for a, b in zip(slow, fast, strict=True)]
+                line += f" ({1000 * statistics.median(slow):.2f}: {spread(ratios)} faster)"
+        print(line)
 
 
 _COMPILE_CHILD = """

@@ -174,7 +174,7 @@ def test_frozen_coupling_backward_flushes_subnormal_gradients():
     assert torch.equal(_flush_subnormal(t), torch.tensor([0.0, 0.0, tiny, -1e-3, 2.0]))
     coupling = posepriors.load("global_flow").flows[0].blocks[2]
     x = (0.3 * torch.randn(2, 1, 63, generator=torch.Generator().manual_seed(3))).requires_grad_(True)
-    z, logdet = _FrozenCoupling.apply(coupling, x, None)
+    z, logdet = _FrozenCoupling.apply(coupling, x, None, False)
     weight = torch.full_like(z, tiny / 8)  # subnormal upstream gradients
     weight[:, :, :3] = 1.0
     (grad,) = torch.autograd.grad((z * weight).sum() + logdet.sum() * (tiny / 8), x)

@@ -64,14 +64,15 @@ def _restore_enabled(monkeypatch) -> Iterator[None]:
 @pytest.fixture
 def kernel_calls(monkeypatch) -> dict[str, int]:
     """Count the runs of the kernels (the couplings call them through the module): the saving loop's forward and
-    backward, and the vectorised loops' forward without autograd (score), with it (score_saving) and backward."""
-    calls = {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0}
+    backward, and the vectorised loops' forward without autograd (score), with it (score_saving, forward or
+    inverse) and backward, and their inverse without autograd."""
+    calls = {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0, "inverse": 0}
     for name in calls:
         original = getattr(_numba_spline, name)
 
-        def counted(*args, name=name, original=original):
-            calls[name] += 1
-            return original(*args)
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
 
         monkeypatch.setattr(_numba_spline, name, counted)
     return calls
@@ -79,7 +80,7 @@ def kernel_calls(monkeypatch) -> dict[str, int]:
 
 def runs(**counts: int) -> dict[str, int]:
     """The ``kernel_calls`` counts: these, and zero for every other kernel."""
-    return {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0, **counts}
+    return {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0, "inverse": 0, **counts}
 
 
 def spline_coupling(mask, bins: int, dtype: torch.dtype, groups: int = 3, context: int = 2, logit_scale: float = 1.0):
@@ -235,6 +236,22 @@ def coupling_outputs(coupling, x, c, enabled: bool):
         return coupling(x, c)
 
 
+def clamping_coupling(bins: int, groups: int) -> RQSplineCoupling:
+    """A frozen float64 7-D spline coupling (bound 3, a 2-D context) whose conditioner puts many outputs beyond the
+    logit clamp, and for every row value 0's and 1's bin logits exactly at it and one beyond it."""
+    with seeded(bins):
+        coupling = RQSplineCoupling(groups, 7, MASKS["mid"], 12, context_features=2, bins=bins, bound=3.0)
+    perturb(coupling, scale=1.0, seed=bins)
+    P = 3 * bins - 1
+    with torch.no_grad():
+        last = coupling.conditioner[-1]
+        last.weight.mul_(40.0)
+        for column, value in ((0, LIMIT), (bins + 1, -LIMIT), (P + 1, 70.0)):
+            last.weight[..., column] = 0.0
+            last.bias[..., column] = value
+    return coupling.double().eval().requires_grad_(False)
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("bins", [4, 8])
 def test_scoring_loop_matches_the_tensor_ops_and_the_saving_loop(bins, groups, kernel_calls):
@@ -242,17 +259,7 @@ def test_scoring_loop_matches_the_tensor_ops_and_the_saving_loop(bins, groups, k
     GEMMs) gives the tensor ops' outputs and log-determinants (float64, 1e-9) and the saving loop's (1e-12), for one
     group (2-D GEMMs) and several (batched), with conditioner outputs beyond the logit clamp, tails and ends; a NaN
     input makes its row's log-determinant NaN, not a number."""
-    with seeded(bins):
-        coupling = RQSplineCoupling(groups, 7, MASKS["mid"], 12, context_features=2, bins=bins, bound=3.0)
-    perturb(coupling, scale=1.0, seed=bins)
-    P = 3 * bins - 1
-    with torch.no_grad():
-        last = coupling.conditioner[-1]
-        last.weight.mul_(40.0)  # many outputs beyond the clamp
-        for column, value in ((0, LIMIT), (bins + 1, -LIMIT), (P + 1, 70.0)):  # value 0's and 1's bin logits:
-            last.weight[..., column] = 0.0  # exactly at the clamp, and one beyond it, for every row
-            last.bias[..., column] = value
-    coupling = coupling.double().eval().requires_grad_(False)
+    coupling = clamping_coupling(bins, groups)
     x, c = data(256, groups, 7, 2, seed=bins)
     x[2, :, :], x[3, :, :] = coupling.bound, -coupling.bound
     x[4, 0, 1] = float("nan")  # a transformed dim
@@ -545,13 +552,96 @@ def test_training_keeps_the_tensor_ops(kernel_calls):
         assert kernel_calls["forward"] == 1
 
 
-def test_inverse_never_uses_the_kernels(kernel_calls):
-    """Sampling (latent to data) runs the tensor ops: the kernels implement the forward spline only."""
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("bins", [4, 8])
+def test_inverse_loops_match_the_tensor_ops(bins, groups, kernel_calls, monkeypatch):
+    """The inverse (latent to data) of a coupling with a vectorised loop: without autograd the inverse loop, with it
+    one autograd node whose backward takes the forward spline's partials at the inverse (implicit differentiation).
+    Both give the tensor ops' outputs, log-determinants and input and context gradients (float64; the tensor ops
+    with an exact softplus: ``F.softplus``'s linear branch above 20 is off by 2e-9, which the inverse of a nearly
+    flat bin magnifies), with tails, the interval's ends and clamped logits; the loop inverts the scoring loop; a
+    NaN input gives NaN."""
+    coupling = clamping_coupling(bins, groups)
+    x, c = data(256, groups, 7, 2, seed=bins)
+    z, logdet = coupling_outputs(coupling, x, c, True)
+    z[2, :, :], z[3, :, :] = coupling.bound, -coupling.bound
+    z[5, :, :] = torch.tensor([-10.0, 10.0, 2.9, -2.9, 0.0, 1.0, -1.0])  # tails and inside
+    z[4, 0, 1] = float("nan")  # a transformed dim
+    with numba_enabled(True), torch.no_grad():
+        back, inverse_logdet = coupling._inverse(z, c)
+    assert kernel_calls == runs(score=1, inverse=1)
+    monkeypatch.setattr(torch.nn.functional, "softplus", exact_softplus)  # for the tensor ops, below
+    with numba_enabled(False), torch.no_grad():
+        back_ref, inverse_logdet_ref = coupling._inverse(z, c)
+    assert torch.isnan(back[4, 0, 1]) and torch.isnan(inverse_logdet[4, 0]) and torch.isnan(inverse_logdet_ref[4, 0])
+    # the inverse of a nearly flat bin magnifies round-off (the loop and the tensor ops differ by up to 1e-7 here),
+    # so both are checked through the forward, which is well conditioned: f(x) = z and the log-determinants cancel
+    rows = torch.ones(z.shape[:2], dtype=torch.bool)
+    rows[4, 0] = False
+    for inverted, inverted_logdet in ((back, inverse_logdet), (back_ref, inverse_logdet_ref)):
+        again, again_logdet = coupling_outputs(coupling, inverted, c, False)
+        torch.testing.assert_close(again[rows], z[rows], atol=1e-11, rtol=0)
+        torch.testing.assert_close(inverted_logdet[rows], -again_logdet[rows], atol=1e-8, rtol=1e-9)
+    kept = torch.ones(z.shape[0], dtype=torch.bool)
+    kept[2:6] = False  # the rows of z left as the forward gave them: the loop as close to x as the tensor ops
+    assert (back[kept] - x[kept]).abs().max() <= 1.5 * (back_ref[kept] - x[kept]).abs().max() + 1e-12
+    outside = z.abs() >= coupling.bound  # the interval's ends and beyond: the identity, exactly
+    assert outside[2:4].all() and torch.equal(back[outside], z[outside])
+    assert torch.equal(inverse_logdet[2:4], torch.zeros_like(inverse_logdet[2:4]))
+    assert float((back - z).abs().nan_to_num().max()) > 0.1  # not the identity
+
+    # gradients: on a coupling whose bins are not at their floors (there the tensor ops' clamp of a root that
+    # round-off put past its bin's end zeroes a gradient that is 1 / f'(x), as the loop gives it)
+    mild = spline_coupling(MASKS["mid"], bins, torch.float64, groups=groups)
+    z = coupling_outputs(mild, x, c, True)[0]
+    z[2, :, :], z[3, :, :] = mild.bound, -mild.bound
+    z[5, :, :] = torch.tensor([-10.0, 10.0, 2.9, -2.9, 0.0, 1.0, -1.0])
+    g = torch.Generator().manual_seed(6)
+    weights = torch.randn(z.shape, generator=g, dtype=torch.float64), torch.randn(z.shape[:2], generator=g)
+    grads = []
+    for enabled in (True, False):
+        leaf, context = z.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        with numba_enabled(enabled):
+            out, out_logdet = mild._frozen_inverse(leaf, context)
+            assert ("_FrozenCoupling" in type(out.grad_fn).__name__) == enabled  # one node; else the op-by-op graph
+            ((out * weights[0]).sum() + (out_logdet * weights[1]).sum()).backward()
+        grads.append((out.detach(), out_logdet.detach(), leaf.grad, context.grad))
+    assert kernel_calls["score_saving"] == kernel_calls["score_backward"] == 1
+    for got, want in zip(*grads, strict=True):  # gradients up to 1e5 (1 / f' in steep bins)
+        torch.testing.assert_close(got, want, atol=1e-10 * max(1.0, float(want.abs().max())), rtol=1e-8)
+
+
+@pytest.mark.parametrize("bins", [4, 8])
+def test_gradcheck_of_a_frozen_flows_inverse(bins, kernel_calls):
+    """A frozen conditional flow's inverse with gradients w.r.t. the latent and the context (a latent-space fit)
+    runs each spline coupling as one node through the inverse loops, passes ``gradcheck`` and matches the tensor
+    ops (float32 within its round-off)."""
+    flow = frozen_flow(2, 5, bins, torch.float64, context=3)
+    g = torch.Generator().manual_seed(bins)
+    z = torch.randn(6, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(6, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: flow.inverse(a, b), (z, c))
+    assert kernel_calls["score_saving"] > 0 and kernel_calls["score_backward"] > 0
+    flow32 = copy.deepcopy(flow).float()
+    outs = []
+    for enabled in (True, False):
+        a, b = z.detach().float().requires_grad_(True), c.detach().float().requires_grad_(True)
+        with numba_enabled(enabled):
+            x, logdet = flow32.inverse(a, b)
+            (x.square().sum() + logdet.sum()).backward()
+        outs.append((x.detach(), logdet.detach(), a.grad, b.grad))
+    for got, want in zip(*outs, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-4 * max(1.0, float(want.abs().max())), rtol=1e-4)
+
+
+def test_inverse_of_other_bin_counts_keeps_the_tensor_ops(kernel_calls):
+    """Bin counts without a vectorised loop (5) invert with the tensor ops, and ``_transform(inverse=True)`` always
+    does (the loops run from the coupling's ``_inverse``); either inverts the forward kernels."""
     flow = frozen_flow(2, 4, 5, torch.float64)
     z = torch.randn(500, 2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with numba_enabled(True), torch.no_grad():
         x, inverse_logdet = flow.inverse(z)
-        assert kernel_calls["forward"] == 0
+        assert kernel_calls["forward"] == kernel_calls["inverse"] == 0
         back, logdet = flow(x)
         assert kernel_calls["forward"] > 0
     torch.testing.assert_close(back, z, atol=1e-8, rtol=1e-8)
@@ -563,7 +653,7 @@ def test_inverse_never_uses_the_kernels(kernel_calls):
         y, logdet = coupling._transform(x2, params, inverse=False)
         calls += 1
         x_back, inverse_logdet = coupling._transform(y, params, inverse=True)
-    assert kernel_calls["forward"] == calls and kernel_calls["backward"] == 0
+    assert kernel_calls["forward"] == calls and kernel_calls["backward"] == kernel_calls["inverse"] == 0
     torch.testing.assert_close(x_back, x2, atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(inverse_logdet, -logdet, atol=1e-7, rtol=1e-8)
 

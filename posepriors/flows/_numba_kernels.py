@@ -24,6 +24,8 @@ __all__ = [
     "spline_forward",
     "spline_forward_serial",
     "spline_grad",
+    "spline_inverse",
+    "spline_inverse_grad",
     "spline_score",
 ]
 
@@ -95,10 +97,33 @@ def bin_terms(v, xk, w, h, d0, d1):
     """The bin-local terms of the spline at v (module docstring of _numba_spline): s, xi, 1 - xi, t, c, q, p, m."""
     s = h / w
     xi = (v - xk) / w
+    return (s, xi, *xi_terms(xi, s, d0, d1))
+
+
+@scalar
+def xi_terms(xi, s, d0, d1):
+    """The terms of ``bin_terms`` after s and xi: 1 - xi, t, c, q, p, m."""
     xi_1m = 1.0 - xi
     t = xi * xi_1m
     c = d0 + d1 - 2.0 * s
-    return s, xi, xi_1m, t, c, s + c * t, s * xi * xi + d0 * t, d1 * xi * xi + 2.0 * s * t + d0 * xi_1m * xi_1m
+    return xi_1m, t, c, s + c * t, s * xi * xi + d0 * t, d1 * xi * xi + 2.0 * s * t + d0 * xi_1m * xi_1m
+
+
+@scalar
+def inverse_xi(v, yk, w, h, d0, d1):
+    """The inverse of the spline at an output v in the bin with left y knot yk, width w, height h and knot
+    derivatives d0, d1: s and xi in [0, 1] (NaN for a NaN v), the root of the bin's quadratic
+    ``a xi^2 + b xi + c``, ``c = -s (v - yk)``, in ``RQSplineCoupling._transform``'s cancellation-free form
+    ``2c / (-b - sqrt(b^2 - 4ac))``."""
+    s = h / w
+    dy = v - yk
+    d_sum = d0 + d1 - 2.0 * s
+    a = h * (s - d0) + dy * d_sum
+    b = h * d0 - dy * d_sum
+    s_dy = s * dy
+    disc = b * b + 4.0 * a * s_dy
+    xi = 2.0 * s_dy / (b + math.sqrt(disc if disc > 0.0 else 0.0))
+    return s, (0.0 if xi < 0.0 else (1.0 if xi > 1.0 else xi))  # clamped to the bin; NaN stays NaN
 
 
 @scalar
@@ -167,12 +192,12 @@ def forward_row(x, e, sp, raw, K, bound, sw, ow, sh, oh, min_d, shift, exp_shift
 
 
 @scalar
-def select_bin(e, sp, sig, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi):
-    """Value (r, i) of the param-major loops (``score_rows``, ``grad_rows``): its bin k, the bin's left knot
-    (xk, yk), width w and height h, the softmax scales fw and fh (as ``locate``), the knot derivatives d0, d1 and
-    the sigmoids s0, s1 of their logits (from sig; at the end knots the derivative is 1 and the sigmoid 0: no
-    logit). The bin is the last whose left knot v reaches, taken by selects (K a compile-time constant: the loops
-    unroll)."""
+def select_bin(e, sp, sig, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi, by_y):
+    """Value (r, i) of the param-major loops (``score_rows``, ``grad_rows``, ``inverse_rows``): its bin k, the
+    bin's left knot (xk, yk), width w and height h, the softmax scales fw and fh (as ``locate``), the knot
+    derivatives d0, d1 and the sigmoids s0, s1 of their logits (from sig; at the end knots the derivative is 1 and
+    the sigmoid 0: no logit). The bin is the last whose left knot v reaches, in x (or in y with ``by_y``: the
+    inverse's input), taken by selects (K and ``by_y`` compile-time constants: the loops unroll)."""
     zw, zh = 0.0, 0.0
     for j in range(K):
         zw += min(max(e[r, j, i], lo), hi)
@@ -186,7 +211,7 @@ def select_bin(e, sp, sig, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi):
         hj = oh + fh * min(max(e[r, K + j, i], lo), hi)
         right = sp[r, j, i] + min_d if j < K - 1 else 1.0
         right_sig = sig[r, j, i] if j < K - 1 else 0.0
-        take = v >= cx
+        take = v >= (cy if by_y else cx)
         xk, yk = (cx, cy) if take else (xk, yk)
         w, h = (wj, hj) if take else (w, h)
         d0, d1 = (sp[r, j - 1, i] + min_d, right) if take else (d0, d1)
@@ -210,19 +235,46 @@ def score_rows(x, e, sp, K, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slo
     for r in range(start, stop):
         for i in range(n):
             v = x[r, i]
-            bin_ = select_bin(e, sp, sp, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi)  # no sigmoids: sp twice
+            bin_ = select_bin(
+                e, sp, sp, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi, False
+            )  # sp twice: no sigmoids
             xk, yk, w, h, d0, d1 = bin_[1], bin_[2], bin_[3], bin_[4], bin_[7], bin_[8]
             s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
             outside = v <= -bound or v >= bound  # the ends and beyond: the identity (NaN is not: NaN out)
             y[r, i] = v if outside else yk + h * p / q
             slope[i] = 1.0 if outside else s * s * m / (q * q)
-        product, total = 1.0, 0.0
+        logdet[r] = log_product(slope, n)
+
+
+@scalar
+def log_product(slope, n):
+    """log(slope[0] * ... * slope[n - 1]): one log per row unless the product would leave range."""
+    product, total = 1.0, 0.0
+    for i in range(n):
+        product *= slope[i]
+        if product > 1e100 or product < 1e-100:
+            total += math.log(product)
+            product = 1.0
+    return total + math.log(product)
+
+
+@scalar
+def inverse_rows(z, e, sp, K, bound, sw, ow, sh, oh, min_d, lo, hi, x, logdet, slope, start, stop):
+    """``score_rows`` for the inverse: rows start..stop-1 of z (R, n) to x (R, n) and the inverse's
+    log-determinant (R,), vectorised over each row's values the same way (the bin taken in y, then the root of its
+    quadratic, ``inverse_xi``)."""
+    n = z.shape[1]
+    for r in range(start, stop):
         for i in range(n):
-            product *= slope[i]
-            if product > 1e100 or product < 1e-100:  # one log per row unless the product would leave range
-                total += math.log(product)
-                product = 1.0
-        logdet[r] = total + math.log(product)
+            v = z[r, i]
+            bin_ = select_bin(e, sp, sp, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi, True)
+            xk, yk, w, h, d0, d1 = bin_[1], bin_[2], bin_[3], bin_[4], bin_[7], bin_[8]
+            s, xi = inverse_xi(v, yk, w, h, d0, d1)
+            xi_1m, t, c, q, p, m = xi_terms(xi, s, d0, d1)
+            outside = v <= -bound or v >= bound
+            x[r, i] = v if outside else xk + xi * w
+            slope[i] = 1.0 if outside else s * s * m / (q * q)
+        logdet[r] = -log_product(slope, n)
 
 
 SCORE_CHUNK = 64
@@ -247,29 +299,42 @@ def spline_score(x, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, y, logdet):
 
 
 @scalar
-def grad_rows(x, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gy, gl, out, start, stop):
-    """Rows start..stop-1 of the vector-Jacobian product of ``score_rows``' spline, on its param-major inputs and
-    with its selects instead of a bin search: from the gradients w.r.t. the outputs gy (R, n) and the
-    log-determinant gl (R,), into one array out (R, 3K, n): the gradients w.r.t. the raw bin logits (rows
-    0..2K-1), the raw knot-derivative logits (2K..3K-2) and x (3K-1), param-major, so that the conditioner's
-    backward is one GEMM. raw (R, 2K, n): the bin logits (a clamped one gets no gradient); sig (R, K - 1, n): the
-    knot-derivative logits' sigmoid, softplus's derivative. The formulas of ``backward_row``; beyond the interval
-    (not at its ends) the identity. LLVM does not vectorise this loop (it would need more runtime alias checks
-    than it allows): it runs about 7x slower per value than ``score_rows``, and still faster than
-    ``backward_row``."""
+def grad_rows(x, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gy, gl, out, start, stop, inverse):
+    """Rows start..stop-1 of the vector-Jacobian product of ``score_rows``' spline (or, with ``inverse``, of
+    ``inverse_rows``'), on its param-major inputs and with its selects instead of a bin search: from the gradients
+    w.r.t. the outputs gy (R, n) and the log-determinant gl (R,), into one array out (R, 3K, n): the gradients
+    w.r.t. the raw bin logits (rows 0..2K-1), the raw knot-derivative logits (2K..3K-2) and the input x (3K-1),
+    param-major, so that the conditioner's backward is one GEMM. raw (R, 2K, n): the bin logits (a clamped one gets
+    no gradient); sig (R, K - 1, n): the knot-derivative logits' sigmoid, softplus's derivative. The formulas of
+    ``backward_row``; beyond the interval (not at its ends) the identity. The inverse x = f^-1(z) with
+    log-determinant -log f'(x) has dL/dz = (g_x - g_ld d log f'/dx) / f'(x) =: a and the parameters' gradients of
+    the forward spline at x with output gradient -a and log-determinant gradient -g_ld (implicit differentiation
+    of f(x) = z), so the same partials serve both. LLVM does not vectorise this loop (it would need more runtime
+    alias checks than it allows): it runs about 7x slower per value than ``score_rows``, and still faster than
+    ``backward_row``. ``inverse`` is a compile-time constant of the callers."""
     n = x.shape[1]
     for r in range(start, stop):
         g_ld = gl[r]
         for i in range(n):
             v = x[r, i]
             k, xk, yk, w, h, fw, fh, d0, d1, s0, s1 = select_bin(
-                e, sp, sig, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi
+                e, sp, sig, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi, inverse
             )
-            inside = not (v < -bound or v > bound)  # beyond the ends: the identity (selects below)
+            # beyond the ends the identity (selects below); the inverse's ends too, as its tensor ops have them
+            inside = not (v <= -bound or v >= bound) if inverse else not (v < -bound or v > bound)
             g_y = gy[r, i]
-            s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
-            grad_xi, grad_w, grad_h, a_d0, a_d1 = spline_partials(g_y, g_ld, s, xi, xi_1m, t, c, q, p, m, w, h, d0, d1)
-            out[r, 3 * K - 1, i] = grad_xi if inside else g_y
+            grad_in = 0.0
+            if inverse:  # the forward spline's partials at x = f^-1(v), for the output gradient -a (docstring)
+                s, xi = inverse_xi(v, yk, w, h, d0, d1)
+                xi_1m, t, c, q, p, m = xi_terms(xi, s, d0, d1)
+                d_log = spline_partials(0.0, 1.0, s, xi, xi_1m, t, c, q, p, m, w, h, d0, d1)[0]
+                grad_in = (g_y - g_ld * d_log) * (q * q) / (s * s * m)
+                g_y, g_l = -grad_in, -g_ld
+            else:
+                s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
+                g_l = g_ld
+            grad_xi, grad_w, grad_h, a_d0, a_d1 = spline_partials(g_y, g_l, s, xi, xi_1m, t, c, q, p, m, w, h, d0, d1)
+            out[r, 3 * K - 1, i] = (grad_in if inverse else grad_xi) if inside else gy[r, i]
             # sizes: a left knot is -bound plus the sizes before it; then the softmax of the clamped logits
             dot_w, dot_h = 0.0, 0.0
             for j in range(K):
@@ -299,9 +364,46 @@ def spline_grad(x, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, limit, gy, 
     for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
         start, stop = c * SCORE_CHUNK, min(rows, (c + 1) * SCORE_CHUNK)
         if K == FOUR:
-            grad_rows(x, e, raw, sp, sig, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gy, gl, out, start, stop)
+            grad_rows(
+                x, e, raw, sp, sig, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gy, gl, out, start, stop, False
+            )
         else:
-            grad_rows(x, e, raw, sp, sig, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gy, gl, out, start, stop)
+            grad_rows(
+                x, e, raw, sp, sig, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gy, gl, out, start, stop, False
+            )
+
+
+@jit
+def spline_inverse(z, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, x, logdet):
+    """``inverse_rows`` for every row, in parallel threads, for K = 4 or 8 bins (as ``spline_score``)."""
+    rows, n = z.shape
+    hi = math.exp(limit)
+    lo = 1.0 / hi
+    for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
+        slope = np.empty(n, dtype=np.float64)
+        start, stop = c * SCORE_CHUNK, min(rows, (c + 1) * SCORE_CHUNK)
+        if K == FOUR:
+            inverse_rows(z, e, sp, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, x, logdet, slope, start, stop)
+        else:
+            inverse_rows(z, e, sp, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, x, logdet, slope, start, stop)
+
+
+@jit
+def spline_inverse_grad(z, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, limit, gx, gl, out):
+    """``grad_rows`` of the inverse for every row, in parallel threads, for K = 4 or 8 bins."""
+    rows = z.shape[0]
+    hi = math.exp(limit)
+    lo = 1.0 / hi
+    for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
+        start, stop = c * SCORE_CHUNK, min(rows, (c + 1) * SCORE_CHUNK)
+        if K == FOUR:
+            grad_rows(
+                z, e, raw, sp, sig, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gx, gl, out, start, stop, True
+            )
+        else:
+            grad_rows(
+                z, e, raw, sp, sig, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, limit, gx, gl, out, start, stop, True
+            )
 
 
 @jit

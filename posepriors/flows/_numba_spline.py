@@ -52,6 +52,7 @@ __all__ = [
     "backward_arrays",
     "forward",
     "forward_arrays",
+    "inverse",
     "plain_cpu",
     "score",
     "score_backward",
@@ -242,13 +243,16 @@ def score(coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tens
     place (clamped in the loop), and ``softplus`` of the shifted knot-derivative logits (threshold 40: exact in
     float64, as the other kernels compute it)."""
     sp = torch.nn.functional.softplus(derivatives, threshold=40.0)
-    y, logdet, _ = _score_loop(coupling, x, bins.exp_(), sp)
+    y, logdet, _ = _score_loop(coupling, x, bins.exp_(), sp, inverse=False)
     return y, logdet
 
 
-def _score_loop(coupling: RQSplineCoupling, x: Tensor, e: Tensor, sp: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
-    """The scoring loop on the values ``x`` (..., n), the bin logits' exps ``e`` (..., 2Kn) and the knot derivatives'
-    softplus ``sp`` (..., (K - 1) n): the outputs, the log-determinant and the values' rows as an array."""
+def _score_loop(
+    coupling: RQSplineCoupling, x: Tensor, e: Tensor, sp: Tensor, *, inverse: bool
+) -> tuple[Tensor, Tensor, np.ndarray]:
+    """The scoring loop (or its inverse) on the values ``x`` (..., n), the bin logits' exps ``e`` (..., 2Kn) and the
+    knot derivatives' softplus ``sp`` (..., (K - 1) n): the outputs, the log-determinant and the values' rows as an
+    array."""
     shape, K = x.shape, coupling.bins
     n = shape[-1]
     values = x.detach().reshape(-1, n).contiguous().numpy()
@@ -257,42 +261,53 @@ def _score_loop(coupling: RQSplineCoupling, x: Tensor, e: Tensor, sp: Tensor) ->
     _threads()
     _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
     arrays = (values, e.view(-1, 2 * K, n).numpy(), sp.view(-1, K - 1, n).numpy())
-    _kernels().spline_score(*arrays, K, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
+    loop = _kernels().spline_inverse if inverse else _kernels().spline_score
+    loop(*arrays, K, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
     return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).view(shape[:-1]), values
+
+
+def inverse(coupling: RQSplineCoupling, z: Tensor, bins: Tensor, derivatives: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`score` for the inverse: rows of values ``z`` (..., n) and their conditioner outputs as for
+    :func:`score` (``bins`` overwritten) to the inverse's outputs (..., n) and log-determinant (...)
+    (``_numba_kernels.inverse_rows``)."""
+    sp = torch.nn.functional.softplus(derivatives, threshold=40.0)
+    x, logdet, _ = _score_loop(coupling, z, bins.exp_(), sp, inverse=True)
+    return x, logdet
 
 
 class ScoringState:
     """What :func:`score_backward` needs from :func:`score_saving`: the values' rows (R, n), the bin logits and
-    their exps (R, 2K, n), the knot derivatives' softplus and sigmoid (R, K - 1, n), as arrays, and the shape."""
+    their exps (R, 2K, n), the knot derivatives' softplus and sigmoid (R, K - 1, n), as arrays, the shape and
+    whether the loop ran the inverse."""
 
-    __slots__ = ("e", "raw", "shape", "sig", "sp", "x")
+    __slots__ = ("e", "inverse", "raw", "shape", "sig", "sp", "x")
 
-    def __init__(self, *arrays: np.ndarray, shape: torch.Size) -> None:
+    def __init__(self, *arrays: np.ndarray, shape: torch.Size, inverse: bool) -> None:
         """``arrays``: x, raw, e, sp, sig, in this order."""
         self.x, self.raw, self.e, self.sp, self.sig = arrays
-        self.shape = shape
+        self.shape, self.inverse = shape, inverse
 
 
 def score_saving(
-    coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor
+    coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor, *, inverse: bool = False
 ) -> tuple[Tensor, Tensor, ScoringState]:
-    """:func:`score` that also returns what :func:`score_backward` needs (a fitting step through the same loop; the
-    arguments as for :func:`score`, both kept)."""
+    """:func:`score` (or, with ``inverse``, :func:`inverse`) that also returns what :func:`score_backward` needs (a
+    fitting step through the same loop; the arguments as for :func:`score`, both kept)."""
     K, n = coupling.bins, x.shape[-1]
     e = bins.exp()
     sp, sig = torch.nn.functional.softplus(derivatives, threshold=40.0), torch.sigmoid(derivatives)
-    y, logdet, values = _score_loop(coupling, x, e, sp)
+    y, logdet, values = _score_loop(coupling, x, e, sp, inverse=inverse)
     arrays = (t.view(-1, m, n).numpy() for t, m in ((bins, 2 * K), (e, 2 * K), (sp, K - 1), (sig, K - 1)))
-    return y, logdet, ScoringState(values, *arrays, shape=x.shape)
+    return y, logdet, ScoringState(values, *arrays, shape=x.shape, inverse=inverse)
 
 
 def score_backward(
     coupling: RQSplineCoupling, state: ScoringState, grad_y: Tensor, grad_logdet: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """The vector-Jacobian product of :func:`score_saving`: from the gradients w.r.t. its outputs (shape of ``x``)
-    and log-determinant, those w.r.t. ``x`` and the conditioner outputs (..., (3K - 1) n), param-major as
-    :meth:`RQSplineCoupling._scoring_weights` orders them (bin logits, then knot-derivative logits;
-    ``_numba_kernels.grad_rows``). Both are views of one array."""
+    """The vector-Jacobian product of :func:`score_saving` (of the forward or the inverse, as it ran): from the
+    gradients w.r.t. its outputs (shape of ``x``) and log-determinant, those w.r.t. ``x`` and the conditioner
+    outputs (..., (3K - 1) n), param-major as :meth:`RQSplineCoupling._scoring_weights` orders them (bin logits,
+    then knot-derivative logits; ``_numba_kernels.grad_rows``). Both are views of one array."""
     K, (rows, n) = coupling.bins, state.x.shape
     dtype = torch.float64 if state.x.dtype == np.float64 else torch.float32
     gy = grad_y.detach().to(dtype).reshape(rows, n).contiguous().numpy()
@@ -301,7 +316,8 @@ def score_backward(
     _threads()
     _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
     arrays = (state.x, state.e, state.raw, state.sp, state.sig)
-    _kernels().spline_grad(*arrays, K, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, gy, gl, out)
+    loop = _kernels().spline_inverse_grad if state.inverse else _kernels().spline_grad
+    loop(*arrays, K, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, gy, gl, out)
     grads = torch.from_numpy(out)
     batch = state.shape[:-1]
     return grads[:, -1].view(state.shape), grads[:, :-1].reshape(rows, -1).view(*batch, (3 * K - 1) * n)

@@ -109,8 +109,26 @@ class _Coupling(_Block):
         """
         if torch.is_grad_enabled() and (x.requires_grad or (context is not None and context.requires_grad)):
             if self.conditioner.has_input_vjp:
-                return _FrozenCoupling.apply(self, x, context)
+                return _FrozenCoupling.apply(self, x, context, False)
         return self._forward(x, context)
+
+    def _frozen_inverse(self, z: Tensor, context: Tensor | None) -> tuple[Tensor, _LogDet]:
+        """``_inverse`` for frozen weights: one autograd node (:class:`_FrozenCoupling`) where the coupling has a
+        saving inverse for these inputs (:meth:`_saving_inverse`; a spline coupling on the CPU with Numba), else
+        the plain inverse."""
+        if torch.is_grad_enabled() and (z.requires_grad or (context is not None and context.requires_grad)):
+            if self.conditioner.has_input_vjp and self._has_saving_inverse(z, context):
+                return _FrozenCoupling.apply(self, z, context, True)
+        return self._inverse(z, context)
+
+    def _has_saving_inverse(self, z: Tensor, context: Tensor | None) -> bool:
+        """Whether :meth:`_saving_inverse` runs on these inputs (none by default)."""
+        return False
+
+    def _saving_inverse(self, h: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, object]:
+        """:meth:`_saving_forward` for the inverse: the conditioner on ``h`` and the inverse transform of ``z2``,
+        with what :meth:`_saving_backward` needs (where :meth:`_has_saving_inverse`)."""
+        raise NotImplementedError
 
     def _join(self, a1: Tensor, a2: Tensor) -> Tensor:
         """A (B, G, D) tensor from its conditioning part ``a1`` and transformed part ``a2``."""
@@ -161,7 +179,8 @@ def _flush_subnormal(t: Tensor) -> Tensor:
 
 
 class _FrozenCoupling(torch.autograd.Function):
-    """A coupling layer with frozen weights as one autograd node: ``(x, context) -> (z, log |det dz/dx|)``.
+    """A coupling layer with frozen weights as one autograd node: ``(x, context) -> (z, log |det dz/dx|)``, or the
+    inverse ``(z, context) -> (x, log |det dx/dz|)`` (``inverse=True``; the couplings with a saving inverse).
 
     The forward runs without recording; the backward is the layer's vector-Jacobian product written out (the
     element-wise transform's partial derivatives, then the conditioner's input VJP), so a fitting step's backward
@@ -171,17 +190,23 @@ class _FrozenCoupling(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, coupling: _Coupling, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    def forward(
+        ctx,  # noqa: ANN001
+        coupling: _Coupling,
+        x: Tensor,
+        context: Tensor | None,
+        inverse: bool,
+    ) -> tuple[Tensor, Tensor]:
         x1, x2 = coupling._split(x)
         h = coupling._conditioner_input(x1, context)
-        y2, logdet, ctx.state = coupling._saving_forward(h, x2)
+        y2, logdet, ctx.state = (coupling._saving_inverse if inverse else coupling._saving_forward)(h, x2)
         ctx.coupling = coupling
         ctx.context_shape = None if h is x1 else context.shape
         return coupling._merge(x, x1, y2), logdet
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None]:  # noqa: ANN001
+    def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None, None]:  # noqa: ANN001
         coupling: _Coupling = ctx.coupling
         grad_z, grad_logdet = _flush_subnormal(grad_z), _flush_subnormal(grad_logdet)
         grad_z1, grad_z2 = coupling._split(grad_z)
@@ -190,7 +215,7 @@ class _FrozenCoupling(torch.autograd.Function):
         if ctx.context_shape is not None:
             grad_h, grad_context = grad_h.split((coupling.num_conditioning, ctx.context_shape[-1]), dim=-1)
         grad_x = _flush_subnormal(coupling._join(grad_z1 + grad_h, grad_x2))
-        return None, grad_x, None if grad_context is None else _flush_subnormal(grad_context)
+        return None, grad_x, None if grad_context is None else _flush_subnormal(grad_context), None
 
 
 class AffineCoupling(_Coupling):
@@ -325,6 +350,26 @@ class RQSplineCoupling(_Coupling):
         y2, logdet = _numba_spline.score(self, self._rows(x2, hidden), *self._last_parts(hidden))
         grouped = hidden.dim() == 3
         return self._merge(x, x1, self._unrows(y2, grouped)), self._unrows(logdet, grouped)
+
+    def _inverse(self, z: Tensor, context: Tensor | None) -> tuple[Tensor, _LogDet]:
+        if not self._scoring_kernel(z, context):
+            return super()._inverse(z, context)
+        z1, z2 = self._split(z)  # nothing to record: as _forward, with the inverse loop
+        hidden = self.conditioner._run_hidden(self._conditioner_input(z1, context))
+        x2, logdet = _numba_spline.inverse(self, self._rows(z2, hidden), *self._last_parts(hidden))
+        grouped = hidden.dim() == 3
+        return self._merge(z, z1, self._unrows(x2, grouped)), self._unrows(logdet, grouped)
+
+    def _has_saving_inverse(self, z: Tensor, context: Tensor | None) -> bool:
+        return self._vectorised(z, context)
+
+    def _saving_inverse(self, h: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, object]:
+        hidden, saved = self.conditioner.run_saving_hidden(h)
+        x2, logdet, state = _numba_spline.score_saving(
+            self, self._rows(z2, hidden), *self._last_parts(hidden), inverse=True
+        )
+        grouped = hidden.dim() == 3
+        return self._unrows(x2, grouped), self._unrows(logdet, grouped), (saved, state)
 
     def _saving_forward(self, h: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, object]:
         if not self._vectorised(x2, h):  # a fitting step through the same loop, and its backward

@@ -179,8 +179,8 @@ class FlowSequence(nn.Module):
                     run = []
                 (step,) = self._steps([block], inverse)
                 reference_steps.append(step)
-                if isinstance(block, _Coupling) and not inverse:
-                    step = block._frozen_forward  # one autograd node per layer when fitting
+                if isinstance(block, _Coupling):  # one autograd node per layer when fitting
+                    step = block._frozen_inverse if inverse else block._frozen_forward
                 forward_steps.append(step)
             if run:
                 folded = _FoldedAffine.from_blocks(run, inverse, dtype)
