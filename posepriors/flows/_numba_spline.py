@@ -15,6 +15,10 @@ batches (``posepriors.flows._numpy_spline``) the same loops run in the calling t
 one loop (:func:`coupling_forward_arrays`). Numba loads only once a process has made :data:`LOAD_AFTER` calls that
 could use it (:func:`wanted`).
 
+The inverse (latent to data) of a coupling with :data:`SCORING_BINS` bins runs the same way (:func:`inverse`, and
+:func:`score_saving` with ``inverse=True`` for a frozen coupling's autograd node); its backward is the forward
+spline's at the inverse, by implicit differentiation (``_numba_kernels.grad_rows``).
+
 The formulas are those of ``RQSplineCoupling._transform_saving`` / ``_transform_vjp``: in a bin with left knot
 ``(x_k, y_k)``, width ``w``, height ``h`` and knot derivatives ``d0, d1``, with ``xi = (x - x_k) / w``,
 ``s = h / w``, ``t = xi (1 - xi)``, ``q = s + (d0 + d1 - 2 s) t`` and ``p = s xi^2 + d0 t``, the value is
