@@ -22,7 +22,7 @@ all of them alike), reported as medians and as per-round ratios ``median [min, m
    ``../shared/baselines/smplify_gmm_08.npz`` is there): wall time per step, and with Numba the same fits with the
    forward kinematics' Numba loops switched off (:mod:`posepriors.kinematics`); then the flows' latent-space fits
    (``space="latent"``: each step decodes the body's latent code through the flow's inverse), with Numba with and
-   without the fused kernels (the inverse loops).
+   without the spline couplings' vectorised loops (the inverse's).
 4. With ``--compile``: :meth:`~posepriors.priors.base.PosePrior.compile` of the default body prior, warm-up with a
    cold and with a warm inductor cache, and its step time against eager.
 
@@ -46,6 +46,7 @@ import posepriors
 from posepriors import kinematics
 from posepriors.fitting import body_keypoints, fit_keypoints
 from posepriors.flows import _numba_spline, sequence
+from posepriors.flows.couplings import RQSplineCoupling
 from posepriors.grouped import GroupedMLP
 from posepriors.priors import GMMPrior, PosePrior
 
@@ -156,6 +157,18 @@ def autograd_reference() -> Iterator[None]:
             yield
     finally:
         GroupedMLP.has_input_vjp = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def no_spline_loops() -> Iterator[None]:
+    """Switch off the spline couplings' vectorised loops alone (``RQSplineCoupling._vectorised``): their forward and
+    inverse run tensor ops, everything else (the kinematics' loop) stays as it is."""
+    original = RQSplineCoupling._vectorised
+    RQSplineCoupling._vectorised = lambda self, x, context=None: False
+    try:
+        yield
+    finally:
+        RQSplineCoupling._vectorised = original
 
 
 @contextlib.contextmanager
@@ -331,18 +344,18 @@ def keypoint_fits(args: argparse.Namespace, names: list[str]) -> None:
 
 
 def latent_fits(args: argparse.Namespace, flows: dict[str, PosePrior | None], keypoints: torch.Tensor) -> None:
-    """Latent-space fits of the flows (``fit_keypoints(space="latent")``), ms per step, with the fused kernels
-    (when Numba is installed) against the tensor ops."""
+    """Latent-space fits of the flows (``fit_keypoints(space="latent")``), ms per step, with the spline couplings'
+    vectorised loops (when Numba is installed) against their tensor ops (:func:`no_spline_loops`)."""
     if not flows:
         return
     kernels = _numba_spline.available()
-    print(f"  latent-space fits (space='latent'), ms per step: 1 pose, 256 poses{' (kernels off)' if kernels else ''}")
+    print(f"  latent-space fits (space='latent'), ms per step: 1 pose, 256 poses{' (loops off)' if kernels else ''}")
     per_step: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, prior in flows.items():
             for batch in (1, 256):
                 for off in (False, True) if kernels else (False,):
-                    with no_kernels() if off else contextlib.nullcontext():
+                    with no_spline_loops() if off else contextlib.nullcontext():
                         start = time.perf_counter()
                         fit_keypoints(keypoints[:batch], prior=prior, weight=2e-5, steps=args.steps, space="latent")
                     per_step.setdefault(f"{name} b{batch}{' off' if off else ''}", []).append(

@@ -140,6 +140,9 @@ def test_fused_gradient_path_matches_eager():
     assert len(flow._fused) == 1
     for a, b in zip(fused, eager, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    x = x0.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):  # not a Hessian of zeros
+        torch.autograd.functional.hessian(lambda v: flow.log_prob(v, c0).sum(), x)
     with torch.no_grad():
         torch.testing.assert_close(flow.log_prob(x0, c0), eager[0], atol=1e-10, rtol=1e-10)
     (signature,) = flow._fused
@@ -203,7 +206,7 @@ def numpy_calls(monkeypatch) -> list[int]:
     monkeypatch.setattr(
         sequence._NumpyFlow,
         "forward",
-        staticmethod(lambda ctx, plan, x, c: calls.append(x.shape[0]) or forward(ctx, plan, x, c)),
+        staticmethod(lambda ctx, plan, x, c, recorded: calls.append(x.shape[0]) or forward(ctx, plan, x, c, recorded)),
     )
     return calls
 

@@ -64,9 +64,9 @@ def _restore_enabled(monkeypatch) -> Iterator[None]:
 @pytest.fixture
 def kernel_calls(monkeypatch) -> dict[str, int]:
     """Count the runs of the kernels (the couplings call them through the module): the saving loop's forward and
-    backward, and the vectorised loops' forward without autograd (score), with it (score_saving, forward or
-    inverse) and backward, and their inverse without autograd."""
-    calls = {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0, "inverse": 0}
+    backward, and the vectorised loops (forward or inverse) without autograd (score), with it (score_saving) and
+    backward."""
+    calls = {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0}
     for name in calls:
         original = getattr(_numba_spline, name)
 
@@ -80,7 +80,7 @@ def kernel_calls(monkeypatch) -> dict[str, int]:
 
 def runs(**counts: int) -> dict[str, int]:
     """The ``kernel_calls`` counts: these, and zero for every other kernel."""
-    return {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0, "inverse": 0, **counts}
+    return {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0, **counts}
 
 
 def spline_coupling(mask, bins: int, dtype: torch.dtype, groups: int = 3, context: int = 2, logit_scale: float = 1.0):
@@ -282,19 +282,30 @@ def test_scoring_loop_matches_the_tensor_ops_and_the_saving_loop(bins, groups, k
     # a fitting step through the same loop (one autograd node per coupling) and its vectorised backward: the input
     # and context gradients of the tensor ops' graph, ends, tails and clamped logits included
     x[4, 0, 1] = 0.5
-    g = torch.Generator().manual_seed(5)
+    grads = frozen_step_with_and_without_the_loops(coupling._frozen_forward, x, c, seed=5)
+    assert kernel_calls["score_saving"] == kernel_calls["score_backward"] == 1
+    scale = float(grads[1][2].abs().max())
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-9 * max(scale, 1.0), rtol=1e-9)
+
+
+def frozen_step_with_and_without_the_loops(step, x, c, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """A fitting step through a frozen coupling's ``step`` (``_frozen_forward`` or ``_frozen_inverse``) with the
+    loops on, then off: per run the outputs, log-determinants and the gradients w.r.t. x and the context of a
+    random weighting of both (the same weights for both runs). With the loops the step is one autograd node; without
+    them the forward is one too (the tensor ops' saving path), the inverse the op-by-op graph."""
+    g = torch.Generator().manual_seed(seed)
     weights = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(x.shape[:2], generator=g)
     grads = []
     for enabled in (True, False):
         leaf, context = x.clone().requires_grad_(True), c.clone().requires_grad_(True)
         with numba_enabled(enabled):
-            out, out_logdet = coupling._frozen_forward(leaf, context)
+            out, out_logdet = step(leaf, context)
+            one_node = enabled or step.__name__ == "_frozen_forward"
+            assert ("_FrozenCoupling" in type(out.grad_fn).__name__) == one_node
             ((out * weights[0]).sum() + (out_logdet * weights[1]).sum()).backward()
         grads.append((out.detach(), out_logdet.detach(), leaf.grad, context.grad))
-    assert kernel_calls["score_saving"] == kernel_calls["score_backward"] == 1
-    scale = float(grads[1][2].abs().max())
-    for got, want in zip(*grads, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-9 * max(scale, 1.0), rtol=1e-9)
+    return grads
 
 
 def test_scoring_loop_sees_changed_weights_and_other_bin_counts_keep_the_saving_loop(kernel_calls):
@@ -569,7 +580,7 @@ def test_inverse_loops_match_the_tensor_ops(bins, groups, kernel_calls, monkeypa
     z[4, 0, 1] = float("nan")  # a transformed dim
     with numba_enabled(True), torch.no_grad():
         back, inverse_logdet = coupling._inverse(z, c)
-    assert kernel_calls == runs(score=1, inverse=1)
+    assert kernel_calls == runs(score=2)  # the forward, then the inverse
     monkeypatch.setattr(torch.nn.functional, "softplus", exact_softplus)  # for the tensor ops, below
     with numba_enabled(False), torch.no_grad():
         back_ref, inverse_logdet_ref = coupling._inverse(z, c)
@@ -596,16 +607,7 @@ def test_inverse_loops_match_the_tensor_ops(bins, groups, kernel_calls, monkeypa
     z = coupling_outputs(mild, x, c, True)[0]
     z[2, :, :], z[3, :, :] = mild.bound, -mild.bound
     z[5, :, :] = torch.tensor([-10.0, 10.0, 2.9, -2.9, 0.0, 1.0, -1.0])
-    g = torch.Generator().manual_seed(6)
-    weights = torch.randn(z.shape, generator=g, dtype=torch.float64), torch.randn(z.shape[:2], generator=g)
-    grads = []
-    for enabled in (True, False):
-        leaf, context = z.clone().requires_grad_(True), c.clone().requires_grad_(True)
-        with numba_enabled(enabled):
-            out, out_logdet = mild._frozen_inverse(leaf, context)
-            assert ("_FrozenCoupling" in type(out.grad_fn).__name__) == enabled  # one node; else the op-by-op graph
-            ((out * weights[0]).sum() + (out_logdet * weights[1]).sum()).backward()
-        grads.append((out.detach(), out_logdet.detach(), leaf.grad, context.grad))
+    grads = frozen_step_with_and_without_the_loops(mild._frozen_inverse, z, c, seed=6)
     assert kernel_calls["score_saving"] == kernel_calls["score_backward"] == 1
     for got, want in zip(*grads, strict=True):  # gradients up to 1e5 (1 / f' in steep bins)
         torch.testing.assert_close(got, want, atol=1e-10 * max(1.0, float(want.abs().max())), rtol=1e-8)
@@ -634,6 +636,77 @@ def test_gradcheck_of_a_frozen_flows_inverse(bins, kernel_calls):
         torch.testing.assert_close(got, want, atol=2e-4 * max(1.0, float(want.abs().max())), rtol=1e-4)
 
 
+@pytest.mark.parametrize("direction", ["forward small batch", "forward", "inverse", "ensemble"])
+def test_second_derivatives_through_the_fast_paths_are_the_tensor_ops(direction, kernel_calls, monkeypatch):
+    """A Hessian through a frozen flow's fast paths (the NumPy flow of a small batch, the one-node couplings, the
+    inverse loops, a stacked ensemble) equals the unfrozen flow's, whose every op is recorded: their backward with
+    ``create_graph=True`` differentiates the tensor ops instead of returning zeros."""
+    if direction == "forward":
+        monkeypatch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)  # the one-node couplings, not the NumPy flow
+    flow = frozen_flow(2, 5, 4, torch.float64, context=3)
+    g = torch.Generator().manual_seed(9)
+    v0 = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+    c0 = torch.randn(3, 2, 3, generator=g, dtype=torch.float64)
+    if direction == "ensemble":
+        members = [frozen_flow(1, 5, 4, torch.float64) for _ in range(2)]
+        members[1] = perturb(copy.deepcopy(members[1]).requires_grad_(True), 0.2, seed=3).requires_grad_(False)
+
+        def function(v):
+            return flows.sequence.ensemble_log_prob(members, v[:, :1]).sum()
+
+        unfreeze = members
+    else:
+
+        def function(v):
+            if direction == "inverse":
+                x, logdet = flow.inverse(v, c0)
+                return x.square().sum() + logdet.sum()
+            return flow.log_prob(v, c0).sum()
+
+        unfreeze = [flow]
+    numpy_flows = []
+    original = sequence._NumpyFlow.apply
+    monkeypatch.setattr(sequence._NumpyFlow, "apply", lambda *args: numpy_flows.append(1) or original(*args))
+    hessian = torch.autograd.functional.hessian(function, v0)
+    one_node = kernel_calls["score_saving"]
+    for f in unfreeze:
+        f.requires_grad_(True)  # not frozen: every op recorded
+    reference = torch.autograd.functional.hessian(function, v0)
+    torch.testing.assert_close(hessian, reference, atol=1e-9, rtol=1e-9)
+    assert reference.abs().max() > 1e-2
+    assert (len(numpy_flows) > 0) == (direction in ("forward small batch", "ensemble"))  # the fast path ran
+    assert (one_node > 0) == (direction in ("forward", "inverse"))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside forward_ad
+def test_inverse_keeps_the_tensor_ops_under_transforms_and_training(kernel_calls):
+    """The inverse loops run neither under ``torch.func`` transforms, forward-mode AD nor in training (where the
+    weights need gradients): those keep the tensor ops, with the same numbers."""
+    flow = frozen_flow(2, 5, 8, torch.float64, context=3)
+    g = torch.Generator().manual_seed(10)
+    z = torch.randn(4, 2, 5, generator=g, dtype=torch.float64)
+    c = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        reference = flow.inverse(z, c)
+    assert kernel_calls["score"] > 0
+    kernel_calls.update(dict.fromkeys(kernel_calls, 0))
+    jacobian = torch.func.jacrev(lambda v: flow.inverse(v, c)[0])(z)
+    assert jacobian.shape == (4, 2, 5, 4, 2, 5)
+    mapped = torch.func.vmap(lambda v, w: flow.inverse(v[None], w[None]))(z, c)
+    torch.testing.assert_close(mapped[0][:, 0], reference[0], atol=1e-10, rtol=1e-10)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(z, torch.ones_like(z))
+        x, _ = flow.inverse(dual, c)
+        tangent = torch.autograd.forward_ad.unpack_dual(x).tangent
+    torch.testing.assert_close(tangent, jacobian.flatten(3).sum(-1), atol=1e-9, rtol=1e-9)
+    flow.train().requires_grad_(True)
+    x, logdet = flow.inverse(z, c)
+    (x.sum() + logdet.sum()).backward()
+    assert all(p.grad is not None for p in flow.parameters() if p.requires_grad)
+    torch.testing.assert_close(x.detach(), reference[0], atol=1e-10, rtol=1e-10)
+    assert kernel_calls == runs()
+
+
 def test_inverse_of_other_bin_counts_keeps_the_tensor_ops(kernel_calls):
     """Bin counts without a vectorised loop (5) invert with the tensor ops, and ``_transform(inverse=True)`` always
     does (the loops run from the coupling's ``_inverse``); either inverts the forward kernels."""
@@ -641,7 +714,7 @@ def test_inverse_of_other_bin_counts_keeps_the_tensor_ops(kernel_calls):
     z = torch.randn(500, 2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with numba_enabled(True), torch.no_grad():
         x, inverse_logdet = flow.inverse(z)
-        assert kernel_calls["forward"] == kernel_calls["inverse"] == 0
+        assert kernel_calls["forward"] == kernel_calls["score"] == 0
         back, logdet = flow(x)
         assert kernel_calls["forward"] > 0
     torch.testing.assert_close(back, z, atol=1e-8, rtol=1e-8)
@@ -653,7 +726,7 @@ def test_inverse_of_other_bin_counts_keeps_the_tensor_ops(kernel_calls):
         y, logdet = coupling._transform(x2, params, inverse=False)
         calls += 1
         x_back, inverse_logdet = coupling._transform(y, params, inverse=True)
-    assert kernel_calls["forward"] == calls and kernel_calls["backward"] == kernel_calls["inverse"] == 0
+    assert kernel_calls["forward"] == calls and kernel_calls["backward"] == kernel_calls["score"] == 0
     torch.testing.assert_close(x_back, x2, atol=1e-8, rtol=1e-8)
     torch.testing.assert_close(inverse_logdet, -logdet, atol=1e-7, rtol=1e-8)
 
@@ -752,12 +825,16 @@ def test_environment_switch_turns_the_kernels_off():
 # ---------------------------------------------------------------------------------------------------- shipped
 @pytest.mark.parametrize("name", ["global_flow", "joint_flow"])
 def test_shipped_priors_agree_with_and_without_the_kernels(name, kernel_calls):
-    """The shipped flows (float32) score 2048 of their own samples the same with and without the kernels, within
-    float32 round-off; sampling never runs them."""
+    """The shipped flows (float32) sample (the inverse loops) and score 2048 of their own samples (the scoring
+    loops) the same with and without the kernels, within float32 round-off."""
     prior = posepriors.load(name)
     with numba_enabled(True):
         samples = prior.sample(2048, generator=torch.Generator().manual_seed(0))
-    assert kernel_calls["forward"] == kernel_calls["score"] == 0
+    assert kernel_calls["score"] > 0 and kernel_calls["forward"] == 0
+    with numba_enabled(False):
+        reference_samples = prior.sample(2048, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(samples, reference_samples, rtol=1e-4, atol=1e-4)
+    kernel_calls.update(dict.fromkeys(kernel_calls, 0))
     with torch.no_grad():
         with numba_enabled(True):
             fast = prior.log_prob(samples)

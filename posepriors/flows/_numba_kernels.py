@@ -235,9 +235,8 @@ def score_rows(x, e, sp, K, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slo
     for r in range(start, stop):
         for i in range(n):
             v = x[r, i]
-            bin_ = select_bin(
-                e, sp, sp, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi, False
-            )  # sp twice: no sigmoids
+            # sp twice: no sigmoids here
+            bin_ = select_bin(e, sp, sp, r, i, K, v, bound, sw, ow, sh, oh, min_d, lo, hi, False)
             xk, yk, w, h, d0, d1 = bin_[1], bin_[2], bin_[3], bin_[4], bin_[7], bin_[8]
             s, xi, xi_1m, t, c, q, p, m = bin_terms(v, xk, w, h, d0, d1)
             outside = v <= -bound or v >= bound  # the ends and beyond: the identity (NaN is not: NaN out)
@@ -296,6 +295,22 @@ def spline_score(x, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, y, logdet):
             score_rows(x, e, sp, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slope, start, stop)
         else:
             score_rows(x, e, sp, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, y, logdet, slope, start, stop)
+
+
+@jit
+def spline_inverse(z, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, x, logdet):
+    """``inverse_rows`` for every row, as ``spline_score``. (Its own function, as is ``spline_inverse_grad``: with
+    the inverse as a branch of ``spline_score``, LLVM took 3x as long to compile the merged loops on first use.)"""
+    rows, n = z.shape
+    hi = math.exp(limit)
+    lo = 1.0 / hi
+    for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
+        slope = np.empty(n, dtype=np.float64)
+        start, stop = c * SCORE_CHUNK, min(rows, (c + 1) * SCORE_CHUNK)
+        if K == FOUR:
+            inverse_rows(z, e, sp, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, x, logdet, slope, start, stop)
+        else:
+            inverse_rows(z, e, sp, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, x, logdet, slope, start, stop)
 
 
 @scalar
@@ -374,23 +389,8 @@ def spline_grad(x, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, limit, gy, 
 
 
 @jit
-def spline_inverse(z, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, x, logdet):
-    """``inverse_rows`` for every row, in parallel threads, for K = 4 or 8 bins (as ``spline_score``)."""
-    rows, n = z.shape
-    hi = math.exp(limit)
-    lo = 1.0 / hi
-    for c in prange((rows + SCORE_CHUNK - 1) // SCORE_CHUNK):
-        slope = np.empty(n, dtype=np.float64)
-        start, stop = c * SCORE_CHUNK, min(rows, (c + 1) * SCORE_CHUNK)
-        if K == FOUR:
-            inverse_rows(z, e, sp, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, x, logdet, slope, start, stop)
-        else:
-            inverse_rows(z, e, sp, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, x, logdet, slope, start, stop)
-
-
-@jit
 def spline_inverse_grad(z, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, limit, gx, gl, out):
-    """``grad_rows`` of the inverse for every row, in parallel threads, for K = 4 or 8 bins."""
+    """``grad_rows`` of the inverse for every row, as ``spline_grad``."""
     rows = z.shape[0]
     hi = math.exp(limit)
     lo = 1.0 / hi

@@ -15,9 +15,9 @@ batches (``posepriors.flows._numpy_spline``) the same loops run in the calling t
 one loop (:func:`coupling_forward_arrays`). Numba loads only once a process has made :data:`LOAD_AFTER` calls that
 could use it (:func:`wanted`).
 
-The inverse (latent to data) of a coupling with :data:`SCORING_BINS` bins runs the same way (:func:`inverse`, and
-:func:`score_saving` with ``inverse=True`` for a frozen coupling's autograd node); its backward is the forward
-spline's at the inverse, by implicit differentiation (``_numba_kernels.grad_rows``).
+The inverse (latent to data) of a coupling with :data:`SCORING_BINS` bins runs the same way (:func:`score` and
+:func:`score_saving` with ``inverse=True``, the latter for a frozen coupling's autograd node); its backward is the
+forward spline's at the inverse, by implicit differentiation (``_numba_kernels.grad_rows``).
 
 The formulas are those of ``RQSplineCoupling._transform_saving`` / ``_transform_vjp``: in a bin with left knot
 ``(x_k, y_k)``, width ``w``, height ``h`` and knot derivatives ``d0, d1``, with ``xi = (x - x_k) / w``,
@@ -56,7 +56,6 @@ __all__ = [
     "backward_arrays",
     "forward",
     "forward_arrays",
-    "inverse",
     "plain_cpu",
     "score",
     "score_backward",
@@ -237,22 +236,24 @@ SCORING_BINS = (4, 8)
 """Bin counts that :func:`score` has a loop for (4: global_flow's; 8: joint_flow's and the flows' default)."""
 
 
-def score(coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor) -> tuple[Tensor, Tensor]:
+def score(
+    coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor, *, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
     """The spline forward for scoring (no autograd, nothing saved) in the loop vectorised over values
-    (``_numba_kernels.score_rows``; a coupling with :data:`SCORING_BINS` bins): rows of transformed values ``x``
-    (..., n) and their conditioner outputs param-major, the bin logits ``bins`` (..., 2Kn: the K width logits of
-    every value, then the K height logits) and the knot-derivative logits plus the shift, ``raw + shift``
-    (..., (K - 1) n) (``RQSplineCoupling._scoring_weights`` writes them so; ``bins`` is overwritten), to the outputs
-    (..., n) and the log-determinant (...). Two vectorised ops on contiguous memory: ``exp`` of the bin logits, in
-    place (clamped in the loop), and ``softplus`` of the shifted knot-derivative logits (threshold 40: exact in
-    float64, as the other kernels compute it)."""
+    (``_numba_kernels.score_rows``; a coupling with :data:`SCORING_BINS` bins), or its inverse with ``inverse``
+    (``inverse_rows``): rows of values ``x`` (..., n) and their conditioner outputs param-major, the bin logits
+    ``bins`` (..., 2Kn: the K width logits of every value, then the K height logits) and the knot-derivative logits
+    plus the shift, ``raw + shift`` (..., (K - 1) n) (``RQSplineCoupling._scoring_weights`` writes them so; ``bins``
+    is overwritten), to the outputs (..., n) and the log-determinant (...). Two vectorised ops on contiguous memory:
+    ``exp`` of the bin logits, in place (clamped in the loop), and ``softplus`` of the shifted knot-derivative
+    logits (threshold 40: exact in float64, as the other kernels compute it)."""
     sp = torch.nn.functional.softplus(derivatives, threshold=40.0)
-    y, logdet, _ = _score_loop(coupling, x, bins.exp_(), sp, inverse=False)
+    y, logdet, _ = _score_loop(coupling, x, bins.exp_(), sp, inverse)
     return y, logdet
 
 
 def _score_loop(
-    coupling: RQSplineCoupling, x: Tensor, e: Tensor, sp: Tensor, *, inverse: bool
+    coupling: RQSplineCoupling, x: Tensor, e: Tensor, sp: Tensor, inverse: bool
 ) -> tuple[Tensor, Tensor, np.ndarray]:
     """The scoring loop (or its inverse) on the values ``x`` (..., n), the bin logits' exps ``e`` (..., 2Kn) and the
     knot derivatives' softplus ``sp`` (..., (K - 1) n): the outputs, the log-determinant and the values' rows as an
@@ -268,15 +269,6 @@ def _score_loop(
     loop = _kernels().spline_inverse if inverse else _kernels().spline_score
     loop(*arrays, K, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, logdet)
     return torch.from_numpy(y).view(shape), torch.from_numpy(logdet).view(shape[:-1]), values
-
-
-def inverse(coupling: RQSplineCoupling, z: Tensor, bins: Tensor, derivatives: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`score` for the inverse: rows of values ``z`` (..., n) and their conditioner outputs as for
-    :func:`score` (``bins`` overwritten) to the inverse's outputs (..., n) and log-determinant (...)
-    (``_numba_kernels.inverse_rows``)."""
-    sp = torch.nn.functional.softplus(derivatives, threshold=40.0)
-    x, logdet, _ = _score_loop(coupling, z, bins.exp_(), sp, inverse=True)
-    return x, logdet
 
 
 class ScoringState:
@@ -295,12 +287,12 @@ class ScoringState:
 def score_saving(
     coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor, *, inverse: bool = False
 ) -> tuple[Tensor, Tensor, ScoringState]:
-    """:func:`score` (or, with ``inverse``, :func:`inverse`) that also returns what :func:`score_backward` needs (a
-    fitting step through the same loop; the arguments as for :func:`score`, both kept)."""
+    """:func:`score` (forward or inverse) that also returns what :func:`score_backward` needs (a fitting step
+    through the same loop; the arguments as for :func:`score`, both kept)."""
     K, n = coupling.bins, x.shape[-1]
     e = bins.exp()
     sp, sig = torch.nn.functional.softplus(derivatives, threshold=40.0), torch.sigmoid(derivatives)
-    y, logdet, values = _score_loop(coupling, x, e, sp, inverse=inverse)
+    y, logdet, values = _score_loop(coupling, x, e, sp, inverse)
     arrays = (t.view(-1, m, n).numpy() for t, m in ((bins, 2 * K), (e, 2 * K), (sp, K - 1), (sig, K - 1)))
     return y, logdet, ScoringState(values, *arrays, shape=x.shape, inverse=inverse)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -185,8 +185,9 @@ class _FrozenCoupling(torch.autograd.Function):
     The forward runs without recording; the backward is the layer's vector-Jacobian product written out (the
     element-wise transform's partial derivatives, then the conditioner's input VJP), so a fitting step's backward
     costs a few dozen small ops per layer instead of an autograd node per forward op. Gradients flow to ``x`` and
-    ``context`` only; the weights get none (the caller uses this only when no weight requires grad). First
-    derivatives only: a double backward raises.
+    ``context`` only; the weights get none (the caller uses this only when no weight requires grad). A backward
+    with ``create_graph=True`` (second derivatives: a Hessian) runs the layer's tensor ops instead, whose graph is
+    differentiable again.
     """
 
     @staticmethod
@@ -200,14 +201,17 @@ class _FrozenCoupling(torch.autograd.Function):
         x1, x2 = coupling._split(x)
         h = coupling._conditioner_input(x1, context)
         y2, logdet, ctx.state = (coupling._saving_inverse if inverse else coupling._saving_forward)(h, x2)
-        ctx.coupling = coupling
+        ctx.coupling, ctx.inverse = coupling, inverse
         ctx.context_shape = None if h is x1 else context.shape
+        ctx.save_for_backward(x, context)  # for a create_graph backward (and an in-place change raises)
         return coupling._merge(x, x1, y2), logdet
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None, None]:  # noqa: ANN001
         coupling: _Coupling = ctx.coupling
+        if torch.is_grad_enabled():  # create_graph: the tensor ops' backward, itself differentiable
+            run = coupling._inverse if ctx.inverse else coupling._forward
+            return (None, *recorded_vjp(run, *ctx.saved_tensors, grad_z, grad_logdet), None)
         grad_z, grad_logdet = _flush_subnormal(grad_z), _flush_subnormal(grad_logdet)
         grad_z1, grad_z2 = coupling._split(grad_z)
         grad_x2, grad_h = coupling._saving_backward(ctx.state, grad_z2, grad_logdet)
@@ -216,6 +220,23 @@ class _FrozenCoupling(torch.autograd.Function):
             grad_h, grad_context = grad_h.split((coupling.num_conditioning, ctx.context_shape[-1]), dim=-1)
         grad_x = _flush_subnormal(coupling._join(grad_z1 + grad_h, grad_x2))
         return None, grad_x, None if grad_context is None else _flush_subnormal(grad_context), None
+
+
+def recorded_vjp(
+    run: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]],
+    x: Tensor,
+    context: Tensor | None,
+    grad_z: Tensor,
+    grad_logdet: Tensor,
+) -> tuple[Tensor | None, Tensor | None]:
+    """For a fast path's backward with ``create_graph=True``: the gradients w.r.t. ``x`` and ``context`` of
+    ``run(x, context) -> (z, logdet)`` as recorded tensor ops (which the fast paths skip), with a graph of their own,
+    so that second derivatives are right instead of silently zero."""
+    with torch.enable_grad():
+        z, logdet = run(x, context)
+        inputs = [t for t in (x, context) if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad((z, logdet), inputs, (grad_z, grad_logdet), create_graph=True))
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in (x, context))
 
 
 class AffineCoupling(_Coupling):
@@ -342,40 +363,41 @@ class RQSplineCoupling(_Coupling):
     def _forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, _LogDet]:
         if not self._scoring_kernel(x, context):
             return super()._forward(x, context)
-        # Nothing to record: the conditioner's last layer runs as two GEMMs whose outputs are the bin logits and
-        # the knot-derivative logits, each contiguous and param-major, for one vectorised op each and the
-        # vectorised loop (posepriors.flows._numba_spline.score).
-        x1, x2 = self._split(x)
-        hidden = self.conditioner._run_hidden(self._conditioner_input(x1, context))
-        y2, logdet = _numba_spline.score(self, self._rows(x2, hidden), *self._last_parts(hidden))
-        grouped = hidden.dim() == 3
-        return self._merge(x, x1, self._unrows(y2, grouped)), self._unrows(logdet, grouped)
+        return self._scored(x, context, inverse=False)
 
     def _inverse(self, z: Tensor, context: Tensor | None) -> tuple[Tensor, _LogDet]:
         if not self._scoring_kernel(z, context):
             return super()._inverse(z, context)
-        z1, z2 = self._split(z)  # nothing to record: as _forward, with the inverse loop
-        hidden = self.conditioner._run_hidden(self._conditioner_input(z1, context))
-        x2, logdet = _numba_spline.inverse(self, self._rows(z2, hidden), *self._last_parts(hidden))
+        return self._scored(z, context, inverse=True)
+
+    def _scored(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, _LogDet]:
+        """The coupling (or its inverse) with nothing to record: the conditioner's last layer runs as two GEMMs whose
+        outputs are the bin logits and the knot-derivative logits, each contiguous and param-major, for one
+        vectorised op each and the vectorised loop (posepriors.flows._numba_spline.score)."""
+        x1, x2 = self._split(x)
+        hidden = self.conditioner._run_hidden(self._conditioner_input(x1, context))
+        y2, logdet = _numba_spline.score(self, self._rows(x2, hidden), *self._last_parts(hidden), inverse=inverse)
         grouped = hidden.dim() == 3
-        return self._merge(z, z1, self._unrows(x2, grouped)), self._unrows(logdet, grouped)
+        return self._merge(x, x1, self._unrows(y2, grouped)), self._unrows(logdet, grouped)
 
     def _has_saving_inverse(self, z: Tensor, context: Tensor | None) -> bool:
         return self._vectorised(z, context)
 
-    def _saving_inverse(self, h: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, object]:
-        hidden, saved = self.conditioner.run_saving_hidden(h)
-        x2, logdet, state = _numba_spline.score_saving(
-            self, self._rows(z2, hidden), *self._last_parts(hidden), inverse=True
-        )
-        grouped = hidden.dim() == 3
-        return self._unrows(x2, grouped), self._unrows(logdet, grouped), (saved, state)
-
     def _saving_forward(self, h: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, object]:
         if not self._vectorised(x2, h):  # a fitting step through the same loop, and its backward
             return super()._saving_forward(h, x2)
+        return self._saving_loop(h, x2, inverse=False)
+
+    def _saving_inverse(self, h: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, object]:
+        return self._saving_loop(h, z2, inverse=True)
+
+    def _saving_loop(self, h: Tensor, x2: Tensor, inverse: bool) -> tuple[Tensor, Tensor, object]:
+        """:meth:`_saving_forward` (or :meth:`_saving_inverse`) through the vectorised loop: what
+        :meth:`_saving_backward` needs is the conditioner's saved activations and the loop's state."""
         hidden, saved = self.conditioner.run_saving_hidden(h)
-        y2, logdet, state = _numba_spline.score_saving(self, self._rows(x2, hidden), *self._last_parts(hidden))
+        y2, logdet, state = _numba_spline.score_saving(
+            self, self._rows(x2, hidden), *self._last_parts(hidden), inverse=inverse
+        )
         grouped = hidden.dim() == 3
         return self._unrows(y2, grouped), self._unrows(logdet, grouped), (saved, state)
 

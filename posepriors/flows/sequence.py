@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from posepriors.flows import _numpy_spline
 from posepriors.flows.core import _Block, _check_context, _check_input, _full_logdet, _LogDet, standard_normal_log_prob
-from posepriors.flows.couplings import RQSplineCoupling, _Coupling
+from posepriors.flows.couplings import RQSplineCoupling, _Coupling, recorded_vjp
 from posepriors.flows.linear import ActNorm, LULinear, Permutation
 from posepriors.grouped import GroupedLinear
 from posepriors.utils import in_transform, to_float64
@@ -144,8 +144,9 @@ class FlowSequence(nn.Module):
         """The steps with every run of linear blocks (ActNorm, LU, permutations) folded into one affine map.
 
         Only for inference: in eval mode, and when no gradient can reach the flow's parameters (none requires
-        grad, or grad mode is off). The couplings then run their frozen forward, one autograd node per layer with a
-        written-out backward when the input needs a gradient (see ``_Coupling._frozen_forward``). The folded maps
+        grad, or grad mode is off). The couplings then run their frozen forward (or inverse), one autograd node per
+        layer with a written-out backward when the input needs a gradient (see ``_Coupling._frozen_forward`` and
+        ``_frozen_inverse``). The folded maps
         are computed once (in float64) and cached, keyed by the parameters' storage and version counters, so an
         in-place update, ``load_state_dict`` or ``.to()`` rebuilds them. Returns None when the flow
         must run block by block. A small CPU batch runs these steps in NumPy instead (:meth:`_numpy_plan`).
@@ -285,7 +286,7 @@ class FlowSequence(nn.Module):
         if steps is not None and self._compiled is not None and not inverse:
             return self._compiled(x, context)
         if steps is not None and not inverse and (plan := self._numpy_plan(x, context)) is not None:
-            return _NumpyFlow.apply(plan, x, context)
+            return _NumpyFlow.apply(plan, x, context, self._recorded_forward)
         if steps is None:
             steps = self._steps(reversed(self.blocks) if inverse else self.blocks, inverse)
         elif (
@@ -303,6 +304,10 @@ class FlowSequence(nn.Module):
             ]
             return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
         return self._run_steps(steps, x, context)
+
+    def _recorded_forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The forward block by block as tensor ops (what a fast path's second derivatives need)."""
+        return self._run_steps(self._steps(self.blocks, inverse=False), x, context)
 
     @staticmethod
     def _run_steps(steps: list[_Step], x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -457,7 +462,12 @@ def ensemble_log_prob(flows: list[FlowSequence], x: Tensor) -> Tensor:
     stacked = _stacked_plan(plans) if len(plans) == len(flows) > 1 else None
     if stacked is None:
         return torch.cat([flow.log_prob(x) for flow in flows], dim=-1)
-    z, logdet = _NumpyFlow.apply(stacked, x.expand(-1, len(flows), -1).contiguous(), None)
+
+    def recorded(x: Tensor, _: None) -> tuple[Tensor, Tensor]:  # flow m on group m
+        outputs = [flow._recorded_forward(x[:, m : m + 1], None) for m, flow in enumerate(flows)]
+        return torch.cat([z for z, _ in outputs], dim=1), torch.cat([logdet for _, logdet in outputs], dim=1)
+
+    z, logdet = _NumpyFlow.apply(stacked, x.expand(-1, len(flows), -1).contiguous(), None, recorded)
     return standard_normal_log_prob(z) + logdet
 
 
@@ -497,31 +507,40 @@ pose or a few, where per-op overhead is the cost, several times faster than the 
 class _NumpyFlow(torch.autograd.Function):
     """A frozen flow's forward (data to latent) in NumPy as one autograd node: ``(x, context) -> (z, logdet)``,
     whose backward is the written-out vector-Jacobian product (gradients reach ``x`` and ``context``, never the
-    weights: the flow is frozen). First derivatives only."""
+    weights: the flow is frozen). A backward with ``create_graph=True`` (second derivatives) runs ``recorded``, the
+    same forward as tensor ops, and differentiates that."""
 
     @staticmethod
-    def forward(ctx, plan: list, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    def forward(  # noqa: ANN205
+        ctx,  # noqa: ANN001
+        plan: list,
+        x: Tensor,
+        context: Tensor | None,
+        recorded: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]],
+    ):
         z, logdet, ctx.saved = _numpy_spline.flow_forward(
             plan, x.detach().numpy(), None if context is None else context.detach().numpy()
         )
-        ctx.plan = plan
+        ctx.plan, ctx.recorded = plan, recorded
         # the saved arrays are views of x and context: saving them lets autograd refuse a backward after an
         # in-place change of either (its version counter), as it does for any saved tensor
-        ctx.save_for_backward(*(t for t in (x, context) if t is not None))
+        ctx.save_for_backward(x, context)
         return torch.from_numpy(z), torch.from_numpy(logdet)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None]:  # noqa: ANN001
-        ctx.saved_tensors  # noqa: B018 (raises if the input was modified in place since the forward)
+    def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None, None]:  # noqa: ANN001
+        x, context = ctx.saved_tensors  # raises if the input was modified in place since the forward
+        if torch.is_grad_enabled():  # create_graph: the tensor ops' backward, itself differentiable
+            return (None, *recorded_vjp(ctx.recorded, x, context, grad_z, grad_logdet), None)
         grad_x, grad_context = _numpy_spline.flow_backward(ctx.plan, ctx.saved, grad_z.numpy(), grad_logdet.numpy())
-        return None, torch.from_numpy(grad_x), None if grad_context is None else torch.from_numpy(grad_context)
+        return None, torch.from_numpy(grad_x), None if grad_context is None else torch.from_numpy(grad_context), None
 
 
 class _FusedLogProb(torch.autograd.Function):
     """``log_prob`` of a frozen flow as one autograd node whose forward already computed the input gradient (see
     :meth:`FlowSequence.compile_frozen`); the backward scales it. Every output (b, g) depends on the input and
-    context of (b, g) only, so the gradient of the sum is the per-entry gradient. First derivatives only."""
+    context of (b, g) only, so the gradient of the sum is the per-entry gradient. First derivatives only: a backward
+    with ``create_graph=True`` raises."""
 
     @staticmethod
     def forward(ctx, function: Callable[..., tuple[Tensor, ...]], x: Tensor, context: Tensor | None) -> Tensor:  # noqa: ANN001
@@ -530,8 +549,12 @@ class _FusedLogProb(torch.autograd.Function):
         return value
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_value: Tensor) -> tuple[None, Tensor, Tensor | None]:  # noqa: ANN001
+        if torch.is_grad_enabled():  # create_graph: its second derivatives would come out as zeros; refuse it
+            raise RuntimeError(
+                "compile(gradient=True) gives first derivatives only; for second derivatives (a Hessian) call "
+                "prior.compile(False) or compile() without gradient=True"
+            )
         scale = grad_value.unsqueeze(-1)
         grads = ctx.saved_tensors
         return None, scale * grads[0], scale * grads[1] if len(grads) > 1 else None
