@@ -152,35 +152,32 @@ class GroupedMLP(nn.Sequential):
 
     def _run(self, x: Tensor) -> Tensor:
         """``forward`` without input checks."""
+        last = self._linears[-1]
+        return self._to_groups(self._apply_last(self._run_hidden(x), last.weight, last.bias))
+
+    def _run_hidden(self, x: Tensor, saved: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """The last hidden layer's activation of :meth:`_run`, in the layout of its GEMMs: (B, hidden) for one group
+        (the global flow: plain 2-D GEMMs), (G, B, hidden) for several (one batched GEMM per layer over the groups;
+        see :meth:`_apply_last`). With ``saved``, each hidden layer's pre-activation and activation are appended to
+        it (for :meth:`input_vjp`); without, an activation that autograd does not record runs in place."""
         *hidden_layers, last = self._linears
         act, act_ = self._activation, self._activation_
-        # Each hidden output is a fresh tensor: when autograd does not record it, the activation runs in place.
-        if x.shape[1] == 1 and last.weight.shape[0] == 1:  # one group (the global flow): plain 2-D GEMMs
-            h = x.squeeze(1)  # a view whose backward is a view too (a select's backward allocates)
-            for layer in hidden_layers:
-                h = torch.addmm(layer.bias[0], h, layer.weight[0])
-                h = act(h) if h.requires_grad else act_(h)
-            return torch.addmm(last.bias[0], h, last.weight[0]).unsqueeze(1)
-        h = x.transpose(0, 1)  # (G, B, in): one batched GEMM per layer over the groups
+        one_group = x.shape[1] == 1 and last.weight.shape[0] == 1
+        h = x.squeeze(1) if one_group else x.transpose(0, 1)  # views whose backward is a view too
         for layer in hidden_layers:
-            h = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight)
-            h = act(h) if h.requires_grad else act_(h)
-        return torch.baddbmm(last.bias.unsqueeze(1), h, last.weight).transpose(0, 1)
-
-    def _run_hidden(self, x: Tensor) -> Tensor:
-        """The last hidden layer's activation of :meth:`_run`, no autograd recorded, in the layout of its GEMMs:
-        (B, hidden) for one group, (G, B, hidden) for several (see :meth:`_apply_last`)."""
-        *hidden_layers, last = self._linears
-        act_ = self._activation_
-        if x.shape[1] == 1 and last.weight.shape[0] == 1:
-            h = x.squeeze(1)
-            for layer in hidden_layers:
-                h = act_(torch.addmm(layer.bias[0], h, layer.weight[0]))
-            return h
-        h = x.transpose(0, 1)
-        for layer in hidden_layers:
-            h = act_(torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight))
+            if one_group:
+                a = torch.addmm(layer.bias[0], h, layer.weight[0])
+            else:
+                a = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight)
+            h = act(a) if saved is not None or a.requires_grad else act_(a)
+            if saved is not None:
+                saved.append((a, h))
         return h
+
+    @staticmethod
+    def _to_groups(out: Tensor) -> Tensor:
+        """:meth:`_apply_last`'s output in the (B, G, out) layout."""
+        return out.unsqueeze(1) if out.dim() == 2 else out.transpose(0, 1)
 
     @staticmethod
     def _apply_last(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -207,40 +204,24 @@ class GroupedMLP(nn.Sequential):
         """
         h, saved = self.run_saving_hidden(x)
         last = self._linears[-1]
-        out = self._apply_last(h, last.weight, last.bias)
-        return (out.unsqueeze(1) if out.dim() == 2 else out.transpose(0, 1)), saved
+        return self._to_groups(self._apply_last(h, last.weight, last.bias)), saved
 
     def run_saving_hidden(self, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """:meth:`run_saving` up to the last hidden layer: its activation in the GEMMs' layout (as
         :meth:`_run_hidden`) and, per hidden layer, its pre-activation and activation."""
-        *hidden_layers, last = self._linears
-        act = self._activation
-        saved = []
-        if x.shape[1] == 1 and last.weight.shape[0] == 1:  # one group: plain 2-D GEMMs
-            h = x.squeeze(1)
-            for layer in hidden_layers:
-                a = torch.addmm(layer.bias[0], h, layer.weight[0])
-                h = act(a)
-                saved.append((a, h))
-            return h, saved
-        h = x.transpose(0, 1)  # (G, B, in)
-        for layer in hidden_layers:
-            a = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight)
-            h = act(a)
-            saved.append((a, h))
-        return h, saved
+        saved: list[tuple[Tensor, Tensor]] = []
+        return self._run_hidden(x, saved), saved
 
     def input_vjp(
-        self, saved: list[tuple[Tensor, Tensor]], grad: Tensor | None, last: list[tuple[Tensor, Tensor]] | None = None
+        self, saved: list[tuple[Tensor, Tensor]], grad: Tensor | None, last: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
         """The gradient w.r.t. the input of ``(outputs * grad).sum()``, for frozen weights.
 
         Args:
             saved: What :meth:`run_saving` (or :meth:`run_saving_hidden`) returned with the outputs.
             grad: Gradient w.r.t. the outputs, shape (B, G, out_features); None with ``last``.
-            last: Instead of ``grad``, the last layer as parts: (gradient w.r.t. the part's outputs, the part's
-                weight (G, hidden, out)) pairs, in the GEMMs' layout of :meth:`_apply_last` (a spline coupling's
-                reordered last layer).
+            last: Instead of ``grad``, the gradient w.r.t. the outputs and the last layer's weight (G, hidden, out)
+                in the GEMMs' layout of :meth:`_apply_last` (a spline coupling's reordered last layer).
 
         Returns:
             Gradient w.r.t. the inputs, shape (B, G, in_features).
@@ -249,12 +230,10 @@ class GroupedMLP(nn.Sequential):
         linears = self._linears
         if last is None:
             one_group = grad.shape[1] == 1 and linears[-1].weight.shape[0] == 1
-            last = [(grad.squeeze(1) if one_group else grad.transpose(0, 1), linears[-1].weight)]
-        one_group = last[0][0].dim() == 2  # plain 2-D GEMMs
-        g = None
-        for part, weight in last:
-            term = part @ weight[0].T if one_group else torch.bmm(part, weight.transpose(1, 2))
-            g = term if g is None else g + term
+            last = (grad.squeeze(1) if one_group else grad.transpose(0, 1), linears[-1].weight)
+        g, weight = last
+        one_group = g.dim() == 2  # plain 2-D GEMMs
+        g = g @ weight[0].T if one_group else torch.bmm(g, weight.transpose(1, 2))
         a, h = saved[-1]
         g = g * derivative(a, h)
         for layer, (a, h) in zip(reversed(linears[1:-1]), reversed(saved[:-1]), strict=True):

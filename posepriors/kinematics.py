@@ -17,6 +17,7 @@ from torch import Tensor
 from posepriors import skeleton
 from posepriors.flows import _numba_spline
 from posepriors.rotations import axis_angle_to_matrix
+from posepriors.utils import recorded_vjp
 
 __all__ = ["BONES", "REST_JOINTS", "forward_kinematics", "rest_offsets"]
 
@@ -222,10 +223,12 @@ class _Chain(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
         pose, offsets = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the tensor ops' backward, itself differentiable
-            with torch.enable_grad():
-                positions = _tensor_positions(pose, *_tree_tables(ctx.parents, pose.device), offsets.detach())
-                (grad_pose,) = torch.autograd.grad(positions, pose, grad, create_graph=True)
-            return grad_pose, None, None
+            tables = _tree_tables(ctx.parents, pose.device)
+
+            def positions(p: Tensor) -> Tensor:
+                return _tensor_positions(p, *tables, offsets.detach())
+
+            return *recorded_vjp(positions, (pose,), (grad,)), None, None
         aa, parent_array, off, rot, world = ctx.arrays
         grad_pos = grad.to(torch.float64).contiguous().numpy().copy()  # the loop accumulates into it
         grad_world, grad_rot, grad_aa = np.empty_like(world), np.empty_like(rot), np.empty_like(aa)

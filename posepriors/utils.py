@@ -10,7 +10,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "atomic_write",
     "floor_eigenvalues",
     "folder_lock",
+    "recorded_vjp",
     "resolve_device",
     "sha256_file",
 ]
@@ -63,6 +64,22 @@ def in_transform() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running: no branching on tensor values there,
     and no ``torch.autograd.Function`` without functorch rules."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def recorded_vjp(
+    run: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    inputs: tuple[torch.Tensor | None, ...],
+    grads: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """For a fast path's backward with ``create_graph=True`` (an autograd function whose written-out backward is
+    not differentiable again): the vector-Jacobian product with ``grads`` of ``run(*inputs)`` as recorded tensor
+    ops, with a graph of its own, so that second derivatives are right instead of silently zero. One gradient per
+    input: None for an input that is None or needs no gradient."""
+    with torch.enable_grad():
+        outputs = run(*inputs)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True))
+    return tuple(next(found) if t is not None and t.requires_grad else None for t in inputs)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -305,9 +305,7 @@ def score_backward(
     outputs (..., (3K - 1) n), param-major as :meth:`RQSplineCoupling._scoring_weights` orders them (bin logits,
     then knot-derivative logits; ``_numba_kernels.grad_rows``). Both are views of one array."""
     K, (rows, n) = coupling.bins, state.x.shape
-    dtype = torch.float64 if state.x.dtype == np.float64 else torch.float32
-    gy = grad_y.detach().to(dtype).reshape(rows, n).contiguous().numpy()
-    gl = grad_logdet.detach().to(dtype).reshape(rows).contiguous().numpy()
+    gy, gl = _gradient_arrays(state.x, grad_y, grad_logdet)
     out = np.empty((rows, 3 * K, n), dtype=state.x.dtype)
     _threads()
     _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
@@ -319,13 +317,18 @@ def score_backward(
     return grads[:, -1].view(state.shape), grads[:, :-1].reshape(rows, -1).view(*batch, (3 * K - 1) * n)
 
 
+def _gradient_arrays(x: np.ndarray, grad_y: Tensor, grad_logdet: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The gradients w.r.t. a loop's outputs and log-determinant as C-contiguous arrays in the dtype of its values'
+    rows ``x`` (R, n): (R, n) and (R,)."""
+    dtype = torch.float64 if x.dtype == np.float64 else torch.float32
+    gy = grad_y.detach().to(dtype).reshape(x.shape).contiguous().numpy()
+    return gy, grad_logdet.detach().to(dtype).reshape(x.shape[0]).contiguous().numpy()
+
+
 def backward(coupling: RQSplineCoupling, saved: Saved, grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor, Tensor]:
     """The spline's vector-Jacobian product: gradients w.r.t. ``x2`` (*, n) and ``params`` (*, n * (3K - 1)) from
     those w.r.t. the outputs (*, n) and the log-determinant (*,)."""
-    x = saved.x
-    gy = grad_y.detach().reshape(x.shape).to(torch.float64 if x.dtype == np.float64 else torch.float32)
-    gl = grad_logdet.detach().reshape(x.shape[0]).to(gy.dtype)
-    grad_x, grad_p = backward_arrays(coupling, saved, gy.contiguous().numpy(), gl.contiguous().numpy(), parallel=True)
+    grad_x, grad_p = backward_arrays(coupling, saved, *_gradient_arrays(saved.x, grad_y, grad_logdet), parallel=True)
     return (
         torch.from_numpy(grad_x).reshape(saved.shape),
         torch.from_numpy(grad_p).reshape(*saved.shape[:-1], saved.params.shape[-1]),

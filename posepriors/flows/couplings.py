@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from torch import Tensor
 from posepriors.flows import _numba_spline
 from posepriors.flows.core import _Block, _LogDet
 from posepriors.grouped import GroupedMLP
+from posepriors.utils import recorded_vjp
 
 __all__ = ["AffineCoupling", "RQSplineCoupling"]
 
@@ -211,7 +212,7 @@ class _FrozenCoupling(torch.autograd.Function):
         coupling: _Coupling = ctx.coupling
         if torch.is_grad_enabled():  # create_graph: the tensor ops' backward, itself differentiable
             run = coupling._inverse if ctx.inverse else coupling._forward
-            return (None, *recorded_vjp(run, *ctx.saved_tensors, grad_z, grad_logdet), None)
+            return (None, *recorded_vjp(run, ctx.saved_tensors, (grad_z, grad_logdet)), None)
         grad_z, grad_logdet = _flush_subnormal(grad_z), _flush_subnormal(grad_logdet)
         grad_z1, grad_z2 = coupling._split(grad_z)
         grad_x2, grad_h = coupling._saving_backward(ctx.state, grad_z2, grad_logdet)
@@ -220,23 +221,6 @@ class _FrozenCoupling(torch.autograd.Function):
             grad_h, grad_context = grad_h.split((coupling.num_conditioning, ctx.context_shape[-1]), dim=-1)
         grad_x = _flush_subnormal(coupling._join(grad_z1 + grad_h, grad_x2))
         return None, grad_x, None if grad_context is None else _flush_subnormal(grad_context), None
-
-
-def recorded_vjp(
-    run: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]],
-    x: Tensor,
-    context: Tensor | None,
-    grad_z: Tensor,
-    grad_logdet: Tensor,
-) -> tuple[Tensor | None, Tensor | None]:
-    """For a fast path's backward with ``create_graph=True``: the gradients w.r.t. ``x`` and ``context`` of
-    ``run(x, context) -> (z, logdet)`` as recorded tensor ops (which the fast paths skip), with a graph of their own,
-    so that second derivatives are right instead of silently zero."""
-    with torch.enable_grad():
-        z, logdet = run(x, context)
-        inputs = [t for t in (x, context) if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad((z, logdet), inputs, (grad_z, grad_logdet), create_graph=True))
-    return tuple(next(grads) if t is not None and t.requires_grad else None for t in (x, context))
 
 
 class AffineCoupling(_Coupling):
@@ -412,7 +396,7 @@ class RQSplineCoupling(_Coupling):
         )  # fmt: skip
         weight = self._scoring_weights()[2]  # the whole last layer, param-major
         return self._unrows(grad_x2, grouped), self.conditioner.input_vjp(
-            saved, None, last=[(_flush_subnormal(grad_params), weight)]
+            saved, None, last=(_flush_subnormal(grad_params), weight)
         )
 
     def _last_parts(self, hidden: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,10 +11,10 @@ from torch import Tensor, nn
 
 from posepriors.flows import _numpy_spline
 from posepriors.flows.core import _Block, _check_context, _check_input, _full_logdet, _LogDet, standard_normal_log_prob
-from posepriors.flows.couplings import RQSplineCoupling, _Coupling, recorded_vjp
+from posepriors.flows.couplings import RQSplineCoupling, _Coupling
 from posepriors.flows.linear import ActNorm, LULinear, Permutation
 from posepriors.grouped import GroupedLinear
-from posepriors.utils import in_transform, to_float64
+from posepriors.utils import in_transform, recorded_vjp, to_float64
 
 __all__ = ["FlowSequence", "ensemble_log_prob"]
 
@@ -529,9 +529,9 @@ class _NumpyFlow(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z: Tensor, grad_logdet: Tensor) -> tuple[None, Tensor, Tensor | None, None]:  # noqa: ANN001
-        x, context = ctx.saved_tensors  # raises if the input was modified in place since the forward
+        inputs = ctx.saved_tensors  # raises if the input was modified in place since the forward
         if torch.is_grad_enabled():  # create_graph: the tensor ops' backward, itself differentiable
-            return (None, *recorded_vjp(ctx.recorded, x, context, grad_z, grad_logdet), None)
+            return (None, *recorded_vjp(ctx.recorded, inputs, (grad_z, grad_logdet)), None)
         grad_x, grad_context = _numpy_spline.flow_backward(ctx.plan, ctx.saved, grad_z.numpy(), grad_logdet.numpy())
         return None, torch.from_numpy(grad_x), None if grad_context is None else torch.from_numpy(grad_context), None
 
