@@ -91,3 +91,36 @@ def test_intervals_rows_against_the_reference(bench) -> None:
     assert bench.intervals(errors, ["gaussian", "flow"], groups, names, "gaussian_full", 300, 0) == []
     text = bench.intervals_markdown(rows, "gaussian")
     assert "| flow | hidden_1.5cm | body_ood_val |" in text and "dance" not in text
+
+
+def test_energy_probe_selection_fits_body_val_only(tmp_path) -> None:
+    """``tools/energy_fit_probe.py --selection``: a JSON line per prior and named scenario, from the tuning poses
+    and ``body_val`` alone (the body_ood_val poses here are NaN: any use of them would show)."""
+    import json
+    import subprocess
+
+    g = np.random.default_rng(0)
+    for name, n in (("body_train", 8), ("body_val", 5)):
+        np.savez(tmp_path / f"{name}.npz", body_pose=0.2 * g.standard_normal((n, 63)).astype(np.float32))
+    np.savez(
+        tmp_path / "body_ood_val.npz",
+        body_pose=np.full((6, 63), np.nan, dtype=np.float32),
+        source=np.array(["a", "a", "a", "b", "b", "b"]),
+    )
+    tool = SCRIPT.parents[1] / "tools" / "energy_fit_probe.py"
+    argv = [sys.executable, str(tool), "--selection", "hidden_1.5cm,all_4cm", "--data_dir", str(tmp_path)]
+    argv += ["--baselines", "none,gaussian", "--steps", "3", "--max_poses", "4", "--tune_poses", "3", "--threads", "1"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["prior"], r["scenario"]) for r in rows] == [
+        ("none", "all_4cm"),
+        ("none", "hidden_1.5cm"),
+        ("gaussian", "all_4cm"),
+        ("gaussian", "hidden_1.5cm"),
+    ]
+    for row in rows:
+        assert np.isfinite([row["body_val_angle"], row["body_val_mpjpe"]]).all()
+        assert ("body_val_hidden" in row) == (row["scenario"] == "hidden_1.5cm")
+        assert len(row["tuning_angle_deg"]) == (5 if row["prior"] == "gaussian" else 0)
+    bad = subprocess.run([*argv[:3], "hidden", *argv[4:]], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown scenarios ['hidden']" in bad.stderr
