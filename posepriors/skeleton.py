@@ -28,6 +28,7 @@ __all__ = [
     "SMPLX_PARENTS",
     "describe_joints",
     "from_smplx",
+    "hand_pose_from_pca",
     "layouts_with",
     "mirror_index",
     "mirror_pose",
@@ -359,7 +360,14 @@ def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
                 shapes = "(*, 3) (or (*, 1, 3) next to other keys of batch shape (*))"
             else:
                 shapes = f"(*, {3 * k}) or (*, {k}, 3)"
-            raise ValueError(f"expected {key} of shape {shapes}, got {tuple(t.shape)}")
+            hint = ""
+            if key.endswith("hand_pose") and t.dim() >= 1 and 3 != t.shape[-1] < 3 * k:
+                hint = (
+                    "; PCA coefficients (smplx's use_pca=True) need converting first: "
+                    f"posepriors.skeleton.hand_pose_from_pca({key}, model.{key[:-5]}_components, "
+                    f"model.{key[:-5]}_mean)"
+                )
+            raise ValueError(f"expected {key} of shape {shapes}, got {tuple(t.shape)}{hint}")
         if batch_shape is None:
             batch_shape = t.shape[:-2]
         elif t.shape[:-2] != batch_shape:
@@ -415,6 +423,42 @@ def to_smplx_dict(pose55: Tensor) -> dict[str, Tensor]:
     return {
         key: pose55[..., list(index), :].reshape(*pose55.shape[:-2], 3 * len(index)) for key, index in DICT_KEYS.items()
     }
+
+
+def hand_pose_from_pca(coefficients: Any, components: Any, mean: Any | None = None) -> Tensor:
+    """MANO hand poses from PCA coefficients (smplx's ``use_pca=True``, its default): ``coefficients @
+    components[:P] + mean``, for ``left_hand_pose`` / ``right_hand_pose`` or a MANO pose.
+
+    smplx keeps the basis on the body model (``model.left_hand_components``, ``model.right_hand_components``: the
+    MANO file's ``hands_components`` cut to P rows) and adds the mean hand (``model.left_hand_mean``) unless the
+    model was built with ``flat_hand_mean=True``. The priors score hands with zero as a flat hand, so pass ``mean``
+    exactly when smplx would add it; each hand has its own basis and mean.
+
+    Args:
+        coefficients: PCA coefficients, shape (*, P) (a tensor or NumPy array).
+        components: Basis, one component per row, shape (Q, 45) with Q >= P.
+        mean: Optional mean hand pose, shape (45,) or (15, 3), added after the projection.
+
+    Returns:
+        Axis-angle hand poses, shape (*, 45), in the promoted dtype of the inputs.
+    """
+    coefficients = as_float_tensor(coefficients, "PCA coefficients")
+    components = as_float_tensor(components, "PCA components").to(coefficients.device)
+    if components.dim() != 2 or components.shape[1] != 45:
+        raise ValueError(f"expected PCA components of shape (Q, 45), one per row, got {tuple(components.shape)}")
+    if coefficients.dim() < 1 or not 1 <= coefficients.shape[-1] <= components.shape[0]:
+        raise ValueError(
+            f"expected PCA coefficients of shape (*, P) with 1 <= P <= {components.shape[0]} (the components' rows), "
+            f"got {tuple(coefficients.shape)}"
+        )
+    dtype = torch.promote_types(coefficients.dtype, components.dtype)
+    pose = coefficients.to(dtype) @ components[: coefficients.shape[-1]].to(dtype)
+    if mean is not None:
+        mean = as_float_tensor(mean, "mean hand pose").to(pose.device)
+        if mean.numel() != 45:
+            raise ValueError(f"expected a mean hand pose of shape (45,) or (15, 3), got {tuple(mean.shape)}")
+        pose = pose + mean.reshape(45).to(dtype)
+    return pose
 
 
 def mirror_index(joints: Sequence[int]) -> list[int]:

@@ -219,3 +219,45 @@ def test_numpy_poses_and_fractional_indices():
 def test_rotation_matrices_get_a_hint():
     with pytest.raises(ValueError, match=r"got \(2, 55, 3, 3\) \(rotation matrices\? .*matrix_to_axis_angle"):
         skeleton.to_smplx(torch.eye(3).expand(2, 55, 3, 3))
+
+
+def test_hand_pose_from_pca_is_smplx_projection_plus_mean():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(45, 45, dtype=torch.float64, generator=g))[0].T  # rows: components
+    mean = 0.1 * torch.randn(45, dtype=torch.float64, generator=g)
+    coefficients = torch.randn(2, 3, 6, dtype=torch.float64, generator=g)
+    pose = skeleton.hand_pose_from_pca(coefficients, basis, mean.reshape(15, 3))
+    assert pose.shape == (2, 3, 45) and pose.dtype == torch.float64
+    torch.testing.assert_close(pose, torch.einsum("...p,pj->...j", coefficients, basis[:6]) + mean)
+    # orthonormal rows: the coefficients come back; all 45 components reproduce any pose exactly
+    torch.testing.assert_close((pose - mean) @ basis[:6].T, coefficients)
+    full = torch.randn(4, 45, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(skeleton.hand_pose_from_pca(full @ basis.T, basis.numpy()), full)
+    # the result is a hand pose every prior accepts in a dict, and gradients reach the coefficients
+    coefficients = coefficients[0].float().requires_grad_(True)
+    hands = skeleton.hand_pose_from_pca(coefficients, basis.float(), mean.float())
+    pose55, observed = skeleton.to_smplx({"left_hand_pose": hands})
+    assert observed.sum() == 15
+    pose55.square().sum().backward()
+    assert coefficients.grad is not None and torch.isfinite(coefficients.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("coefficients", "components", "mean", "match"),
+    [
+        (torch.zeros(2, 6), torch.zeros(6, 15, 3), None, r"components of shape \(Q, 45\).*got \(6, 15, 3\)"),
+        (torch.zeros(2, 12), torch.zeros(6, 45), None, r"1 <= P <= 6.*got \(2, 12\)"),
+        (torch.zeros(()), torch.zeros(6, 45), None, r"coefficients of shape \(\*, P\).*got \(\)"),
+        (torch.zeros(2, 6), torch.zeros(6, 45), torch.zeros(44), r"mean hand pose of shape \(45,\).*got \(44,\)"),
+    ],
+)
+def test_hand_pose_from_pca_errors(coefficients, components, mean, match):
+    with pytest.raises(ValueError, match=match):
+        skeleton.hand_pose_from_pca(coefficients, components, mean)
+
+
+def test_pca_hand_poses_in_a_dict_get_a_hint():
+    with pytest.raises(ValueError, match=r"got \(2, 6\); PCA coefficients.*hand_pose_from_pca\(right_hand_pose, "):
+        skeleton.to_smplx({"body_pose": torch.zeros(2, 63), "right_hand_pose": torch.zeros(2, 6)})
+    with pytest.raises(ValueError, match=r"got \(2, 14, 3\)$"):  # joints, not coefficients: no hint
+        skeleton.to_smplx({"left_hand_pose": torch.zeros(2, 14, 3)})
