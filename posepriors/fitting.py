@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from posepriors import skeleton
+from posepriors.flows import _numba_spline
 from posepriors.kinematics import _joint_positions, rest_offsets
 from posepriors.priors.base import PosePrior, _check_generator
 from posepriors.rotations import wrap_axis_angle
@@ -276,44 +277,45 @@ def fit_keypoints(
         data = keypoint_loss(variable)
         return data if score is None else data + w * score(variable)
 
-    with torch.enable_grad():
-        if decode is not None:
-            with torch.no_grad():
-                variable = encode(start)
-            variable = variable.clone().requires_grad_(True)
-        else:
-            variable = start.clone().requires_grad_(True)
+    with _numba_spline.one_path(steps):  # one arithmetic for the whole fit (see one_path)
+        with torch.enable_grad():
+            if decode is not None:
+                with torch.no_grad():
+                    variable = encode(start)
+                variable = variable.clone().requires_grad_(True)
+            else:
+                variable = start.clone().requires_grad_(True)
 
-        def closure() -> Tensor:
-            loss = objective(variable).sum()
-            (grad,) = torch.autograd.grad(loss, [variable])
-            variable.grad = grad.contiguous()  # L-BFGS flattens it with view
-            return loss.detach()
+            def closure() -> Tensor:
+                loss = objective(variable).sum()
+                (grad,) = torch.autograd.grad(loss, [variable])
+                variable.grad = grad.contiguous()  # L-BFGS flattens it with view
+                return loss.detach()
 
-        if optimizer == "adam":
-            adam = torch.optim.Adam([variable], lr=float(lr))
-            for _ in range(steps):
-                closure()
-                adam.step()
-        elif steps > 0:
-            # tolerances at zero: the objective is in m^2 (values ~1e-4), far below L-BFGS's default thresholds
-            lbfgs = torch.optim.LBFGS(
-                [variable], lr=float(lr), max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
-                tolerance_grad=0.0, tolerance_change=0.0,
-            )  # fmt: skip
-            lbfgs.step(closure)
-    with torch.no_grad():
-        final = variable.detach()
-        if decode is not None:
-            total = objective(final)  # the latent objective, at the code
-            final = decode(final)
-        final = wrap_axis_angle(final)
-        data = keypoint_loss(final)
-        energy = score(final) if score is not None else None
-        nll = _prior_scorer(prior, device, "nll")(final) if score is not None else None
-        if decode is None:
-            total = data if energy is None else data + w * energy
-        fitted = body_keypoints(final, root, offsets)
+            if optimizer == "adam":
+                adam = torch.optim.Adam([variable], lr=float(lr))
+                for _ in range(steps):
+                    closure()
+                    adam.step()
+            elif steps > 0:
+                # tolerances at zero: the objective is in m^2 (values ~1e-4), far below L-BFGS's default thresholds
+                lbfgs = torch.optim.LBFGS(
+                    [variable], lr=float(lr), max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                    tolerance_grad=0.0, tolerance_change=0.0,
+                )  # fmt: skip
+                lbfgs.step(closure)
+        with torch.no_grad():
+            final = variable.detach()
+            if decode is not None:
+                total = objective(final)  # the latent objective, at the code
+                final = decode(final)
+            final = wrap_axis_angle(final)
+            data = keypoint_loss(final)
+            energy = score(final) if score is not None else None
+            nll = _prior_scorer(prior, device, "nll")(final) if score is not None else None
+            if decode is None:
+                total = data if energy is None else data + w * energy
+            fitted = body_keypoints(final, root, offsets)
 
     def shaped(t: Tensor | None, *tail: int) -> Tensor | None:
         return None if t is None else t.reshape(*batch_shape, *tail).to(out_dtype)

@@ -343,6 +343,27 @@ def test_kernels_load_after_the_first_calls_or_for_a_large_one(monkeypatch):
     assert _numba_spline.wanted(_numba_spline.LOAD_AT_VALUES) is False
 
 
+def test_a_loop_decides_the_path_once_at_its_start(monkeypatch):
+    """``one_path``: a loop of ``LOAD_AFTER`` steps or more (or of unknown length: a MAP) loads the kernels at its
+    first call; a shorter one keeps the tensor or NumPy ops to its end even past ``LOAD_AFTER`` calls, without
+    counting them; a nested loop keeps the outer loop's decision. So no loop switches arithmetic half-way."""
+    wanted = _numba_spline.wanted
+    for steps, loads in ((2, False), (3, True), (None, True)):
+        not_imported = functools.cache(_numba_spline._numba.__wrapped__)  # as in a fresh process
+        monkeypatch.setattr(_numba_spline, "_numba", not_imported)
+        monkeypatch.setattr(_numba_spline, "LOAD_AFTER", 3)
+        monkeypatch.setattr(_numba_spline, "_waiting", 1)
+        with _numba_spline.one_path(steps):
+            assert [wanted(10) for _ in range(5)] == [loads] * 5
+            with _numba_spline.one_path(100 if steps == 2 else 1):
+                assert wanted(10) is loads
+        assert (not_imported.cache_info().currsize > 0) is loads
+        if not loads:  # held: nothing counted; afterwards the count goes on from where it was
+            assert _numba_spline._waiting == 1 and [wanted(10) for _ in range(3)] == [False, False, True]
+    with _numba_spline.one_path(2):  # once loaded, every loop runs the kernels
+        assert wanted(10) is True
+
+
 @pytest.mark.parametrize("layers", [1, 2], ids=["one_hidden_layer", "two_hidden_layers"])
 @pytest.mark.parametrize("kernels", [False, True], ids=["numpy_ops", "fused_spline"])
 def test_numpy_path_flushes_subnormal_gradients(kernels, layers, monkeypatch):

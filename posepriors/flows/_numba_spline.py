@@ -13,7 +13,8 @@ fork-safe); ``tests/test_numba_spline.py`` checks both give the same numbers (fl
 batches (``posepriors.flows._numpy_spline``) the same loops run in the calling thread (:func:`forward_arrays` with
 ``parallel=False``), and a coupling whose conditioner has one hidden SiLU layer runs whole, conditioner included, as
 one loop (:func:`coupling_forward_arrays`). Numba loads only once a process has made :data:`LOAD_AFTER` calls that
-could use it (:func:`wanted`).
+could use it (:func:`wanted`), except that an iterative routine (a fit, a MAP projection) decides for its whole loop
+at its start (:func:`one_path`).
 
 The inverse (latent to data) of a coupling with :data:`SCORING_BINS` bins runs the same way (:func:`score` and
 :func:`score_saving` with ``inverse=True``, the latter for a frozen coupling's autograd node); its backward is the
@@ -28,8 +29,10 @@ The formulas are those of ``RQSplineCoupling._transform_saving`` / ``_transform_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from functools import cache
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -56,6 +59,7 @@ __all__ = [
     "backward_arrays",
     "forward",
     "forward_arrays",
+    "one_path",
     "plain_cpu",
     "score",
     "score_backward",
@@ -93,19 +97,46 @@ that can run them does. 0: from the first call."""
 LOAD_AT_VALUES = 1 << 18
 
 _waiting = 0
+_held = 0
 
 
 def wanted(values: int) -> bool:
     """Whether a spline call of ``values`` transformed values that could run the kernels should (see
-    :data:`LOAD_AFTER`); imports Numba only when the answer may be yes."""
+    :data:`LOAD_AFTER` and :func:`one_path`); imports Numba only when the answer may be yes."""
     global _waiting
     if not ENABLED:
         return False
     if _numba.cache_info().currsize == 0:  # Numba not imported yet
+        if _held:
+            return False
         _waiting += 1
         if _waiting <= LOAD_AFTER and values < LOAD_AT_VALUES:
             return False
     return available()
+
+
+@contextlib.contextmanager
+def one_path(steps: int | None = None) -> Iterator[None]:
+    """Run an iterative routine of ``steps`` steps (a fit, a MAP projection) on one arithmetic throughout.
+
+    Without it, Numba would load in the middle of a process's first loop (after :data:`LOAD_AFTER` calls), and from
+    that step on the round-off changes; on a sharp density a MAP or a fit may then end somewhere else, so the first
+    call of a process would differ from the next ones with the same input. A loop of at least :data:`LOAD_AFTER`
+    steps, which would load Numba anyway, loads it at its first call; a shorter one keeps the tensor ops to its end
+    (if Numba was not loaded before); ``None`` stands for a long loop (the MAP projections run 50 to 200 steps).
+    Nested loops keep the outer loop's decision.
+    """
+    global _waiting, _held
+    if _numba.cache_info().currsize or _held or steps is None or steps >= LOAD_AFTER:
+        if not _held:
+            _waiting = max(_waiting, LOAD_AFTER)  # the loop's first call that could run the kernels loads them
+        yield
+        return
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
 
 
 def usable(x2: Tensor, params: Tensor) -> bool:
