@@ -174,3 +174,28 @@ def test_compiled_nll_matches_eager(name):
             torch.testing.assert_close(grad, expected_grad, atol=1e-8, rtol=1e-8)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["gaussian_full", "joint_flow", "global_flow"])
+def test_clear_caches_after_writes_through_data(name, monkeypatch):
+    """Writes through ``.data`` bump no version counter, so the frozen caches keep the old weights (a silent wrong
+    number) until ``clear_caches``; after it, every path (the NumPy flow of a few poses, the loops and tensor ops
+    of a batch) scores with the new weights, as the uncached path with weights that require grad does."""
+    monkeypatch.setattr(_numba_spline, "LOAD_AFTER", 0)
+    prior = posepriors.load(name)
+    x = prior.sample(300, generator=torch.Generator().manual_seed(0), temperature=0.7)
+    batches = (x[:2], x)
+    before = [prior.log_prob(b) for b in batches]
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.data.mul_(1.01)
+    stale = [prior.log_prob(b) for b in batches]
+    assert prior.clear_caches() is prior
+    cleared = [prior.log_prob(b) for b in batches]
+    prior.requires_grad_(True)  # no cache: the weights as they are
+    with torch.no_grad():
+        truth = [prior.log_prob(b) for b in batches]
+    for old, s, c, t in zip(before, stale, cleared, truth, strict=True):
+        assert (t - old).abs().max() > 0.5  # the change matters
+        assert (s - t).abs().max() > 0.5  # and the caches alone do not see it
+        torch.testing.assert_close(c, t, atol=1e-4, rtol=1e-5)

@@ -439,6 +439,10 @@ class RQSplineCoupling(_Coupling):
             and _numba_spline.usable(x, weight.detach())  # detach: a plain tensor (a Parameter is not)
         )
 
+    def _clear_caches(self) -> None:
+        """Forget the scoring loop's copy of the last layer (:meth:`_scoring_weights`)."""
+        self.__dict__.pop("_scoring_cache", None)
+
     def _scoring_weights(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
         """The conditioner's last layer, param-major, for the vectorised loops: (weight, bias) of the 2K bin logits
         and of the K - 1 knot-derivative logits of every transformed value (outputs that reshape to (rows, 2K, n)
@@ -448,6 +452,7 @@ class RQSplineCoupling(_Coupling):
         last = self.conditioner._linears[-1]
         # keyed on the tensors themselves (held, so that a new tensor at a freed address cannot match) and their
         # versions; a change through .data (no version bump) is not seen, as for every cache of frozen weights here
+        # (PosePrior.clear_caches forgets them)
         key = (last.weight, last.weight._version, last.bias, last.bias._version)
         cached = self.__dict__.get("_scoring_cache")
         if cached is None or not (cached[0][0] is key[0] and cached[0][2] is key[2] and cached[0][1::2] == key[1::2]):

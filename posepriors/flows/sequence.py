@@ -96,6 +96,14 @@ class FlowSequence(nn.Module):
         # frozen copies of group subsets, {group indices: (parameter key, flow)}; see run_groups
         self._subsets: dict[tuple[int, ...], tuple[tuple[object, ...], FlowSequence]] = {}
 
+    def _clear_caches(self) -> None:
+        """Forget the maps derived from the weights (folded layers, NumPy plans, compiled graphs, frozen subsets);
+        see :meth:`posepriors.priors.PosePrior.clear_caches`."""
+        self._folded.clear()
+        self._fused.clear()
+        self._subsets.clear()
+        self.__dict__.pop("_numpy_cache", None)
+
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         _check_input(x, self.groups, self.dim)
         _check_context(context, x, self.context_features)

@@ -587,6 +587,25 @@ class PosePrior(nn.Module, ABC):
                 module.compile_frozen(enabled, gradient=gradient, **options)
         return self
 
+    def clear_caches(self) -> PosePrior:
+        """Forget everything derived from the weights, after changing them through ``.data``.
+
+        A frozen prior caches what it derives from its weights (folded flow layers, the loops' copies of the last
+        layers, covariance factors), keyed on each parameter's storage and version counter: in-place changes
+        (``copy_``, an optimiser step, ``load_state_dict``, ``.to``) rebuild them by themselves. A write through
+        ``.data`` (``p.data.mul_(...)``, as some weight-averaging code does) bumps no version and would go unseen:
+        call this after it. It also drops the graphs of :meth:`compile`, which then compile again on first use.
+
+        Returns:
+            The prior itself.
+        """
+        for module in self.modules():
+            clear = getattr(module, "_clear_caches", None)
+            if clear is not None:
+                clear()
+        self.__dict__.pop("_dtype", None)
+        return self
+
     def sample(
         self,
         n: int,

@@ -123,13 +123,17 @@ class GMMPrior(PosePrior):
 
         return self._cached("covariance", compute)
 
+    def _clear_caches(self) -> None:
+        self._cache.clear()
+        self._cache_key = None
+
     def _cached(self, name: Any, compute: Any) -> Any:
         """``compute()``, remembered while the parameters stay the same when no autograd graph is needed.
 
         A frozen prior (``posepriors.load``, or ``requires_grad_(False)``) thus computes its covariances and the
         Cholesky factors of each mask's marginal once, not in every call of a fitting loop. Parameters changed in
         place (``copy_``, ``load_state_dict``, ``fit``, ``.to``) invalidate the cache; changes through ``.data``
-        are invisible to it: call ``prior._cache.clear()`` after those.
+        are invisible to it: call ``prior.clear_caches()`` after those.
         """
         params = (self.means, self.tril_lower, self.log_diag, self.logits)
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
