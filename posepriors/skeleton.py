@@ -223,7 +223,7 @@ DICT_KEYS: dict[str, tuple[int, ...]] = {
 _POSE_WORDS = ("pose", "orient", "hand", "jaw", "eye")
 
 
-_IGNORED_POSE_KEYS = frozenset({"full_pose"})  # smplx outputs: the same rotations as the part keys, concatenated
+_IGNORED_POSE_KEYS = frozenset({"full_pose"})  # smplx outputs: see _with_full_pose
 
 
 def unknown_pose_keys(keys: Iterable[Any]) -> list[str]:
@@ -305,8 +305,10 @@ def to_smplx(
     Args:
         pose: Axis-angle rotations of shape (*, J, 3) or (*, 3J) with J in (55, 53, 52, 24, 23, 21, 15), or an
             smplx-style dict (keys of :data:`DICT_KEYS`, each (*, 3k) or (*, k, 3); other keys such as
-            ``transl``, ``betas``, ``expression``, ``vertices``, ``joints`` and ``full_pose`` are ignored), or an
-            ``smplx`` ``ModelOutput`` (read as the dict of its fields).
+            ``transl``, ``betas``, ``expression``, ``vertices`` and ``joints`` are ignored), or an ``smplx``
+            ``ModelOutput`` (read as the dict of its fields). A whole-body ``full_pose`` (an smplx output with
+            ``return_full_pose=True``) is read first: it includes the mean hand that the hand parts of a
+            ``flat_hand_mean=False`` model leave out; the part keys must agree with it elsewhere.
         layout: Force a layout name from :data:`LAYOUTS` (or an alias, :data:`LAYOUT_ALIASES`) instead of detecting
             it from J.
         hand: Which hand a 15-joint (MANO) pose is: ``"left"`` or ``"right"``.
@@ -328,9 +330,10 @@ def to_smplx(
 
 
 def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-    """The pose keys of ``values`` (:data:`DICT_KEYS`); other keys of smplx inputs and outputs (``vertices``,
-    ``joints``, ``betas``, ``transl``, ``expression``, ``full_pose``, ...) are ignored, unknown rotation keys
-    (with ``pose`` or ``orient`` in them: likely typos) refused."""
+    """The pose keys of ``values`` (:data:`DICT_KEYS`), and smplx's ``full_pose`` where present (see
+    :func:`_with_full_pose`); other keys of smplx inputs and outputs (``vertices``, ``joints``, ``betas``,
+    ``transl``, ``expression``, ...) are ignored, unknown rotation keys (with ``pose`` or ``orient`` in them:
+    likely typos) refused."""
     odd = [k for k in values if not isinstance(k, str)]
     if odd:
         raise TypeError(f"expected the pose dict's keys to be strings such as {list(DICT_KEYS)}, got {odd!r}")
@@ -339,6 +342,8 @@ def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         raise ValueError(f"unknown pose keys {unknown}; expected keys from {list(DICT_KEYS)}")
     present = [k for k in DICT_KEYS if k in values and values[k] is not None]
     if not present:
+        if values.get("full_pose") is not None:  # an smplx output of only its full_pose, or a dict of it
+            return to_smplx(values["full_pose"])
         raise ValueError(f"expected at least one of {list(DICT_KEYS)} in the pose dict, got {sorted(values)}")
     # the parts of several joints first: their batch shape tells whether a single joint's (B, 1, 3) is one joint of
     # each of B poses (as some pipelines store global_orient) or a batch (B, 1) of (3,) rotations
@@ -381,7 +386,45 @@ def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
     joined = torch.cat([t.to(dtype) for _, t in parts], dim=-2)
     observed = torch.zeros(NUM_JOINTS, dtype=torch.bool, device=joined.device)
     observed[index] = True
-    return _scatter(joined, index), observed
+    return _with_full_pose(_scatter(joined, index), observed, values.get("full_pose"))
+
+
+def _with_full_pose(pose: Tensor, observed: Tensor, full: Any) -> tuple[Tensor, Tensor]:
+    """The pose of a dict that also carries smplx's ``full_pose`` (an output with ``return_full_pose=True``).
+
+    smplx builds ``full_pose`` from the parts and adds the model's mean pose: the mean hand of a model made with
+    ``flat_hand_mean=False`` (smplx's default), whose ``left_hand_pose`` / ``right_hand_pose`` outputs are relative
+    to it. The priors score hands as absolute rotations (zero: a flat hand), so ``full_pose`` is the pose to read
+    when it is there; the part keys must agree with it elsewhere, else the dict is ambiguous. A ``full_pose`` of no
+    supported layout (MANO's 16 joints) is ignored, as before."""
+    if full is None:
+        return pose, observed
+    full = as_float_tensor(full, "full_pose")
+    count = full.shape[-2] if full.dim() >= 2 and full.shape[-1] == 3 else (full.shape[-1] // 3 if full.dim() else 0)
+    if count not in (55, 53, 52, 24):  # the whole-body layouts an smplx output's full_pose can have
+        return pose, observed
+    full55, full_observed = to_smplx(full)
+    if full55.shape[:-2] != pose.shape[:-2]:
+        raise ValueError(
+            f"batch shapes of the pose dict disagree: full_pose has {tuple(full55.shape[:-2])}, the part keys "
+            f"{tuple(pose.shape[:-2])}"
+        )
+    both = (observed & full_observed).nonzero().flatten().tolist()
+    hands = set(PARTS["left_hand"]) | set(PARTS["right_hand"])
+    outside = [j for j in both if j not in hands]
+    with torch.no_grad():
+        gap = (pose[..., outside, :] - full55[..., outside, :]).abs()
+        tolerance = 1e-5 * (1 + full55[..., outside, :].abs())
+    if bool((gap > tolerance).any()):
+        worst = outside[int(gap.reshape(-1, len(outside), 3).amax((0, 2)).argmax())]
+        raise ValueError(
+            f"the pose dict's full_pose disagrees with its part keys at {SMPLX_JOINT_NAMES[worst]} (by up to "
+            f"{gap.max().item():.3g} rad): pass one or the other (full_pose is read first: it includes smplx's mean "
+            "hand pose, which the hand parts of a flat_hand_mean=False model leave out)"
+        )
+    dtype = torch.promote_types(full55.dtype, pose.dtype)
+    merged = torch.where(full_observed[:, None], full55.to(dtype), pose.to(dtype))  # parts only where full has none
+    return merged, observed | full_observed
 
 
 def from_smplx(pose55: Tensor, layout: str) -> Tensor:

@@ -261,3 +261,66 @@ def test_pca_hand_poses_in_a_dict_get_a_hint():
         skeleton.to_smplx({"body_pose": torch.zeros(2, 63), "right_hand_pose": torch.zeros(2, 6)})
     with pytest.raises(ValueError, match=r"got \(2, 14, 3\)$"):  # joints, not coefficients: no hint
         skeleton.to_smplx({"left_hand_pose": torch.zeros(2, 14, 3)})
+
+
+def _smplx_output(absolute: torch.Tensor, mean_hand: torch.Tensor):
+    """A stand-in for smplx's SMPLXOutput of a flat_hand_mean=False model with return_full_pose=True: hand parts
+    relative to the mean hand, full_pose (B, 165) absolute; no eye keys (smplx's output has none)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Output:
+        vertices: torch.Tensor | None = None
+        global_orient: torch.Tensor | None = None
+        body_pose: torch.Tensor | None = None
+        jaw_pose: torch.Tensor | None = None
+        left_hand_pose: torch.Tensor | None = None
+        right_hand_pose: torch.Tensor | None = None
+        full_pose: torch.Tensor | None = None
+
+    parts = skeleton.to_smplx_dict(absolute)
+    return Output(
+        global_orient=parts["global_orient"],
+        body_pose=parts["body_pose"],
+        jaw_pose=parts["jaw_pose"],
+        left_hand_pose=parts["left_hand_pose"] - mean_hand,
+        right_hand_pose=parts["right_hand_pose"] - mean_hand,
+        full_pose=absolute.reshape(-1, 165),
+    )
+
+
+def test_full_pose_of_an_smplx_output_gives_the_absolute_hands():
+    g = torch.Generator().manual_seed(0)
+    absolute = 0.3 * torch.randn(2, 55, 3, generator=g)
+    mean_hand = 0.15 * torch.ones(45)
+    output = _smplx_output(absolute, mean_hand)
+    pose, observed = skeleton.to_smplx(output)
+    torch.testing.assert_close(pose, absolute)
+    assert observed.all()  # the eyes come from full_pose
+    # without full_pose the parts are all there is (relative hands: the caller must add the mean)
+    without, observed = skeleton.to_smplx({**vars(output), "full_pose": None})
+    torch.testing.assert_close(without[:, 25:40], absolute[:, 25:40] - mean_hand.reshape(15, 3))
+    assert not observed[23:25].any()
+    # full_pose alone, and a full_pose that agrees with the parts: the same pose
+    torch.testing.assert_close(skeleton.to_smplx({"full_pose": output.full_pose})[0], absolute)
+    flat = _smplx_output(absolute, torch.zeros(45))
+    torch.testing.assert_close(skeleton.to_smplx(flat)[0], absolute)
+    # an SMPL-H full_pose (no jaw, no eyes) next to a jaw part: the jaw from the part
+    smplh = {"full_pose": skeleton.from_smplx(absolute, "smplh"), "jaw_pose": absolute[:, 22]}
+    pose, observed = skeleton.to_smplx(smplh)
+    torch.testing.assert_close(pose[:, :23], absolute[:, :23])
+    assert observed.sum() == 53 and not observed[23:25].any()
+    # MANO's full_pose (16 joints: no whole-body layout) is left alone, as before
+    hand = {"right_hand_pose": absolute[:, 40:].reshape(2, 45), "full_pose": torch.zeros(2, 48)}
+    torch.testing.assert_close(skeleton.to_smplx(hand)[0][:, 40:], absolute[:, 40:])
+
+
+def test_full_pose_that_disagrees_with_the_body_parts_is_refused():
+    absolute = 0.3 * torch.randn(2, 55, 3, generator=torch.Generator().manual_seed(1))
+    output = _smplx_output(absolute, torch.zeros(45))
+    output.body_pose = output.body_pose.clone()
+    output.body_pose[:, 3 * 17 : 3 * 18] += 0.2  # joint 18, the left elbow, edited after the forward pass
+    with pytest.raises(ValueError, match=r"full_pose disagrees with its part keys at left_elbow \(by up to 0\.2"):
+        skeleton.to_smplx(output)
+    with pytest.raises(ValueError, match=r"batch shapes of the pose dict disagree: full_pose has \(3,\)"):
+        skeleton.to_smplx({"body_pose": absolute[:, 1:22], "full_pose": torch.zeros(3, 165)})
