@@ -166,6 +166,15 @@ def test_energy_falls_back_to_the_nll_when_the_mask_hides_body_joints():
     assert not torch.allclose(prior.energy(pose), prior.nll(pose))
 
 
+def test_energy_with_hidden_body_joints_says_what_it_needs_where_the_nll_has_no_marginal():
+    """The shipped global_flow has no exact marginal for a partly hidden body: energy() says so in its own terms."""
+    prior = posepriors.load("global_flow")
+    mask = torch.ones(55, dtype=torch.bool)
+    mask[20] = False  # the left wrist
+    with pytest.raises(ValueError, match=r"GlobalFlowPrior\.energy with hidden body joints.*partially observed part"):
+        prior.energy(torch.zeros(2, 55, 3), mask)
+
+
 def test_energy_has_the_gradient_of_its_terms():
     prior = _flow(joints="body")
     body = _full_pose(prior, 3).requires_grad_(True)

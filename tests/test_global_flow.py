@@ -279,8 +279,27 @@ def test_encode_and_decode_reject_bad_input(trained_body_hand):
         prior.encode({"body_pose": x[:, :21]})
     with pytest.raises(ValueError, match=rf"latent codes of shape \(\*, {prior.latent_dim}\), got \(8, 5\)"):
         prior.decode(torch.zeros(8, 5))
-    with pytest.raises(TypeError, match="floating-point latent"):
+    with pytest.raises(TypeError, match=r"latent codes of shape .* as floating-point values, got dtype torch\.int64"):
         prior.decode(torch.zeros(8, prior.latent_dim, dtype=torch.long))
+    with pytest.raises(TypeError, match="latent codes .* as a tensor or numpy array, got list"):
+        prior.decode([[0.0] * prior.latent_dim])
+
+
+def test_decode_takes_numpy_and_returns_the_promoted_dtype_as_encode_does(trained_body_hand):
+    prior, x = trained_body_hand
+    z = prior.encode(x[:3])
+    from_numpy = prior.decode(z.numpy())
+    torch.testing.assert_close(from_numpy, prior.decode(z))
+    z64 = prior.encode(x[:3].double())
+    assert z64.dtype == torch.float64 and prior.decode(z64).dtype == torch.float64
+    assert prior.decode(z.double()).dtype == torch.float64 and prior.decode(z).dtype == prior.dtype
+    # the flat (*, 3J) form of the prior's own order places in SMPL-X like (*, J, 3)
+    pose = prior.decode(z)
+    torch.testing.assert_close(prior.to_smplx(pose.flatten(-2)), prior.to_smplx(pose))
+    with pytest.raises(
+        ValueError, match=rf"\(\*, {prior.num_joints}, 3\) or \(\*, {3 * prior.num_joints}\), got \(3, 7\)"
+    ):
+        prior.to_smplx(torch.zeros(3, 7))
 
 
 def test_body_latent_maps_the_body_part_alone(trained_body_hand):

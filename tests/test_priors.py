@@ -135,6 +135,10 @@ def test_masked_completion_keeps_observed_joints(trained):
     torch.testing.assert_close(samples[:, :, mask], x[:6, mask].expand(4, -1, -1, -1))
     completed = prior.project(x[:6], mask)
     assert completed.shape == (6, prior.num_joints, 3) and torch.isfinite(completed).all()
+    if "keep_observed" in prior.project_options():  # float64 poses: observed joints as given, not via float32
+        x64 = x[:6].double() + 1e-12
+        kept = prior.project(x64, mask, keep_observed=True)
+        assert kept.dtype == torch.float64 and torch.equal(kept[:, mask], x64[:, mask])
 
 
 def test_missing_part_marginal(trained):

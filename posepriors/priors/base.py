@@ -520,7 +520,8 @@ class PosePrior(nn.Module, ABC):
         ``-(1 - lam) log p_s(body) - lam log N(body)`` plus the exact conditional NLL of the other observed
         joints given the body. It is smooth where :meth:`nll` is spiky, and fits better (docs/models.md); it is not
         a likelihood (compare poses with :meth:`log_prob`). A mask that hides body joints gets :meth:`nll`, as does
-        every prior without a fitting energy. :func:`posepriors.fitting.fit_keypoints` minimises it.
+        every prior without a fitting energy, where the family has that marginal (``global_flow`` has none for
+        hidden body joints: a ``ValueError``). :func:`posepriors.fitting.fit_keypoints` minimises it.
 
         Args:
             pose: As in :meth:`log_prob`.
@@ -536,7 +537,15 @@ class PosePrior(nn.Module, ABC):
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
         body = self.body_index
         if m is not None and not bool(m[:, body].all()):
-            return self.nll(pose, mask, layout=layout, context=context)
+            try:
+                return self.nll(pose, mask, layout=layout, context=context)
+            except ValueError as error:  # no exact marginal for this mask: say what energy() needs
+                raise ValueError(
+                    f"{type(self).__name__}.energy with hidden body joints is the NLL of the observed ones, which "
+                    f"this prior cannot give for this mask ({error}). Fits optimise every body joint: pass no mask "
+                    "(or hide only joints beyond the body), complete the pose first with project(pose, mask), or "
+                    "score partial bodies with gaussian_full"
+                ) from None
         ctx = self._check_context(context, x.shape[0], batch_shape)
         v = x[:, body].flatten(1)
         if self.smoothed is not None:
@@ -708,7 +717,7 @@ class PosePrior(nn.Module, ABC):
         if noise_std is not None:
             noise_std = _check_noise_std(noise_std)
         self._check_project_options(noise_std is not None, kwargs)
-        x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
+        x, m, batch_shape, out_dtype, original = self._prepare_full(pose, mask, layout)
         ctx = self._check_context(context, x.shape[0], batch_shape)
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled():  # inference tensors cannot enter autograd: work on copies
@@ -719,7 +728,10 @@ class PosePrior(nn.Module, ABC):
             else:
                 with _numba_spline.one_path():  # the MAP's encoding, loop and decoding on one arithmetic
                     out = self._map_project(x, m, noise_std, **kwargs, **ctx)
-        return out.reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
+        out = out.to(out_dtype)
+        if kwargs.get("keep_observed") and m is not None:  # exactly as given, not through the prior's dtype
+            out = torch.where(m[..., None], original.to(out_dtype), out)
+        return out.reshape(*batch_shape, self.num_joints, 3)
 
     def denoise(
         self,
@@ -991,14 +1003,18 @@ class PosePrior(nn.Module, ABC):
         """Place poses in this prior's joint order into the SMPL-X layout (other joints zero).
 
         Args:
-            pose: Poses from :meth:`sample` or :meth:`project`, shape (*, J, 3) (a tensor or NumPy array).
+            pose: Poses from :meth:`sample` or :meth:`project`, shape (*, J, 3) or flat (*, 3J) (a tensor or
+                NumPy array).
 
         Returns:
             SMPL-X poses, shape (*, 55, 3).
         """
-        pose = skeleton.as_float_tensor(pose, f"poses of shape (*, {self.num_joints}, 3)")
-        if pose.dim() < 2 or pose.shape[-2:] != (self.num_joints, 3):
-            raise ValueError(f"expected pose of shape (*, {self.num_joints}, 3), got {tuple(pose.shape)}")
+        J = self.num_joints
+        pose = skeleton.as_float_tensor(pose, f"poses of shape (*, {J}, 3) or (*, {3 * J})")
+        if pose.dim() >= 1 and pose.shape[-1] == 3 * J and not (pose.dim() >= 2 and pose.shape[-2:] == (J, 3)):
+            pose = pose.reshape(*pose.shape[:-1], J, 3)
+        if pose.dim() < 2 or pose.shape[-2:] != (J, 3):
+            raise ValueError(f"expected pose of shape (*, {J}, 3) or (*, {3 * J}), got {tuple(pose.shape)}")
         out = pose.new_zeros(*pose.shape[:-2], skeleton.NUM_JOINTS, 3)
         out[..., self.joint_index.to(pose.device), :] = pose
         return out

@@ -306,18 +306,18 @@ class GlobalFlowPrior(PosePrior):
             context: The context of a conditioned prior, as in :meth:`log_prob`.
 
         Returns:
-            Poses in the prior's joint order, shape (*, J, 3), in the prior's dtype and on its device.
+            Poses in the prior's joint order, shape (*, J, 3), in the promoted dtype of ``z`` and the prior (as
+            :meth:`encode` returns codes), on the prior's device.
         """
-        if not isinstance(z, Tensor) or not z.is_floating_point():
-            raise TypeError(f"expected a floating-point latent tensor, got {type(z).__name__}")
+        z = skeleton.as_float_tensor(z, f"latent codes of shape (*, {self.dim})")
         if z.dim() < 1 or z.shape[-1] != self.dim:
             raise ValueError(f"expected latent codes of shape (*, {self.dim}), got {tuple(z.shape)}")
-        batch_shape = z.shape[:-1]
+        batch_shape, out_dtype = z.shape[:-1], torch.promote_types(z.dtype, self.dtype)
         flat = z.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
         ctx = self._check_context(context, flat.shape[0], batch_shape).get("context")
         zs = [c.unsqueeze(1) for c in flat.split(self._part_sizes, dim=-1)]
         start = flat.new_zeros(flat.shape[0], self.num_joints, 3)
-        return self._decode(zs, start, None, ctx).reshape(*batch_shape, self.num_joints, 3)
+        return self._decode(zs, start, None, ctx).reshape(*batch_shape, self.num_joints, 3).to(out_dtype)
 
     def body_latent(self) -> tuple[int, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
         """The latent space of the body alone, for fitting a body in latent space (``fit_keypoints(space="latent")``).
