@@ -157,6 +157,7 @@ LAYOUTS: dict[str, Layout] = {
         Layout("smplh", (*range(22), *range(25, 55)), "SMPL-H: root, 21 body, 15 left hand, 15 right hand"),
         Layout("smpl", (*range(22), -1, -1), "SMPL: root, 21 body, one joint per hand (not in SMPL-X)"),
         Layout("smpl_body", (*range(1, 22), -1, -1), "SMPL body_pose: 21 body joints + SMPL's two hand joints"),
+        Layout("root_body", tuple(range(22)), "global_orient and the 21 body joints (AMASS poses[:, :66])"),
         Layout("body", tuple(range(1, 22)), "SMPL-X body_pose: the 21 body joints"),
         Layout("mano_left", PARTS["left_hand"], "MANO left hand, 15 joints"),
         Layout("mano_right", PARTS["right_hand"], "MANO right hand, 15 joints"),
@@ -303,7 +304,7 @@ def to_smplx(
     """Convert any supported pose to the SMPL-X 55-joint layout (differentiable).
 
     Args:
-        pose: Axis-angle rotations of shape (*, J, 3) or (*, 3J) with J in (55, 53, 52, 24, 23, 21, 15), or an
+        pose: Axis-angle rotations of shape (*, J, 3) or (*, 3J) with J in (55, 53, 52, 24, 23, 22, 21, 15), or an
             smplx-style dict (keys of :data:`DICT_KEYS`, each (*, 3k) or (*, k, 3); other keys such as
             ``transl``, ``betas``, ``expression``, ``vertices`` and ``joints`` are ignored), or an ``smplx``
             ``ModelOutput`` (read as the dict of its fields). A whole-body ``full_pose`` (an smplx output with

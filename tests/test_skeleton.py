@@ -37,7 +37,15 @@ def test_every_layout_round_trips(layout):
 
 @pytest.mark.parametrize(
     ("J", "layout"),
-    [(55, "smplx"), (53, "smplx_no_eyes"), (52, "smplh"), (24, "smpl"), (23, "smpl_body"), (21, "body")],
+    [
+        (55, "smplx"),
+        (53, "smplx_no_eyes"),
+        (52, "smplh"),
+        (24, "smpl"),
+        (23, "smpl_body"),
+        (22, "root_body"),
+        (21, "body"),
+    ],
 )
 def test_detection_by_joint_count(J, layout):
     pose = torch.randn(3, J, 3)
@@ -138,7 +146,7 @@ def test_resolve_joints():
 @pytest.mark.parametrize(
     ("bad", "error", "match"),
     [
-        (torch.zeros(2, 20, 3), ValueError, r"J in \(55, 53, 52, 24, 23, 21, 15\), got \(2, 20, 3\)"),
+        (torch.zeros(2, 20, 3), ValueError, r"J in \(55, 53, 52, 24, 23, 22, 21, 15\), got \(2, 20, 3\)"),
         (torch.zeros(2, 55, 3, dtype=torch.int32), TypeError, "floating-point"),
         ({"body_pose": torch.zeros(2, 62)}, ValueError, r"body_pose of shape \(\*, 63\)"),
         ({"body_pose": torch.zeros(2, 63), "jaw_pose": torch.zeros(3, 3)}, ValueError, "batch shapes"),
@@ -324,3 +332,11 @@ def test_full_pose_that_disagrees_with_the_body_parts_is_refused():
         skeleton.to_smplx(output)
     with pytest.raises(ValueError, match=r"batch shapes of the pose dict disagree: full_pose has \(3,\)"):
         skeleton.to_smplx({"body_pose": absolute[:, 1:22], "full_pose": torch.zeros(3, 165)})
+
+
+def test_amass_root_and_body_slice_is_the_root_and_body_of_its_smplh_pose():
+    poses = torch.randn(3, 156)  # AMASS "poses": SMPL-H
+    full, _ = skeleton.to_smplx(poses)
+    part, observed = skeleton.to_smplx(poses[:, :66])
+    torch.testing.assert_close(part[:, :22], full[:, :22])
+    assert observed.tolist() == [j < 22 for j in range(55)]

@@ -414,7 +414,7 @@ class PosePrior(nn.Module, ABC):
 
         Args:
             pose: Axis-angle rotations in any supported layout: shape (*, J, 3) or (*, 3J) for J in
-                (55, 53, 52, 24, 23, 21, 15) or the prior's own joints, or an smplx-style dict.
+                (55, 53, 52, 24, 23, 22, 21, 15) or the prior's own joints, or an smplx-style dict.
             mask: Optional observed-joint mask, shape (J,), (*, J), (55,) or (*, 55); ``True`` = observed. Joints
                 the input does not carry (e.g. hands of a body-only pose) count as missing.
             measure: ``"lebesgue"`` (default) for the density of the axis-angle coordinates, ``"so3"`` for the
