@@ -341,6 +341,17 @@ def test_adaptive_denoise_keeps_the_shape_and_works_in_inference_mode(trained):
     )
 
 
+def test_adaptive_warns_on_small_sets(trained):
+    prior, _ = trained
+    noisy = _noisy(_correlated_body(16, seed=2)[0])
+    with pytest.warns(UserWarning, match=r"on 3 pose\(s\).*from about 16 poses of one source"):
+        prior.denoise(noisy[:3], noise_std=SIGMA, adaptive=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prior.denoise(noisy, noise_std=SIGMA, adaptive=True)  # 16 poses: no warning
+        prior.denoise(noisy[:3], noise_std=SIGMA)  # nor without adaptive
+
+
 def test_without_a_broad_component_the_partner_is_the_smoothed_densitys_per_coordinate_gaussian(trained):
     prior, _ = trained
     shifted = 2.5 * _correlated_body(256, seed=2)[0]  # where the partner gets weight
@@ -442,7 +453,8 @@ def test_denoise_stats_gives_the_sure_blend_near_equal_sets(trained, monkeypatch
         return denoise(pose, *args, **kwargs)
 
     monkeypatch.setattr(prior, "denoise", recording)
-    denoise_stats(prior, clean, denoiser="adaptive", batch_size=10)
+    with pytest.warns(UserWarning, match=r"adaptive=True\) on 7 pose\(s\): the SURE weight is noisy"):
+        denoise_stats(prior, clean, denoiser="adaptive", batch_size=10)
     assert sizes == [(7, True)] * 3  # not 10 + 10 + 1
     sizes.clear()
     denoise_stats(prior, clean, batch_size=10)

@@ -767,7 +767,7 @@ class PosePrior(nn.Module, ABC):
         stays near 0 on AMASS-like poses and grows on poses from other pipelines (dance, A-poses). It costs
         ``2 k`` more gradients per pose for the divergence (``k`` probes, 1 for sets of 256 poses or more, up to 64
         for a single pose). Give it dozens of poses or more: on a single pose the weight is noisy and can cost
-        accuracy (docs/models.md, "Remedy 4").
+        accuracy (docs/models.md, "Remedy 4"); below :data:`ADAPTIVE_MIN_POSES` (16) it warns.
 
         Args:
             pose: As in :meth:`log_prob`.
@@ -802,6 +802,14 @@ class PosePrior(nn.Module, ABC):
                 f"adaptive=True blends Tweedie's posterior mean of a smoothed body density, but "
                 f"{type(self).__name__}.denoise runs the {estimator!r} estimator at noise_std={noise_std}"
                 + (f" ({why})" if why else "")
+            )
+        if adaptive and x.shape[0] < ADAPTIVE_MIN_POSES:
+            warnings.warn(
+                f"{type(self).__name__}.denoise(adaptive=True) on {x.shape[0]} pose(s): the SURE weight is noisy on "
+                f"small sets and can cost accuracy; it helps from about {ADAPTIVE_MIN_POSES} poses of one source "
+                "(docs/models.md)",
+                UserWarning,
+                stacklevel=2,
             )
         if estimator == "map":
             warnings.warn(
@@ -1408,6 +1416,11 @@ def register_model(cls: type[PosePrior]) -> type[PosePrior]:
         raise TypeError(f"expected a PosePrior subclass, got {cls!r}")
     MODEL_TYPES[cls.model_type] = cls
     return cls
+
+
+ADAPTIVE_MIN_POSES = 16
+"""``denoise(adaptive=True)`` warns below this many poses: from 16 poses of one source the SURE blend was never
+worse than the plain posterior mean (docs/models.md, "Remedy 4"); on single poses it can be."""
 
 
 def latent_map(
