@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+import posepriors
 from posepriors import skeleton
 from posepriors import train as train_module
 from posepriors.data import PoseData
@@ -302,3 +303,28 @@ def test_torch_func_transforms_work_on_frozen_priors(name):
     leaf = x.clone().requires_grad_(True)
     prior.nll(leaf).sum().backward()
     torch.testing.assert_close(grad(lambda q: prior.nll(q).sum())(x), leaf.grad)
+
+
+def test_whole_body_flows_point_a_bare_hand_to_a_hand_prior():
+    """A MANO hand alone (15 joints) has no exact density under the whole-body flows: the error says what the
+    pose observes and where hands alone are scored; a mask that hides a body joint gets no such hint."""
+    hand = torch.zeros(2, 15, 3)
+    wrist = torch.ones(55, dtype=torch.bool)
+    wrist[20] = False
+    for name, pattern in (
+        ("global_flow", r"body missing, left_hand\+right_hand partly observed\).*load\('hands'\)"),
+        ("joint_flow", r"observed 'right_index1' below missing 'right_wrist'.*load\('hands'\)"),
+    ):
+        prior = posepriors.load(name)
+        with pytest.raises(ValueError, match=pattern):
+            prior.nll(hand)
+        with pytest.raises(ValueError) as error:
+            prior.nll(torch.zeros(2, 55, 3), wrist)
+        assert "load('hands')" not in str(error.value)
+
+
+def test_denoise_fallback_warning_names_the_reason_of_the_family():
+    with pytest.warns(UserWarning, match=r"HandVAE\.denoise: .*\(no closed-form posterior mean for this family\)"):
+        posepriors.load("hand_vae").denoise(torch.zeros(2, 30, 3), noise_std=0.1)
+    with pytest.warns(UserWarning, match=r"JointFlowPrior\.denoise: .*\(no smoothed body density\)"):
+        posepriors.load("joint_flow").denoise({"body_pose": torch.zeros(2, 63)}, noise_std=0.1)

@@ -852,7 +852,8 @@ class PosePrior(nn.Module, ABC):
         if self.exact_posterior_mean and (self.broad is None or self.posterior_mean_with_broad):
             return "closed_form", ""
         if self.smoothed is None:
-            return "map", "no smoothed body density"
+            models_body = self.config.joints and all(j in self.config.joints for j in skeleton.PARTS["body"])
+            return "map", "no smoothed body density" if models_body else "no closed-form posterior mean for this family"
         if not math.isclose(noise_std, self.smoothed.noise_std, rel_tol=1e-6):
             return "map", f"smoothed body density: noise_std={self.smoothed.noise_std} only"
         if mask is not None and not bool(mask[:, self.body_index].all()):

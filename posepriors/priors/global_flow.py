@@ -191,21 +191,37 @@ class GlobalFlowPrior(PosePrior):
         """(B, J) joint mask -> (B, P) part-observed flags; raises unless it hides whole trailing parts."""
         full, empty = self._part_states(mask)
         if not bool((full | empty).all()):
-            raise ValueError(self._mask_error("partially observed part"))
+            raise ValueError(self._mask_error("partially observed part", self._first_pattern(full, empty)))
         if bool((full[:, 1:] & ~full[:, :-1]).any()):
-            raise ValueError(self._mask_error("a missing part before an observed one"))
+            raise ValueError(
+                self._mask_error("a missing part before an observed one", self._first_pattern(full, empty))
+            )
         return full
 
-    def _mask_error(self, why: str) -> str:
+    def _first_pattern(self, full: Tensor, empty: Tensor) -> str:
+        """What the first pose with a mask of no exact density observes, part by part (for the error message)."""
+        parts = self.config.parts or ("all joints",)
+        bad = ~(full | empty).all(-1) | (full[:, 1:] & ~full[:, :-1]).any(-1)
+        row = int(bad.nonzero()[0, 0]) if bool(bad.any()) else 0
+        states = [
+            "observed" if bool(full[row, k]) else ("missing" if bool(empty[row, k]) else "partly observed")
+            for k in range(len(parts))
+        ]
+        return ", ".join(f"{part} {state}" for part, state in zip(parts, states, strict=True))
+
+    def _mask_error(self, why: str, pattern: str = "") -> str:
         parts = self.config.parts or ("all joints",)
         other = (
             "sample() and project() complete other masks"
             if self.completion is not None
             else "a prior built with conditional=True completes other masks in sample() and project()"
         )
+        hands = ""
+        if pattern.startswith("body missing"):
+            hands = "; for hands without a body, use a hand prior (posepriors.load('hands'))"
         return (
             f"global_flow with parts {parts} has exact densities only for masks that hide whole trailing parts "
-            f"(got {why}): score poses that observe the first part; {other}"
+            f"(got {why}{': ' + pattern if pattern else ''}): score poses that observe the first part; {other}{hands}"
         )
 
     def _log_prob(self, x: Tensor, mask: Tensor | None, context: Tensor | None = None) -> Tensor:

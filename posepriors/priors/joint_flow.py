@@ -324,6 +324,11 @@ class JointFlowPrior(PosePrior):
                 "(every missing joint's modelled descendants missing too, e.g. missing hands or a missing forearm "
                 f"and hand); got observed {name!r} below missing {parent!r}. Pass the missing joint, hide its "
                 "descendants too, or use sample/project to complete it"
+                + (
+                    "; for hands without a body, use a hand prior (posepriors.load('hands'))"
+                    if not any(bool(mask[:, i].any()) for i, j in enumerate(self.joints) if j in skeleton.PARTS["body"])
+                    else ""
+                )
             )
 
     def _run(self, index: Tensor, x: Tensor, context: Tensor, reverse: bool) -> Tensor:
