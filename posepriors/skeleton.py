@@ -340,7 +340,13 @@ def _dict_to_smplx(values: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         raise TypeError(f"expected the pose dict's keys to be strings such as {list(DICT_KEYS)}, got {odd!r}")
     unknown = unknown_pose_keys(values)
     if unknown:
-        raise ValueError(f"unknown pose keys {unknown}; expected keys from {list(DICT_KEYS)}")
+        hint = ""
+        if "hand_pose" in unknown:  # smplx's MANO output: one hand, and the output does not say which
+            hint = (
+                "; a MANO pose (hand_pose of smplx's MANO) is one hand: pass the tensor itself, a right hand unless "
+                "layout='mano_left' says otherwise, or as left_hand_pose / right_hand_pose"
+            )
+        raise ValueError(f"unknown pose keys {unknown}; expected keys from {list(DICT_KEYS)}{hint}")
     present = [k for k in DICT_KEYS if k in values and values[k] is not None]
     if not present:
         if values.get("full_pose") is not None:  # an smplx output of only its full_pose, or a dict of it

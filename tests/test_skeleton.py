@@ -340,3 +340,8 @@ def test_amass_root_and_body_slice_is_the_root_and_body_of_its_smplh_pose():
     part, observed = skeleton.to_smplx(poses[:, :66])
     torch.testing.assert_close(part[:, :22], full[:, :22])
     assert observed.tolist() == [j < 22 for j in range(55)]
+
+
+def test_a_mano_outputs_hand_pose_gets_a_hint():
+    with pytest.raises(ValueError, match=r"unknown pose keys \['hand_pose'\].*pass the tensor itself.*mano_left"):
+        skeleton.to_smplx({"global_orient": torch.zeros(2, 3), "hand_pose": torch.zeros(2, 45)})
