@@ -268,8 +268,10 @@ def test_numpy_path_matches_the_tensor_path(case, dtype, kernels, layers, monkey
         reference = value_and_gradients(flow, x, c)
     assert calls == [5, 5, 5] and len(fused) == (9 if kernels else 0)
     # float32: round-off through three spline layers (values in the tails, gradients near bin edges) reaches a few
-    # 1e-4 relative; float64 shows that the formulas are the same
-    tol = {torch.float32: dict(atol=1e-3, rtol=1e-3), torch.float64: dict(atol=1e-10, rtol=1e-10)}[dtype]
+    # 1e-4 relative, and one gradient near a bin edge of (1, 63, 0) moved by 2.9e-3 (0.19%) in 1 run of 10 with
+    # the same seeds (the matrix products' float32 round-off varies between runs); float64 shows that the formulas
+    # are the same
+    tol = {torch.float32: dict(atol=1e-2, rtol=1e-2), torch.float64: dict(atol=1e-10, rtol=1e-10)}[dtype]
     for got, want in zip(fast, reference, strict=True):
         assert got.dtype == dtype and got.shape == want.shape
         torch.testing.assert_close(got, want, **tol)
