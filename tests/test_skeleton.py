@@ -274,20 +274,10 @@ def test_pca_hand_poses_in_a_dict_get_a_hint():
 def _smplx_output(absolute: torch.Tensor, mean_hand: torch.Tensor):
     """A stand-in for smplx's SMPLXOutput of a flat_hand_mean=False model with return_full_pose=True: hand parts
     relative to the mean hand, full_pose (B, 165) absolute; no eye keys (smplx's output has none)."""
-    import dataclasses
-
-    @dataclasses.dataclass
-    class Output:
-        vertices: torch.Tensor | None = None
-        global_orient: torch.Tensor | None = None
-        body_pose: torch.Tensor | None = None
-        jaw_pose: torch.Tensor | None = None
-        left_hand_pose: torch.Tensor | None = None
-        right_hand_pose: torch.Tensor | None = None
-        full_pose: torch.Tensor | None = None
+    from tests.test_api_checks import FakeSMPLXOutput
 
     parts = skeleton.to_smplx_dict(absolute)
-    return Output(
+    return FakeSMPLXOutput(
         global_orient=parts["global_orient"],
         body_pose=parts["body_pose"],
         jaw_pose=parts["jaw_pose"],
