@@ -364,6 +364,15 @@ def test_a_loop_decides_the_path_once_at_its_start(monkeypatch):
             assert _numba_spline._waiting == 1 and [wanted(10) for _ in range(3)] == [False, False, True]
     with _numba_spline.one_path(2):  # once loaded, every loop runs the kernels
         assert wanted(10) is True
+    # a long loop in which nothing could run the kernels (a Gaussian's denoise) leaves the count as it was, and a
+    # short loop inside a long one keeps the long one's decision
+    monkeypatch.setattr(_numba_spline, "_numba", functools.cache(_numba_spline._numba.__wrapped__))
+    monkeypatch.setattr(_numba_spline, "_waiting", 1)
+    with _numba_spline.one_path():
+        pass
+    assert _numba_spline._waiting == 1
+    with _numba_spline.one_path(), _numba_spline.one_path(1):
+        assert wanted(10) is True
 
 
 @pytest.mark.parametrize("layers", [1, 2], ids=["one_hidden_layer", "two_hidden_layers"])

@@ -97,7 +97,8 @@ that can run them does. 0: from the first call."""
 LOAD_AT_VALUES = 1 << 18
 
 _waiting = 0
-_held = 0
+_held = 0  # loops running (one_path) that keep the tensor ops to their end
+_loading = 0  # loops running that load the kernels at their first call
 
 
 def wanted(values: int) -> bool:
@@ -126,11 +127,19 @@ def one_path(steps: int | None = None) -> Iterator[None]:
     (if Numba was not loaded before); ``None`` stands for a long loop (the MAP projections run 50 to 200 steps).
     Nested loops keep the outer loop's decision.
     """
-    global _waiting, _held
-    if _numba.cache_info().currsize or _held or steps is None or steps >= LOAD_AFTER:
-        if not _held:
-            _waiting = max(_waiting, LOAD_AFTER)  # the loop's first call that could run the kernels loads them
+    global _waiting, _held, _loading
+    if _numba.cache_info().currsize or _held or _loading:  # decided before: loaded, or by an outer loop
         yield
+        return
+    if steps is None or steps >= LOAD_AFTER:
+        before, _waiting = _waiting, max(_waiting, LOAD_AFTER)  # the loop's first call that could run them loads
+        _loading += 1
+        try:
+            yield
+        finally:
+            _loading -= 1
+            if _numba.cache_info().currsize == 0:  # nothing in the loop could run them: count as before
+                _waiting = before
         return
     _held += 1
     try:
