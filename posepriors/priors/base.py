@@ -698,8 +698,8 @@ class PosePrior(nn.Module, ABC):
         never touch the prior's parameters. The same input gives the same output in every call of a process, but
         an optimised MAP on a sharp density amplifies float32 round-off, so a pose's result depends on the batch
         it comes in: ``global_flow``'s MAP of 32 noisy full poses (body and hands) moved 6 to 7 of them by over
-        0.01 rad (up to 0.28) when run one at a time instead of as a batch, at the same mean error. A prior loaded
-        with ``dtype=torch.float64`` gives the same result in any batch to about 2e-5 rad.
+        0.01 rad (up to 0.19 and 0.25 in two runs) when run one at a time instead of as a batch, at the same mean
+        error. A prior loaded with ``dtype=torch.float64`` gives the same result in any batch to about 2e-5 rad.
 
         Args:
             pose: As in :meth:`log_prob`.
