@@ -407,10 +407,13 @@ def _with_full_pose(pose: Tensor, observed: Tensor, full: Any) -> tuple[Tensor, 
     if full is None:
         return pose, observed
     full = as_float_tensor(full, "full_pose")
-    count = full.shape[-2] if full.dim() >= 2 and full.shape[-1] == 3 else (full.shape[-1] // 3 if full.dim() else 0)
-    if count not in (55, 53, 52, 24):  # the whole-body layouts an smplx output's full_pose can have
+    try:
+        lay, full = _layout_for(full, None, "right")
+    except ValueError:  # no layout of ours (MANO's 16 joints)
         return pose, observed
-    full55, full_observed = to_smplx(full)
+    if not set(PARTS["body"]) <= set(lay.smplx_index):  # not a whole body
+        return pose, observed
+    full55, full_observed = to_smplx(full, layout=lay.name)
     if full55.shape[:-2] != pose.shape[:-2]:
         raise ValueError(
             f"batch shapes of the pose dict disagree: full_pose has {tuple(full55.shape[:-2])}, the part keys "

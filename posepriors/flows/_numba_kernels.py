@@ -390,7 +390,7 @@ def spline_grad(x, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, limit, gy, 
 
 @jit
 def spline_inverse_grad(z, e, raw, sp, sig, K, bound, sw, ow, sh, oh, min_d, limit, gx, gl, out):
-    """``grad_rows`` of the inverse for every row, as ``spline_grad``."""
+    """``grad_rows`` of the inverse for every row, as ``spline_grad`` (its own function: see ``spline_inverse``)."""
     rows = z.shape[0]
     hi = math.exp(limit)
     lo = 1.0 / hi

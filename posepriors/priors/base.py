@@ -852,7 +852,7 @@ class PosePrior(nn.Module, ABC):
         if self.exact_posterior_mean and (self.broad is None or self.posterior_mean_with_broad):
             return "closed_form", ""
         if self.smoothed is None:
-            models_body = self.config.joints and all(j in self.config.joints for j in skeleton.PARTS["body"])
+            models_body = set(skeleton.PARTS["body"]) <= set(self.joints)
             return "map", "no smoothed body density" if models_body else "no closed-form posterior mean for this family"
         if not math.isclose(noise_std, self.smoothed.noise_std, rel_tol=1e-6):
             return "map", f"smoothed body density: noise_std={self.smoothed.noise_std} only"

@@ -190,19 +190,16 @@ class GlobalFlowPrior(PosePrior):
     def _part_mask(self, mask: Tensor) -> Tensor:
         """(B, J) joint mask -> (B, P) part-observed flags; raises unless it hides whole trailing parts."""
         full, empty = self._part_states(mask)
-        if not bool((full | empty).all()):
-            raise ValueError(self._mask_error("partially observed part", self._first_pattern(full, empty)))
-        if bool((full[:, 1:] & ~full[:, :-1]).any()):
-            raise ValueError(
-                self._mask_error("a missing part before an observed one", self._first_pattern(full, empty))
-            )
+        partial = ~(full | empty).all(-1)
+        gap = (full[:, 1:] & ~full[:, :-1]).any(-1)
+        for bad, why in ((partial, "partially observed part"), (gap, "a missing part before an observed one")):
+            if bool(bad.any()):
+                raise ValueError(self._mask_error(why, self._pattern(full, empty, int(bad.nonzero()[0, 0]))))
         return full
 
-    def _first_pattern(self, full: Tensor, empty: Tensor) -> str:
-        """What the first pose with a mask of no exact density observes, part by part (for the error message)."""
+    def _pattern(self, full: Tensor, empty: Tensor, row: int) -> str:
+        """What pose ``row`` observes, part by part (for the error message)."""
         parts = self.config.parts or ("all joints",)
-        bad = ~(full | empty).all(-1) | (full[:, 1:] & ~full[:, :-1]).any(-1)
-        row = int(bad.nonzero()[0, 0]) if bool(bad.any()) else 0
         states = [
             "observed" if bool(full[row, k]) else ("missing" if bool(empty[row, k]) else "partly observed")
             for k in range(len(parts))
