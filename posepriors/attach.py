@@ -23,10 +23,12 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import posepriors
 from posepriors.data import PoseData, load_poses
-from posepriors.train import prepare_data
+from posepriors.train import _missing_folders, _remove_if_empty, prepare_data
+from posepriors.utils import LOCK_NAME, FolderLockedError, folder_lock
 
 __all__ = ["main"]
 
@@ -56,7 +58,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.broad_weight is None and args.smoothed_noise_std is None and args.energy_gaussian_weight is None:
         parser.error("nothing to attach: pass --broad_weight, --smoothed_noise_std and/or --energy_gaussian_weight")
+    out = Path(args.out)
+    try:
+        _check_out(out, args.src)  # before the source is read or anything is fitted
+        created = _missing_folders(out)
+        try:
+            with folder_lock(out):
+                _check_out(out, args.src)  # again under the lock: nothing came in between
+                return _attach(args, out)
+        finally:
+            _remove_if_empty(created)  # a failed attach leaves no empty folder behind
+    except (ValueError, TypeError, KeyError, OSError, FolderLockedError) as err:
+        parser.exit(2, f"posepriors-attach: error: {err}\n")
 
+
+def _check_out(out: Path, src: str) -> None:
+    """Refuse an output folder that holds anything (a model above all: the source's own folder included)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"expected OUT to be a new folder, got the file {out}")
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    if held:
+        what = "the source model's own folder" if Path(src).exists() and Path(src).resolve() == out.resolve() else out
+        raise ValueError(
+            f"expected a new or empty OUT folder, got {what} holding {held[:6]}{' ...' if len(held) > 6 else ''}; "
+            "the result is saved as a new model: choose another OUT"
+        )
+
+
+def _attach(args: argparse.Namespace, out: Path) -> int:
     source = posepriors.load(args.src, frozen=False)
     changes = {}
     if args.broad_weight is not None:
@@ -88,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(refit)}
     missing, unexpected = prior.load_state_dict(state, strict=False)
     if unexpected or any(not key.startswith(refit) for key in missing):
-        raise SystemExit(f"state mismatch: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"expected the source's state to fit the new config, got missing {missing}, unexpected {unexpected}"
+        )
     data = prepare_data(PoseData.concat([load_poses(p) for p in args.data_dir]), prior.joints)
     if args.broad_weight is not None:
         prior.fit_broad(data.poses, data.observed)
@@ -98,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.energy_gaussian_weight:
         prior.fit_energy(data.poses, data.observed)
         print(f"fitting energy (body Gaussian weight {args.energy_gaussian_weight}) fitted on the whole-body poses")
-    posepriors.save_pretrained(prior.eval(), args.out)
-    print(f"saved {args.out}: {type(prior).__name__} with {changes}")
+    posepriors.save_pretrained(prior.eval(), out)
+    print(f"saved {out}: {type(prior).__name__} with {changes}")
     return 0
 
 

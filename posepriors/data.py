@@ -373,6 +373,13 @@ _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
 def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int]:
     """One file -> (PoseData, number of non-finite frames dropped)."""
     try:
+        with open(file, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as err:
+        raise _UnusableFile(file, f"not a readable .npz ({err})") from None
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):  # a zip (np.savez) or a .npy
+        raise _UnusableFile(file, f"not an .npz archive (it starts with {magic!r}, not a zip header)", list_keys=False)
+    try:
         npz = np.load(file, allow_pickle=False)
     except (ValueError, *_READ_ERRORS) as err:
         raise _UnusableFile(file, f"not a readable .npz ({err})") from None
@@ -421,6 +428,7 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
             constant = []
         else:
             raise _UnusableFile(file, f"none of the accepted keys (has {sorted(keys)[:12]})")
+    _warn_if_degrees(pose55, observed, file)
     # wrapped first, then filtered: a huge finite angle (1e30) may overflow to NaN/Inf inside the wrap
     pose55 = wrap_axis_angle(pose55.to(torch.float32))
     finite = torch.isfinite(pose55).all(-1).all(-1)
@@ -430,6 +438,20 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
         labels = {key: values[finite.numpy()] for key, values in labels.items()}
     obs = observed.expand(len(pose55), -1).clone()
     return PoseData(pose55, obs, seq, seq_names, [str(file)], labels, rejected), nonfinite, constant
+
+
+def _warn_if_degrees(pose55: Tensor, observed: Tensor, file: Path) -> None:
+    """Warn when most of a file's rotations turn by more than pi: axis-angle in degrees, most likely (radians
+    rarely exceed pi; wrapping such angles gives valid but wrong rotations)."""
+    angles = torch.linalg.vector_norm(pose55.double(), dim=-1)[:, observed.reshape(-1, observed.shape[-1])[0]]
+    angles = angles[torch.isfinite(angles) & (angles > 1e-6)]
+    if angles.numel() >= 10 and float((angles > math.pi).double().mean()) > 0.5:
+        warnings.warn(
+            f"{file}: {float((angles > math.pi).double().mean()):.0%} of the rotations turn by more than pi "
+            f"(median {float(angles.median()):.3g}): expected axis-angle in radians; degrees? (np.radians them). "
+            "They were wrapped to the canonical range as radians",
+            stacklevel=4,
+        )
 
 
 _UNCAPTURED = ("jaw", "eyes", "left_hand", "right_hand")

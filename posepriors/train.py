@@ -22,6 +22,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -406,10 +407,11 @@ def _data_sha256(data: TrainingData) -> str:
 
 
 def _check_resumable(
-    prior: PosePrior, cfg: TrainConfig, sizes: dict[str, int], folder: Path, meta: dict[str, Any], out: Path
+    prior: PosePrior, cfg: TrainConfig, sizes: dict[str, int], run: tuple[str, dict, dict], out: Path
 ) -> dict[str, tuple[Any, Any]]:
-    """Raise ``ValueError`` when a resumed run would not continue the checkpoint's run; return the safe changes."""
-    model_type, saved = _checkpoint_model_config(folder)
+    """Raise ``ValueError`` when a resumed run would not continue the saved run ``run`` (:func:`_saved_run`); return
+    the safe changes."""
+    model_type, saved, meta = run
     if model_type != prior.model_type:
         raise ValueError(f"--resume: expected a {prior.model_type} run in {out}, got a {model_type} checkpoint")
     current = prior.config.to_dict()
@@ -480,8 +482,9 @@ def _check_output_folder(out: Path, *, resume: bool, overwrite: bool, closed_for
         )
 
 
-def _closed_form_run(out: Path, model_type: str) -> None:
-    """Refuse ``--resume`` of a closed-form family unless ``out`` holds a finished run of that family."""
+def _closed_form_run(out: Path, model_type: str) -> dict[str, Any]:
+    """The ``metrics.json`` of the finished closed-form run in ``out``; ``ValueError`` unless ``out`` holds one of
+    ``model_type``."""
     try:
         summary = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -489,11 +492,35 @@ def _closed_form_run(out: Path, model_type: str) -> None:
     found = summary.get("model_type") if isinstance(summary, dict) else None
     if found is not None and found != model_type:
         raise ValueError(f"--resume: expected a {model_type} run in {out}, got a {found} run")
-    if found is None or not summary.get("closed_form"):
+    if found is None or not summary.get("closed_form") or not isinstance(summary.get("model_config"), dict):
         raise ValueError(
             f"--resume: expected a finished {model_type} run in {out} (its metrics.json), found none; drop --resume "
             "to start a run"
         )
+    return summary
+
+
+def _saved_run(out: Path, closed_form: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(model_type, model config dict, state)`` of the run to resume in ``out``: its last checkpoint's, or for a
+    family fitted in closed form (``closed_form``: its model type; no checkpoints) its ``metrics.json``'s. The state
+    has the checkpoint's keys (``train_config``, ``data``: the sizes and hashes, ``run_info``, ``run_id``, ...)."""
+    if closed_form is None:
+        folder, meta = _checkpoint_meta(out)
+        return (*_checkpoint_model_config(folder), meta)
+    summary = _closed_form_run(out, closed_form)
+    hashes = summary.get("data_sha256") or {}
+    meta = {
+        "train_config": summary.get("train_config"),
+        "data": {
+            "train_poses": summary.get("train_poses"),
+            "val_poses": summary.get("val_poses"),
+            "train_sha256": hashes.get("train"),
+            "val_sha256": hashes.get("val"),
+        },
+        "run_info": {key: summary[key] for key in ("command", "data", "resumes") if key in summary},
+        "run_id": summary.get("run_id"),
+    }
+    return summary["model_type"], summary["model_config"], {k: v for k, v in meta.items() if v is not None}
 
 
 def _clear_outputs(out: Path) -> None:
@@ -634,6 +661,12 @@ def fit(
         FloatingPointError: When the loss or the validation NLL stops being finite.
     """
     _check_train_config(cfg)
+    if prior.conditioning_features:
+        raise ValueError(
+            f"expected an unconditioned prior, got a {prior.model_type} conditioned on {prior.conditioning_features} "
+            "context features: this loop has no contexts to pass; train it in your own loop with "
+            "loss = prior.training_loss(pose, context=context) (docs/conventions.md)"
+        )
     if len(train) < 2 or len(val) < 1:
         raise ValueError(f"expected at least 2 training poses and 1 validation pose, got {len(train)} and {len(val)}")
     if out is None or int(os.environ.get("RANK", "0")) != 0:
@@ -673,7 +706,7 @@ def _fit(
         skeleton.mirror_index(prior.joints)  # raises now, not after the first epoch, when joints lack counterparts
     device = resolve_device(cfg.device)
     if prior.closed_form:  # e.g. gmm: one exact fit (EM) on every training frame, no SGD
-        return _fit_closed_form(prior, train, val, cfg, device, out, run_info)
+        return _fit_closed_form(prior, train, val, cfg, device, out, run_info, resume)
     return _Trainer(prior, train, val, cfg, device, out, run_info).run(resume)
 
 
@@ -723,6 +756,12 @@ class _Trainer:
             self.sizes.update(train_sha256=_data_sha256(train), val_sha256=_data_sha256(val))
         self.run_id, self.run_info = _new_run_id(prior.model_type), dict(run_info or {})
         self.writer = self.rank == 0 and self.out is not None
+        self.global_batch = min(cfg.batch_size, len(train))
+        if self.global_batch < self.world:  # a process would get no pose of a batch
+            raise ValueError(
+                f"expected a batch of at least one pose per process ({self.world} processes), got --batch_size "
+                f"{cfg.batch_size} on {len(train)} training poses; pass --batch_size {self.world} or more"
+            )
         self.logger: _Logger | None = None
 
     def run(self, resume: bool) -> TrainResult:
@@ -761,7 +800,7 @@ class _Trainer:
         if out is None:
             raise ValueError("resume needs the output folder of the interrupted run")
         folder, tensors, meta = _load_checkpoint(out)
-        changes = _check_resumable(self.prior, cfg, self.sizes, folder, meta, out)
+        changes = _check_resumable(self.prior, cfg, self.sizes, (*_checkpoint_model_config(folder), meta), out)
         state = load_pretrained(folder, device=self.device, frozen=False).state_dict()
         self.prior.load_state_dict(state, strict=True)
         _optimizer_from_files(self.optimizer, tensors, meta)
@@ -812,7 +851,6 @@ class _Trainer:
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
         self.progress = _progress_factory(cfg.progress and self.rank == 0)
-        self.global_batch = min(cfg.batch_size, len(self.train))
         if self.global_batch < cfg.batch_size and self.rank == 0:
             warnings.warn(
                 f"batch_size {cfg.batch_size} exceeds the {len(self.train)} training poses; using {self.global_batch}",
@@ -839,11 +877,14 @@ class _Trainer:
                 reason = f"the training loss became {loss.item()} at epoch {epoch}"
                 _stop(reason, epoch, self.best, self.out if self.writer else None)
             self.optimizer.zero_grad(set_to_none=True)
+            # DDP averages the processes' gradients; weighing each process's mean by its share of the batch makes
+            # that the gradient of the whole batch's mean when the batch does not split evenly (1 on one process)
+            weighted = loss * (len(batch_index) * self.world / global_batch)
             if scaler is not None:
-                scaler.scale(loss).backward()
+                scaler.scale(weighted).backward()
                 scaler.unscale_(self.optimizer)
             else:
-                loss.backward()
+                weighted.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             if scaler is not None:
@@ -859,6 +900,7 @@ class _Trainer:
             sums = torch.tensor([total, count], dtype=torch.float64, device=local)
             dist.all_reduce(sums)
             total, count = sums.tolist()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (the scheduler moves it next)
         if self.scheduler is not None:
             self.scheduler.step()
         prior.eval()
@@ -866,7 +908,7 @@ class _Trainer:
         if (cfg.sample_every and epoch % cfg.sample_every == 0) or epoch == cfg.max_epochs:
             metrics.update(_sample_metrics(prior, self.val_poses, self.generators["sampling"]))
         prior.train()
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["lr"] = lr
         metrics["epoch_seconds"] = time.perf_counter() - tic
         if not math.isfinite(metrics["val_nll"]):
             reason = f"the validation NLL became {metrics['val_nll']} at epoch {epoch}"
@@ -937,16 +979,31 @@ def _fit_closed_form(
     device: torch.device,
     out: str | os.PathLike | None,
     run_info: dict[str, Any] | None,
+    resume: bool,
 ) -> TrainResult:
     """:func:`fit` for families with ``closed_form = True`` (``gmm``): one ``prior.fit(poses, observed,
     generator=...)`` on every training frame (missing joints handled by the family), recorded as epoch 1 with the
-    loop's metrics and files; no SGD, no checkpoints (a rerun gives the same fit), ``--resume`` refits."""
+    loop's metrics and files; no SGD, no checkpoints (a rerun gives the same fit). ``resume`` refits the run in
+    ``out`` with its settings and data (checked as a checkpoint's are) and keeps its run id."""
     tic = time.perf_counter()
     if cfg.mirror or cfg.input_noise > 0:
         warnings.warn(
             f"{prior.model_type} is fitted in closed form: --mirror and --input_noise are not used", stacklevel=3
         )
     out_path = Path(out) if out is not None else None
+    sizes: dict[str, Any] = {"train_poses": len(train), "val_poses": len(val)}
+    if out_path is not None:
+        sizes.update(train_sha256=_data_sha256(train), val_sha256=_data_sha256(val))
+    run_id, info = _new_run_id(prior.model_type), dict(run_info or {})
+    if resume:
+        if out_path is None:
+            raise ValueError("resume needs the output folder of the run")
+        run = _saved_run(out_path, prior.model_type)
+        changes = _check_resumable(prior, cfg, sizes, run, out_path)
+        saved = run[2]
+        run_id, saved_info = saved.get("run_id", run_id), dict(saved.get("run_info") or info)
+        refit = {"from_epoch": 1, "command": info.get("command"), "changed": changes}
+        info = {**saved_info, "resumes": [*saved_info.get("resumes", []), refit]}
     prior.to(device)
     prior.fit(train.poses.to(device), train.observed.to(device), generator=torch.Generator().manual_seed(cfg.seed))
     prior.eval()
@@ -960,15 +1017,13 @@ def _fit_closed_form(
     writer = int(os.environ.get("RANK", "0")) == 0 and out_path is not None
     if int(os.environ.get("RANK", "0")) == 0 and cfg.logger != "none":
         log_dir = Path(cfg.log_dir) if cfg.log_dir else Path("runs") / prior.model_type
-        logger = _Logger(
-            cfg.logger, log_dir, {**dataclasses.asdict(cfg), **prior.config.to_dict()}, _new_run_id(prior.model_type)
-        )
+        logger = _Logger(cfg.logger, log_dir, {**dataclasses.asdict(cfg), **prior.config.to_dict()}, run_id)
         logger.log(metrics, 1)
         logger.close()
     if writer:
         save_pretrained(prior, out_path)
-        data_sha256 = {"train": _data_sha256(train), "val": _data_sha256(val)}
-        extra = {"closed_form": True, **(run_info or {})}
+        data_sha256 = {"train": sizes["train_sha256"], "val": sizes["val_sha256"]}
+        extra = {"closed_form": True, "run_id": run_id, **info}
         _write_summary(out_path, prior, cfg, (len(train), len(val)), data_sha256, history, best, extra)
     return TrainResult(1, metrics["val_nll"], 1, history, out_path if writer else None)
 
@@ -1068,6 +1123,16 @@ def _check_train_config(cfg: TrainConfig) -> None:
     for name, (ok, expected) in checks.items():
         if not ok(getattr(cfg, name)):
             raise ValueError(f"expected {name} {expected}, got {getattr(cfg, name)!r}")
+    package, extra = LOGGER_PACKAGES.get(cfg.logger, (None, None))
+    if package is not None and importlib.util.find_spec(package) is None:  # found now, not after the first epoch
+        raise ValueError(
+            f"expected the package {package} for --logger {cfg.logger}, got none installed: "
+            f"pip install 'posepriors[{extra}]', or pass --logger csv"
+        )
+
+
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "train"), "wandb": ("wandb", "wandb")}
+"""The package each ``--logger`` needs and the extra that installs it."""
 
 
 def _progress_factory(enabled: bool) -> Any:
@@ -1299,15 +1364,15 @@ def _model_config(
 
 
 def _resume_settings(
-    out: Path, args: argparse.Namespace, explicit: set[str], config_class: type[PriorConfig]
+    out: Path, args: argparse.Namespace, explicit: set[str], config_class: type[PriorConfig], closed_form: str | None
 ) -> tuple[PriorConfig, dict[str, Any], dict[str, Any]]:
-    """Model config, loop settings and data flags of the run in ``out``, with the flags given now.
+    """Model config, loop settings and data flags of the run in ``out`` (:func:`_saved_run`), with the flags given
+    now.
 
     Flags not given take the run's values. A given flag that differs from the run's is refused (``ValueError``),
     except the loop settings in :data:`SAFE_ON_RESUME`, which take the new value.
     """
-    folder, meta = _checkpoint_meta(out)
-    model_type, saved_model = _checkpoint_model_config(folder)
+    model_type, saved_model, meta = _saved_run(out, closed_form)
     if model_type != args.model:
         raise ValueError(f"--resume: expected a {args.model} run in {out}, got a {model_type} checkpoint")
     saved_config = config_class.from_dict(saved_model)
@@ -1443,10 +1508,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
             data_flags: dict[str, Any] = {"val_fraction": args.val_fraction, "fps": args.fps}
             config = None
-            if args.resume and not closed_form:
-                config, loop_kwargs, data_flags = _resume_settings(out, args, explicit, config_class)
+            if args.resume:
+                config, loop_kwargs, data_flags = _resume_settings(out, args, explicit, config_class, closed_form)
             cfg = TrainConfig(**loop_kwargs)
             _check_train_config(cfg)
+            if getattr(config if config is not None else args, "use_conditioning", False):
+                raise ValueError(
+                    "expected no --use_conditioning: posepriors-train reads no contexts from the data files; train "
+                    "a conditioned global_flow in your own loop with loss = prior.training_loss(pose, "
+                    "context=context) (docs/conventions.md)"
+                )
             if resolve_device(cfg.device).type != "cuda" and cfg.amp and lead:
                 warnings.warn("--amp (mixed precision) runs on CUDA only: ignored here", stacklevel=1)
             if args.push_to_hub and lead:

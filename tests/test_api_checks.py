@@ -11,6 +11,7 @@ import posepriors
 from posepriors import skeleton
 from posepriors import train as train_module
 from posepriors.data import PoseData
+from posepriors.priors import GaussianConfig, GaussianPrior
 from tests.families import NAMES, make, synthetic_poses
 
 
@@ -328,3 +329,10 @@ def test_denoise_fallback_warning_names_the_reason_of_the_family():
         posepriors.load("hand_vae").denoise(torch.zeros(2, 30, 3), noise_std=0.1)
     with pytest.warns(UserWarning, match=r"JointFlowPrior\.denoise: .*\(no smoothed body density\)"):
         posepriors.load("joint_flow").denoise({"body_pose": torch.zeros(2, 63)}, noise_std=0.1)
+
+
+def test_a_mask_of_another_batch_is_named_in_the_shape_it_was_given():
+    """The message used to show the mask after its conversion to the prior's joints ((2, 51) for a (2, 55) mask)."""
+    prior = GaussianPrior(GaussianConfig(joints="body+left_hand+right_hand"))
+    with pytest.raises(ValueError, match=r"broadcasts to the pose batch shape \(3,\) .*got shape \(2, 55\)"):
+        prior.log_prob(torch.zeros(3, 55, 3), torch.ones(2, 55, dtype=torch.bool))

@@ -74,6 +74,20 @@ def test_unwrapped_angles_are_wrapped(tmp_path):
     torch.testing.assert_close(data.poses[0, 1], torch.tensor([3.5 - 2 * math.pi, 0.0, 0.0]))
 
 
+def test_angles_in_degrees_are_warned_about(tmp_path):
+    """Degrees wrapped as radians give valid but wrong rotations, silently until this warning."""
+    rng = np.random.default_rng(0)
+    radians = rng.normal(0.0, 0.4, (50, 21, 3)).astype(np.float32)
+    np.savez(tmp_path / "deg.npz", body_pose=np.degrees(radians))
+    with pytest.warns(UserWarning, match=r"deg.npz: \d+% of the rotations turn by more than pi .* degrees\?"):
+        load_poses(tmp_path / "deg.npz")
+    radians[:, 0] = [3.5, 0.0, 0.0]  # a few angles beyond pi (one joint in 21) are radians still
+    np.savez(tmp_path / "rad.npz", body_pose=radians)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_poses(tmp_path / "rad.npz")
+
+
 def test_split_by_sequence(tmp_path):
     for i in range(10):
         _amass(tmp_path / f"s{i}.npz", 156, frames=10 + i)
@@ -178,9 +192,13 @@ def test_errors(tmp_path):
     np.savez(tmp_path / "body20.npz", body_pose=np.zeros((3, 20, 3)))
     with pytest.raises(ValueError, match=r"body20.npz: expected body_pose of shape"):
         load_poses(tmp_path / "body20.npz")
-    (tmp_path / "broken.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")  # numpy's own message spoke of pickled data
+    with pytest.raises(ValueError, match=r"broken.npz: not an .npz archive \(it starts with b'not a ', not a zip"):
         load_poses(tmp_path / "broken.npz")
+    np.savez(tmp_path / "torn.npz", body_pose=np.zeros((3, 21, 3)))
+    (tmp_path / "torn.npz").write_bytes((tmp_path / "torn.npz").read_bytes()[:100])  # a zip header, then nothing
+    with pytest.raises(ValueError, match="torn.npz: not a readable .npz"):
+        load_poses(tmp_path / "torn.npz")
 
 
 def test_malformed_prepared_files_name_the_file_and_key(tmp_path):

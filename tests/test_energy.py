@@ -166,6 +166,28 @@ def test_energy_falls_back_to_the_nll_when_the_mask_hides_body_joints():
     assert not torch.allclose(prior.energy(pose), prior.nll(pose))
 
 
+def test_energy_routes_each_pose_by_its_own_mask():
+    """One pose that hid a body joint used to turn the whole batch's energy into its NLL (silently, for every other
+    pose), or, for global_flow, into an error."""
+    prior = GaussianPrior(GaussianConfig(energy_gaussian_weight=LAM)).double()
+    x, _, _ = _correlated(300)
+    prior.fit_energy(x.reshape(300, 21, 3))
+    pose = x[:4].reshape(4, 21, 3) + 0.05
+    mask = torch.ones(4, 21, dtype=torch.bool)
+    mask[2, 3] = False
+    expected = torch.cat([prior.energy(pose[:2]), prior.nll(pose[2:3], mask[2:3]), prior.energy(pose[3:])])
+    torch.testing.assert_close(prior.energy(pose, mask), expected)
+    flow = _flow()
+    full = _full_pose(flow, 3)
+    mask = torch.ones(3, flow.num_joints, dtype=torch.bool)
+    mask[1, 5] = False  # a body joint of pose 1
+    with pytest.raises(ValueError, match=r"GlobalFlowPrior\.energy with hidden body joints \(poses \[1\]\)"):
+        flow.energy(full, mask)
+    mask[1, 5], mask[1, 21:] = True, False  # pose 1 hides its hands only: every pose gets the energy
+    expected = torch.cat([flow.energy(full[i : i + 1], mask[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(flow.energy(full, mask), expected)
+
+
 def test_energy_with_hidden_body_joints_says_what_it_needs_where_the_nll_has_no_marginal():
     """The shipped global_flow has no exact marginal for a partly hidden body: energy() says so in its own terms."""
     prior = posepriors.load("global_flow")

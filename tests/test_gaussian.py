@@ -178,7 +178,7 @@ def test_bad_pose_raises(prior, bad, error, match):
     [
         (torch.ones(20, dtype=torch.bool), ValueError, r"expected a mask of shape"),
         (torch.ones(21), TypeError, r"boolean mask"),
-        (torch.ones(3, 21, dtype=torch.bool), ValueError, r"does not broadcast"),
+        (torch.ones(3, 21, dtype=torch.bool), ValueError, r"expected a mask that broadcasts to the pose batch shape"),
         (torch.zeros(21, dtype=torch.bool), ValueError, r"at least one observed joint"),
     ],
 )

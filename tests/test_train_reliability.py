@@ -225,6 +225,56 @@ def test_fit_refuses_an_out_that_holds_a_run(data_dir, tmp_path, capsys):
     assert result.epochs == 1
 
 
+def test_a_batch_smaller_than_the_process_count_is_a_clear_error(data_dir, monkeypatch):
+    """Under torchrun with --batch_size 1 on 2 processes, process 1 got an empty share, a NaN loss and a message
+    about the learning rate; now every process refuses the batch size before training."""
+    data = posepriors.data.load_poses(data_dir)
+    train, val = data.split_by_sequence(0.3)
+    prior = GaussianPrior()
+    train_data = train_module.prepare_data(train, prior.joints)
+    val_data = train_module.prepare_data(val, prior.joints, "validation")
+    monkeypatch.setattr(train_module, "_dist_info", lambda: (1, 2))  # process 1 of 2, without a process group
+    cfg = train_module.TrainConfig(max_epochs=1, batch_size=1, logger="none", progress=False)
+    with pytest.raises(ValueError, match=r"at least one pose per process \(2 processes\), got --batch_size 1 on"):
+        train_module.fit(prior, train_data, val_data, cfg)
+
+
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
+def test_a_logger_whose_package_is_missing_is_refused_before_any_work(logger, data_dir, tmp_path, capsys, monkeypatch):
+    """It used to raise ImportError with a traceback (exit 1) once the data were read and the model initialised."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == logger else find_spec(name, *a))
+    monkeypatch.setattr(train_module, "load_poses", lambda *a, **k: pytest.fail("the data were read"))
+    out = tmp_path / "run"
+    argv = _quick("gaussian", data_dir, out)
+    argv[argv.index("--logger") + 1] = logger
+    code, _, stderr = _run(argv, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert f"expected the package {logger} for --logger {logger}, got none installed: pip install" in stderr
+    assert not out.exists()
+
+
+def test_a_conditioned_flow_is_refused_before_any_work(data_dir, tmp_path, capsys, monkeypatch):
+    """posepriors-train has no contexts to give a conditioned global_flow: it used to fail after reading the data and
+    initialising, asking for a context= no command line can pass."""
+    from posepriors.priors.global_flow import GlobalFlowConfig, GlobalFlowPrior
+
+    monkeypatch.setattr(train_module, "load_poses", lambda *a, **k: pytest.fail("the data were read"))
+    out = tmp_path / "run"
+    argv = [*_quick("global_flow", data_dir, out), "--use_conditioning", "--context_features", "4"]
+    code, _, stderr = _run(argv, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert "expected no --use_conditioning: posepriors-train reads no contexts from the data files" in stderr
+    assert not out.exists()
+    prior = GlobalFlowPrior(GlobalFlowConfig(use_conditioning=True, context_features=4, hidden=8, num_layers=1))
+    with pytest.raises(ValueError, match="expected an unconditioned prior, got a global_flow conditioned on 4"):
+        train_module.fit(prior, None, None, train_module.TrainConfig())
+    with pytest.raises(ValueError, match="expected context_features=0 without use_conditioning, got 4"):
+        GlobalFlowConfig(context_features=4)
+
+
 # ---------------------------------------------------------------------------- case 5: lock
 @pytest.fixture
 def live_pid():
@@ -340,12 +390,13 @@ def test_resume_uses_the_runs_settings_and_records_what_was_used(data_dir, tmp_p
             "changed": {"max_epochs": [2, 4]},
         }
     ]
-    # the cosine schedule is rebuilt for 4 epochs: the rate after each resumed epoch is the 4-epoch one (it used
-    # to restart upward past the old end: 1.5e-3 after epoch 3, 3e-3 after epoch 4)
+    # the cosine schedule is rebuilt for 4 epochs: the rate each resumed epoch trains at is the 4-epoch one (it used
+    # to restart upward past the old end); the history logs the rate an epoch trained at, not the next epoch's
     lrs = [h["lr"] for h in metrics["history"]]
-    for epoch, lr in zip((3, 4), lrs[2:], strict=True):
-        assert lr == pytest.approx(3e-3 * (1 + math.cos(math.pi * epoch / 4)) / 2, abs=1e-12)
-    assert lrs[3] <= lrs[2]
+    for epoch, lr in enumerate(lrs, start=1):
+        old_length = 2 if epoch <= 2 else 4
+        assert lr == pytest.approx(3e-3 * (1 + math.cos(math.pi * (epoch - 1) / old_length)) / 2, abs=1e-12)
+    assert lrs[0] == 3e-3 and lrs[3] < lrs[2]
 
 
 # ---------------------------------------------------------------------------- case 10: CSV logs
@@ -537,6 +588,32 @@ def test_resume_of_a_closed_form_family_needs_a_finished_run_of_that_family(data
     assert sorted(p.name for p in stray.iterdir()) == ["readme"]
     assert _run(_quick("gmm", data_dir, gmm, epochs=1), capsys)[0] == 0
     assert _run([*_quick("gmm", data_dir, gmm, epochs=1), "--resume"], capsys)[0] == 0  # its own run: refits
+
+
+def test_resume_of_a_closed_form_family_takes_the_runs_settings_and_refuses_changes(data_dir, tmp_path, capsys):
+    """gmm's --resume used to refit with the flags given (the default 8 components instead of the run's 2) and with
+    whatever data came, replacing the model: it now resumes as a checkpointed run does."""
+    out = tmp_path / "gmm"
+    assert _run(_quick("gmm", data_dir, out, epochs=1), capsys)[0] == 0  # --num_components 2
+    first = json.loads((out / "metrics.json").read_text())
+    model = posepriors.load(out).state_dict()
+    assert first["run_id"].startswith("gmm-")
+    resume = ["gmm", "--data_dir", str(data_dir), "--out", str(out), "--resume", "--logger", "none"]
+    code, _, stderr = _run(resume, capsys)  # the flags left out come from the run
+    assert code == 0, stderr
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["model_config"] == first["model_config"] and again["model_config"]["num_components"] == 2
+    assert again["run_id"] == first["run_id"] and again["command"] == first["command"]
+    assert [r["from_epoch"] for r in again["resumes"]] == [1]
+    assert all(torch.equal(v, model[k]) for k, v in posepriors.load(out).state_dict().items())  # the same fit
+    other = _write_data(tmp_path / "other_data", n=256, seed=5)  # the same sizes, other poses
+    for argv, says in (
+        ([*resume, "--num_components", "5"], "--num_components 5 (the run used 2)"),
+        (["gmm", "--data_dir", str(other), "--out", str(out), "--resume"], "got other content with the same sizes"),
+    ):
+        code, _, stderr = _run(argv, capsys)
+        assert code == 2 and "Traceback" not in stderr and says in stderr, stderr
+    assert json.loads((out / "metrics.json").read_text()) == again  # nothing written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -519,9 +519,10 @@ class PosePrior(nn.Module, ABC):
         ``global_flow``), an unnormalised negative log-density of the pose (:mod:`posepriors.priors.energy`):
         ``-(1 - lam) log p_s(body) - lam log N(body)`` plus the exact conditional NLL of the other observed
         joints given the body. It is smooth where :meth:`nll` is spiky, and fits better (docs/models.md); it is not
-        a likelihood (compare poses with :meth:`log_prob`). A mask that hides body joints gets :meth:`nll`, as does
-        every prior without a fitting energy, where the family has that marginal (``global_flow`` has none for
-        hidden body joints: a ``ValueError``). :func:`posepriors.fitting.fit_keypoints` minimises it.
+        a likelihood (compare poses with :meth:`log_prob`). A pose whose mask hides body joints gets :meth:`nll`,
+        as does every prior without a fitting energy, where the family has that marginal (``global_flow`` has none
+        for hidden body joints: a ``ValueError`` naming the poses); each pose is routed by its own mask, whatever
+        the rest of the batch hides. :func:`posepriors.fitting.fit_keypoints` minimises it.
 
         Args:
             pose: As in :meth:`log_prob`.
@@ -535,18 +536,18 @@ class PosePrior(nn.Module, ABC):
         if self.energy_gaussian is None:
             return self.nll(pose, mask, layout=layout, context=context)
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
-        body = self.body_index
-        if m is not None and not bool(m[:, body].all()):
-            try:
-                return self.nll(pose, mask, layout=layout, context=context)
-            except ValueError as error:  # no exact marginal for this mask: say what energy() needs
-                raise ValueError(
-                    f"{type(self).__name__}.energy with hidden body joints is the NLL of the observed ones, which "
-                    f"this prior cannot give for this mask ({error}). Fits optimise every body joint: pass no mask "
-                    "(or hide only joints beyond the body), complete the pose first with project(pose, mask), or "
-                    "score partial bodies with gaussian_full"
-                ) from None
         ctx = self._check_context(context, x.shape[0], batch_shape)
+        whole = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if m is None else m[:, self.body_index].all(1)
+        out = split_batch(  # each pose by its own mask, whatever the rest of the batch hides
+            whole,
+            lambda r: self._energy(select_rows(x, r), select_rows(m, r), _rows_of(ctx, r)),
+            lambda r: self._partial_body_nll(select_rows(x, r), select_rows(m, r), _rows_of(ctx, r), r),
+        )
+        return out.reshape(batch_shape).to(out_dtype)
+
+    def _energy(self, x: Tensor, m: Tensor | None, ctx: dict[str, Tensor]) -> Tensor:
+        """:meth:`energy` of poses (B, J, 3) that observe every body joint (``m``: their mask or None)."""
+        body = self.body_index
         v = x[:, body].flatten(1)
         if self.smoothed is not None:
             smooth = self._smoothed_log_prob(self.config.energy_members or None)(v)
@@ -558,7 +559,23 @@ class PosePrior(nn.Module, ABC):
         rest[body] = False
         if bool(rest.any()) and (m is None or bool(m[:, rest].any())):  # observed joints beyond the body
             out = out - (self._density(x, m, **ctx) - self._density(x, self._body_only(x), **ctx))
-        return out.reshape(batch_shape).to(out_dtype)
+        return out
+
+    def _partial_body_nll(self, x: Tensor, m: Tensor, ctx: dict[str, Tensor], rows: Tensor | None) -> Tensor:
+        """:meth:`energy` of poses (B, J, 3) that hide body joints: the NLL of what they observe (``rows``: their
+        places in the caller's batch, for the error message; None: all of it)."""
+        try:
+            if not self.supports_mask:
+                raise ValueError(f"{type(self).__name__} has no marginal for missing joints")
+            return -self._density(x, m, **ctx)
+        except ValueError as error:  # no exact marginal for this mask: say what energy() needs
+            which = "every pose" if rows is None else f"poses {rows.tolist()[:8]}"
+            raise ValueError(
+                f"{type(self).__name__}.energy with hidden body joints ({which}) is the NLL of the observed ones, "
+                f"which this prior cannot give for this mask ({error}). Fits optimise every body joint: pass no "
+                "mask (or hide only joints beyond the body), complete the pose first with project(pose, mask), or "
+                "score partial bodies with gaussian_full"
+            ) from None
 
     def _body_only(self, x: Tensor) -> Tensor:
         """The mask (B, J) that observes the 21 body joints only."""
@@ -1075,11 +1092,12 @@ class PosePrior(nn.Module, ABC):
         return self._training_loss(pose, generator, **self._check_context(context, pose.shape[0]))
 
     def validation_nll(self, pose: Tensor, *, context: Tensor | None = None) -> Tensor:
-        """Per-pose NLL used for validation and early stopping (the exact NLL by default; families override
-        :meth:`_validation_nll`).
+        """Per-pose NLL used for validation and early stopping: the exact NLL by default, that is, the prior's
+        density mixed with its broad component when it has one, as :meth:`nll` scores (families override
+        :meth:`_validation_nll`, the family's own term).
 
         Families whose exact NLL is expensive (the VAE's importance-weighted bound) may use a cheaper estimate
-        here and say so.
+        here and say so; mixed with the broad component, a bound stays a bound.
 
         Args:
             pose: Validation poses in the prior's joint order, shape (B, J, 3).
@@ -1088,7 +1106,8 @@ class PosePrior(nn.Module, ABC):
         Returns:
             NLL per pose, shape (B,).
         """
-        return self._validation_nll(pose, **self._check_context(context, pose.shape[0]))
+        nll = self._validation_nll(pose, **self._check_context(context, pose.shape[0]))
+        return -self._with_broad(-nll, pose, None)
 
     def _training_loss(self, pose: Tensor, generator: torch.Generator | None, **context: Tensor) -> Tensor:
         """The loss of :meth:`training_loss` (``context``: the checked ``context=`` of a conditioned prior)."""
@@ -1184,7 +1203,10 @@ class PosePrior(nn.Module, ABC):
 
     def _density(self, x: Tensor, mask: Tensor | None, **context: Tensor) -> Tensor:
         """The prior's log-density: the family's, mixed with the broad component when there is one."""
-        out = self._log_prob(x, mask, **context)
+        return self._with_broad(self._log_prob(x, mask, **context), x, mask)
+
+    def _with_broad(self, out: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
+        """The family's log-density ``out`` (B,) of ``x`` mixed with the broad component, when there is one."""
         if self.broad is None:
             return out
         w = self.config.broad_weight
@@ -1376,6 +1398,7 @@ class PosePrior(nn.Module, ABC):
         if mask.dtype != torch.bool:
             raise TypeError(f"expected a boolean mask (True = observed), got dtype {mask.dtype}")
         mask = mask.to(self.device)
+        given = tuple(mask.shape)
         J = self.num_joints
         if mask.dim() >= 1 and mask.shape[-1] == skeleton.NUM_JOINTS and J != skeleton.NUM_JOINTS:
             mask = mask.index_select(-1, self.joint_index)
@@ -1387,8 +1410,8 @@ class PosePrior(nn.Module, ABC):
             mask = mask.expand(*batch_shape, J)
         except RuntimeError:
             raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to the pose batch shape "
-                f"{tuple(batch_shape)} + ({J},)"
+                f"expected a mask that broadcasts to the pose batch shape {tuple(batch_shape)} (joints last: {J}, or "
+                f"55), got shape {given}"
             ) from None
         return mask.reshape(batch, J)
 

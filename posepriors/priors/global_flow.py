@@ -60,10 +60,12 @@ class GlobalFlowConfig(FlowConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.use_conditioning != (self.context_features > 0):
+        if self.use_conditioning and not self.context_features > 0:
+            raise ValueError(f"use_conditioning=True needs context_features > 0, got {self.context_features!r}")
+        if not self.use_conditioning and self.context_features:
             raise ValueError(
-                f"use_conditioning={self.use_conditioning} needs context_features > 0 (and 0 without it), "
-                f"got context_features={self.context_features}"
+                f"expected context_features=0 without use_conditioning, got {self.context_features!r} (pass "
+                "use_conditioning=True for a conditioned flow)"
             )
         if self.parts:
             resolved = [skeleton.resolve_joints(p) for p in self.parts]
