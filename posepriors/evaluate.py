@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,6 +46,7 @@ __all__ = [
     "main",
     "nll_stats",
     "sample_stats",
+    "task_generator",
     "to_markdown",
 ]
 
@@ -230,21 +232,23 @@ def sample_stats(
         observed: Which of the prior's joints the data observes, shape (J,); only those are compared.
         num_samples: Number of samples to draw.
         max_reference: At most this many data poses serve as the nearest-neighbour reference.
-        generator: Generator for sampling and subsampling.
+        generator: Generator of the data's reference / held-out split, the sample pairs of the diversity and the
+            samples, drawn in that order: the split and the pairs depend only on the generator and the sizes, not
+            on how much the prior's sampler draws, so priors given equally seeded generators share them.
 
     Returns:
         The statistics.
     """
+    perm = torch.randperm(len(data), generator=generator)
+    i, j = torch.triu_indices(num_samples, num_samples, offset=1)
+    pick = torch.randperm(len(i), generator=generator)[:20000]
     samples = prior.sample(num_samples, generator=generator)[:, observed].to(device=data.device, dtype=data.dtype)
     data = data[:, observed]
-    perm = torch.randperm(len(data), generator=generator)
     reference = data[perm[:max_reference]]
     held_out = data[perm[max_reference : max_reference + num_samples]]
     if len(held_out) == 0:  # small data: compare with a leave-half-out split
         half = len(reference) // 2
         held_out, reference = reference[:half], reference[half:]
-    i, j = torch.triu_indices(len(samples), len(samples), offset=1)
-    pick = torch.randperm(len(i), generator=generator)[:20000]
     apd = _geodesic_deg(samples[i[pick]], samples[j[pick]]).mean()
     low, high = data.amin(0), data.amax(0)
     beyond = ((samples < low) | (samples > high)).float().mean()
@@ -264,6 +268,7 @@ def denoise_stats(
     *,
     sigma: float = 0.1,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
     batch_size: int = 1024,
     denoiser: str = "posterior_mean",
     **project_kwargs: Any,
@@ -276,6 +281,9 @@ def denoise_stats(
         mask: Optional observed mask (J,); errors are measured on observed joints.
         sigma: Noise std (radians) per axis-angle coordinate.
         generator: Generator of the noise.
+        noise: Standard normal noise of ``clean``'s shape to use (scaled by ``sigma``) instead of drawing it from
+            ``generator``. :func:`evaluate` draws it over the data's whole pose layout and takes the prior's joints,
+            so that every prior sees the same noise on the joints it shares with another.
         batch_size: Poses per call of the denoiser.
         denoiser: ``"posterior_mean"``: :meth:`PosePrior.denoise` (the MAP where the prior has no posterior mean
             at ``sigma``, without its warning; the stats say which ran); ``"adaptive"``: the same, with
@@ -294,9 +302,14 @@ def denoise_stats(
     adaptive = denoiser == "adaptive" and estimator == "tweedie"
     if adaptive:
         estimator = "tweedie_sure"
-    where = clean.device if generator is None else generator.device  # drawn where the generator lives
-    noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device=where)
-    noisy = clean + sigma * noise.to(clean.device)
+    if noise is None:
+        where = clean.device if generator is None else generator.device  # drawn where the generator lives
+        noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device=where)
+    elif generator is not None:
+        raise ValueError("expected either noise or a generator to draw it from, got both")
+    elif noise.shape != clean.shape:
+        raise ValueError(f"expected noise of the clean poses' shape {tuple(clean.shape)}, got {tuple(noise.shape)}")
+    noisy = clean + sigma * noise.to(device=clean.device, dtype=clean.dtype)
     # chunks of at most batch_size poses; for the SURE blend (one weight per call) of near-equal sizes, so that no
     # call gets a small remainder
     chunks = noisy.tensor_split(math.ceil(len(noisy) / batch_size)) if adaptive else noisy.split(batch_size)
@@ -378,6 +391,33 @@ def completion_stats(
     return out
 
 
+TASKS = ("subset", "samples", "denoise", "plot_samples", "plot_noise")
+"""The random tasks of ``posepriors-eval`` (with ``--plots``, the last two), each with a generator of its own
+(:func:`task_generator`)."""
+
+
+def task_generator(seed: int, task: str) -> torch.Generator:
+    """The CPU generator of one random task of ``posepriors-eval`` (:data:`TASKS`), seeded from the run's seed.
+
+    Each task draws from its own generator, so that what it draws depends neither on which other tasks run nor on
+    how much a prior's sampler consumed before it. ``"subset"`` (the poses of ``max_poses``) is seeded with ``seed``
+    itself; the others with a seed derived from ``seed`` and the task.
+
+    Args:
+        seed: The run's seed (>= 0).
+        task: One of :data:`TASKS`.
+
+    Returns:
+        A fresh generator.
+    """
+    if task not in TASKS:
+        raise ValueError(f"expected task to be one of {TASKS}, got {task!r}")
+    if task == "subset":
+        return torch.Generator().manual_seed(seed)
+    state = np.random.SeedSequence([seed, TASKS.index(task)]).generate_state(2)  # two 32-bit words
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def evaluate(
     prior: PosePrior,
     data: PoseData,
@@ -404,7 +444,11 @@ def evaluate(
         sigma: Noise std (radians) of the denoising test.
         num_samples: Samples for the sample-quality metrics.
         max_poses: Evaluate on at most this many poses (a seeded random subset).
-        seed: Seed of every random choice.
+        seed: Seed of every random choice. Each task that draws (the subset of ``max_poses``, the samples, the
+            denoising noise) has a generator of its own seeded from it (:func:`task_generator`), so that what it
+            draws depends neither on the prior nor on which other tasks run: every prior evaluated on the same data
+            with the same seed gets the same subset, the same reference split of the sample metrics, and the same
+            noisy poses on the joints they share (the noise is drawn over the data's whole pose layout).
         samples: Whether to run the sample-quality metrics.
         denoise: Whether to run the denoising test.
         completion: Whether to run the completion test.
@@ -414,7 +458,6 @@ def evaluate(
     Returns:
         The report.
     """
-    generator = torch.Generator().manual_seed(seed)
     index = torch.tensor(prior.joints)
     pose = data.poses[:, index]
     observed_frames = data.observed[:, index]
@@ -425,7 +468,7 @@ def evaluate(
             f"evaluate a body prior on body data and a hand prior on hand data"
         )
     if max_poses is not None and len(pose) > max_poses:
-        pick = torch.randperm(len(pose), generator=generator)[:max_poses]
+        pick = torch.randperm(len(pose), generator=task_generator(seed, "subset"))[:max_poses]
         pose = pose[pick]
     pose = pose.to(prior.dtype)
     mask = None if bool(observed.all()) else observed
@@ -437,9 +480,11 @@ def evaluate(
         nll=nll_stats(prior, device_pose, None if mask is None else mask.to(prior.device)),
     )
     if samples:
+        generator = task_generator(seed, "samples")
         report.samples = sample_stats(prior, pose, observed, num_samples=num_samples, generator=generator)
-    if denoise:
-        report.denoise = denoise_stats(prior, pose, mask, sigma=sigma, generator=generator, denoiser=denoiser)
+    if denoise:  # noise for every joint of the data, then the prior's: the same on the joints priors share
+        noise = torch.randn((len(pose), *data.poses.shape[1:]), generator=task_generator(seed, "denoise"))[:, index]
+        report.denoise = denoise_stats(prior, pose, mask, sigma=sigma, noise=noise, denoiser=denoiser)
     if completion:
         report.completion = completion_stats(prior, pose, observed, noise_std=completion_noise)
     if prior.reconstructs:  # auto-encoders: encode -> decoder mean, geodesic degrees

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -308,9 +308,11 @@ def _load_folder(
     dtype: torch.dtype | None,
     frozen: bool,
     verified: bool,
+    entry: ManifestEntry | None = None,
 ) -> PosePrior:
     """:func:`load_pretrained`; ``verified``: the files were already checked against a manifest (no warning for a
-    weights file without its own checksum)."""
+    weights file without its own checksum); ``entry``: the manifest entry the files were resolved from, whose
+    ``model_type`` the config must name."""
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -318,6 +320,12 @@ def _load_folder(
                 f"expected {CONFIG_NAME} and {WEIGHTS_NAME} in {directory}, but {path.name} is missing"
             )
     raw = _read_config(config_path)
+    if entry is not None and raw["model_type"] != entry.model_type:
+        raise ValueError(
+            f"manifest entry {entry.name!r} declares model_type {entry.model_type!r}, but {config_path} holds a "
+            f"{raw['model_type']!r} prior: the manifest and the model's files disagree; correct the entry's "
+            "model_type, or its files and their sha256"
+        )
     try:
         prior = build_from_config(raw)
     except (TypeError, ValueError) as err:
@@ -459,24 +467,69 @@ def load(
             verify_files(
                 folder, entry, remedy="the installation is damaged: `pip install --force-reinstall posepriors`"
             )
-            return _load_folder(folder, **kwargs, verified=True)
+            return _load_folder(folder, **kwargs, verified=True, entry=entry)
     download = dict(cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_files_only)
     folder = _download(entry, revision, **download)
     if revision is None or revision == entry.revision:
         try:
             verify_files(folder, entry)
-        except ValueError:  # a damaged file in the Hub cache: fetch the pinned files again, once
+        except ValueError as err:  # a damaged file in the Hub cache: fetch the pinned files again, once
+            if _hub_offline():  # huggingface_hub refuses force_download in offline mode
+                _raise_damaged_cache(
+                    err,
+                    folder,
+                    entry,
+                    "offline mode (HF_HUB_OFFLINE) prevents a fresh download",
+                    "go online once (unset HF_HUB_OFFLINE) and load it again, which downloads the file anew",
+                )
             if local_files_only:
                 raise
-            folder = _download(entry, revision, **download, force_download=True)
+            try:
+                fresh = _download(entry, revision, **download, force_download=True)
+            except ValueError as retry:  # huggingface_hub's "Force download failed due to the above error."
+                if retry.__cause__ is None:  # not a failed request
+                    raise
+                cause = retry.__cause__
+                _raise_damaged_cache(
+                    retry,
+                    folder,
+                    entry,
+                    f"downloading it anew failed ({type(cause).__name__}: {cause})",
+                    "load it again once the Hub can be reached, which downloads the file anew",
+                )
+            folder = fresh
             verify_files(folder, entry, remedy="the Hub serves other files than the manifest pins")
-        return _load_folder(folder, **kwargs, verified=True)
+        return _load_folder(folder, **kwargs, verified=True, entry=entry)
     warnings.warn(
         f"loading {name!r} at revision {revision!r} instead of the pinned {entry.revision!r}: "
         "the manifest's SHA-256 values do not apply, files are not verified against the manifest",
         stacklevel=2,
     )
-    return _load_folder(folder, **kwargs, verified=False)
+    return _load_folder(folder, **kwargs, verified=False, entry=entry)
+
+
+def _hub_offline() -> bool:
+    """Whether huggingface_hub runs in offline mode (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _raise_damaged_cache(error: ValueError, folder: Path, entry: ManifestEntry, why: str, fix: str) -> NoReturn:
+    """Raise the error for a file of the Hub cache in ``folder`` whose SHA-256 differs from the manifest's, when it
+    cannot be downloaded again (``why``), with the ways out (``fix``, or deleting the cached file), from ``error``;
+    ``error`` itself when every file's SHA-256 matches."""
+    for filename, info in entry.files.items():
+        path = folder / filename
+        digest = sha256_file(path)
+        if digest != info["sha256"]:
+            blob = path.resolve()  # the Hub cache's blob, which the snapshot's entry links to
+            raise ValueError(
+                f"the Hub cache's copy of {filename} of model {entry.name!r} is damaged: expected SHA-256 "
+                f"{info['sha256']} from the manifest, found {digest} ({path}); {why}. To fix it, {fix}, or delete "
+                f"the cached file {blob} so that the next load that reaches the Hub fetches it"
+            ) from error
+    raise error
 
 
 def verify_files(folder: Path, entry: ManifestEntry, remedy: str | None = None) -> None:

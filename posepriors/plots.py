@@ -131,7 +131,7 @@ def write_evaluation_plots(
         datasets: ``name -> PoseData``.
         reports: The :class:`~posepriors.evaluate.EvalReport` list of the same run.
         folder: Output folder (created).
-        seed: Seed of the samples and the noise.
+        seed: Seed of the samples and the noise (:func:`posepriors.evaluate.task_generator`).
 
     Returns:
         The written PNG files.
@@ -164,8 +164,10 @@ def write_evaluation_plots(
                     f"{report.model}: NLL per joint",
                 )
             )
+    from posepriors.evaluate import task_generator
+
     for name, prior in priors.items():
-        generator = torch.Generator().manual_seed(seed)
+        generator = task_generator(seed, "plot_samples")
         samples = prior.to_smplx(prior.sample(8, generator=generator)).cpu()
         written.append(plot_stick_figures(samples, folder / f"samples_{stem(name)}.png", f"{name}: samples"))
         data = next(iter(datasets.values()))
@@ -174,7 +176,9 @@ def write_evaluation_plots(
         if not bool(observed.any()):
             continue
         clean = data.poses[:4, index].to(prior.dtype)
-        noisy = clean + 0.2 * torch.randn(clean.shape, generator=generator, dtype=clean.dtype) * observed[:, None]
+        # noise of its own, over the data's pose layout: every prior gets the same on the joints they share
+        noise = torch.randn(data.poses[:4].shape, generator=task_generator(seed, "plot_noise"))[:, index]
+        noisy = clean + 0.2 * noise.to(clean.dtype) * observed[:, None]
         mask = None if bool(observed.all()) else observed.expand(len(clean), -1).to(prior.device)
         denoised = prior.project(noisy.to(prior.device), mask, noise_std=0.2).cpu()  # as in the denoising test
         figures = torch.cat([prior.to_smplx(t) for t in (clean, noisy, denoised)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ def setup(tmp_path_factory):
     posepriors.save_pretrained(prior, root / "flow")
     gaussian = posepriors.priors.GaussianPrior().fit(torch.from_numpy(body))
     posepriors.save_pretrained(gaussian, root / "gaussian")
+    wide = posepriors.priors.GaussianPrior(posepriors.priors.GaussianConfig(joints="body+left_hand+right_hand"))
+    posepriors.save_pretrained(wide.fit(synthetic_poses(300, wide.joints, seed=12)), root / "wide")  # 51 joints
     return root
 
 
@@ -49,6 +52,49 @@ def test_denoising_with_the_true_gaussian_beats_noise(setup):
     stats = evaluate.denoise_stats(prior, clean, sigma=0.2, generator=torch.Generator().manual_seed(1))
     # posterior std sqrt(0.1^2 0.2^2 / (0.1^2 + 0.2^2)) = 0.089 rad against 0.2 rad of noise
     assert stats.error_after_deg < stats.error_before_deg and stats.reduction > 0.4
+
+
+def test_models_see_the_same_noisy_poses_and_reference_split(setup, monkeypatch):
+    """A 21-joint and a 51-joint prior on body data: the same noisy poses on the body joints they share (the noise
+    is drawn over the data's layout, from a generator the sampler does not consume), the same reference split."""
+    data = load_poses(setup / "body.npz")
+    priors = {name: posepriors.load(setup / name) for name in ("gaussian", "wide")}
+    noisy, reports = {}, {}
+    for name, prior in priors.items():
+        denoise = prior.denoise
+
+        def record(pose, *args, _name=name, _denoise=denoise, **kwargs):
+            noisy[_name] = pose.clone()
+            return _denoise(pose, *args, **kwargs)
+
+        monkeypatch.setattr(prior, "denoise", record)
+        reports[name] = evaluate.evaluate(prior, data, num_samples=32, max_poses=100, completion=False)
+    shared = [priors["wide"].joints.index(j) for j in priors["gaussian"].joints]
+    assert torch.equal(noisy["wide"][:, shared], noisy["gaussian"])
+    assert reports["wide"].denoise.error_before_deg == reports["gaussian"].denoise.error_before_deg
+    assert reports["wide"].samples.data_nearest_deg == reports["gaussian"].samples.data_nearest_deg
+    with pytest.raises(ValueError, match=r"expected noise of the clean poses' shape \(4, 21, 3\), got \(4, 51, 3\)"):
+        evaluate.denoise_stats(priors["gaussian"], torch.zeros(4, 21, 3), noise=torch.zeros(4, 51, 3))
+
+
+def test_cli_denoising_figures_do_not_depend_on_other_tasks_or_models(setup):
+    """``--no_samples`` (or another model's sampler) leaves the denoising noise alone: the same figures in both
+    runs, and the same error before denoising for a 21-joint and a 51-joint prior on body data."""
+    runs = []
+    for extra in ([], ["--no_samples"]):
+        out = setup / f"pairing{len(extra)}.json"
+        args = ["--data", str(setup / "body.npz"), "--num_samples", "32", "--max_poses", "60", "--no_completion"]
+        assert evaluate.main([str(setup / "wide"), str(setup / "gaussian"), *args, *extra, "--json", str(out)]) == 0
+        runs.append({Path(r["model"]).name: r for r in json.loads(out.read_text())})
+    with_samples, without = runs
+    for name in ("wide", "gaussian"):
+        assert with_samples[name]["denoise"] == without[name]["denoise"]
+        assert without[name]["samples"] is None
+    assert (
+        with_samples["wide"]["denoise"]["error_before_deg"] == with_samples["gaussian"]["denoise"]["error_before_deg"]
+    )
+    nearest = [with_samples[name]["samples"]["data_nearest_deg"] for name in ("wide", "gaussian")]
+    assert nearest[0] == nearest[1]
 
 
 def test_cli_writes_json_markdown_and_plots(setup, capsys):

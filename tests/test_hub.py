@@ -24,7 +24,7 @@ def saved(tmp_path):
     return prior, posepriors.save_pretrained(prior, tmp_path / "model")
 
 
-def _manifest(tmp_path, folder, *, sha_override=None, revision=REVISION):
+def _manifest(tmp_path, folder, *, sha_override=None, revision=REVISION, model_type="gaussian"):
     files = {
         name: {"sha256": sha_override or sha256_file(folder / name), "size": (folder / name).stat().st_size}
         for name in (hub.CONFIG_NAME, hub.WEIGHTS_NAME)
@@ -32,7 +32,7 @@ def _manifest(tmp_path, folder, *, sha_override=None, revision=REVISION):
     manifest = {
         "format_version": 1,
         "hub": {"repo_id": REPO, "revision": revision},
-        "models": {"tiny": {"model_type": "gaussian", "description": "a test model", "files": files}},
+        "models": {"tiny": {"model_type": model_type, "description": "a test model", "files": files}},
     }
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))
@@ -154,6 +154,72 @@ def test_a_damaged_file_in_the_hub_cache_is_downloaded_again(saved, tmp_path):
             bad = _manifest(tmp_path, folder, sha_override="f" * 64)
             posepriors.load("tiny", manifest=bad, endpoint=server.endpoint, cache_dir=tmp_path / "c2")
     assert sum(method == "GET" and path.endswith("config.json") for method, path in server.requests) == 2
+
+
+def _damage_cached_weights(tmp_path, cache="cache"):
+    """Flip the last byte of the cached weights (the cache's blob, not only the snapshot's link); returns the blob
+    and its SHA-256 after the damage."""
+    cached = next((tmp_path / cache).rglob("snapshots/*/tiny/model.safetensors")).resolve()
+    cached.chmod(0o644)
+    data = cached.read_bytes()
+    cached.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    return cached, sha256_file(cached)
+
+
+def test_a_damaged_cached_file_in_offline_mode_says_what_to_do(saved, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 and a damaged file in the Hub cache: not huggingface_hub's "Cannot pass
+    'force_download=True' when offline mode is enabled" but which file, both SHA-256, why, and the ways out."""
+    import huggingface_hub.constants
+
+    prior, folder = saved
+    expected = sha256_file(folder / hub.WEIGHTS_NAME)
+    with _served(tmp_path, folder) as (_, kwargs):
+        posepriors.load("tiny", **kwargs)
+        blob, found = _damage_cached_weights(tmp_path)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        for local_files_only in (False, True):
+            with pytest.raises(ValueError) as info:
+                posepriors.load("tiny", **kwargs, local_files_only=local_files_only)
+            message = str(info.value)
+            assert f"copy of model.safetensors of model 'tiny' is damaged: expected SHA-256 {expected}" in message
+            assert f"found {found}" in message and "offline mode (HF_HUB_OFFLINE) prevents a fresh download" in message
+            assert "unset HF_HUB_OFFLINE" in message and f"delete the cached file {blob} " in message
+        blob.unlink()  # the advice holds: without the damaged file, the next load online fetches it again
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        loaded = posepriors.load("tiny", **kwargs)
+    x = torch.randn(3, 21, 3)
+    assert torch.equal(loaded.log_prob(x), prior.log_prob(x))
+
+
+def test_a_damaged_cached_file_and_an_unreachable_hub_says_what_to_do(saved, tmp_path):
+    _, folder = saved
+    with _served(tmp_path, folder) as (_, kwargs):
+        posepriors.load("tiny", **kwargs)
+    blob, found = _damage_cached_weights(tmp_path)
+    closed = {**kwargs, "endpoint": "http://127.0.0.1:9"}  # nothing listens: the fresh download fails
+    with pytest.raises(ValueError) as info:
+        posepriors.load("tiny", **closed)
+    message = str(info.value)
+    assert "model.safetensors of model 'tiny' is damaged" in message and f"found {found}" in message
+    assert "downloading it anew failed (" in message and "once the Hub can be reached" in message
+    assert f"delete the cached file {blob} " in message
+
+
+def test_the_manifest_model_type_must_match_the_config(saved, tmp_path):
+    _, folder = saved  # a gaussian, declared joint_flow
+    with HubServer() as server:
+        server.add_folder(REPO, REVISION, "tiny", folder)
+        manifest = _manifest(tmp_path, folder, model_type="joint_flow")
+        with pytest.raises(
+            ValueError, match=r"manifest entry 'tiny' declares model_type 'joint_flow', but .*config.json holds a "
+            r"'gaussian' prior"
+        ):  # fmt: skip
+            posepriors.load("tiny", manifest=manifest, endpoint=server.endpoint, cache_dir=tmp_path / "c")
+    raw = json.loads(hub.MANIFEST_PATH.read_text())  # the bundled gaussian, declared joint_flow
+    raw["models"]["gaussian"]["model_type"] = "joint_flow"
+    (tmp_path / "bundled.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"'gaussian' declares model_type 'joint_flow', but .* 'gaussian' prior"):
+        posepriors.load("gaussian", manifest=tmp_path / "bundled.json")
 
 
 def test_bundled_file_damaged_says_reinstall(monkeypatch, tmp_path):
