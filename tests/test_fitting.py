@@ -84,6 +84,51 @@ def test_hidden_keypoints_do_not_enter_the_fit():
     torch.testing.assert_close(mixed.pose[0], seen.pose[0])
 
 
+def test_unbatched_keypoints_nan_where_hidden_numpy_masks_and_confidences():
+    """Found by a review: (22, 3) keypoints crashed after the whole fit; NaN at a hidden keypoint was refused; NumPy
+    masks and weights were refused; float confidences were refused."""
+    import numpy as np
+
+    truth = synthetic_body(3, seed=3)
+    keypoints = body_keypoints(truth)
+    prior = body_prior(torch.zeros(21, 3), 0.5)
+    one = fit_keypoints(keypoints[0], prior=prior, steps=30)
+    assert one.pose.shape == (21, 3) and one.loss.shape == () and one.keypoints.shape == (22, 3)
+    torch.testing.assert_close(one.pose, fit_keypoints(keypoints[:1], prior=prior, steps=30).pose[0])
+    visible = torch.ones(BODY_KEYPOINTS, dtype=torch.bool)
+    visible[LEFT_WRIST] = False
+    reference = fit_keypoints(keypoints, prior=prior, visible=visible, steps=30)
+    holes = keypoints.clone()
+    holes[:, LEFT_WRIST] = math.nan
+    torch.testing.assert_close(fit_keypoints(holes, prior=prior, visible=visible, steps=30).pose, reference.pose)
+    as_numpy = fit_keypoints(holes, prior=prior, visible=visible.numpy(), weight=np.full(3, 1e-4), steps=30)
+    torch.testing.assert_close(as_numpy.pose, reference.pose)
+    confidences = fit_keypoints(holes, prior=prior, visible=visible.float(), steps=30)  # 1 / 0: the same fit
+    torch.testing.assert_close(confidences.pose, reference.pose)
+    scores = torch.rand(3, BODY_KEYPOINTS, generator=torch.Generator().manual_seed(0)) + 0.1
+    weighted = fit_keypoints(keypoints, prior=prior, visible=scores, steps=0)
+    fitted = body_keypoints(weighted.pose)
+    expected = ((fitted - keypoints).square().sum(-1) * scores).sum(-1) / scores.sum(-1)
+    torch.testing.assert_close(weighted.keypoint_loss, expected)
+    with pytest.raises(ValueError, match="expected finite keypoints"):  # NaN where visible is still refused
+        fit_keypoints(holes, prior=prior, steps=1)
+
+
+def test_keypoints_off_centre_or_in_millimetres_are_warned_about():
+    keypoints = body_keypoints(synthetic_body(2, seed=5))
+    mixed = torch.cat([keypoints, 1000 * keypoints[:1]])  # one broken pose among good ones is found
+    with pytest.warns(UserWarning, match=r"bones of poses \[2\] are 1e\+03 times the skeleton's .* millimetres"):
+        fit_keypoints(mixed, steps=1)
+    with pytest.warns(UserWarning, match=r"pelvis keypoint \(joint 0\) of poses \[0, 1\] .*pelvis-centred"):
+        fit_keypoints(keypoints + torch.tensor([0.1, 0.2, 3.0]), steps=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        noisy = keypoints + 0.04 * torch.randn(keypoints.shape, generator=torch.Generator().manual_seed(0))
+        fit_keypoints(noisy, steps=1)  # 4 cm noise, the benchmark's largest: no warning
+
+
 def test_the_prior_term_pulls_towards_the_prior():
     target = synthetic_body(1, seed=4)[0]
     prior = body_prior(target, std=0.05)
@@ -176,8 +221,10 @@ def test_bad_inputs_raise_value_errors(kwargs, message):
 
 
 def test_bad_types_and_priors_raise():
-    with pytest.raises(TypeError, match="boolean visible"):
-        fit_keypoints(torch.zeros(1, 22, 3), visible=torch.ones(22))
+    with pytest.raises(TypeError, match="boolean visible mask .* or float confidences, got dtype torch.int64"):
+        fit_keypoints(torch.zeros(1, 22, 3), visible=torch.ones(22, dtype=torch.long))
+    with pytest.raises(ValueError, match="expected keypoint confidences that are finite and >= 0"):
+        fit_keypoints(torch.zeros(1, 22, 3), visible=-torch.ones(22))
     with pytest.raises(TypeError, match="keypoints as floating-point values"):
         fit_keypoints(torch.zeros(1, 22, 3, dtype=torch.long))
     hand = GaussianPrior(GaussianConfig(joints="left_hand"))
