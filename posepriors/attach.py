@@ -27,8 +27,8 @@ from pathlib import Path
 
 import posepriors
 from posepriors.data import PoseData, load_poses
-from posepriors.train import _missing_folders, _remove_if_empty, prepare_data
-from posepriors.utils import LOCK_NAME, FolderLockedError, folder_lock
+from posepriors.train import _existing_outputs, _missing_folders, _remove_if_empty, prepare_data
+from posepriors.utils import FolderLockedError, folder_lock
 
 __all__ = ["main"]
 
@@ -76,7 +76,7 @@ def _check_out(out: Path, src: str) -> None:
     """Refuse an output folder that holds anything (a model above all: the source's own folder included)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"expected OUT to be a new folder, got the file {out}")
-    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    held = _existing_outputs(out)
     if held:
         what = "the source model's own folder" if Path(src).exists() and Path(src).resolve() == out.resolve() else out
         raise ValueError(

@@ -441,13 +441,15 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
 
 
 def _warn_if_degrees(pose55: Tensor, observed: Tensor, file: Path) -> None:
-    """Warn when most of a file's rotations turn by more than pi: axis-angle in degrees, most likely (radians
-    rarely exceed pi; wrapping such angles gives valid but wrong rotations)."""
+    """Warn when most of a file's rotations turn by more than 2 pi: axis-angle in degrees, most likely (a rotation
+    in radians needs no more than 2 pi, even unwrapped, e.g. 2 pi - t from a quaternion with w < 0; wrapping degrees
+    gives valid but wrong rotations)."""
     angles = torch.linalg.vector_norm(pose55.double(), dim=-1)[:, observed.reshape(-1, observed.shape[-1])[0]]
     angles = angles[torch.isfinite(angles) & (angles > 1e-6)]
-    if angles.numel() >= 10 and float((angles > math.pi).double().mean()) > 0.5:
+    beyond = float((angles > 2 * math.pi + 1e-6).double().mean())
+    if angles.numel() >= 10 and beyond > 0.5:
         warnings.warn(
-            f"{file}: {float((angles > math.pi).double().mean()):.0%} of the rotations turn by more than pi "
+            f"{file}: {beyond:.0%} of the rotations turn by more than 2 pi "
             f"(median {float(angles.median()):.3g}): expected axis-angle in radians; degrees? (np.radians them). "
             "They were wrapped to the canonical range as radians",
             stacklevel=4,

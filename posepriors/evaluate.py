@@ -458,6 +458,8 @@ def evaluate(
     Returns:
         The report.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"expected seed to be an integer >= 0, got {seed!r}")
     index = torch.tensor(prior.joints)
     pose = data.poses[:, index]
     observed_frames = data.observed[:, index]

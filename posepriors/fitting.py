@@ -200,7 +200,8 @@ def fit_keypoints(
     Raises:
         ValueError: On inputs of the wrong shape or value (non-finite keypoints, ``init``, ``global_orient`` or
             ``offsets`` included), or a prior that cannot score a body-only pose.
-        TypeError: On non-floating keypoints, a non-boolean ``visible`` or arguments of the wrong type.
+        TypeError: On non-floating keypoints, a ``visible`` that is neither boolean nor floating-point, or
+            arguments of the wrong type.
     """
     if torch.is_inference_mode_enabled():  # the fit needs autograd: run it on copies, with autograd back on
         with torch.inference_mode(False):
@@ -280,7 +281,8 @@ def fit_keypoints(
     decode = None
     if space == "latent":
         encode, decode = _body_latent(prior)
-    count = vis.sum(-1).clamp(min=1.0)
+    count = vis.sum(-1)
+    count = torch.where(count > 0, count, 1.0)  # the weighted mean (a pose that sees nothing: 0)
 
     def keypoint_loss(pose: Tensor) -> Tensor:
         fitted = body_keypoints(pose, root, offsets)

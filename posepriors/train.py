@@ -1124,7 +1124,9 @@ def _check_train_config(cfg: TrainConfig) -> None:
         if not ok(getattr(cfg, name)):
             raise ValueError(f"expected {name} {expected}, got {getattr(cfg, name)!r}")
     package, extra = LOGGER_PACKAGES.get(cfg.logger, (None, None))
-    if package is not None and importlib.util.find_spec(package) is None:  # found now, not after the first epoch
+    spec = importlib.util.find_spec(package) if package is not None else None
+    if package is not None and (spec is None or spec.origin is None):  # found now, not after the first epoch
+        # (a bare folder of that name, e.g. wandb's own ./wandb run folder, is a namespace package: not it)
         raise ValueError(
             f"expected the package {package} for --logger {cfg.logger}, got none installed: "
             f"pip install 'posepriors[{extra}]', or pass --logger csv"

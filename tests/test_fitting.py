@@ -105,7 +105,7 @@ def test_unbatched_keypoints_nan_where_hidden_numpy_masks_and_confidences():
     torch.testing.assert_close(as_numpy.pose, reference.pose)
     confidences = fit_keypoints(holes, prior=prior, visible=visible.float(), steps=30)  # 1 / 0: the same fit
     torch.testing.assert_close(confidences.pose, reference.pose)
-    scores = torch.rand(3, BODY_KEYPOINTS, generator=torch.Generator().manual_seed(0)) + 0.1
+    scores = 0.02 * (torch.rand(3, BODY_KEYPOINTS, generator=torch.Generator().manual_seed(0)) + 0.1)  # sum < 1
     weighted = fit_keypoints(keypoints, prior=prior, visible=scores, steps=0)
     fitted = body_keypoints(weighted.pose)
     expected = ((fitted - keypoints).square().sum(-1) * scores).sum(-1) / scores.sum(-1)

@@ -239,13 +239,20 @@ def test_a_batch_smaller_than_the_process_count_is_a_clear_error(data_dir, monke
         train_module.fit(prior, train_data, val_data, cfg)
 
 
+@pytest.mark.parametrize("found", ["nothing", "a bare folder"])
 @pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
-def test_a_logger_whose_package_is_missing_is_refused_before_any_work(logger, data_dir, tmp_path, capsys, monkeypatch):
-    """It used to raise ImportError with a traceback (exit 1) once the data were read and the model initialised."""
+def test_a_logger_whose_package_is_missing_is_refused_before_any_work(
+    logger, found, data_dir, tmp_path, capsys, monkeypatch
+):
+    """It used to raise ImportError with a traceback (exit 1) once the data were read and the model initialised. A
+    bare folder of the package's name (wandb's own ./wandb run folder) is a namespace package, not the package."""
+    import importlib.machinery
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == logger else find_spec(name, *a))
+    stand_in = None if found == "nothing" else importlib.machinery.ModuleSpec(logger, None, is_package=True)
+    spec = lambda name, *a: stand_in if name == logger else find_spec(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", spec)
     monkeypatch.setattr(train_module, "load_poses", lambda *a, **k: pytest.fail("the data were read"))
     out = tmp_path / "run"
     argv = _quick("gaussian", data_dir, out)
