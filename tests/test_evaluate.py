@@ -210,3 +210,10 @@ def test_cli_skips_a_model_without_a_density_for_the_data_and_goes_on(tmp_path, 
     assert code == 0
     assert "skipping global_flow on" in err and "exact densities only for masks" in err
     assert "| hands | hands.npz |" in out and "| global_flow |" not in out
+
+
+def test_evaluate_refuses_a_negative_seed(setup):
+    """The task generators derive their seeds from it (NumPy's SeedSequence): a negative one is refused up front."""
+    prior = posepriors.load(setup / "gaussian")
+    with pytest.raises(ValueError, match=r"expected seed to be an integer >= 0, got -1"):
+        evaluate.evaluate(prior, load_poses(setup / "body.npz"), seed=-1)
