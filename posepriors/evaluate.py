@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -458,8 +459,9 @@ def evaluate(
     Returns:
         The report.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"expected seed to be an integer >= 0, got {seed!r}")
+    seed = int(seed)  # torch's generators take Python integers only
     index = torch.tensor(prior.joints)
     pose = data.poses[:, index]
     observed_frames = data.observed[:, index]

@@ -217,3 +217,5 @@ def test_evaluate_refuses_a_negative_seed(setup):
     prior = posepriors.load(setup / "gaussian")
     with pytest.raises(ValueError, match=r"expected seed to be an integer >= 0, got -1"):
         evaluate.evaluate(prior, load_poses(setup / "body.npz"), seed=-1)
+    report = evaluate.evaluate(prior, load_poses(setup / "body.npz"), seed=np.int64(3), max_poses=50, completion=False)
+    assert report.denoise is not None  # a NumPy integer seed is a seed
