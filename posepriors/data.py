@@ -370,19 +370,25 @@ class _UnusableFile(Exception):
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
 
-def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int]:
-    """One file -> (PoseData, number of non-finite frames dropped)."""
+def _unreadable(file: Path, err: Exception) -> _UnusableFile:
+    """Why ``np.load`` could not read ``file``: not an archive at all (NumPy's own message then speaks of pickled
+    data), or a damaged one."""
     try:
         with open(file, "rb") as handle:
             magic = handle.read(6)
-    except OSError as err:
-        raise _UnusableFile(file, f"not a readable .npz ({err})") from None
-    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):  # a zip (np.savez) or a .npy
-        raise _UnusableFile(file, f"not an .npz archive (it starts with {magic!r}, not a zip header)", list_keys=False)
+    except OSError:
+        magic = None
+    if magic is not None and not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):  # zip or .npy
+        return _UnusableFile(file, f"not an .npz archive (it starts with {magic!r}, not a zip header)", list_keys=False)
+    return _UnusableFile(file, f"not a readable .npz ({err})")
+
+
+def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int]:
+    """One file -> (PoseData, number of non-finite frames dropped)."""
     try:
         npz = np.load(file, allow_pickle=False)
     except (ValueError, *_READ_ERRORS) as err:
-        raise _UnusableFile(file, f"not a readable .npz ({err})") from None
+        raise _unreadable(file, err) from None
     if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads a .npy array (whatever the file's name) as is
         raise _UnusableFile(
             file,

@@ -392,7 +392,7 @@ def completion_stats(
     return out
 
 
-TASKS = ("subset", "samples", "denoise", "plot_samples", "plot_noise")
+TASKS = ("subset", "samples", "denoise", "plot_samples", "plot_noise")  # the order fixes each task's seed
 """The random tasks of ``posepriors-eval`` (with ``--plots``, the last two), each with a generator of its own
 (:func:`task_generator`)."""
 
@@ -417,6 +417,13 @@ def task_generator(seed: int, task: str) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
     state = np.random.SeedSequence([seed, TASKS.index(task)]).generate_state(2)  # two 32-bit words
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def paired_noise(count: int, index: Tensor, seed: int, task: str) -> Tensor:
+    """Standard normal noise for ``count`` poses on the joints ``index`` (SMPL-X indices), drawn over all 55 joints
+    from ``task``'s generator (:func:`task_generator`) and then cut to ``index``: every prior gets the same noise on
+    the joints it shares with another."""
+    return torch.randn((count, skeleton.NUM_JOINTS, 3), generator=task_generator(seed, task))[:, index]
 
 
 def evaluate(
@@ -486,8 +493,8 @@ def evaluate(
     if samples:
         generator = task_generator(seed, "samples")
         report.samples = sample_stats(prior, pose, observed, num_samples=num_samples, generator=generator)
-    if denoise:  # noise for every joint of the data, then the prior's: the same on the joints priors share
-        noise = torch.randn((len(pose), *data.poses.shape[1:]), generator=task_generator(seed, "denoise"))[:, index]
+    if denoise:
+        noise = paired_noise(len(pose), index, seed, "denoise")
         report.denoise = denoise_stats(prior, pose, mask, sigma=sigma, noise=noise, denoiser=denoiser)
     if completion:
         report.completion = completion_stats(prior, pose, observed, noise_std=completion_noise)

@@ -473,11 +473,11 @@ def load(
     if revision is None or revision == entry.revision:
         try:
             verify_files(folder, entry)
-        except ValueError as err:  # a damaged file in the Hub cache: fetch the pinned files again, once
+        except _DamagedFile as err:  # a damaged file in the Hub cache: fetch the pinned files again, once
             if _hub_offline():  # huggingface_hub refuses force_download in offline mode
                 _raise_damaged_cache(
                     err,
-                    folder,
+                    err,
                     entry,
                     "offline mode (HF_HUB_OFFLINE) prevents a fresh download",
                     "go online once (unset HF_HUB_OFFLINE) and load it again, which downloads the file anew",
@@ -491,8 +491,8 @@ def load(
                     raise
                 cause = retry.__cause__
                 _raise_damaged_cache(
+                    err,
                     retry,
-                    folder,
                     entry,
                     f"downloading it anew failed ({type(cause).__name__}: {cause})",
                     "load it again once the Hub can be reached, which downloads the file anew",
@@ -515,21 +515,23 @@ def _hub_offline() -> bool:
     return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
-def _raise_damaged_cache(error: ValueError, folder: Path, entry: ManifestEntry, why: str, fix: str) -> NoReturn:
-    """Raise the error for a file of the Hub cache in ``folder`` whose SHA-256 differs from the manifest's, when it
-    cannot be downloaded again (``why``), with the ways out (``fix``, or deleting the cached file), from ``error``;
-    ``error`` itself when every file's SHA-256 matches."""
-    for filename, info in entry.files.items():
-        path = folder / filename
-        digest = sha256_file(path)
-        if digest != info["sha256"]:
-            blob = path.resolve()  # the Hub cache's blob, which the snapshot's entry links to
-            raise ValueError(
-                f"the Hub cache's copy of {filename} of model {entry.name!r} is damaged: expected SHA-256 "
-                f"{info['sha256']} from the manifest, found {digest} ({path}); {why}. To fix it, {fix}, or delete "
-                f"the cached file {blob} so that the next load that reaches the Hub fetches it"
-            ) from error
-    raise error
+def _raise_damaged_cache(damage: _DamagedFile, error: Exception, entry: ManifestEntry, why: str, fix: str) -> NoReturn:
+    """Raise the error for the file of the Hub cache that :func:`verify_files` found damaged (``damage``), when it
+    cannot be downloaded again (``why``), with the ways out (``fix``, or deleting the cached file), from ``error``."""
+    blob = damage.path.resolve()  # the Hub cache's blob, which the snapshot's entry links to
+    raise ValueError(
+        f"the Hub cache's copy of {damage.path.name} of model {entry.name!r} is damaged: expected SHA-256 "
+        f"{damage.expected} from the manifest, found {damage.found} ({damage.path}); {why}. To fix it, {fix}, or "
+        f"delete the cached file {blob} so that the next load that reaches the Hub fetches it"
+    ) from error
+
+
+class _DamagedFile(ValueError):
+    """:func:`verify_files`'s error: the file ``path`` whose SHA-256 ``found`` is not the manifest's ``expected``."""
+
+    def __init__(self, message: str, path: Path, expected: str, found: str) -> None:
+        super().__init__(message)
+        self.path, self.expected, self.found = path, expected, found
 
 
 def verify_files(folder: Path, entry: ManifestEntry, remedy: str | None = None) -> None:
@@ -544,15 +546,21 @@ def verify_files(folder: Path, entry: ManifestEntry, remedy: str | None = None) 
         path = folder / filename
         size = path.stat().st_size
         if "size" in info and size != info["size"]:
-            raise ValueError(
+            raise _DamagedFile(
                 f"{path} has {size} bytes, expected {info['size']} from the manifest entry {entry.name!r}: "
-                f"the file is truncated or replaced; {remedy}"
+                f"the file is truncated or replaced; {remedy}",
+                path,
+                info.get("sha256"),
+                sha256_file(path),
             )
         digest = sha256_file(path)
         if digest != info.get("sha256"):
-            raise ValueError(
+            raise _DamagedFile(
                 f"SHA-256 mismatch for {path}: expected {info['sha256']} from the manifest entry "
-                f"{entry.name!r}, got {digest}; the file is corrupted or was replaced; {remedy}"
+                f"{entry.name!r}, got {digest}; the file is corrupted or was replaced; {remedy}",
+                path,
+                info.get("sha256"),
+                digest,
             )
 
 

@@ -164,7 +164,7 @@ def write_evaluation_plots(
                     f"{report.model}: NLL per joint",
                 )
             )
-    from posepriors.evaluate import task_generator
+    from posepriors.evaluate import paired_noise, task_generator
 
     for name, prior in priors.items():
         generator = task_generator(seed, "plot_samples")
@@ -176,8 +176,7 @@ def write_evaluation_plots(
         if not bool(observed.any()):
             continue
         clean = data.poses[:4, index].to(prior.dtype)
-        # noise of its own, over the data's pose layout: every prior gets the same on the joints they share
-        noise = torch.randn(data.poses[:4].shape, generator=task_generator(seed, "plot_noise"))[:, index]
+        noise = paired_noise(len(clean), index, seed, "plot_noise")
         noisy = clean + 0.2 * noise.to(clean.dtype) * observed[:, None]
         mask = None if bool(observed.all()) else observed.expand(len(clean), -1).to(prior.device)
         denoised = prior.project(noisy.to(prior.device), mask, noise_std=0.2).cpu()  # as in the denoising test

@@ -406,6 +406,25 @@ def _data_sha256(data: TrainingData) -> str:
     return digest.hexdigest()
 
 
+def _data_record(train: TrainingData, val: TrainingData, *, hashed: bool) -> dict[str, Any]:
+    """A run's data as checkpoints and ``metrics.json`` record it: the sizes and, when ``hashed`` (a run that writes
+    its files), the content hashes that make ``--resume`` refuse other data of the same sizes (computed once)."""
+    record: dict[str, Any] = {"train_poses": len(train), "val_poses": len(val)}
+    if hashed:
+        record.update(train_sha256=_data_sha256(train), val_sha256=_data_sha256(val))
+    return record
+
+
+def _resumed_info(
+    saved: dict[str, Any], run_id: str, run_info: dict[str, Any], from_epoch: int, changes: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The run id and run info of a resumed run: the saved run's (``saved``: a checkpoint's state, or
+    :func:`_saved_run`'s), with this resume (its epoch, command and changed settings) added to ``resumes``."""
+    saved_info = dict(saved.get("run_info") or run_info)
+    resumed = {"from_epoch": from_epoch, "command": run_info.get("command"), "changed": changes}
+    return saved.get("run_id", run_id), {**saved_info, "resumes": [*saved_info.get("resumes", []), resumed]}
+
+
 def _check_resumable(
     prior: PosePrior, cfg: TrainConfig, sizes: dict[str, int], run: tuple[str, dict, dict], out: Path
 ) -> dict[str, tuple[Any, Any]]:
@@ -751,9 +770,7 @@ class _Trainer:
             self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
         self.start_epoch, self.history, self.since_best = 0, [], 0
         self.best: dict[str, Any] = {"val_nll": math.inf, "epoch": 0}
-        self.sizes: dict[str, Any] = {"train_poses": len(train), "val_poses": len(val)}
-        if self.out is not None:  # content hashes (computed once) make --resume refuse other data of the same sizes
-            self.sizes.update(train_sha256=_data_sha256(train), val_sha256=_data_sha256(val))
+        self.sizes = _data_record(train, val, hashed=self.out is not None)
         self.run_id, self.run_info = _new_run_id(prior.model_type), dict(run_info or {})
         self.writer = self.rank == 0 and self.out is not None
         self.global_batch = min(cfg.batch_size, len(train))
@@ -818,10 +835,7 @@ class _Trainer:
         for name, gen in self.generators.items():
             gen.set_state(tensors[f"rng.{name}"])
         self.since_best = self.start_epoch - self.best["epoch"]
-        self.run_id = meta.get("run_id", self.run_id)
-        saved_info = dict(meta.get("run_info") or self.run_info)
-        resumed = {"from_epoch": self.start_epoch, "command": self.run_info.get("command"), "changed": changes}
-        self.run_info = {**saved_info, "resumes": [*saved_info.get("resumes", []), resumed]}
+        self.run_id, self.run_info = _resumed_info(meta, self.run_id, self.run_info, self.start_epoch, changes)
         if self.rank == 0 and self.start_epoch >= cfg.max_epochs:
             print(f"the run in {out} has completed {self.start_epoch} epochs already (max_epochs {cfg.max_epochs})")
 
@@ -961,10 +975,8 @@ class _Trainer:
             self.best["epoch"], self.best["val_nll"], epoch, self.history, out if self.writer else None
         )
         if self.writer:
-            data_sha256 = {"train": self.sizes.get("train_sha256"), "val": self.sizes.get("val_sha256")}
             extra = {"run_id": self.run_id, **self.run_info}
-            sizes = (len(self.train), len(self.val))
-            _write_summary(out, self.prior, self.cfg, sizes, data_sha256, self.history, self.best, extra)
+            _write_summary(out, self.prior, self.cfg, self.sizes, self.history, self.best, extra)
         if self.distributed:
             dist.barrier()
             dist.destroy_process_group()
@@ -991,19 +1003,14 @@ def _fit_closed_form(
             f"{prior.model_type} is fitted in closed form: --mirror and --input_noise are not used", stacklevel=3
         )
     out_path = Path(out) if out is not None else None
-    sizes: dict[str, Any] = {"train_poses": len(train), "val_poses": len(val)}
-    if out_path is not None:
-        sizes.update(train_sha256=_data_sha256(train), val_sha256=_data_sha256(val))
+    sizes = _data_record(train, val, hashed=out_path is not None)
     run_id, info = _new_run_id(prior.model_type), dict(run_info or {})
     if resume:
         if out_path is None:
             raise ValueError("resume needs the output folder of the run")
         run = _saved_run(out_path, prior.model_type)
         changes = _check_resumable(prior, cfg, sizes, run, out_path)
-        saved = run[2]
-        run_id, saved_info = saved.get("run_id", run_id), dict(saved.get("run_info") or info)
-        refit = {"from_epoch": 1, "command": info.get("command"), "changed": changes}
-        info = {**saved_info, "resumes": [*saved_info.get("resumes", []), refit]}
+        run_id, info = _resumed_info(run[2], run_id, info, 1, changes)
     prior.to(device)
     prior.fit(train.poses.to(device), train.observed.to(device), generator=torch.Generator().manual_seed(cfg.seed))
     prior.eval()
@@ -1022,9 +1029,8 @@ def _fit_closed_form(
         logger.close()
     if writer:
         save_pretrained(prior, out_path)
-        data_sha256 = {"train": sizes["train_sha256"], "val": sizes["val_sha256"]}
         extra = {"closed_form": True, "run_id": run_id, **info}
-        _write_summary(out_path, prior, cfg, (len(train), len(val)), data_sha256, history, best, extra)
+        _write_summary(out_path, prior, cfg, sizes, history, best, extra)
     return TrainResult(1, metrics["val_nll"], 1, history, out_path if writer else None)
 
 
@@ -1032,13 +1038,13 @@ def _write_summary(
     out: Path,
     prior: PosePrior,
     cfg: TrainConfig,
-    sizes: tuple[int, int],
-    data_sha256: dict[str, str | None],
+    data: dict[str, Any],
     history: list[dict[str, float]],
     best: dict[str, Any],
     extra: dict[str, Any],
 ) -> None:
-    """Write ``metrics.json`` (the best epoch, both configs as used, the data, the history) and print the summary."""
+    """Write ``metrics.json`` (the best epoch, both configs as used, the data: :func:`_data_record`, the history)
+    and print the summary."""
     summary = {
         "model_type": prior.model_type,
         "best_epoch": best["epoch"],
@@ -1046,9 +1052,9 @@ def _write_summary(
         "val_bits_per_dim": best["val_nll"] / (prior.dim * math.log(2)),
         "dims": prior.dim,
         "parameters": sum(p.numel() for p in prior.parameters()),
-        "train_poses": sizes[0],
-        "val_poses": sizes[1],
-        "data_sha256": data_sha256,
+        "train_poses": data["train_poses"],
+        "val_poses": data["val_poses"],
+        "data_sha256": {"train": data.get("train_sha256"), "val": data.get("val_sha256")},
         "train_config": dataclasses.asdict(cfg),
         "model_config": prior.config.to_dict(),
         "history": history,

@@ -434,12 +434,7 @@ class PosePrior(nn.Module, ABC):
             raise ValueError(f"expected measure 'lebesgue' or 'so3', got {measure!r}")
         x, m, batch_shape, out_dtype, _ = self._prepare_full(pose, mask, layout)
         ctx = self._check_context(context, x.shape[0], batch_shape)
-        if m is not None and not self.supports_mask:
-            raise ValueError(
-                f"{type(self).__name__} has no marginal for missing joints (mask_marginals='none'; "
-                f"{int((~m).sum())} missing entries); pass all of its {self.num_joints} joints"
-            )
-        out = self._density(x, m, **ctx)
+        out = self._marginal_density(x, m, ctx)
         if measure == "so3":
             out = out + self._so3_correction(x, m)
         return out.reshape(batch_shape).to(out_dtype)
@@ -565,9 +560,7 @@ class PosePrior(nn.Module, ABC):
         """:meth:`energy` of poses (B, J, 3) that hide body joints: the NLL of what they observe (``rows``: their
         places in the caller's batch, for the error message; None: all of it)."""
         try:
-            if not self.supports_mask:
-                raise ValueError(f"{type(self).__name__} has no marginal for missing joints")
-            return -self._density(x, m, **ctx)
+            return -self._marginal_density(x, m, ctx)
         except ValueError as error:  # no exact marginal for this mask: say what energy() needs
             which = "every pose" if rows is None else f"poses {rows.tolist()[:8]}"
             raise ValueError(
@@ -1201,6 +1194,15 @@ class PosePrior(nn.Module, ABC):
         poses = self._body_training_poses(pose, observed)
         return self.smoothed.fit(poses, epochs=self.config.smoothed_epochs, seed=seed, progress=progress)
 
+    def _marginal_density(self, x: Tensor, m: Tensor | None, ctx: dict[str, Tensor]) -> Tensor:
+        """:meth:`_density` of what ``m`` observes; a ``ValueError`` for a family without marginals."""
+        if m is not None and not self.supports_mask:
+            raise ValueError(
+                f"{type(self).__name__} has no marginal for missing joints (mask_marginals='none'; "
+                f"{int((~m).sum())} missing entries); pass all of its {self.num_joints} joints"
+            )
+        return self._density(x, m, **ctx)
+
     def _density(self, x: Tensor, mask: Tensor | None, **context: Tensor) -> Tensor:
         """The prior's log-density: the family's, mixed with the broad component when there is one."""
         return self._with_broad(self._log_prob(x, mask, **context), x, mask)
@@ -1441,6 +1443,9 @@ def register_model(cls: type[PosePrior]) -> type[PosePrior]:
     MODEL_TYPES[cls.model_type] = cls
     return cls
 
+
+HAND_PRIOR_HINT = "; for hands without a body, use a hand prior (posepriors.load('hands'))"
+"""The end of a body prior's mask error for a pose that observes hands and no body joint."""
 
 ADAPTIVE_MIN_POSES = 16
 """``denoise(adaptive=True)`` warns below this many poses: from 16 poses of one source the SURE blend was never

@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from posepriors import skeleton
 from posepriors.flows import FlowSequence, build_flow, flow_settings
-from posepriors.priors.base import PoseInput, PosePrior, body_latent_input, latent_map, select_rows, split_batch
+from posepriors.priors.base import (
+    HAND_PRIOR_HINT,
+    PoseInput,
+    PosePrior,
+    body_latent_input,
+    latent_map,
+    select_rows,
+    split_batch,
+)
 from posepriors.priors.draws import categorical, randn
 from posepriors.priors.flow_config import FlowConfig
 from posepriors.utils import LOG_2PI, cast_back, to_float64
@@ -217,7 +225,7 @@ class GlobalFlowPrior(PosePrior):
         )
         hands = ""
         if pattern.startswith("body missing"):
-            hands = "; for hands without a body, use a hand prior (posepriors.load('hands'))"
+            hands = HAND_PRIOR_HINT
         return (
             f"global_flow with parts {parts} has exact densities only for masks that hide whole trailing parts "
             f"(got {why}{': ' + pattern if pattern else ''}): score poses that observe the first part; {other}{hands}"

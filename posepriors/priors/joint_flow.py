@@ -25,7 +25,7 @@ from torch import Tensor
 
 from posepriors import skeleton
 from posepriors.flows import build_flow, flow_settings, standard_normal_log_prob
-from posepriors.priors.base import PosePrior, body_latent_input, latent_map
+from posepriors.priors.base import HAND_PRIOR_HINT, PosePrior, body_latent_input, latent_map
 from posepriors.priors.draws import randn
 from posepriors.priors.flow_config import FlowConfig
 from posepriors.rotations import axis_angle_to_rotation_6d
@@ -325,7 +325,7 @@ class JointFlowPrior(PosePrior):
                 f"and hand); got observed {name!r} below missing {parent!r}. Pass the missing joint, hide its "
                 "descendants too, or use sample/project to complete it"
                 + (
-                    "; for hands without a body, use a hand prior (posepriors.load('hands'))"
+                    HAND_PRIOR_HINT
                     if not any(bool(mask[:, i].any()) for i, j in enumerate(self.joints) if j in skeleton.PARTS["body"])
                     else ""
                 )
