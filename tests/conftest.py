@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Point the Hub at a closed local port and a private cache before huggingface_hub is imported anywhere,
 # so that no test can reach the network or touch the user's cache.
 _HF_HOME = tempfile.mkdtemp(prefix="posepriors-hf-home-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"

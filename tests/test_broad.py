@@ -77,6 +77,45 @@ def test_marginal_mixture_log_prob_is_the_sum_of_per_coordinate_mixtures(compone
     assert torch.autograd.gradcheck(lambda t: mix.log_prob(t, observed, noise_std=0.1), (v.requires_grad_(True),))
 
 
+def test_marginal_mixture_coefficients_follow_changes_of_the_buffers_and_dims():
+    """log_prob caches what it needs of the buffers per (dims, noise, dtype): an in-place change of a buffer or of
+    ``dims``, a load_state_dict or a new dtype gives the numbers of a fresh mixture, never the cached ones."""
+    g = torch.Generator().manual_seed(5)
+    mix = MarginalMixture(4, 2).double()
+    mix.means.normal_(generator=g)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    dims = torch.tensor([2, 1])
+
+    def fresh(v, **kwargs):
+        other = MarginalMixture(4, 2).double()
+        other.load_state_dict(mix.state_dict())
+        return other.log_prob(v, **kwargs)
+
+    for _ in range(2):  # the second call from the cache
+        torch.testing.assert_close(mix.log_prob(x), fresh(x), rtol=0, atol=0)
+        torch.testing.assert_close(mix.log_prob(x[:, :2], dims=dims, noise_std=0.2), fresh(x[:, :2], dims=dims,
+                                   noise_std=0.2), rtol=0, atol=0)  # fmt: skip
+    before = mix.log_prob(x)
+    with torch.no_grad():
+        mix.stds.mul_(2.0)
+    assert not torch.allclose(mix.log_prob(x), before)
+    torch.testing.assert_close(mix.log_prob(x), fresh(x), rtol=0, atol=0)
+    subset = mix.log_prob(x[:, :2], dims=dims, noise_std=0.2)
+    dims[0] = 3  # in place
+    changed = mix.log_prob(x[:, :2], dims=dims, noise_std=0.2)
+    assert not torch.allclose(changed, subset)
+    torch.testing.assert_close(changed, fresh(x[:, :2], dims=dims, noise_std=0.2), rtol=0, atol=0)
+    state = {k: v + 0.1 for k, v in mix.state_dict().items()}
+    mix.load_state_dict(state)
+    torch.testing.assert_close(mix.log_prob(x), fresh(x), rtol=0, atol=0)
+    assert mix.log_prob(x.float()).dtype == torch.float32
+    torch.testing.assert_close(mix.log_prob(x.float()), fresh(x.float()))
+    with torch.inference_mode():  # tensors without version counters: computed each time
+        frozen = MarginalMixture(4, 2).double()
+        frozen.load_state_dict(mix.state_dict())
+        torch.testing.assert_close(frozen.log_prob(x), fresh(x), rtol=0, atol=0)
+
+
 def _with_broad(prior: GaussianPrior, weight: float = 0.2) -> GaussianPrior:
     mixed = GaussianPrior(dataclasses.replace(prior.config, broad_weight=weight))
     mixed.load_state_dict(prior.state_dict(), strict=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,20 +228,20 @@ def value_and_gradients(flow, x, c):
 
 def fused_spline_calls(monkeypatch, kernels: bool) -> list[str]:
     """Switch the fused spline kernels on or off (skip when Numba is missing) and record their array-level runs:
-    ``"parallel"`` or ``"serial"`` for a spline, ``"coupling"`` for a whole coupling in one loop."""
+    ``"parallel"`` or ``"serial"`` for a spline, ``"flow"`` for a whole flow in one loop."""
     if kernels and not _numba_spline.available():
         pytest.skip("Numba is not installed (pip install 'posepriors[fast]'): no fused spline kernels")
     monkeypatch.setattr(_numba_spline, "ENABLED", kernels)
     monkeypatch.setattr(_numba_spline, "LOAD_AFTER", 0)  # from the first call
     calls: list[str] = []
-    spline, coupling = _numba_spline.forward_arrays, _numba_spline.coupling_forward_arrays
+    spline, flow = _numba_spline.forward_arrays, _numba_spline.flow_forward_arrays
 
     def spline_run(*args, parallel):
         calls.append("parallel" if parallel else "serial")
         return spline(*args, parallel=parallel)
 
     monkeypatch.setattr(_numba_spline, "forward_arrays", spline_run)
-    monkeypatch.setattr(_numba_spline, "coupling_forward_arrays", lambda *a: calls.append("coupling") or coupling(*a))
+    monkeypatch.setattr(_numba_spline, "flow_forward_arrays", lambda *a: calls.append("flow") or flow(*a))
     return calls
 
 
@@ -250,10 +251,10 @@ def fused_spline_calls(monkeypatch, kernels: bool) -> list[str]:
 @pytest.mark.parametrize("case", [(1, 63, 0), (1, 10, 5), (21, 3, 6), (4, 2, 0)], ids=str)
 def test_numpy_path_matches_the_tensor_path(case, dtype, kernels, layers, monkeypatch):
     """A frozen spline flow on a small CPU batch runs in NumPy (one autograd node for the flow), its couplings as
-    NumPy ops or (with Numba) as fused loops in the calling thread: the whole coupling where the conditioner has
-    one hidden layer (as the shipped flows have), else the spline alone. The same log-densities, latent codes,
-    log-determinants and gradients w.r.t. the input and the context as the tensor path (tensor ops), to float
-    round-off, with values in both tails and every mask layout (D = 3 cycles through them)."""
+    NumPy ops or (with Numba) as fused loops in the calling thread: the whole flow as one loop where every
+    conditioner has one hidden layer (as the shipped flows have), else each spline alone. The same log-densities,
+    latent codes, log-determinants and gradients w.r.t. the input and the context as the tensor path (tensor ops),
+    to float round-off, with values in both tails and every mask layout (D = 3 cycles through them)."""
     groups, dim, context = case
     flow = small_flow(groups, dim, context, dtype, num_hidden_layers=layers)
     x, c = data(5, groups, dim, context, dtype)
@@ -261,12 +262,13 @@ def test_numpy_path_matches_the_tensor_path(case, dtype, kernels, layers, monkey
     fused = fused_spline_calls(monkeypatch, kernels)
     fast = value_and_gradients(flow, x, c)
     assert calls == [5, 5, 5]  # log_prob, forward with gradients, forward without
-    assert fused == ([("coupling" if layers == 1 else "serial")] * 9 if kernels else [])  # three couplings per run
+    runs = ["flow"] * 3 if layers == 1 else ["serial"] * 9  # one loop per run, or one per coupling (three)
+    assert fused == (runs if kernels else [])
     with monkeypatch.context() as patch:
         patch.setattr(sequence, "NUMPY_MAX_ELEMENTS", 0)
         patch.setattr(_numba_spline, "ENABLED", False)
         reference = value_and_gradients(flow, x, c)
-    assert calls == [5, 5, 5] and len(fused) == (9 if kernels else 0)
+    assert calls == [5, 5, 5] and fused == (runs if kernels else [])
     # float32: round-off through three spline layers (values in the tails, gradients near bin edges) reaches a few
     # 1e-4 relative, and one gradient near a bin edge of (1, 63, 0) moved by 2.9e-3 (0.19%) in 1 run of 10 with
     # the same seeds (the matrix products' float32 round-off varies between runs); float64 shows that the formulas
@@ -449,23 +451,25 @@ def test_numpy_path_refuses_a_backward_after_an_in_place_change(monkeypatch):
         log_prob.sum().backward()
 
 
-def test_whole_coupling_loop_refuses_arrays_that_do_not_match_its_conditioner():
-    """The whole-coupling loop does not check its indices, so its wrapper does: inputs or a context whose groups or
-    widths do not match the conditioner raise (naming both) instead of reading past the arrays."""
+def test_whole_flow_loop_refuses_arrays_that_do_not_match_its_plan():
+    """The whole-flow loop does not check its indices, so its wrapper does: inputs or a context whose groups or
+    widths do not match the flow raise (naming both) instead of reading past the arrays. A flow with a conditioner
+    the loop does not cover (two hidden layers) gets no table and runs coupling by coupling."""
     if not _numba_spline.available():
         pytest.skip("Numba is not installed (pip install 'posepriors[fast]'): no fused spline kernels")
-    from posepriors.flows import _numpy_spline
-    from posepriors.flows.couplings import RQSplineCoupling
-
     flow = small_flow(2, 10, 5, torch.float64, num_hidden_layers=1)
-    coupling = next(m for m in flow.modules() if isinstance(m, RQSplineCoupling))
-    weights = _numpy_spline.coupling_step(coupling, torch.zeros(1, dtype=torch.float64))[1]
     x, c = data(3, 2, 10, 5, torch.float64)
-    z, logdet, _ = _numba_spline.coupling_forward_arrays(coupling, weights, x.numpy(), c.numpy())
+    flow.log_prob(x, c)  # builds the frozen steps
+    arrays = flow._numpy_plan(x, c).arrays(np.float64)
+    z, logdet, _ = _numba_spline.flow_forward_arrays(arrays, x.numpy(), c.numpy())
     assert z.shape == (3, 2, 10) and logdet.shape == (3, 2)
-    for bad_x, bad_c in ((x[:, :1], c[:, :1]), (x, c[..., :4]), (x[..., :9], c)):
+    for bad_x, bad_c in ((x[:, :1], c[:, :1]), (x, c[..., :4]), (x[..., :9], c), (x, None)):
         with pytest.raises(ValueError, match=r"expected inputs \(B, 2, 10\) and a context \(B, 2, 5\)"):
-            _numba_spline.coupling_forward_arrays(coupling, weights, bad_x.numpy(), bad_c.numpy())
+            _numba_spline.flow_forward_arrays(arrays, bad_x.numpy(), None if bad_c is None else bad_c.numpy())
+    deep = small_flow(1, 10, 0, torch.float64, num_hidden_layers=2)
+    x1 = data(3, 1, 10, 0, torch.float64)[0]
+    deep.log_prob(x1)
+    assert deep._numpy_plan(x1, None).arrays(np.float64) is None
 
 
 @pytest.mark.parametrize("kernels", [False, True])

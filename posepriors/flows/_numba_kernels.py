@@ -18,6 +18,8 @@ from numba import prange
 __all__ = [
     "coupling_backward_serial",
     "coupling_forward_serial",
+    "flow_backward_serial",
+    "flow_forward_serial",
     "prepare_serial",
     "spline_backward",
     "spline_backward_serial",
@@ -577,3 +579,126 @@ def coupling_backward_serial(
                 grad_x[b, g, trans[i]] = flush(gx2[r, i], tiny)
             for c in range(C):
                 grad_ctx[b, g, c] = flush(g_in[k + c], tiny)
+
+
+# ------------------------------------------------------------------------------------------------------- whole flows
+# A frozen flow's steps as a table (``_numba_spline.FlowArrays``): one row of ``meta`` per step, its weights as slices
+# of one flat array ``weights``, its index arrays as slices of ``index``, its spline constants a row of ``settings``
+# (as ``_numba_spline._settings``), and its saved arrays as slices of one flat array per kind, ``rows * (offset ...
+# offset + width)`` for a step's per-row offset and width. Column names:
+AFFINE, KIND, COND_DIMS, TRANS_DIMS, CONTEXT, HIDDEN, WIDTH = 0, 0, 1, 2, 3, 4, 5
+W0, B0, W1, B1, W0T, W1T, COND, TRANS, PRE, X2, RAW, SP = 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17
+MATRIX, OFFSET, LOGDET = 6, 7, 8  # a folded linear map's rows: z = x A + c, its log-determinant per group
+META_COLUMNS = 18
+
+
+@scalar
+def _part(flat, start, rows, width):
+    """The slice of ``flat`` at ``rows * start`` as a C-contiguous (rows, width) array."""
+    return flat[rows * start : rows * (start + width)].reshape(rows, width)
+
+
+@serial
+def flow_forward_serial(x, ctx, meta, settings, weights, index, z, logdet, pre, x2, raw, e, sp):
+    """A frozen flow of folded linear maps and spline couplings (one hidden layer, SiLU) on x (B, G, D) and the
+    context ctx (B, G, C), in the calling thread: z (B, G, D) and the float64 log-determinant (B, G), saving what
+    :func:`flow_backward_serial` needs in pre, x2, raw, e and sp (flat, sized by the wrapper)."""
+    B, G, D = x.shape
+    rows = B * G
+    current, following = x.copy(), np.empty_like(x)
+    logdet[:] = 0.0
+    step_logdet, row_logdet = np.empty((B, G), np.float64), np.empty(rows, np.float64)
+    scratch = np.empty(rows * D, x.dtype)
+    no_context = np.empty((B, G, 0), x.dtype)
+    total = np.empty(D, np.float64)
+    for s in range(meta.shape[0]):
+        if meta[s, KIND] == AFFINE:
+            matrix, offset, ld = meta[s, MATRIX], meta[s, OFFSET], meta[s, LOGDET]
+            for b in range(B):
+                for g in range(G):
+                    for j in range(D):
+                        total[j] = weights[offset + g * D + j]
+                    for i in range(D):
+                        v = current[b, g, i]
+                        row = matrix + (g * D + i) * D
+                        for j in range(D):
+                            total[j] += v * weights[row + j]
+                    for j in range(D):
+                        following[b, g, j] = total[j]
+                    logdet[b, g] += weights[ld + g]
+        else:
+            k, n, C, H, W = meta[s, COND_DIMS], meta[s, TRANS_DIMS], meta[s, CONTEXT], meta[s, HIDDEN], meta[s, WIDTH]
+            K = int(settings[s, 0])
+            coupling_forward_serial(
+                current, ctx if C > 0 else no_context, index[meta[s, COND] : meta[s, COND] + k],
+                index[meta[s, TRANS] : meta[s, TRANS] + n],
+                weights[meta[s, W0] : meta[s, W0] + G * (k + C) * H].reshape(G, k + C, H),
+                weights[meta[s, B0] : meta[s, B0] + G * H].reshape(G, H),
+                weights[meta[s, W1] : meta[s, W1] + G * H * W].reshape(G, H, W),
+                weights[meta[s, B1] : meta[s, B1] + G * W].reshape(G, W),
+                K, settings[s, 1], settings[s, 2], settings[s, 3], settings[s, 4], settings[s, 5], settings[s, 6],
+                settings[s, 7], settings[s, 8], settings[s, 9], following, step_logdet,
+                _part(pre, meta[s, PRE], rows, H), _part(x2, meta[s, X2], rows, n), _part(raw, meta[s, RAW], rows, W),
+                _part(e, meta[s, RAW], rows, W), _part(sp, meta[s, SP], rows, n * (K - 1)),
+                scratch[: rows * n].reshape(rows, n), row_logdet,
+            )  # fmt: skip
+            for b in range(B):
+                for g in range(G):
+                    logdet[b, g] += step_logdet[b, g]
+        current, following = following, current
+    z[:] = current
+
+
+@serial
+def flow_backward_serial(gz, gl, meta, settings, weights, index, pre, x2, raw, e, sp, tiny, grad_x, grad_ctx):
+    """The vector-Jacobian product of :func:`flow_forward_serial` from the gradients w.r.t. z (B, G, D) and the
+    log-determinant (B, G): grad_x (B, G, D) and grad_ctx (B, G, C) (zeros for a flow without context), subnormal
+    entries flushed to zero (``flush``), as the couplings' own backward does."""
+    B, G, D = gz.shape
+    rows, C_flow = B * G, grad_ctx.shape[2]
+    current, following = np.empty_like(gz), np.empty_like(gz)
+    for b in range(B):
+        for g in range(G):
+            for j in range(D):
+                current[b, g, j] = flush(gz[b, g, j], tiny)
+    g_logdet = np.empty(rows, gz.dtype)
+    for b in range(B):
+        for g in range(G):
+            g_logdet[b * G + g] = flush(gl[b, g], tiny)
+    widest = 0
+    for s in range(meta.shape[0]):
+        if meta[s, KIND] != AFFINE:
+            widest = max(widest, meta[s, WIDTH])
+    scratch = np.empty(rows * D, gz.dtype), np.empty(rows * D, gz.dtype), np.empty(rows * widest, gz.dtype)
+    step_ctx, no_context = np.empty((B, G, C_flow), gz.dtype), np.empty((B, G, 0), gz.dtype)
+    grad_ctx[:] = 0.0
+    for s in range(meta.shape[0] - 1, -1, -1):
+        if meta[s, KIND] == AFFINE:  # dx = dz A^T
+            matrix = meta[s, MATRIX]
+            for b in range(B):
+                for g in range(G):
+                    for i in range(D):
+                        row = matrix + (g * D + i) * D
+                        total = 0.0
+                        for j in range(D):
+                            total += current[b, g, j] * weights[row + j]
+                        following[b, g, i] = total
+        else:
+            k, n, C, H, W = meta[s, COND_DIMS], meta[s, TRANS_DIMS], meta[s, CONTEXT], meta[s, HIDDEN], meta[s, WIDTH]
+            K = int(settings[s, 0])
+            coupling_backward_serial(
+                current, g_logdet, index[meta[s, COND] : meta[s, COND] + k],
+                index[meta[s, TRANS] : meta[s, TRANS] + n],
+                weights[meta[s, W0T] : meta[s, W0T] + G * H * (k + C)].reshape(G, H, k + C),
+                weights[meta[s, W1T] : meta[s, W1T] + G * W * H].reshape(G, W, H),
+                K, settings[s, 1], settings[s, 2], settings[s, 3], settings[s, 4], settings[s, 5], settings[s, 6],
+                settings[s, 7], settings[s, 8], settings[s, 9],
+                _part(pre, meta[s, PRE], rows, H), _part(x2, meta[s, X2], rows, n), _part(raw, meta[s, RAW], rows, W),
+                _part(e, meta[s, RAW], rows, W), _part(sp, meta[s, SP], rows, n * (K - 1)), tiny,
+                scratch[0][: rows * n].reshape(rows, n), scratch[1][: rows * n].reshape(rows, n),
+                scratch[2][: rows * W].reshape(rows, W), following, step_ctx if C > 0 else no_context,
+            )  # fmt: skip
+            if C > 0:
+                grad_ctx += step_ctx
+        current, following = following, current
+    grad_x[:] = current

@@ -11,10 +11,10 @@ their tensor ops, and so does a process forked after its parent ran the kernels 
 fork-safe); ``tests/test_numba_spline.py`` checks both give the same numbers (float64 to 1e-9: PyTorch's
 ``softplus`` returns its input above 20, where the kernels' is exact). For the few rows of the NumPy flows of small
 batches (``posepriors.flows._numpy_spline``) the same loops run in the calling thread (:func:`forward_arrays` with
-``parallel=False``), and a coupling whose conditioner has one hidden SiLU layer runs whole, conditioner included, as
-one loop (:func:`coupling_forward_arrays`). Numba loads only once a process has made :data:`LOAD_AFTER` calls that
-could use it (:func:`wanted`), except that an iterative routine (a fit, a MAP projection) decides for its whole loop
-at its start (:func:`one_path`).
+``parallel=False``), and a flow whose every conditioner has one hidden SiLU layer (every shipped flow) runs whole,
+folded linear maps and conditioners included, as one loop forward and one backward (:func:`flow_forward_arrays`).
+Numba loads only once a process has made :data:`LOAD_AFTER` calls that could use it (:func:`wanted`), except that an
+iterative routine (a fit, a MAP projection) decides for its whole loop at its start (:func:`one_path`).
 
 The inverse (latent to data) of a coupling with :data:`SCORING_BINS` bins runs the same way (:func:`score` and
 :func:`score_saving` with ``inverse=True``, the latter for a frozen coupling's autograd node); its backward is the
@@ -51,13 +51,16 @@ __all__ = [
     "LOAD_AFTER",
     "LOAD_AT_VALUES",
     "SCORING_BINS",
-    "CouplingState",
+    "FlowArrays",
+    "FlowState",
     "Saved",
     "ScoringState",
     "available",
     "backward",
     "backward_arrays",
     "forward",
+    "flow_backward_arrays",
+    "flow_forward_arrays",
     "forward_arrays",
     "one_path",
     "plain_cpu",
@@ -412,84 +415,124 @@ def backward_arrays(
     return grad_x, grad_p
 
 
-class CouplingState:
-    """What :func:`coupling_backward_arrays` needs from :func:`coupling_forward_arrays`: the index arrays, the
-    hidden pre-activations, the transformed inputs, the conditioner outputs and what the spline made of them (rows
-    first), and the context width."""
+class FlowArrays:
+    """A frozen flow's NumPy plan (``posepriors.flows._numpy_spline.Plan``) as the table that
+    ``_numba_kernels.flow_forward_serial`` runs in one call: per step a row of ``meta`` (its kind, sizes and where
+    its weights, indices and saved arrays start; the column names are the kernel module's), its spline constants
+    (``settings``), and every weight and index in one flat array each, copied once. ``per_row`` holds the saved
+    arrays' widths per row of (B x G): hidden pre-activations, transformed inputs, conditioner outputs (also their
+    exps), knot-derivative softplus. Built where every coupling has one hidden layer with SiLU (as every shipped flow
+    has: :meth:`build` returns None otherwise)."""
 
-    __slots__ = ("context_features", "cond", "e", "pre", "raw", "sp", "trans", "x2")
+    __slots__ = ("context", "dim", "groups", "index", "meta", "per_row", "settings", "weights")
 
-    def __init__(self, *arrays: np.ndarray, context_features: int) -> None:
-        """``arrays``: cond, trans, pre, x2, raw, e, sp, in this order."""
-        self.cond, self.trans, self.pre, self.x2, self.raw, self.e, self.sp = arrays
-        self.context_features = context_features
+    @classmethod
+    def build(cls, plan: list, dtype: np.dtype) -> FlowArrays | None:
+        from posepriors.flows.couplings import RQSplineCoupling
+
+        couplings = [step[0] for step in plan if isinstance(step[0], RQSplineCoupling)]
+        if (
+            not couplings
+            or any(len(c.conditioner._linears) != 2 or c.conditioner.activation != "silu" for c in couplings)
+            or len({c.context_features for c in couplings} - {0}) > 1
+        ):
+            return None
+        self = cls()
+        names = _kernels()
+        weights: list[np.ndarray] = []
+        indices: list[np.ndarray] = []
+        sizes = [0, 0]  # entries in weights, in indices
+        per_row = {"pre": 0, "x2": 0, "raw": 0, "sp": 0}
+
+        def put(parts: list[np.ndarray], array: np.ndarray, which: int) -> int:
+            start = sizes[which]
+            parts.append(np.ascontiguousarray(array, dtype=dtype if which == 0 else np.int64).reshape(-1))
+            sizes[which] += parts[-1].size
+            return start
+
+        meta = np.zeros((len(plan), names.META_COLUMNS), np.int64)
+        settings = np.zeros((len(plan), 10), np.float64)
+        for s, step in enumerate(plan):
+            if isinstance(step[0], RQSplineCoupling):
+                coupling, ((w0, b0, w0t), (w1, b1, w1t)), _ = step
+                n, K, H, W = coupling.num_transformed, coupling.bins, w0.shape[2], w1.shape[2]
+                row = meta[s]
+                row[names.KIND] = 1
+                row[[names.COND_DIMS, names.TRANS_DIMS, names.CONTEXT, names.HIDDEN, names.WIDTH]] = (
+                    coupling.num_conditioning, n, coupling.context_features, H, W,
+                )  # fmt: skip
+                for column, array in ((names.W0, w0), (names.B0, b0), (names.W1, w1), (names.B1, b1)):
+                    row[column] = put(weights, array, 0)
+                row[names.W0T], row[names.W1T] = put(weights, w0t, 0), put(weights, w1t, 0)
+                row[names.COND] = put(indices, coupling.conditioning_index.cpu().numpy(), 1)
+                row[names.TRANS] = put(indices, coupling.transformed_index.cpu().numpy(), 1)
+                for column, kind, width in (
+                    (names.PRE, "pre", H), (names.X2, "x2", n), (names.RAW, "raw", W), (names.SP, "sp", n * (K - 1))
+                ):  # fmt: skip
+                    row[column] = per_row[kind]
+                    per_row[kind] += width
+                settings[s] = _settings(coupling)
+            else:
+                matrix, offset, logdet, _ = step
+                meta[s, names.KIND] = names.AFFINE
+                meta[s, names.MATRIX] = put(weights, matrix, 0)
+                meta[s, names.OFFSET], meta[s, names.LOGDET] = put(weights, offset, 0), put(weights, logdet, 0)
+        self.meta, self.settings, self.per_row = meta, settings, per_row
+        self.weights, self.index = np.concatenate(weights), np.concatenate(indices)
+        first = next(step for step in plan if isinstance(step[0], RQSplineCoupling))  # stacked: its weights' groups
+        self.groups, self.dim = first[1][0][0].shape[0], couplings[0].dim
+        self.context = max(c.context_features for c in couplings)
+        return self
 
 
-def coupling_fusable(coupling: RQSplineCoupling) -> bool:
-    """Whether :func:`coupling_forward_arrays` covers this coupling: a conditioner with one hidden layer and SiLU
-    (as every shipped flow has)."""
-    return len(coupling.conditioner._linears) == 2 and coupling.conditioner.activation == "silu"
+class FlowState:
+    """What :func:`flow_backward_arrays` needs from :func:`flow_forward_arrays`: the saved arrays, flat."""
+
+    __slots__ = ("e", "pre", "raw", "sp", "x2")
+
+    def __init__(self, pre: np.ndarray, x2: np.ndarray, raw: np.ndarray, e: np.ndarray, sp: np.ndarray) -> None:
+        self.pre, self.x2, self.raw, self.e, self.sp = pre, x2, raw, e, sp
 
 
-def coupling_forward_arrays(
-    coupling: RQSplineCoupling, weights: list, x: np.ndarray, context: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, CouplingState]:
-    """A whole spline coupling (:func:`coupling_fusable`) on a few rows in one loop in the calling thread: ``x``
-    (B, G, D) and ``context`` (B, G, C) or None to the outputs (B, G, D), the float64 log-determinant (B, G) and
-    what :func:`coupling_backward_arrays` needs. ``weights``: per layer (weight (G, in, out), bias (G, out), weight
-    transposed (G, out, in)) as arrays in x's dtype (``posepriors.flows._numpy_spline.coupling_step``)."""
-    (w0, b0, _), (w1, b1, _) = weights
-    x = np.ascontiguousarray(x)
-    B, G, _ = x.shape
-    C = coupling.context_features  # a coupling without context features ignores the flow's context
-    ctx = np.ascontiguousarray(context) if C else np.zeros((B, G, 0), x.dtype)
-    cond, trans = coupling.conditioning_index.numpy(), coupling.transformed_index.numpy()
-    if (
-        x.shape[2] != coupling.dim
-        or ctx.shape != (B, G, C)
-        or w0.shape[:2] != (G, cond.shape[0] + C)
-        or w1.shape[::2] != (G, trans.shape[0] * (3 * coupling.bins - 1))
-    ):  # the loop does not check its indices: a mismatch would read past the arrays
+def flow_forward_arrays(
+    arrays: FlowArrays, x: np.ndarray, context: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, FlowState]:
+    """A whole frozen flow (:class:`FlowArrays`) on a few rows in one loop in the calling thread: ``x`` (B, G, D) and
+    ``context`` (B, G, C) or None to the latent codes (B, G, D), the log-determinant (B, G) in x's dtype (summed in
+    float64) and what :func:`flow_backward_arrays` needs."""
+    B, G, D = x.shape
+    C = arrays.context
+    if (G, D) != (arrays.groups, arrays.dim) or (C and (context is None or context.shape != (B, G, C))):
+        # the loop does not check its indices: a mismatch would read past the arrays
         raise ValueError(
-            f"expected inputs (B, {w0.shape[0]}, {coupling.dim}) and a context (B, {w0.shape[0]}, {C}) for this "
-            f"coupling's conditioner, got {x.shape} and {None if context is None else context.shape}"
+            f"expected inputs (B, {arrays.groups}, {arrays.dim})"
+            + (f" and a context (B, {arrays.groups}, {C})" if C else "")
+            + f" for this flow, got {x.shape}"
+            + (f" and {None if context is None else context.shape}" if C else "")
         )
-    rows, n, width = B * G, trans.shape[0], w1.shape[2]
-    K = coupling.bins
+    rows = B * G
+    ctx = np.ascontiguousarray(context) if C else np.empty((B, G, 0), x.dtype)
     z, logdet = np.empty_like(x), np.empty((B, G), np.float64)
-    pre, x2, raw = (
-        np.empty((rows, w0.shape[2]), x.dtype),
-        np.empty((rows, n), x.dtype),
-        np.empty((rows, width), x.dtype),
+    per_row = arrays.per_row
+    saved = [np.empty(rows * per_row[kind], x.dtype) for kind in ("pre", "x2", "raw", "raw", "sp")]
+    _kernels().flow_forward_serial(
+        np.ascontiguousarray(x), ctx, arrays.meta, arrays.settings, arrays.weights, arrays.index, z, logdet, *saved
     )
-    e, sp = np.empty_like(raw), np.empty((rows, n * (K - 1)), x.dtype)
-    scratch = np.empty((rows, n), x.dtype), np.empty(rows, np.float64)
-    forward_kernel = _kernels().coupling_forward_serial
-    forward_kernel(x, ctx, cond, trans, w0, b0, w1, b1, *_settings(coupling), z, logdet, pre, x2, raw, e, sp, *scratch)
-    return z, logdet, CouplingState(cond, trans, pre, x2, raw, e, sp, context_features=C)
+    return z, logdet.astype(x.dtype), FlowState(*saved)
 
 
-def coupling_backward_arrays(
-    coupling: RQSplineCoupling,
-    weights: list,
-    state: CouplingState,
-    grad_z: np.ndarray,
-    grad_logdet: np.ndarray,
-    tiny: float,
+def flow_backward_arrays(
+    arrays: FlowArrays, state: FlowState, grad_z: np.ndarray, grad_logdet: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The gradients w.r.t. x (B, G, D) and the context (B, G, C), or None without one, of
-    :func:`coupling_forward_arrays`, given those w.r.t. its outputs (B, G, D) and log-determinant (B, G); entries
-    below ``tiny`` (the dtype's smallest normal number) come out as zeros."""
-    (_, _, w0t), (_, _, w1t) = weights
-    pre, x2, raw, C = state.pre, state.x2, state.raw, state.context_features
-    gz = np.ascontiguousarray(grad_z, dtype=pre.dtype)
-    gl = np.ascontiguousarray(grad_logdet, dtype=pre.dtype).reshape(-1)
-    B, G, _ = gz.shape
-    grad_x, grad_ctx = np.empty_like(gz), np.empty((B, G, C), gz.dtype)
-    scratch = np.empty_like(x2), np.empty_like(x2), np.empty_like(raw)
-    backward_kernel = _kernels().coupling_backward_serial
-    backward_kernel(
-        gz, gl, state.cond, state.trans, w0t, w1t, *_settings(coupling), pre, x2, raw, state.e, state.sp, tiny,
-        *scratch, grad_x, grad_ctx,
+    """The gradients w.r.t. x (B, G, D) and the context (B, G, C), or None for a flow without one, of
+    :func:`flow_forward_arrays`, given those w.r.t. its latent codes and log-determinant; entries below the dtype's
+    smallest normal number come out as zeros."""
+    dtype = state.pre.dtype
+    gz = np.ascontiguousarray(grad_z, dtype=dtype)
+    gl = np.ascontiguousarray(grad_logdet, dtype=dtype)
+    grad_x, grad_ctx = np.empty_like(gz), np.empty((*gz.shape[:2], arrays.context), dtype)
+    _kernels().flow_backward_serial(
+        gz, gl, arrays.meta, arrays.settings, arrays.weights, arrays.index, state.pre, state.x2, state.raw, state.e,
+        state.sp, float(np.finfo(dtype).tiny), grad_x, grad_ctx,
     )  # fmt: skip
-    return grad_x, grad_ctx if C else None
+    return grad_x, grad_ctx if arrays.context else None

@@ -169,12 +169,8 @@ def coupling_forward(
 ) -> tuple[np.ndarray, np.ndarray, tuple]:
     """``(z, log |det dz/dx| (B, G), saved)`` of the coupling (with the weights and constants of its
     :func:`coupling_step`) on ``x`` (B, G, D) and ``context`` (B, G, C); ``fused`` (Numba installed and switched
-    on): the conditioner and the spline as one Numba loop where it covers the conditioner
-    (:func:`~posepriors.flows._numba_spline.coupling_fusable`), else the spline alone as the fused kernels; otherwise
-    NumPy ops."""
-    if fused and _numba_spline.coupling_fusable(coupling):  # conditioner and spline in one loop, this thread
-        z, logdet, state = _numba_spline.coupling_forward_arrays(coupling, weights, x, context)
-        return z, logdet.astype(x.dtype), (state, None, weights, constants, None)
+    on): the spline as one Numba loop (the conditioner in NumPy), otherwise NumPy ops. (A flow whose couplings the
+    whole-flow loop covers runs as that loop instead: :func:`flow_forward`.)"""
     x1, x2 = _split(coupling, x)
     h = x1 if not coupling.context_features else np.concatenate([x1, context], -1)
     params, hidden = _mlp_saving(coupling, weights, h)
@@ -229,8 +225,6 @@ def coupling_backward(
     log-determinant (the vector-Jacobian product of :func:`coupling_forward`), which hold no subnormal numbers;
     neither do the results."""
     spline, elements, weights, (scale, _, _, tiny), hidden = saved
-    if isinstance(spline, _numba_spline.CouplingState):  # the whole coupling in one loop
-        return _numba_spline.coupling_backward_arrays(coupling, weights, spline, grad_z, grad_logdet, tiny)
     grad_z1, grad_y = _split(coupling, grad_z)
     if isinstance(spline, _numba_spline.Saved):  # the spline as the fused kernels
         rows = grad_y.size // grad_y.shape[-1]
@@ -297,19 +291,35 @@ def _spline_vjp(
     return grad_x2, _flush_subnormal(grad_params.reshape(*xi.shape[:-1], -1), tiny)
 
 
-Plan = list[tuple[RQSplineCoupling, list, tuple] | tuple[np.ndarray, np.ndarray, np.ndarray, bool]]
-"""A frozen flow's forward steps: :func:`coupling_step` or :func:`affine_arrays` (a folded linear map)."""
+class Plan(list):
+    """A frozen flow's forward steps: :func:`coupling_step` or :func:`affine_arrays` (a folded linear map), in order.
+    With Numba, :meth:`arrays` packs them for the whole-flow loop (once per plan)."""
+
+    _arrays: _numba_spline.FlowArrays | None | bool = False  # False: not built yet
+
+    def arrays(self, dtype: np.dtype) -> _numba_spline.FlowArrays | None:
+        """The steps as one table for ``_numba_spline.flow_forward_arrays``, or None where it does not cover them
+        (a coupling whose conditioner is not one hidden layer with SiLU)."""
+        if self._arrays is False:
+            self._arrays = _numba_spline.FlowArrays.build(self, dtype)
+        return self._arrays
 
 
-def flow_forward(plan: Plan, x: np.ndarray, context: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, list]:
+def flow_forward(plan: Plan, x: np.ndarray, context: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, object]:
     """Run the frozen steps ``plan`` (data to latent) on ``x`` (B, G, D) and ``context`` (B, G, C) or None.
+
+    With Numba (after the first runs of a process: ``_numba_spline.LOAD_AFTER``) a flow whose couplings have one
+    hidden layer with SiLU, as every shipped flow's, runs as one loop in the calling thread
+    (``_numba_kernels.flow_forward_serial``); other flows run step by step, their splines as loops or NumPy ops.
 
     Returns:
         The latent codes (B, G, D), ``log |det dz/dx|`` (B, G) and what :func:`flow_backward` needs.
     """
+    fused = _numba_spline.wanted(x.size)
+    if fused and (arrays := plan.arrays(x.dtype)) is not None:
+        return _numba_spline.flow_forward_arrays(arrays, x, context)
     logdet = np.zeros(x.shape[:2], x.dtype)
     saved = []
-    fused = _numba_spline.wanted(x.size)  # after the first runs of a process (_numba_spline.LOAD_AFTER)
     with np.errstate(all="ignore"):  # np.where evaluates the branch it discards (e.g. the spline beyond its ends)
         for step in plan:
             if isinstance(step[0], RQSplineCoupling):
@@ -327,10 +337,12 @@ def flow_forward(plan: Plan, x: np.ndarray, context: np.ndarray | None) -> tuple
 
 
 def flow_backward(
-    plan: Plan, saved: list, grad_z: np.ndarray, grad_logdet: np.ndarray
+    plan: Plan, saved: object, grad_z: np.ndarray, grad_logdet: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Gradients w.r.t. the input and the context (None without one) of :func:`flow_forward`, given those w.r.t.
     its latent codes and log-determinant."""
+    if isinstance(saved, _numba_spline.FlowState):  # the whole flow in one loop
+        return _numba_spline.flow_backward_arrays(plan.arrays(grad_z.dtype), saved, grad_z, grad_logdet)
     tiny = float(np.finfo(grad_z.dtype).tiny)
     grad, grad_logdet, grad_context = _flush_subnormal(grad_z, tiny), _flush_subnormal(grad_logdet, tiny), None
     with np.errstate(all="ignore"):  # as in flow_forward

@@ -276,7 +276,7 @@ class FlowSequence(nn.Module):
         cached = self.__dict__.get("_numpy_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
-        plan: _numpy_spline.Plan | None = []
+        plan: _numpy_spline.Plan | None = _numpy_spline.Plan()
         for step in steps:
             coupling = getattr(step, "__self__", None)
             if isinstance(step, _FoldedAffine) and step.matrix.dtype == x.dtype and step.matrix.device == x.device:
@@ -488,7 +488,7 @@ def _stacked_plan(plans: list[_numpy_spline.Plan]) -> _numpy_spline.Plan | None:
     for members, stacked in _STACKED:
         if len(members) == len(plans) and all(a is b for a, b in zip(members, plans, strict=True)):
             return stacked
-    stacked: _numpy_spline.Plan | None = [] if len({len(plan) for plan in plans}) == 1 else None
+    stacked: _numpy_spline.Plan | None = _numpy_spline.Plan() if len({len(plan) for plan in plans}) == 1 else None
     for steps in zip(*plans, strict=True) if stacked is not None else ():
         couplings = [step[0] for step in steps if isinstance(step[0], RQSplineCoupling)]
         if not couplings:  # folded linear maps: (1, D, D), (1, D), (1,) each

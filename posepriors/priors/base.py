@@ -899,9 +899,20 @@ class PosePrior(nn.Module, ABC):
         return log_prob
 
     def _body_dims(self) -> Tensor:
-        """The body joints' coordinates among the prior's flattened coordinates, (63,) long."""
+        """The body joints' coordinates among the prior's flattened coordinates, (63,) long (the same tensor while
+        ``body_index`` is unchanged: the broad component caches its coefficients per tensor)."""
         body = self.body_index
-        return (body[:, None] * 3 + torch.arange(3, device=body.device)).flatten()
+        try:
+            version = body._version
+        except RuntimeError:  # an inference tensor has no version counter: not cached
+            version = None
+        cached = self.__dict__.get("_body_dims_cache")
+        if version is not None and cached is not None and cached[0] is body and cached[1] == version:
+            return cached[2]
+        dims = (body[:, None] * 3 + torch.arange(3, device=body.device)).flatten()
+        if version is not None:
+            self.__dict__["_body_dims_cache"] = (body, version, dims)
+        return dims
 
     def _denoise_tweedie(
         self, x: Tensor, mask: Tensor | None, noise_std: float, ctx: Mapping[str, Tensor], adaptive: bool = False
