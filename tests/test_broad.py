@@ -305,3 +305,34 @@ def test_posepriors_attach_never_writes_over_a_model_and_errors_in_one_line(tmp_
         assert stderr.startswith("posepriors-attach: error: ") and says in stderr, stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or lost
     assert not (tmp_path / "a").exists()  # the folders a failed attach made are gone
+
+
+def test_a_gmm_with_a_broad_component_completes_and_draws_from_the_mixtures_conditional():
+    """``hands`` (a Gaussian mixed with a broad component): a flat right hand is far more likely under the broad
+    part, so the left hand's conditional is nearly the broad part's. complete(), the fast project's completion and
+    conditional draws follow the exact mixture, as the MAP denoiser does at a vanishing noise (before, they used the
+    Gaussian's conditional alone: 0.63 rad away)."""
+    prior = posepriors.load("hands")
+    flat = {"right_hand_pose": torch.zeros(1, 45)}
+    completed = prior.complete(flat)
+    limit = prior.project(flat, noise_std=1e-5)
+    torch.testing.assert_close(completed[0, :15], limit[0, :15], atol=1e-3, rtol=0)
+    assert torch.equal(completed[0, 15:], torch.zeros(15, 3))  # observed joints kept exactly
+    gaussian_only = prior._posterior_mean(*prior._prepare(flat, None)[:2], 0.0)
+    assert (gaussian_only[0, :15] - completed[0, :15]).abs().max() > 0.3
+    draws = prior.sample(4000, generator=torch.Generator().manual_seed(0), observed=flat)
+    assert torch.equal(draws[:, 0, 15:], torch.zeros(4000, 15, 3))
+    torch.testing.assert_close(draws[:, 0, :15].mean(0), completed[0, :15], atol=0.05, rtol=0)
+    # the fast projection completes with the mixture too (its clamped right hand is no longer flat)
+    projected = prior.project(flat)
+    assert torch.equal(projected, prior.complete(projected, skeleton_mask(prior)))
+    # at temperature 0 the draws are the Gaussians' deterministic conditional mean (the broad weight tempers to 0)
+    cold = prior.sample(2, generator=torch.Generator().manual_seed(1), temperature=0.0, observed=flat)
+    torch.testing.assert_close(cold[0, 0], gaussian_only[0], atol=1e-6, rtol=0)
+
+
+def skeleton_mask(prior) -> torch.Tensor:
+    """The mask of ``hands``' 30 joints that observes the right hand only."""
+    mask = torch.zeros(prior.num_joints, dtype=torch.bool)
+    mask[15:] = True
+    return mask

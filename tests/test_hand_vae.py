@@ -111,3 +111,46 @@ def test_encode_decode_and_to_smplx_check_their_arguments():
         with pytest.raises(error, match=match):
             call()
     assert prior.to_smplx(synthetic_poses(2, prior.joints).numpy()).shape == (2, 55, 3)
+
+
+@pytest.mark.parametrize("name", ["hand_vae", "hand_vae_so3"])
+def test_conditional_draws_of_a_hidden_hand_are_its_marginal_and_a_partial_hand_is_resampled(name):
+    """The VAE's hands are independent, so a hidden hand given the other one is drawn from the latent prior: its
+    draws spread like unconditional draws (before: the encoder's posterior of the hand filled in at the data mean,
+    0.04 rad against 0.25). A partly observed hand's latent is drawn by importance resampling: its draws differ,
+    keep the observed joints, and are reproducible with a generator."""
+    import posepriors
+
+    prior = posepriors.load(name)
+    g = torch.Generator().manual_seed(0)
+    free = prior.sample(400, generator=g)[:, :15].std(0).mean()
+    right = prior.sample(1, generator=g)[0, 15:].reshape(1, 45)
+    hidden = prior.sample(400, generator=g, observed={"right_hand_pose": right})[:, 0, :15].std(0).mean()
+    assert 0.8 < float(hidden / free) < 1.25
+    cold = prior.sample(2, temperature=0.0, observed={"right_hand_pose": right})[0, 0, :15]
+    torch.testing.assert_close(cold, prior.sample(1, temperature=0.0)[0, :15])  # the latent zero's hand
+    pose = prior.sample(3, generator=g)
+    mask = torch.ones(prior.num_joints, dtype=torch.bool)
+    mask[27:30] = False  # the right thumb
+    draws = [prior.sample(16, generator=torch.Generator().manual_seed(1), observed=pose, mask=mask) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(draws[0][:, :, mask], pose[:, mask].expand(16, -1, -1, -1))
+    assert draws[0][:, :, ~mask].std(0).mean() > 1e-3
+
+
+def test_reconstruction_error_reads_any_pose_input_and_encode_refuses_non_finite_hands():
+    """reconstruction_error takes what log_prob takes (a dict, the prior's own joints) and names what is missing;
+    encode and decode refuse NaN (before: NaN codes and poses came out silently)."""
+    import posepriors
+
+    prior = posepriors.load("hand_vae")
+    pose = prior.sample(4, generator=torch.Generator().manual_seed(0))
+    own = prior.reconstruction_error(pose)
+    as_dict = prior.reconstruction_error({"left_hand_pose": pose[:, :15], "right_hand_pose": pose[:, 15:]})
+    torch.testing.assert_close(own, as_dict)
+    with pytest.raises(ValueError, match="reconstruction_error needs every joint"):
+        prior.reconstruction_error({"right_hand_pose": pose[:, 15:]})
+    with pytest.raises(ValueError, match="expected finite right-hand poses"):
+        prior.encode(torch.full((1, 15, 3), float("nan")))
+    with pytest.raises(ValueError, match="expected finite"):
+        prior.decode(torch.full((1, prior.config.z_dim), float("nan")))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors import skeleton
-from posepriors.priors.base import PoseInput, PosePrior, PriorConfig
+from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, tempered_weight
 from posepriors.priors.draws import categorical, rand, randn
 from posepriors.utils import LOG_2PI, cast_back, float64_device, floor_eigenvalues, to_float64
 
@@ -370,7 +370,10 @@ class GMMPrior(PosePrior):
 
         Per component the conditional mean is ``mu_m + S_mo S_oo^-1 (x_o - mu_o)``; with several components they
         are weighted by the components' responsibilities ``p(k | x_o)`` (the posterior mean of the missing joints,
-        which minimises the expected squared error; the most responsible component alone would not).
+        which minimises the expected squared error; the most responsible component alone would not). With a broad
+        component (``hands``), the exact mixture's: the broad component's mean of the missing coordinates takes its
+        posterior share ``w b(x_o) / p(x_o)``, which is nearly all of it for observed joints the Gaussians find
+        implausible (a flat hand).
 
         Args:
             pose: As in :meth:`log_prob`.
@@ -381,7 +384,7 @@ class GMMPrior(PosePrior):
             Completed poses in the prior's joint order, shape (*, J, 3).
         """
         x, m, batch_shape = self._prepare(pose, mask, layout)
-        out = x.clone() if m is None else self._posterior_mean(x, m, 0.0)
+        out = x.clone() if m is None else self._mixed_mean(x, m, 0.0)
         return out.reshape(*batch_shape, self.num_joints, 3)
 
     def _posterior_mean(self, x: Tensor, mask: Tensor | None, noise_var: float) -> Tensor:
@@ -409,9 +412,14 @@ class GMMPrior(PosePrior):
 
     def _map_project(self, x: Tensor, mask: Tensor | None, noise_std: float) -> Tensor:
         """Closed-form posterior mean under N(0, noise_std^2) noise on the observed joints (the Wiener filter for
-        one component, then also the MAP); missing joints take their posterior mean. With a broad component, the
-        exact mixture's: the two parts' posterior means weighted by their posterior probabilities (each part's
-        density of the noisy observed coordinates, times its weight)."""
+        one component, then also the MAP); missing joints take their posterior mean (:meth:`_mixed_mean`)."""
+        return self._mixed_mean(x, mask, noise_std)
+
+    def _mixed_mean(self, x: Tensor, mask: Tensor | None, noise_std: float) -> Tensor:
+        """The posterior mean (B, J, 3) of poses given their observed joints plus N(0, noise_std^2) noise (0: exact
+        observations, kept as they are). With a broad component, the exact mixture's: the two parts' posterior
+        means weighted by their posterior probabilities (each part's density of the observed coordinates, times its
+        weight; the broad part's mean of a free coordinate is its own mean)."""
         if self.broad is None:
             return self._posterior_mean(x, mask, noise_std**2)
         est, log_z = self._posterior_mean_and_evidence(x, mask, noise_std**2)
@@ -419,18 +427,30 @@ class GMMPrior(PosePrior):
         flat = x.reshape(B, self.dim)
         observed = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.repeat_interleave(3, dim=-1)
         broad = self.broad
-        moved, _ = broad.posterior_mean(flat, noise_std=noise_std)
+        moved = broad.posterior_mean(flat, noise_std=noise_std)[0] if noise_std > 0 else flat
         prior_mean = (torch.softmax(broad.log_weights, 0) * broad.means).sum(0)  # the free coordinates
-        broad_est = torch.where(observed, moved, prior_mean)
-        w = self.config.broad_weight
-        log_zb = to_float64(broad.log_prob(flat, observed, noise_std=noise_std))
-        share = cast_back(torch.sigmoid(log_zb + math.log(w) - log_z - math.log1p(-w)), x)  # (B,)
+        broad_est = torch.where(observed, moved, prior_mean.to(flat.dtype))
+        share = cast_back(self._broad_share(flat, observed, log_z, self.config.broad_weight, noise_std), x)
         mixed = est.reshape(B, self.dim) + share[:, None] * (broad_est - est.reshape(B, self.dim))
+        if noise_std == 0:
+            mixed = torch.where(observed, flat, mixed)  # exact, not up to round-off
         return mixed.reshape(B, self.num_joints, 3)
+
+    def _broad_share(self, flat: Tensor, observed: Tensor, log_z: Tensor, weight: float, noise_std: float) -> Tensor:
+        """The posterior probability (B,) that the broad component (of mixture weight ``weight``) generated the
+        observed coordinates of ``flat`` (B, D) (plus N(0, noise_std^2) noise), given the Gaussians' log-density
+        ``log_z`` (B,) of them; float64."""
+        if weight <= 0:
+            return torch.zeros_like(log_z)
+        if weight >= 1:
+            return torch.ones_like(log_z)
+        log_zb = to_float64(self.broad.log_prob(flat, observed, noise_std=noise_std)).to(log_z.device)
+        return torch.sigmoid(log_zb + math.log(weight) - log_z - math.log1p(-weight))
 
     def _project(self, x: Tensor, mask: Tensor | None, max_sigma: float = 2.0) -> Tensor:
         """Clamp the observed joints to ``max_sigma`` standard deviations along the principal axes of the most
-        responsible component's marginal; missing joints take their conditional mean given the clamped ones."""
+        responsible component's marginal; missing joints take their conditional mean given the clamped ones (the
+        mixture's, with a broad component: :meth:`_mixed_mean`)."""
         if not max_sigma >= 0:
             raise ValueError(f"expected max_sigma >= 0, got {max_sigma}")
         B = x.shape[0]
@@ -453,7 +473,7 @@ class GMMPrior(PosePrior):
         clamped = clamped.reshape(B, self.num_joints, 3)
         if bool(mask.all()):
             return clamped
-        return self._posterior_mean(clamped, mask, 0.0)
+        return self._mixed_mean(clamped, mask, 0.0)
 
     # ------------------------------------------------------------------ sampling
     def _sample(
@@ -477,12 +497,14 @@ class GMMPrior(PosePrior):
         u = rand((n, B), generator, device)  # all draws up front: independent of the order of the patterns
         eps = randn((n, B, self.dim), generator=generator, device=device, dtype=torch.float64)
         out = flat.expand(n, B, self.dim).clone()
+        log_z = torch.zeros(B, dtype=torch.float64, device=device)  # the Gaussians' density of the observed part
         for rows, dims in self._patterns(mask.to(device)):
             missing = torch.ones(self.dim, dtype=torch.bool, device=device)
             missing[dims] = False
             if not bool(missing.any()):
                 continue
             post = _Posterior(mean, cov, log_w, flat[rows][:, dims], dims, 0.0)
+            log_z[rows] = torch.logsumexp(post.log_joint, -1)
             k = categorical(torch.softmax(post.log_joint, -1), None, u[:, rows])  # (n, b)
             cond_mean = post.mean()[torch.arange(k.shape[1], device=device), k][..., missing]  # (n, b, m)
             tril = torch.linalg.cholesky(post.missing_covariance(missing))  # (K, m, m)
@@ -490,6 +512,13 @@ class GMMPrior(PosePrior):
             block = out[:, rows]
             block[..., missing] = cond_mean + temperature * noise
             out[:, rows] = block
+        weight = tempered_weight(self.config.broad_weight, temperature) if self.broad is not None else 0.0
+        if weight > 0:  # the mixture's conditional: a draw is the broad component's with its posterior share
+            observed_dims = mask.to(device).repeat_interleave(3, dim=-1)
+            share = self._broad_share(flat, observed_dims, log_z, weight, 0.0)  # (B,)
+            pick = rand((n, B), generator, device) < share  # drawn after the Gaussians' draws
+            broad = to_float64(self.broad.sample(n * B, generator, temperature)).to(device).reshape(n, B, self.dim)
+            out = torch.where(pick[..., None] & ~observed_dims, broad, out)  # its coordinates are independent
         return cast_back(out, self.means).reshape(n, B, self.num_joints, 3)
 
 

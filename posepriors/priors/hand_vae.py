@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from posepriors import skeleton
 from posepriors.grouped import GroupedMLP
 from posepriors.priors.base import (
+    PoseInput,
     PosePrior,
     PriorConfig,
     _adam_argmin,
@@ -44,7 +45,7 @@ from posepriors.priors.base import (
     select_rows,
     split_batch,
 )
-from posepriors.priors.draws import randn
+from posepriors.priors.draws import categorical, randn
 from posepriors.rotations import (
     axis_angle_geodesic,
     axis_angle_to_matrix,
@@ -242,6 +243,8 @@ class HandVAE(PosePrior):
         if value.dim() < len(tail) or tuple(value.shape[value.dim() - len(tail) :]) != tail:
             shape = ", ".join(["*", *map(str, tail)])
             raise ValueError(f"expected {what} of shape ({shape}), got {tuple(value.shape)}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"expected finite {what}, got NaN or Inf")
         return value.to(self.dtype)
 
     def _head(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -402,9 +405,16 @@ class HandVAE(PosePrior):
         return -self._bound(pose, None, self.config.val_iwae_samples, None, fixed=True)
 
     @torch.no_grad()
-    def reconstruction_error(self, pose: Tensor) -> Tensor:
-        """Mean geodesic error (degrees) of encode -> decoder mean, over joints and poses of (B, J, 3)."""
-        hands, _ = self._split_hands(pose, None)
+    def reconstruction_error(self, pose: PoseInput) -> Tensor:
+        """Mean geodesic error (degrees) of encode -> decoder mean, over the joints of every hand of the poses (any
+        supported input with both hands of the prior, as in :meth:`log_prob`)."""
+        x, observed, *_ = self._prepare_full(pose, None)
+        if observed is not None:
+            raise ValueError(
+                f"reconstruction_error needs every joint of the prior ({self.num_joints} joints: "
+                f"{skeleton.describe_joints(self.joints)}); the input lacks some of them"
+            )
+        hands, _ = self._split_hands(x, None)
         recon = self.decode(self.encode(hands).mean).pose
         return torch.rad2deg(axis_angle_geodesic(recon, hands)).mean()
 
@@ -432,7 +442,10 @@ class HandVAE(PosePrior):
         observed: Tensor | None,
         mask: Tensor | None,
     ) -> Tensor:
-        """Decoder means of latent samples; with observations, latents come from the encoder's posterior."""
+        """Decoder means of latent samples. With observations, per hand: a hand with no observed joint from the
+        latent prior (the hands are independent: its conditional is its marginal); a partly observed hand by
+        importance resampling (:meth:`_resampled_latents`); at temperature 0, the encoder's mean (a hidden hand:
+        the latent zero)."""
         device, dtype = self.pose_mean.device, self.pose_mean.dtype
         Z, H = self.config.z_dim, len(self.hands)
         if observed is None:
@@ -441,12 +454,51 @@ class HandVAE(PosePrior):
             return self._merge_hands(right, n)
         B = observed.shape[0]
         hands, hand_mask = self._split_hands(observed, mask)
+        hidden = ~hand_mask.any(-1)  # (H*B,) hands with no observed joint
         enc = self.encode(hands, hand_mask)
-        eps = randn((n, H * B, Z), generator=generator, device=device, dtype=dtype)
-        z = enc.mean + temperature * (0.5 * enc.log_var).exp() * eps  # (n, H*B, Z)
+        if temperature == 0:
+            z = torch.where(hidden[:, None], 0.0, enc.mean).expand(n, -1, -1)
+        else:
+            z = self._resampled_latents(hands, hand_mask, enc, n, temperature, generator)
+            prior = temperature * randn(z.shape, generator=generator, device=device, dtype=dtype)
+            z = torch.where(hidden[:, None], prior, z)
         right = self.decode(z).pose  # (n, H*B, 15, 3)
-        out = torch.stack([self._merge_hands(right[i], B) for i in range(n)])
-        return out
+        return torch.stack([self._merge_hands(right[i], B) for i in range(n)])
+
+    CONDITIONAL_PROPOSALS = 256
+    """Proposals per hand of :meth:`_resampled_latents`."""
+
+    def _resampled_latents(
+        self,
+        hands: Tensor,
+        mask: Tensor,
+        enc: HandEncoding,
+        n: int,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """n latent draws (n, B, z_dim) per hand of ``hands`` (B, 15, 3) from the model's conditional given its
+        observed joints ``mask`` (B, 15), ``p(z | x_o) ~ p(x_o | z) N(z; 0, I)`` raised to ``1 / temperature^2``, by
+        importance resampling: :attr:`CONDITIONAL_PROPOSALS` proposals per hand, half from the latent prior and half
+        from the encoder's posterior with its std doubled (both scaled by the temperature; the encoder alone, whose
+        posterior given the hand filled in at the data mean is far too narrow, drew nearly the same hand every time),
+        weighted by the target over the two halves' mixture density."""
+        M, (B, Z) = self.CONDITIONAL_PROPOSALS, enc.mean.shape
+        device, dtype = enc.mean.device, enc.mean.dtype
+        eps = randn((M, B, Z), generator=generator, device=device, dtype=dtype)
+        std = 2 * temperature * (0.5 * enc.log_var).exp()
+        half = M // 2
+        z = torch.cat([temperature * eps[:half], enc.mean + std * eps[half:]])  # (M, B, Z)
+
+        def log_normal(v: Tensor, mean: Tensor | float, scale: Tensor | float) -> Tensor:
+            scale = torch.as_tensor(scale, dtype=dtype, device=device)
+            return (-0.5 * ((v - mean) / scale).square() - scale.log() - 0.5 * LOG_2PI).sum(-1)
+
+        log_q = torch.logaddexp(log_normal(z, 0.0, temperature), log_normal(z, enc.mean, std)) - math.log(2)
+        log_target = (self._log_likelihood(hands, z, mask) - 0.5 * z.square().sum(-1)) / temperature**2
+        probs = torch.softmax(log_target - log_q, dim=0).T  # (B, M)
+        pick = categorical(probs.repeat(n, 1), generator).reshape(n, B)
+        return z[pick, torch.arange(B, device=device)]
 
     def _fit_latent(self, hands: Tensor, mask: Tensor | None, steps: int, lr: float, noise_std: float = 0.0) -> Tensor:
         """The latent code maximising ``log p(observed | z) + log p(z)`` (Adam from the encoder mean), (B, z_dim).
