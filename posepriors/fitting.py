@@ -66,6 +66,7 @@ from posepriors.flows import _numba_spline
 from posepriors.kinematics import _joint_positions, rest_offsets
 from posepriors.priors.base import PosePrior, _check_generator
 from posepriors.rotations import wrap_axis_angle
+from posepriors.utils import from_numpy
 
 __all__ = ["BODY_KEYPOINTS", "FitResult", "body_keypoints", "fit_keypoints"]
 
@@ -401,7 +402,7 @@ def _check_visible(
     if visible is None:
         return torch.ones(batch, BODY_KEYPOINTS, device=device, dtype=dtype)
     if isinstance(visible, np.ndarray):
-        visible = torch.from_numpy(visible)
+        visible = from_numpy(visible)
     if not isinstance(visible, Tensor):
         raise TypeError(
             f"expected visible as a boolean mask or float confidences (torch.Tensor or NumPy array), got "
@@ -432,7 +433,7 @@ def _check_weight(
 ) -> Tensor:
     """``weight`` as a (B,) tensor of finite values >= 0."""
     if isinstance(weight, np.ndarray):
-        weight = torch.from_numpy(weight)
+        weight = from_numpy(weight)
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real | Tensor):
         raise TypeError(
             f"expected weight to be a number or a tensor (or NumPy array) of shape (*,), got {type(weight).__name__}"

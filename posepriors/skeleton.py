@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from posepriors.utils import from_numpy
+
 __all__ = [
     "DICT_KEYS",
     "LAYOUTS",
@@ -253,7 +255,7 @@ def pose_mapping(pose: Any) -> Mapping[str, Any] | None:
 def as_float_tensor(pose: Any, what: str) -> Tensor:
     """``pose``, a floating-point tensor or NumPy array, as a tensor; else a ``TypeError`` naming ``what``."""
     if isinstance(pose, np.ndarray):
-        pose = torch.from_numpy(pose)
+        pose = from_numpy(pose)
     if not isinstance(pose, Tensor):
         raise TypeError(f"expected {what} as a tensor or numpy array, got {type(pose).__name__}")
     if not pose.is_floating_point():

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "atomic_write",
     "floor_eigenvalues",
     "folder_lock",
+    "from_numpy",
     "recorded_vjp",
     "resolve_device",
     "sha256_file",
@@ -29,6 +31,15 @@ __all__ = [
 
 LOG_2PI = math.log(2 * math.pi)
 """``log(2 pi)``, the constant of every Gaussian log-density."""
+
+
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` for any array a user may pass: sharing its memory where PyTorch can, a copy where it
+    cannot (negative strides, as of a reversed clip ``poses[::-1]``, which ``torch.from_numpy`` refuses; read-only
+    memory, on which it warns)."""
+    if not array.flags.writeable or any(stride < 0 for stride in array.strides):
+        array = np.array(array)  # a writable copy in C order
+    return torch.from_numpy(array)
 
 
 def float64_device(device: torch.device) -> torch.device:

@@ -336,3 +336,24 @@ def test_a_mask_of_another_batch_is_named_in_the_shape_it_was_given():
     prior = GaussianPrior(GaussianConfig(joints="body+left_hand+right_hand"))
     with pytest.raises(ValueError, match=r"broadcasts to the pose batch shape \(3,\) .*got shape \(2, 55\)"):
         prior.log_prob(torch.zeros(3, 55, 3), torch.ones(2, 55, dtype=torch.bool))
+
+
+def test_reversed_and_read_only_numpy_inputs_are_read_like_any_array():
+    """A reversed clip (``poses[::-1]``: negative strides, which ``torch.from_numpy`` refuses) and read-only arrays
+    (which it warns about) are read as copies: the same numbers as the array itself, no error, no warning."""
+    import warnings
+
+    import numpy as np
+
+    prior = posepriors.load("gaussian")
+    poses = np.random.default_rng(0).normal(scale=0.2, size=(4, 21, 3)).astype(np.float32)
+    expected = prior.log_prob(poses)
+    frozen = poses.copy()
+    frozen.setflags(write=False)
+    mask = np.ones(55, dtype=bool)
+    mask.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(prior.log_prob(poses[::-1]), expected.flip(0))
+        torch.testing.assert_close(prior.log_prob(frozen, mask), expected)
+        torch.testing.assert_close(prior.log_prob({"body_pose": frozen[::-1].reshape(4, 63)}), expected.flip(0))

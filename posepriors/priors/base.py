@@ -44,7 +44,7 @@ from posepriors.priors.draws import rand
 from posepriors.priors.energy import BodyGaussian
 from posepriors.priors.smoothed import BODY, SmoothedBody
 from posepriors.rotations import LOG_SO3_VOLUME, exp_map_log_abs_det
-from posepriors.utils import in_transform
+from posepriors.utils import from_numpy, in_transform
 
 __all__ = [
     "MODEL_TYPES",
@@ -852,7 +852,7 @@ class PosePrior(nn.Module, ABC):
         noise_std = _check_noise_std(noise_std)
         m = None
         if mask is not None:
-            mask = torch.from_numpy(mask) if isinstance(mask, np.ndarray) else mask
+            mask = from_numpy(mask) if isinstance(mask, np.ndarray) else mask
             shape = mask.shape[:-1] if isinstance(mask, Tensor) and mask.dim() else torch.Size()
             m = self._prepare_mask(mask, shape, math.prod(shape))
         return self._estimator(noise_std, m)[0]
@@ -1359,7 +1359,7 @@ class PosePrior(nn.Module, ABC):
         """
         J = self.num_joints
         if isinstance(pose, np.ndarray):
-            pose = torch.from_numpy(pose)
+            pose = from_numpy(pose)
         own = self._own_order(pose, layout) if isinstance(pose, Tensor) else None
         if own is not None:
             x, observed = own, None
@@ -1405,7 +1405,7 @@ class PosePrior(nn.Module, ABC):
 
     def _prepare_mask(self, mask: Tensor | np.ndarray, batch_shape: torch.Size, batch: int) -> Tensor:
         if isinstance(mask, np.ndarray):
-            mask = torch.from_numpy(mask)
+            mask = from_numpy(mask)
         if not isinstance(mask, Tensor):
             raise TypeError(f"expected a boolean mask tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
