@@ -23,6 +23,7 @@ from torch import Tensor
 
 from posepriors import skeleton
 from posepriors.rotations import wrap_axis_angle
+from posepriors.utils import from_numpy
 
 __all__ = ["ACCEPTED_KEYS", "PoseData", "load_poses"]
 
@@ -410,13 +411,13 @@ def _load_file(file: Path, root: Path, fps: float | None) -> tuple[PoseData, int
                 )
             if fps is not None and rate is not None and rate > fps:
                 step = max(1, round(rate / fps))
-            pose55, observed = skeleton.to_smplx(torch.from_numpy(poses[::step]), layout=layout)
+            pose55, observed = skeleton.to_smplx(from_numpy(poses[::step]), layout=layout)
             constant = _uncaptured_parts(pose55, observed) if amass else []
             seq_names, seq = [name], torch.zeros(len(pose55), dtype=torch.long)
             labels: dict[str, np.ndarray] = {}
             rejected: dict[str, str] = {}
         elif keys & set(skeleton.DICT_KEYS):
-            parts = {key: torch.from_numpy(_pose_array(npz, key, file)) for key in skeleton.DICT_KEYS if key in keys}
+            parts = {key: from_numpy(_pose_array(npz, key, file)) for key in skeleton.DICT_KEYS if key in keys}
             for key in skeleton.unknown_pose_keys(keys):
                 if _read_array(npz, key, file).dtype.kind == "f":  # rotations, not a label
                     raise ValueError(

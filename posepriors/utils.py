@@ -35,8 +35,10 @@ LOG_2PI = math.log(2 * math.pi)
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy`` for any array a user may pass: sharing its memory where PyTorch can, a copy where it
-    cannot (negative strides, as of a reversed clip ``poses[::-1]``, which ``torch.from_numpy`` refuses; read-only
-    memory, on which it warns)."""
+    cannot (negative strides, as of a reversed clip ``poses[::-1]``, and big-endian data, which ``torch.from_numpy``
+    refuses; read-only memory, on which it warns)."""
+    if not array.dtype.isnative:  # big-endian data, as some files hold it
+        array = array.astype(array.dtype.newbyteorder("="))
     if not array.flags.writeable or any(stride < 0 for stride in array.strides):
         array = np.array(array)  # a writable copy in C order
     return torch.from_numpy(array)

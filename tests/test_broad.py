@@ -114,6 +114,14 @@ def test_marginal_mixture_coefficients_follow_changes_of_the_buffers_and_dims():
         frozen = MarginalMixture(4, 2).double()
         frozen.load_state_dict(mix.state_dict())
         torch.testing.assert_close(frozen.log_prob(x), fresh(x), rtol=0, atol=0)
+    # a call in inference mode caches nothing a later gradient call would trip on (inference tensors)
+    prior = posepriors.load("global_flow")
+    pose = torch.zeros(2, prior.num_joints, 3) + 0.05
+    with torch.inference_mode():
+        prior.log_prob(pose)
+        prior.energy(pose)
+    for method in (prior.log_prob, prior.energy):
+        method(pose.clone().requires_grad_(True)).sum().backward()
 
 
 def _with_broad(prior: GaussianPrior, weight: float = 0.2) -> GaussianPrior:

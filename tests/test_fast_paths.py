@@ -493,3 +493,33 @@ def _perturbed_flow_prior():
     from tests.families import make
 
     return perturb(make("global_flow"), scale=3.0).eval().requires_grad_(False)  # splines far from the identity
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["numpy_ops", "whole_flow_loop"])
+def test_a_linear_map_shared_by_the_groups_is_applied_to_every_group(kernels, monkeypatch):
+    """A permutation alone folds to one map for all groups: the NumPy path applies it to every group (before: the
+    NumPy ops ran group 0 alone, and the whole-flow loop read past the map for the others). Values and input
+    gradients equal the flow run block by block."""
+    if kernels and not _numba_spline.available():
+        pytest.skip("Numba is not installed (pip install 'posepriors[fast]'): no fused spline kernels")
+    from posepriors.flows import FlowSequence
+    from posepriors.flows.couplings import RQSplineCoupling
+    from posepriors.flows.linear import Permutation
+
+    monkeypatch.setattr(_numba_spline, "ENABLED", kernels)
+    monkeypatch.setattr(_numba_spline, "LOAD_AFTER", 0)
+    coupling = RQSplineCoupling(8, 6, torch.arange(6) < 3, 8, 1, 0, 4, 3.0, "silu")
+    flow = perturb(FlowSequence([coupling, Permutation(6, seed=1)], 8, 6), 0.3, seed=2).double().eval()
+    flow.requires_grad_(False)
+    calls = numpy_calls(monkeypatch)
+    x = data(2, 8, 6, 0, torch.float64)[0].requires_grad_(True)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        z, logdet = flow(x)
+        return z, logdet, *torch.autograd.grad(z.sin().sum() + logdet.sum(), x)
+
+    fast = run()
+    assert calls == [2]
+    flow.requires_grad_(True)  # block by block
+    for got, want in zip(fast, run(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

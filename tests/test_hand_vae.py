@@ -99,6 +99,11 @@ def test_encode_decode_and_to_smplx_check_their_arguments():
             prior.encode(hand, torch.ones(2, 15, dtype=torch.bool)).mean,
         )
         assert prior.decode(torch.zeros(3, 4, dtype=torch.float64)).pose.dtype == torch.float32
+        # any batch shape, as decode takes (before: (*, 15, 3) in one message and (B, 15, 3) in the next)
+        batched = prior.encode(hand.reshape(1, 2, 15, 3), torch.ones(1, 2, 15, dtype=torch.bool))
+        assert batched.mean.shape == (1, 2, 4)
+        torch.testing.assert_close(batched.mean[0], prior.encode(hand).mean)
+        assert prior.encode(hand[0]).mean.shape == (4,)
     for call, error, match in [
         (lambda: prior.encode(hand.long()), TypeError, "right-hand poses as floating-point values"),
         (lambda: prior.encode(hand[:, :14]), ValueError, r"shape \(\*, 15, 3\), got \(2, 14, 3\)"),
@@ -117,8 +122,8 @@ def test_encode_decode_and_to_smplx_check_their_arguments():
 def test_conditional_draws_of_a_hidden_hand_are_its_marginal_and_a_partial_hand_is_resampled(name):
     """The VAE's hands are independent, so a hidden hand given the other one is drawn from the latent prior: its
     draws spread like unconditional draws (before: the encoder's posterior of the hand filled in at the data mean,
-    0.04 rad against 0.25). A partly observed hand's latent is drawn by importance resampling: its draws differ,
-    keep the observed joints, and are reproducible with a generator."""
+    0.04 rad against 0.25). A partly observed hand's latent is drawn by importance resampling: its draws are all
+    distinct, keep the observed joints, and are reproducible with a generator."""
     import posepriors
 
     prior = posepriors.load(name)
@@ -136,6 +141,8 @@ def test_conditional_draws_of_a_hidden_hand_are_its_marginal_and_a_partial_hand_
     assert torch.equal(draws[0], draws[1])
     assert torch.equal(draws[0][:, :, mask], pose[:, mask].expand(16, -1, -1, -1))
     assert draws[0][:, :, ~mask].std(0).mean() > 1e-3
+    distinct = torch.unique(draws[0][:, 0, ~mask].reshape(16, -1), dim=0).shape[0]
+    assert distinct == 16  # fresh proposals per draw (shared ones repeated a few of them)
 
 
 def test_reconstruction_error_reads_any_pose_input_and_encode_refuses_non_finite_hands():
@@ -154,3 +161,19 @@ def test_reconstruction_error_reads_any_pose_input_and_encode_refuses_non_finite
         prior.encode(torch.full((1, 15, 3), float("nan")))
     with pytest.raises(ValueError, match="expected finite"):
         prior.decode(torch.full((1, prior.config.z_dim), float("nan")))
+
+
+def test_vae_finite_check_follows_the_validation_switch_and_torch_func():
+    """encode/decode's finite check is data-dependent like log_prob's: skipped under torch.func.vmap (which gives
+    the plain call's numbers with randomness="same") and with validation off (a NaN pose then scores NaN alone)."""
+    import posepriors
+
+    prior = posepriors.load("hand_vae")
+    x = prior.sample(4, generator=torch.Generator().manual_seed(0))
+    mapped = torch.func.vmap(lambda p: prior.nll(p[None])[0], randomness="same")(x)
+    torch.testing.assert_close(mapped, prior.nll(x))
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    with posepriors.validation(False):
+        scores = prior.nll(bad)
+    assert scores[0].isnan() and bool(scores[1:].isfinite().all())

@@ -437,6 +437,10 @@ class FlowArrays:
             or len({c.context_features for c in couplings} - {0}) > 1
         ):
             return None
+        first = next(step for step in plan if isinstance(step[0], RQSplineCoupling))  # stacked: its weights' groups
+        groups = first[1][0][0].shape[0]
+        if any(step[1][0][0].shape[0] != groups for step in plan if isinstance(step[0], RQSplineCoupling)):
+            return None
         self = cls()
         names = _kernels()
         weights: list[np.ndarray] = []
@@ -446,7 +450,7 @@ class FlowArrays:
 
         def put(parts: list[np.ndarray], array: np.ndarray, which: int) -> int:
             start = sizes[which]
-            parts.append(np.ascontiguousarray(array, dtype=dtype if which == 0 else np.int64).reshape(-1))
+            parts.append(np.ascontiguousarray(array, dtype=dtype if which == 0 else np.int64).reshape(-1))  # copies
             sizes[which] += parts[-1].size
             return start
 
@@ -473,14 +477,15 @@ class FlowArrays:
                     per_row[kind] += width
                 settings[s] = _settings(coupling)
             else:
-                matrix, offset, logdet, _ = step
+                matrix, offset, logdet = (  # a map shared by the groups (one of them) is repeated per group
+                    np.broadcast_to(a, (groups, *a.shape[1:])) for a in step[:3]
+                )
                 meta[s, names.KIND] = names.AFFINE
                 meta[s, names.MATRIX] = put(weights, matrix, 0)
                 meta[s, names.OFFSET], meta[s, names.LOGDET] = put(weights, offset, 0), put(weights, logdet, 0)
         self.meta, self.settings, self.per_row = meta, settings, per_row
         self.weights, self.index = np.concatenate(weights), np.concatenate(indices)
-        first = next(step for step in plan if isinstance(step[0], RQSplineCoupling))  # stacked: its weights' groups
-        self.groups, self.dim = first[1][0][0].shape[0], couplings[0].dim
+        self.groups, self.dim = groups, couplings[0].dim
         self.context = max(c.context_features for c in couplings)
         return self
 

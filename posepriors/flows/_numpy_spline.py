@@ -327,7 +327,7 @@ def flow_forward(plan: Plan, x: np.ndarray, context: np.ndarray | None) -> tuple
                 saved.append(keep)
             else:  # z = x A + c
                 matrix, offset, ld, single = step
-                if single:
+                if single and x.shape[1] == 1:
                     x = (x[:, 0] @ matrix[0] + offset[0])[:, None]
                 else:
                     x = (np.matmul(x.transpose(1, 0, 2), matrix) + offset[:, None]).transpose(1, 0, 2)
@@ -349,7 +349,7 @@ def flow_backward(
         for step, keep in zip(reversed(plan), reversed(saved), strict=True):
             if keep is None:  # z = x A + c: dx = dz A^T
                 matrix, single = step[0], step[3]
-                if single:
+                if single and grad.shape[1] == 1:
                     grad = (grad[:, 0] @ matrix[0].T)[:, None]
                 else:
                     grad = np.matmul(grad.transpose(1, 0, 2), matrix.transpose(0, 2, 1)).transpose(1, 0, 2)

@@ -902,9 +902,9 @@ class PosePrior(nn.Module, ABC):
         """The body joints' coordinates among the prior's flattened coordinates, (63,) long (the same tensor while
         ``body_index`` is unchanged: the broad component caches its coefficients per tensor)."""
         body = self.body_index
-        try:
-            version = body._version
-        except RuntimeError:  # an inference tensor has no version counter: not cached
+        try:  # not cached for an inference tensor (no version counter) or in inference mode (one would be made)
+            version = None if torch.is_inference_mode_enabled() else body._version
+        except RuntimeError:
             version = None
         cached = self.__dict__.get("_body_dims_cache")
         if version is not None and cached is not None and cached[0] is body and cached[1] == version:

@@ -109,8 +109,8 @@ class MarginalMixture(nn.Module):
             key = (dims, None if dims is None else dims._version, noise_std, dtype, *(b._version for b in buffers))
         except RuntimeError:  # inference tensors have no version counter: do not cache
             key = None
-        if any(b.requires_grad for b in buffers):  # a graph to the buffers would be kept from an old call
-            key = None
+        if any(b.requires_grad for b in buffers) or torch.is_inference_mode_enabled():
+            key = None  # a graph to the buffers, or inference tensors, would be kept for later calls
         entries = self.__dict__.setdefault("_coefficient_cache", [])
         for held, kept, value in entries if key is not None else ():
             if held[0] is dims and held[1:] == key[1:] and all(a is b for a, b in zip(kept, buffers, strict=True)):

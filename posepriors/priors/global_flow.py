@@ -520,9 +520,9 @@ class GlobalFlowPrior(PosePrior):
         variances: the proposal of :meth:`_complete_last_part_by_resampling`. Cached, and drawn again when a
         parameter changes."""
         params = list(self.flows.parameters())
-        try:
-            key = tuple((p.data_ptr(), p._version) for p in params)
-        except RuntimeError:  # inference tensors have no version counter: not cached
+        try:  # not cached for inference tensors (no version counter) or in inference mode (it would make some)
+            key = None if torch.is_inference_mode_enabled() else tuple((p.data_ptr(), p._version) for p in params)
+        except RuntimeError:
             key = None
         cached = self.__dict__.get("_last_part_cache")
         if key is not None and cached is not None and cached[0] == key:

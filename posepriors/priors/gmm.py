@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from posepriors import skeleton
 from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, tempered_weight
 from posepriors.priors.draws import categorical, rand, randn
-from posepriors.utils import LOG_2PI, cast_back, float64_device, floor_eigenvalues, to_float64
+from posepriors.utils import LOG_2PI, cast_back, float64_device, floor_eigenvalues, from_numpy, to_float64
 
 __all__ = ["GMMConfig", "GMMPrior"]
 
@@ -243,7 +243,7 @@ class GMMPrior(PosePrior):
         """Checked training data as float64 coordinates (N, D) and their observed mask (N, D), on the prior's
         device (the CPU for MPS); frames that observe no modelled joint are dropped."""
         if isinstance(pose, np.ndarray):
-            pose = torch.from_numpy(pose)
+            pose = from_numpy(pose)
         if not isinstance(pose, Tensor) or not pose.is_floating_point():
             got = f"{type(pose).__name__} of dtype {pose.dtype}" if isinstance(pose, Tensor) else type(pose).__name__
             raise TypeError(f"expected a floating-point pose tensor, got {got}")
@@ -257,7 +257,7 @@ class GMMPrior(PosePrior):
             observed = torch.ones(pose.shape[:2], dtype=torch.bool, device=device)
         else:
             if isinstance(observed, np.ndarray):
-                observed = torch.from_numpy(observed)
+                observed = from_numpy(observed)
             if not isinstance(observed, Tensor) or observed.dtype != torch.bool or observed.shape != pose.shape[:2]:
                 raise ValueError(
                     f"expected a boolean observed mask of shape {tuple(pose.shape[:2])}, "
@@ -312,11 +312,11 @@ class GMMPrior(PosePrior):
             raise ValueError(f"SMPLify's GMM covers the body joints 1..21 only, got joints {config.joints}")
         dims = torch.tensor([3 * (j - 1) + c for j in config.joints for c in range(3)])
         prior = cls(config)
-        cov = torch.from_numpy(covars)[:, dims][:, :, dims]
+        cov = from_numpy(covars)[:, dims][:, :, dims]
         with torch.no_grad():
-            prior.means.copy_(torch.from_numpy(means)[:, dims])
+            prior.means.copy_(from_numpy(means)[:, dims])
             prior._set_covariances(cov)
-            prior.logits.copy_(torch.from_numpy(weights).log())
+            prior.logits.copy_(from_numpy(weights).log())
         return prior.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ density
@@ -444,7 +444,9 @@ class GMMPrior(PosePrior):
             return torch.zeros_like(log_z)
         if weight >= 1:
             return torch.ones_like(log_z)
-        log_zb = to_float64(self.broad.log_prob(flat, observed, noise_std=noise_std)).to(log_z.device)
+        like = self.broad.means  # the broad component's device and dtype (flat may be float64 on the CPU, for MPS)
+        log_zb = self.broad.log_prob(flat.to(like), observed.to(like.device), noise_std=noise_std)
+        log_zb = to_float64(log_zb).to(log_z.device)
         return torch.sigmoid(log_zb + math.log(weight) - log_z - math.log1p(-weight))
 
     def _project(self, x: Tensor, mask: Tensor | None, max_sigma: float = 2.0) -> Tensor:

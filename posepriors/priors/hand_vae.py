@@ -42,6 +42,7 @@ from posepriors.priors.base import (
     _adam_argmin,
     _check_generator,
     float_tensor,
+    get_validation,
     select_rows,
     split_batch,
 )
@@ -55,7 +56,7 @@ from posepriors.rotations import (
     mirror_axis_angle,
     rotation_6d_to_matrix,
 )
-from posepriors.utils import LOG_2PI
+from posepriors.utils import LOG_2PI, in_transform
 
 __all__ = ["HandDecoding", "HandEncoding", "HandVAE", "HandVAEConfig"]
 
@@ -199,26 +200,24 @@ class HandVAE(PosePrior):
         """Approximate posterior of right hands.
 
         Args:
-            hand: Right-hand poses (mirror left hands first), shape (B, 15, 3), a float tensor or NumPy array (run in
+            hand: Right-hand poses (mirror left hands first), shape (*, 15, 3), a float tensor or NumPy array (run in
                 the prior's dtype).
-            mask: Optional observed joints, boolean, shape (B, 15) or (15,).
+            mask: Optional observed joints, boolean, shape (*, 15) or (15,).
 
         Returns:
-            The posterior's mean and log-variance, each (B, z_dim), in the prior's dtype.
+            The posterior's mean and log-variance, each (*, z_dim), in the prior's dtype.
         """
         hand = self._checked(hand, "right-hand poses", (15, 3))
-        if hand.dim() != 3:
-            raise ValueError(f"expected right-hand poses of shape (B, 15, 3), got {tuple(hand.shape)}")
+        batch = hand.shape[:-2]
         if mask is not None:
             mask = torch.as_tensor(mask, device=hand.device)
-            if mask.dtype != torch.bool or mask.shape not in ((15,), (hand.shape[0], 15)):
+            if mask.dtype != torch.bool or mask.shape not in ((15,), (*batch, 15)):
                 raise ValueError(
-                    f"expected a boolean mask of shape (15,) or ({hand.shape[0]}, 15), got {mask.dtype} "
-                    f"{tuple(mask.shape)}"
+                    f"expected a boolean mask of shape (15,) or {(*batch, 15)}, got {mask.dtype} {tuple(mask.shape)}"
                 )
-            mask = mask.expand(hand.shape[0], 15)
-        out = self.encoder(self._features(hand, mask).unsqueeze(1)).squeeze(1)
-        mean, log_var = out.chunk(2, dim=-1)
+            mask = mask.expand(*batch, 15).reshape(-1, 15)
+        out = self.encoder(self._features(hand.reshape(-1, 15, 3), mask).unsqueeze(1)).squeeze(1)
+        mean, log_var = out.reshape(*batch, -1).chunk(2, dim=-1)
         return HandEncoding(mean, log_var.clamp(-12.0, 6.0))
 
     def decode(self, z: Tensor) -> HandDecoding:
@@ -243,7 +242,8 @@ class HandVAE(PosePrior):
         if value.dim() < len(tail) or tuple(value.shape[value.dim() - len(tail) :]) != tail:
             shape = ", ".join(["*", *map(str, tail)])
             raise ValueError(f"expected {what} of shape ({shape}), got {tuple(value.shape)}")
-        if not bool(torch.isfinite(value).all()):
+        # a data-dependent check, as in log_prob: off with posepriors.set_validation(False) and under torch.func
+        if get_validation() and not in_transform() and not bool(torch.isfinite(value).all()):
             raise ValueError(f"expected finite {what}, got NaN or Inf")
         return value.to(self.dtype)
 
@@ -455,50 +455,52 @@ class HandVAE(PosePrior):
         B = observed.shape[0]
         hands, hand_mask = self._split_hands(observed, mask)
         hidden = ~hand_mask.any(-1)  # (H*B,) hands with no observed joint
+        partial = ~hidden & ~hand_mask.all(-1)  # hands with some joints hidden
         enc = self.encode(hands, hand_mask)
-        if temperature == 0:
-            z = torch.where(hidden[:, None], 0.0, enc.mean).expand(n, -1, -1)
-        else:
-            z = self._resampled_latents(hands, hand_mask, enc, n, temperature, generator)
+        z = torch.where(hidden[:, None], 0.0, enc.mean).expand(n, -1, -1).clone()  # temperature 0: the modes
+        if temperature > 0:
+            z = enc.mean + temperature * (0.5 * enc.log_var).exp() * randn(
+                (n, H * B, Z), generator=generator, device=device, dtype=dtype
+            )  # a whole hand: the encoder's posterior
             prior = temperature * randn(z.shape, generator=generator, device=device, dtype=dtype)
             z = torch.where(hidden[:, None], prior, z)
+            rows = partial.nonzero().squeeze(-1)
+            if len(rows):
+                resampled = self._resampled_latents(
+                    hands[rows], hand_mask[rows], enc.log_var[rows], n, temperature, generator
+                )
+                z[:, rows] = resampled
         right = self.decode(z).pose  # (n, H*B, 15, 3)
         return torch.stack([self._merge_hands(right[i], B) for i in range(n)])
 
-    CONDITIONAL_PROPOSALS = 256
-    """Proposals per hand of :meth:`_resampled_latents`."""
+    CONDITIONAL_PROPOSALS = 64
+    """Proposals per draw of :meth:`_resampled_latents`."""
 
     def _resampled_latents(
         self,
         hands: Tensor,
         mask: Tensor,
-        enc: HandEncoding,
+        log_var: Tensor,
         n: int,
         temperature: float,
         generator: torch.Generator | None,
     ) -> Tensor:
-        """n latent draws (n, B, z_dim) per hand of ``hands`` (B, 15, 3) from the model's conditional given its
-        observed joints ``mask`` (B, 15), ``p(z | x_o) ~ p(x_o | z) N(z; 0, I)`` raised to ``1 / temperature^2``, by
-        importance resampling: :attr:`CONDITIONAL_PROPOSALS` proposals per hand, half from the latent prior and half
-        from the encoder's posterior with its std doubled (both scaled by the temperature; the encoder alone, whose
-        posterior given the hand filled in at the data mean is far too narrow, drew nearly the same hand every time),
-        weighted by the target over the two halves' mixture density."""
-        M, (B, Z) = self.CONDITIONAL_PROPOSALS, enc.mean.shape
-        device, dtype = enc.mean.device, enc.mean.dtype
-        eps = randn((M, B, Z), generator=generator, device=device, dtype=dtype)
-        std = 2 * temperature * (0.5 * enc.log_var).exp()
-        half = M // 2
-        z = torch.cat([temperature * eps[:half], enc.mean + std * eps[half:]])  # (M, B, Z)
-
-        def log_normal(v: Tensor, mean: Tensor | float, scale: Tensor | float) -> Tensor:
-            scale = torch.as_tensor(scale, dtype=dtype, device=device)
-            return (-0.5 * ((v - mean) / scale).square() - scale.log() - 0.5 * LOG_2PI).sum(-1)
-
-        log_q = torch.logaddexp(log_normal(z, 0.0, temperature), log_normal(z, enc.mean, std)) - math.log(2)
-        log_target = (self._log_likelihood(hands, z, mask) - 0.5 * z.square().sum(-1)) / temperature**2
-        probs = torch.softmax(log_target - log_q, dim=0).T  # (B, M)
-        pick = categorical(probs.repeat(n, 1), generator).reshape(n, B)
-        return z[pick, torch.arange(B, device=device)]
+        """n latent draws (n, B, z_dim) per partly observed hand of ``hands`` (B, 15, 3) from the model's
+        conditional given its observed joints ``mask`` (B, 15), ``p(z | x_o) ~ p(x_o | z) N(z; 0, I)`` raised to
+        ``1 / temperature^2``, by importance resampling: each draw one of :attr:`CONDITIONAL_PROPOSALS` fresh
+        proposals from ``N(z*, T^2 diag(s^2))``, ``z*`` the code that best explains the observed joints
+        (:meth:`_fit_latent`) and ``s`` the encoder's posterior std (``log_var``), picked with weights
+        ``target / q_T``. The encoder's posterior of the hand filled in at the data mean alone drew nearly the same
+        hand every time; proposals shared by the draws repeated a few of them."""
+        M, (B, Z) = self.CONDITIONAL_PROPOSALS, log_var.shape
+        device, dtype = log_var.device, log_var.dtype
+        centre = self._fit_latent(hands, mask, steps=100, lr=0.05)
+        eps = randn((n * M, B, Z), generator=generator, device=device, dtype=dtype)
+        z = centre + temperature * (0.5 * log_var).exp() * eps  # (n M, B, Z)
+        log_target = self._log_likelihood(hands, z, mask) - 0.5 * z.square().sum(-1)
+        weights = (log_target / temperature**2 + 0.5 * eps.square().sum(-1)).reshape(n, M, B)  # q_T up to a constant
+        pick = categorical(torch.softmax(weights, 1).transpose(1, 2), generator)  # (n, B)
+        return z.reshape(n, M, B, Z)[torch.arange(n, device=device)[:, None], pick, torch.arange(B, device=device)]
 
     def _fit_latent(self, hands: Tensor, mask: Tensor | None, steps: int, lr: float, noise_std: float = 0.0) -> Tensor:
         """The latent code maximising ``log p(observed | z) + log p(z)`` (Adam from the encoder mean), (B, z_dim).
