@@ -353,3 +353,25 @@ def test_every_pose_of_a_batch_is_completed_and_denoised_from_its_own_mask_alone
             for i in range(4):
                 alone = call(x[i : i + 1], mask[i : i + 1])[0]
                 torch.testing.assert_close(together[i], alone, atol=1e-5, rtol=0, msg=f"{name}, pose {i}")
+
+
+def test_a_mask_of_one_row_repeated_is_read_once_with_the_same_states_and_errors():
+    """A mask whose rows repeat one row (a (J,) mask, a layout's missing joints) or of one pose is read in Python;
+    its part states, part flags and errors equal those of the same mask written out row by row."""
+    prior = make("global_flow").eval()
+    hand = torch.tensor([j in skeleton.PARTS["right_hand"] for j in prior.joints])
+    for row in (~hand, torch.ones_like(hand), torch.arange(prior.num_joints) != 3, hand):
+        for batch in (1, 3):
+            shared = row.expand(batch, -1)
+            written = shared.clone()  # the general path (for batch 1 it is the Python one too)
+            assert batch == 1 or prior._uniform_states(written) is None
+            for got, want in zip(prior._part_states(shared), prior._part_states(written), strict=True):
+                assert torch.equal(got, want)
+            outcomes = []
+            for mask in (shared, written):
+                try:
+                    outcomes.append(prior._part_mask(mask))
+                except ValueError as error:
+                    outcomes.append(str(error))
+            assert type(outcomes[0]) is type(outcomes[1])
+            assert outcomes[0] == outcomes[1] if isinstance(outcomes[0], str) else torch.equal(*outcomes)

@@ -143,6 +143,9 @@ def test_conditional_draws_of_a_hidden_hand_are_its_marginal_and_a_partial_hand_
     assert draws[0][:, :, ~mask].std(0).mean() > 1e-3
     distinct = torch.unique(draws[0][:, 0, ~mask].reshape(16, -1), dim=0).shape[0]
     assert distinct == 16  # fresh proposals per draw (shared ones repeated a few of them)
+    with torch.inference_mode():  # its latent fit runs on copies with autograd switched back on, as project's
+        again = prior.sample(16, generator=torch.Generator().manual_seed(1), observed=pose, mask=mask)
+    assert torch.equal(again, draws[0])
 
 
 def test_reconstruction_error_reads_any_pose_input_and_encode_refuses_non_finite_hands():

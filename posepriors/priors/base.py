@@ -674,7 +674,9 @@ class PosePrior(nn.Module, ABC):
         ctx = self._check_context(context, x.shape[0], batch_shape)
         if m is None:
             m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        out = self._sample(n, generator, temperature, x, m, **ctx).to(out_dtype)  # (n, B, J, 3)
+        with contextlib.ExitStack() as stack:  # a family's conditional draws may fit latent codes (the VAE)
+            x, m = _autograd_copies(stack, x, m)
+            out = self._sample(n, generator, temperature, x, m, **ctx).to(out_dtype)  # (n, B, J, 3)
         out = torch.where(m[..., None], original.to(out_dtype), out)  # observed joints are kept exactly
         return out.reshape(n, *batch_shape, self.num_joints, 3)
 
@@ -730,9 +732,7 @@ class PosePrior(nn.Module, ABC):
         x, m, batch_shape, out_dtype, original = self._prepare_full(pose, mask, layout)
         ctx = self._check_context(context, x.shape[0], batch_shape)
         with contextlib.ExitStack() as stack:
-            if torch.is_inference_mode_enabled():  # inference tensors cannot enter autograd: work on copies
-                stack.enter_context(torch.inference_mode(False))
-                x, m = x.clone(), (m.clone() if m is not None else None)
+            x, m = _autograd_copies(stack, x, m)
             if noise_std is None:
                 out = self._project(x, m, **kwargs, **ctx)
             else:
@@ -830,9 +830,7 @@ class PosePrior(nn.Module, ABC):
             )
         ctx = self._check_context(context, x.shape[0], batch_shape)
         with contextlib.ExitStack() as stack:
-            if torch.is_inference_mode_enabled():  # as in project: autograd on copies
-                stack.enter_context(torch.inference_mode(False))
-                x, m = x.clone(), (m.clone() if m is not None else None)
+            x, m = _autograd_copies(stack, x, m)
             stack.enter_context(_numba_spline.one_path())  # MAP loops (and the rest) on one arithmetic
             if estimator == "tweedie":
                 out = self._denoise_tweedie(x, m, noise_std, ctx, adaptive)
@@ -1499,6 +1497,15 @@ def latent_map(
     z = _adam_argmin(objective, z0, steps, lr)
     with torch.no_grad():
         return decode(z)
+
+
+def _autograd_copies(stack: contextlib.ExitStack, x: Tensor, m: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Inside ``torch.inference_mode()``: switch it off for the rest of ``stack`` and return copies of the poses and
+    the mask (inference tensors cannot enter autograd, which the latent-space loops need); else them as they are."""
+    if not torch.is_inference_mode_enabled():
+        return x, m
+    stack.enter_context(torch.inference_mode(False))
+    return x.clone(), (m.clone() if m is not None else None)
 
 
 def _adam_argmin(objective: Callable[[Tensor], Tensor], start: Tensor, steps: int, lr: float) -> Tensor:

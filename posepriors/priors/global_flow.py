@@ -194,11 +194,34 @@ class GlobalFlowPrior(PosePrior):
 
     def _part_states(self, mask: Tensor) -> tuple[Tensor, Tensor]:
         """(B, J) joint mask -> which parts each pose observes whole, and which not at all, each (B, P)."""
+        uniform = self._uniform_states(mask)
+        if uniform is not None:
+            states = torch.tensor(uniform, dtype=torch.bool, device=mask.device)[:, None]
+            return states[0].expand(mask.shape[0], -1), states[1].expand(mask.shape[0], -1)
         parts = [mask[:, getattr(self, f"part_index_{k}")] for k in range(self.num_parts)]
         return torch.stack([m.all(-1) for m in parts], dim=-1), torch.stack([~m.any(-1) for m in parts], dim=-1)
 
+    def _uniform_states(self, mask: Tensor) -> tuple[list[bool], list[bool]] | None:
+        """:meth:`_part_states` of a mask of one pose, or whose rows are one row repeated (a stride of 0 across poses,
+        as a layout's missing joints or a (J,) mask give it), read once in Python: a few ops instead of a dozen, which
+        a one-pose fitting step feels. None for any other mask."""
+        if mask.dim() != 2 or mask.shape[0] == 0 or (mask.shape[0] > 1 and mask.stride(0) != 0):
+            return None
+        row = mask[0].tolist()
+        return (
+            [all(row[i] for i in index) for index in self._part_index],
+            [not any(row[i] for i in index) for index in self._part_index],
+        )
+
     def _part_mask(self, mask: Tensor) -> Tensor:
         """(B, J) joint mask -> (B, P) part-observed flags; raises unless it hides whole trailing parts."""
+        uniform = self._uniform_states(mask)
+        if uniform is not None:  # checked once, in Python
+            full, empty = uniform
+            partial = not all(f or e for f, e in zip(full, empty, strict=True))
+            gap = any(after and not before for before, after in zip(full, full[1:], strict=False))
+            if not (partial or gap):
+                return torch.tensor(full, dtype=torch.bool, device=mask.device).expand(mask.shape[0], -1)
         full, empty = self._part_states(mask)
         partial = ~(full | empty).all(-1)
         gap = (full[:, 1:] & ~full[:, :-1]).any(-1)
