@@ -450,7 +450,7 @@ class FlowArrays:
 
         def put(parts: list[np.ndarray], array: np.ndarray, which: int) -> int:
             start = sizes[which]
-            parts.append(np.ascontiguousarray(array, dtype=dtype if which == 0 else np.int64).reshape(-1))  # copies
+            parts.append(np.ascontiguousarray(array, dtype=dtype if which == 0 else np.int64).reshape(-1))
             sizes[which] += parts[-1].size
             return start
 
