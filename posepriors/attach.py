@@ -35,7 +35,11 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``posepriors-attach``: attach what the flags ask for to the prior ``src`` and save it as ``out``."""
-    parser = argparse.ArgumentParser(prog="posepriors-attach", description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(
+        prog="posepriors-attach",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("src", help="a bundled model name or a model folder")
     parser.add_argument("out", help="output folder (must not hold a model)")
     parser.add_argument("--data_dir", action="append", required=True, help="training data (repeatable)")
