@@ -10,7 +10,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ __all__ = [
     "recorded_vjp",
     "resolve_device",
     "sha256_file",
+    "version_key",
 ]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -42,6 +43,21 @@ def from_numpy(array: np.ndarray) -> torch.Tensor:
     if not array.flags.writeable or any(stride < 0 for stride in array.strides):
         array = np.array(array)  # a writable copy in C order
     return torch.from_numpy(array)
+
+
+def version_key(tensors: Iterable[torch.Tensor]) -> tuple | None:
+    """A cache key for what is computed from ``tensors``: each one's storage address, version counter (which every
+    in-place change bumps), dtype and device. None where nothing should be cached: in inference mode (the result
+    would be an inference tensor, which later autograd refuses), for inference tensors (no version counter to see a
+    change), and while a graph to them is recorded (grad mode on and one of them requires grad). A cache should hold
+    the tensors too, so that a freed tensor's address cannot come back with another one's data."""
+    tensors = tuple(tensors)
+    if torch.is_inference_mode_enabled() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    try:
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    except RuntimeError:
+        return None
 
 
 def float64_device(device: torch.device) -> torch.device:

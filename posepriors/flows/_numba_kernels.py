@@ -586,7 +586,8 @@ def coupling_backward_serial(
 # of one flat array ``weights``, its index arrays as slices of ``index``, its spline constants a row of ``settings``
 # (as ``_numba_spline._settings``), and its saved arrays as slices of one flat array per kind, ``rows * (offset ...
 # offset + width)`` for a step's per-row offset and width. Column names:
-AFFINE, KIND, COND_DIMS, TRANS_DIMS, CONTEXT, HIDDEN, WIDTH = 0, 0, 1, 2, 3, 4, 5
+KIND, COND_DIMS, TRANS_DIMS, CONTEXT, HIDDEN, WIDTH = 0, 1, 2, 3, 4, 5
+AFFINE, COUPLING = 0, 1  # the kinds
 W0, B0, W1, B1, W0T, W1T, COND, TRANS, PRE, X2, RAW, SP = 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17
 MATRIX, OFFSET, LOGDET = 6, 7, 8  # a folded linear map's rows: z = x A + c, its log-determinant per group
 META_COLUMNS = 18

@@ -430,17 +430,17 @@ class FlowArrays:
     def build(cls, plan: list, dtype: np.dtype) -> FlowArrays | None:
         from posepriors.flows.couplings import RQSplineCoupling
 
-        couplings = [step[0] for step in plan if isinstance(step[0], RQSplineCoupling)]
+        steps = [step for step in plan if isinstance(step[0], RQSplineCoupling)]
+        couplings = [step[0] for step in steps]
+        groups = {step[1][0][0].shape[0] for step in steps}  # the first weight's groups (stacked plans: members)
         if (
             not couplings
             or any(len(c.conditioner._linears) != 2 or c.conditioner.activation != "silu" for c in couplings)
             or len({c.context_features for c in couplings} - {0}) > 1
+            or len(groups) > 1
         ):
             return None
-        first = next(step for step in plan if isinstance(step[0], RQSplineCoupling))  # stacked: its weights' groups
-        groups = first[1][0][0].shape[0]
-        if any(step[1][0][0].shape[0] != groups for step in plan if isinstance(step[0], RQSplineCoupling)):
-            return None
+        (groups,) = groups
         self = cls()
         names = _kernels()
         weights: list[np.ndarray] = []
@@ -461,7 +461,7 @@ class FlowArrays:
                 coupling, ((w0, b0, w0t), (w1, b1, w1t)), _ = step
                 n, K, H, W = coupling.num_transformed, coupling.bins, w0.shape[2], w1.shape[2]
                 row = meta[s]
-                row[names.KIND] = 1
+                row[names.KIND] = names.COUPLING
                 row[[names.COND_DIMS, names.TRANS_DIMS, names.CONTEXT, names.HIDDEN, names.WIDTH]] = (
                     coupling.num_conditioning, n, coupling.context_features, H, W,
                 )  # fmt: skip

@@ -44,7 +44,7 @@ from posepriors.priors.draws import rand
 from posepriors.priors.energy import BodyGaussian
 from posepriors.priors.smoothed import BODY, SmoothedBody
 from posepriors.rotations import LOG_SO3_VOLUME, exp_map_log_abs_det
-from posepriors.utils import from_numpy, in_transform
+from posepriors.utils import from_numpy, in_transform, version_key
 
 __all__ = [
     "MODEL_TYPES",
@@ -900,16 +900,13 @@ class PosePrior(nn.Module, ABC):
         """The body joints' coordinates among the prior's flattened coordinates, (63,) long (the same tensor while
         ``body_index`` is unchanged: the broad component caches its coefficients per tensor)."""
         body = self.body_index
-        try:  # not cached for an inference tensor (no version counter) or in inference mode (one would be made)
-            version = None if torch.is_inference_mode_enabled() else body._version
-        except RuntimeError:
-            version = None
+        key = version_key((body,))
         cached = self.__dict__.get("_body_dims_cache")
-        if version is not None and cached is not None and cached[0] is body and cached[1] == version:
+        if key is not None and cached is not None and cached[0] is body and cached[1] == key:
             return cached[2]
         dims = (body[:, None] * 3 + torch.arange(3, device=body.device)).flatten()
-        if version is not None:
-            self.__dict__["_body_dims_cache"] = (body, version, dims)
+        if key is not None:
+            self.__dict__["_body_dims_cache"] = (body, key, dims)
         return dims
 
     def _denoise_tweedie(

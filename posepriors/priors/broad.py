@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from posepriors.priors.draws import randn
-from posepriors.utils import LOG_2PI, to_float64
+from posepriors.utils import LOG_2PI, to_float64, version_key
 
 __all__ = ["MarginalMixture"]
 
@@ -102,18 +102,14 @@ class MarginalMixture(nn.Module):
         """The means (K, d), inverse stds and ``log w - log std - log(2 pi) / 2`` of the coordinates ``dims`` (all:
         None) with every variance grown by ``noise_std^2``, in ``dtype``: what :meth:`log_prob` needs of the buffers.
         Cached for the last few (dims, noise_std, dtype), so that a fitting loop does not recompute them at every
-        step; keyed on the tensors themselves (held, so a new tensor at a freed address cannot match) and their
-        versions, so an in-place change of the buffers or of ``dims`` is seen."""
-        buffers = (self.means, self.stds, self.log_weights)
-        try:
-            key = (dims, None if dims is None else dims._version, noise_std, dtype, *(b._version for b in buffers))
-        except RuntimeError:  # inference tensors have no version counter: do not cache
-            key = None
-        if any(b.requires_grad for b in buffers) or torch.is_inference_mode_enabled():
-            key = None  # a graph to the buffers, or inference tensors, would be kept for later calls
+        step; keyed on the tensors' versions (``version_key``; held, so a freed address cannot come back), so an
+        in-place change of the buffers or of ``dims`` is seen."""
+        held = (dims, self.means, self.stds, self.log_weights)
+        versions = version_key(held[1:] if dims is None else held)
+        key = None if versions is None else (versions, noise_std, dtype)
         entries = self.__dict__.setdefault("_coefficient_cache", [])
-        for held, kept, value in entries if key is not None else ():
-            if held[0] is dims and held[1:] == key[1:] and all(a is b for a, b in zip(kept, buffers, strict=True)):
+        for kept, cached_key, value in entries if key is not None else ():
+            if cached_key == key and kept[0] is dims:
                 return value
         means, stds, log_w = self.means, self.stds, self.log_weights
         if dims is not None:
@@ -125,7 +121,7 @@ class MarginalMixture(nn.Module):
         if key is not None:
             if len(entries) >= 8:
                 entries.pop(0)
-            entries.append((key, buffers, value))
+            entries.append((held, key, value))
         return value
 
     def log_prob(

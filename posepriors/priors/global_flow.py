@@ -30,8 +30,9 @@ from posepriors.priors.base import (
     split_batch,
 )
 from posepriors.priors.draws import categorical, randn
+from posepriors.priors.energy import BodyGaussian
 from posepriors.priors.flow_config import FlowConfig
-from posepriors.utils import LOG_2PI, cast_back, to_float64
+from posepriors.utils import LOG_2PI, cast_back, to_float64, version_key
 
 __all__ = ["ContextBound", "GlobalFlowConfig", "GlobalFlowPrior", "random_joint_mask"]
 
@@ -537,71 +538,80 @@ class GlobalFlowPrior(PosePrior):
             return torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
         return full[:, :-1].all(-1) & ~full[:, -1] & ~empty[:, -1]
 
-    def _last_part_gaussian(self) -> tuple[Tensor, Tensor]:
-        """The mean (D,) and covariance (D, D) (float64) of the last part's coordinates over
-        :attr:`LAST_PART_DRAWS` of the prior's own draws (a fixed seed, temperature 1), with a floor of 1e-4 on the
-        variances: the proposal of :meth:`_complete_last_part_by_resampling`. Cached, and drawn again when a
-        parameter changes."""
-        params = list(self.flows.parameters())
-        try:  # not cached for inference tensors (no version counter) or in inference mode (it would make some)
-            key = None if torch.is_inference_mode_enabled() else tuple((p.data_ptr(), p._version) for p in params)
-        except RuntimeError:
-            key = None
+    def _last_part_gaussian(self) -> BodyGaussian:
+        """A full-covariance Gaussian of the last part's coordinates fitted to :attr:`LAST_PART_DRAWS` of the prior's
+        own draws (a fixed seed, temperature 1; eigenvalue floor 0.01 rad, as ``gaussian_full``'s), in float64: the
+        proposal of :meth:`_complete_last_part_by_resampling`. Cached, and drawn again when a parameter changes."""
+        params = tuple(self.flows.parameters())
+        key = version_key(params)
         cached = self.__dict__.get("_last_part_cache")
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        if key is not None and cached is not None and cached[1] == key:
+            return cached[2]
         generator = torch.Generator(device=self.joint_index.device).manual_seed(0)
         with torch.no_grad():
             draws = self._sample(self.LAST_PART_DRAWS, generator, 1.0, None, None)
         v = to_float64(draws[:, getattr(self, f"part_index_{self.num_parts - 1}")].flatten(1))
-        value = v.mean(0), torch.cov(v.T) + 1e-4 * torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
+        gaussian = BodyGaussian(v.shape[1]).to(v.device, torch.float64).fit(v, min_std=0.01)
         if key is not None:
-            self.__dict__["_last_part_cache"] = (key, value)
-        return value
+            self.__dict__["_last_part_cache"] = (params, key, gaussian)  # held: no freed address comes back
+        return gaussian
 
     def _complete_last_part_by_resampling(
         self, x: Tensor, mask: Tensor, temperature: float, generator: torch.Generator | None
     ) -> Tensor:
         """Draws of the missing joints of a partly observed last part (a hidden hand given the body and the other
-        hand, hidden fingers) from the prior's own conditional by importance resampling.
+        hand, hidden fingers) from the prior's own conditional by importance resampling (:meth:`_resample_joints`).
 
         The completion flow's draws of them were far too spread (a hidden left hand 91 deg from the truth, the
         completed poses scoring -407 nats against +184 for the truth: found by a new-user review). Proposals come
-        from the conditional ``N(x_m | x_o)`` of a Gaussian fitted to the prior's own draws of the part
-        (:meth:`_last_part_gaussian`), with its covariance scaled by ``T^2``; each draw is one of
-        :attr:`LAST_PART_PROPOSALS` proposals picked with weights ``p(x)^(1 / T^2) / q_T(x_m)``, ``p`` the prior's exact
-        density of the whole pose (broad component included). At temperature 0, the Gaussian's conditional mean.
+        from a Gaussian fitted to the prior's own draws of the part (:meth:`_last_part_gaussian`), each draw one of
+        :attr:`LAST_PART_PROPOSALS`, weighted by the prior's exact density of the whole pose (broad component
+        included).
         """
-        last = getattr(self, f"part_index_{self.num_parts - 1}")
-        v = to_float64(x[:, last].flatten(1))
-        observed = mask[:, last].repeat_interleave(3, dim=-1)
-        mean, cov = self._last_part_gaussian()
+        last, gaussian = getattr(self, f"part_index_{self.num_parts - 1}"), self._last_part_gaussian()
+        return self._resample_joints(x, mask, last, gaussian, self.LAST_PART_PROPOSALS, None, temperature, generator)
+
+    def _resample_joints(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        joints: Tensor,
+        gaussian: BodyGaussian,
+        proposals: int,
+        scored: Tensor | None,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """The poses ``x`` (B, J, 3) with their missing coordinates among ``joints`` drawn from the prior's own
+        conditional by importance resampling: each draw one of ``proposals`` draws from ``gaussian``'s conditional
+        given the observed coordinates (its covariance scaled by ``T^2``), picked with weights
+        ``p(x)^(1 / T^2) / q_T(x_m)``, ``p`` the prior's exact density of what ``scored`` (B, J) observes (None: the
+        whole pose). At temperature 0, the Gaussian's conditional mean."""
+        v = x[:, joints].flatten(1)
+        observed = mask[:, joints].repeat_interleave(3, dim=-1)
         out = x.clone()
-        K = self.LAST_PART_PROPOSALS
         patterns, inverse = torch.unique(observed.cpu(), dim=0, return_inverse=True)
         for p, pattern in enumerate(patterns):
             rows = (inverse == p).nonzero().squeeze(-1).to(x.device)
-            seen = pattern.to(cov.device)
-            hidden = ~seen
-            gain = torch.linalg.solve(cov[seen][:, seen], cov[seen][:, hidden]).T  # (m, o)
-            cond_mean = mean[hidden] + (v[rows.to(v.device)][:, seen] - mean[seen]) @ gain.T  # (b, m)
-            cond_cov = cov[hidden][:, hidden] - gain @ cov[seen][:, hidden]
-            chosen = v[rows.to(v.device)].clone()
+            mean, upper = gaussian.conditional(v[rows], pattern)
+            missing = ~pattern.to(mean.device)
+            chosen = to_float64(v[rows])
             if temperature == 0:
-                chosen[:, hidden] = cond_mean
+                chosen[:, missing] = mean
             else:
-                lower = torch.linalg.cholesky(0.5 * (cond_cov + cond_cov.T))
-                eps = randn((K, len(rows), cond_mean.shape[1]), generator=generator, device=v.device, dtype=v.dtype)
+                K, b, m = proposals, len(rows), mean.shape[1]
+                eps = randn((K, b, m), generator=generator, device=mean.device, dtype=torch.float64)
+                step = torch.linalg.solve_triangular(upper, eps.reshape(-1, m).T, upper=True)
                 cand = chosen.expand(K, -1, -1).clone()
-                cand[..., hidden] = cond_mean + temperature * eps @ lower.T
+                cand[..., missing] = mean + temperature * step.T.reshape(K, b, -1)
                 poses = out[rows].repeat(K, 1, 1)
-                poses[:, last] = cast_back(cand.reshape(K * len(rows), len(last), 3), x)
-                log_p = to_float64(self._density(poses, None).reshape(K, len(rows)))
-                weights = log_p.to(eps.device) / temperature**2 + 0.5 * eps.square().sum(-1)
+                poses[:, joints] = cast_back(cand.reshape(K * b, len(joints), 3), x)
+                log_p = self._density(poses, None if scored is None else scored[rows].repeat(K, 1))
+                weights = to_float64(log_p.reshape(K, b)).to(eps.device) / temperature**2 + 0.5 * eps.square().sum(-1)
                 pick = categorical(torch.softmax(weights, 0).T, generator)  # (rows,)
-                chosen = cand[pick, torch.arange(len(rows), device=cand.device)]
+                chosen = cand[pick, torch.arange(b, device=cand.device)]
             block = out[rows]
-            block[:, last] = cast_back(chosen.reshape(len(rows), len(last), 3), x)
+            block[:, joints] = cast_back(chosen.reshape(len(rows), len(joints), 3), x)
             out[rows] = block
         return out
 
@@ -624,35 +634,10 @@ class GlobalFlowPrior(PosePrior):
         exact density of the observed parts; ``q_T`` the proposal with its covariance scaled by ``T^2``).
         At temperature 0, the body joints are the Gaussian's conditional mean.
         """
-        body = self.body_index
-        v = x[:, body].flatten(1)
-        observed = mask[:, body].repeat_interleave(3, dim=-1)
         done = mask.clone()
-        done[:, body] = True
-        out = x.clone()
-        K = self.RESAMPLED_PROPOSALS
-        patterns, inverse = torch.unique(observed.cpu(), dim=0, return_inverse=True)
-        for p, pattern in enumerate(patterns):
-            rows = (inverse == p).nonzero().squeeze(-1).to(x.device)
-            mean, upper = self.energy_gaussian.conditional(v[rows], pattern)
-            missing = ~pattern.to(mean.device)
-            chosen = to_float64(v[rows])
-            if temperature == 0:
-                chosen[:, missing] = mean
-            else:
-                eps = randn((K, len(rows), mean.shape[1]), generator=generator, device=mean.device, dtype=torch.float64)
-                step = torch.linalg.solve_triangular(upper, eps.reshape(-1, mean.shape[1]).T, upper=True)
-                cand = chosen.expand(K, -1, -1).clone()
-                cand[..., missing] = mean + temperature * step.T.reshape(K, len(rows), -1)
-                poses = out[rows].repeat(K, 1, 1)
-                poses[:, body] = cast_back(cand.reshape(K * len(rows), len(body), 3), x)
-                log_p = to_float64(self._density(poses, done[rows].repeat(K, 1)).reshape(K, len(rows)))
-                weights = log_p / temperature**2 + 0.5 * eps.square().sum(-1)
-                pick = categorical(torch.softmax(weights, 0).T, generator)  # (rows,)
-                chosen = cand[pick, torch.arange(len(rows), device=cand.device)]
-            block = out[rows]
-            block[:, body] = cast_back(chosen.reshape(len(rows), len(body), 3), x)
-            out[rows] = block
+        done[:, self.body_index] = True
+        gaussian, K = self.energy_gaussian, self.RESAMPLED_PROPOSALS
+        out = self._resample_joints(x, mask, self.body_index, gaussian, K, done, temperature, generator)
         if bool(done.all()):
             return out
         return self._decode(self._part_latents(temperature, generator, out), out, self._part_mask(done), None)

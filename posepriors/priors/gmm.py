@@ -31,7 +31,15 @@ from torch import Tensor, nn
 from posepriors import skeleton
 from posepriors.priors.base import PoseInput, PosePrior, PriorConfig, tempered_weight
 from posepriors.priors.draws import categorical, rand, randn
-from posepriors.utils import LOG_2PI, cast_back, float64_device, floor_eigenvalues, from_numpy, to_float64
+from posepriors.utils import (
+    LOG_2PI,
+    cast_back,
+    float64_device,
+    floor_eigenvalues,
+    from_numpy,
+    to_float64,
+    version_key,
+)
 
 __all__ = ["GMMConfig", "GMMPrior"]
 
@@ -135,11 +143,9 @@ class GMMPrior(PosePrior):
         place (``copy_``, ``load_state_dict``, ``fit``, ``.to``) invalidate the cache; changes through ``.data``
         are invisible to it: call ``prior.clear_caches()`` after those.
         """
-        params = (self.means, self.tril_lower, self.log_diag, self.logits)
-        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if needs_graph or torch.is_inference_mode_enabled():  # inference tensors must not outlive the mode
+        key = version_key((self.means, self.tril_lower, self.log_diag, self.logits))
+        if key is None:  # a graph to record, or inference tensors that must not outlive the mode
             return compute()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if key != self._cache_key or len(self._cache) > 256:
             self._cache.clear()
             self._cache_key = key

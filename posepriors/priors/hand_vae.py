@@ -457,8 +457,9 @@ class HandVAE(PosePrior):
         hidden = ~hand_mask.any(-1)  # (H*B,) hands with no observed joint
         partial = ~hidden & ~hand_mask.all(-1)  # hands with some joints hidden
         enc = self.encode(hands, hand_mask)
-        z = torch.where(hidden[:, None], 0.0, enc.mean).expand(n, -1, -1).clone()  # temperature 0: the modes
-        if temperature > 0:
+        if temperature == 0:  # the modes
+            z = torch.where(hidden[:, None], 0.0, enc.mean).expand(n, -1, -1)
+        else:
             z = enc.mean + temperature * (0.5 * enc.log_var).exp() * randn(
                 (n, H * B, Z), generator=generator, device=device, dtype=dtype
             )  # a whole hand: the encoder's posterior
@@ -466,10 +467,9 @@ class HandVAE(PosePrior):
             z = torch.where(hidden[:, None], prior, z)
             rows = partial.nonzero().squeeze(-1)
             if len(rows):
-                resampled = self._resampled_latents(
+                z[:, rows] = self._resampled_latents(
                     hands[rows], hand_mask[rows], enc.log_var[rows], n, temperature, generator
                 )
-                z[:, rows] = resampled
         right = self.decode(z).pose  # (n, H*B, 15, 3)
         return torch.stack([self._merge_hands(right[i], B) for i in range(n)])
 
