@@ -67,10 +67,11 @@ def kernel_calls(monkeypatch) -> dict[str, int]:
     backward, and the vectorised loops (forward or inverse) without autograd (score), with it (score_saving) and
     backward."""
     calls = {"forward": 0, "backward": 0, "score": 0, "score_saving": 0, "score_backward": 0}
-    for name in calls:
+    for name in (*calls, "score_columns"):  # the scoring loop of grouped couplings counts as "score"
         original = getattr(_numba_spline, name)
+        key = "score" if name == "score_columns" else name
 
-        def counted(*args, _name=name, _original=original, **kwargs):
+        def counted(*args, _name=key, _original=original, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
@@ -289,6 +290,80 @@ def test_scoring_loop_matches_the_tensor_ops_and_the_saving_loop(bins, groups, k
         torch.testing.assert_close(got, want, atol=1e-9 * max(scale, 1.0), rtol=1e-9)
 
 
+@pytest.mark.parametrize("layout", list(MASKS))
+@pytest.mark.parametrize("bins", [4, 8])
+def test_column_loop_of_grouped_couplings_matches_the_tensor_ops(bins, layout, kernel_calls, monkeypatch):
+    """Several groups score (and invert) in the column layout (the loop runs down the batch, as for
+    ``joint_flow``): the tensor ops' outputs and log-determinants, forward and inverse, in float64 and float32, for
+    every split of the dims; the row layout's loop is not run (its fallback is for extreme slopes only), and the
+    column loop gives the row loop's numbers to the last bit."""
+    rows_run = []
+    score_loop = _numba_spline._score_loop
+    monkeypatch.setattr(_numba_spline, "_score_loop", lambda *a: rows_run.append(1) or score_loop(*a))
+    reference = None
+    for dtype in (torch.float64, torch.float32):
+        coupling = spline_coupling(MASKS[layout], bins, dtype, groups=4)
+        x, c = (t.to(dtype) for t in data(300, 4, 7, 2, seed=bins))
+        z, logdet = coupling_outputs(coupling, x, c, True)
+        z_ref, logdet_ref = coupling_outputs(coupling, x, c, False)
+        with torch.no_grad():
+            back, back_logdet = coupling._inverse(z, c)
+            with numba_enabled(False):
+                back_ref, back_logdet_ref = coupling._inverse(z, c)
+        got, tensor_ops = (z, logdet, back, back_logdet), (z_ref, logdet_ref, back_ref, back_logdet_ref)
+        if reference is None:  # float64: the tensor ops' numbers
+            for a, b in zip(got[:2], tensor_ops[:2], strict=True):
+                torch.testing.assert_close(a, b, **SOFTPLUS_TOLERANCES["stock"])
+            for a, b in zip(got[2:], tensor_ops[2:], strict=True):  # the inverse of a flat bin magnifies round-off
+                torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-7)
+            torch.testing.assert_close(back, x, atol=1e-8, rtol=0)
+            assert float((z - x).abs().max()) > 0.1  # not the identity
+            reference = got
+        else:  # float32: as close to the float64 numbers as the tensor ops are (the GEMMs round differently)
+            for a, b, want in zip(got, tensor_ops, reference, strict=True):
+                error, error_ref = ((t.double() - want).abs().max().item() for t in (a, b))
+                assert error <= 2 * error_ref + 1e-4, (error, error_ref)
+    assert kernel_calls == runs(score=4) and not rows_run
+    # the row layout's loop on the same numbers (float64): the same outputs to the last bit, the same
+    # log-determinants but for the last bit of their log (the column loop's is PyTorch's, the row loop's libm's)
+    coupling = spline_coupling(MASKS[layout], bins, torch.float64, groups=4)
+    x, c = data(300, 4, 7, 2, seed=bins)
+    x1, x2 = coupling._split(x)
+    with torch.no_grad():
+        hidden = coupling.conditioner._run_hidden(coupling._conditioner_input(x1, c))
+        columns = coupling._last_columns(hidden)  # (G, outputs, B): the same numbers for both loops
+        y_rows, logdet_rows = _numba_spline.score(
+            coupling, x2.transpose(0, 1), *(t.transpose(1, 2).contiguous() for t in columns)
+        )
+        y_columns, logdet_columns = _numba_spline.score_columns(coupling, x2.permute(1, 2, 0), *columns)
+    assert torch.equal(y_rows, y_columns.transpose(1, 2))
+    torch.testing.assert_close(logdet_rows, logdet_columns, atol=1e-13, rtol=1e-15)
+
+
+def test_column_loop_falls_back_to_the_row_loop_for_extreme_slopes(kernel_calls, monkeypatch):
+    """Where a row's product of slopes would leave float64's safe range (knot-derivative logits far beyond the
+    clamp), the column loop's call runs again in the row layout, whose loop takes the log in steps: the tensor
+    ops' numbers, not an overflow."""
+    rows_run = []
+    score_loop = _numba_spline._score_loop
+    monkeypatch.setattr(_numba_spline, "_score_loop", lambda *a: rows_run.append(1) or score_loop(*a))
+    with seeded(0):
+        coupling = RQSplineCoupling(3, 40, torch.arange(40) < 4, 8, context_features=2, bins=8, bound=3.0)
+    coupling = perturb(coupling, scale=1.0).double().eval().requires_grad_(False)
+    with torch.no_grad():
+        last = coupling.conditioner[-1]
+        derivative_columns = (torch.arange(last.bias.shape[-1]) % 23) >= 16  # every value's K - 1 derivative logits
+        last.weight[..., derivative_columns] = 0.0
+        last.bias[..., derivative_columns] = 1e10  # inner knots this steep: slopes of about 1e-10 between them
+    x, c = data(64, 3, 40, 2, seed=1)
+    z, logdet = coupling_outputs(coupling, x, c, True)
+    assert rows_run and kernel_calls == runs(score=1)
+    z_ref, logdet_ref = coupling_outputs(coupling, x, c, False)
+    assert bool(torch.isfinite(logdet).all()) and float(logdet.abs().max()) > 700  # the product would overflow
+    torch.testing.assert_close(z, z_ref, **SOFTPLUS_TOLERANCES["stock"])
+    torch.testing.assert_close(logdet, logdet_ref, **SOFTPLUS_TOLERANCES["stock"])
+
+
 def frozen_step_with_and_without_the_loops(step, x, c, seed: int) -> list[tuple[torch.Tensor, ...]]:
     """A fitting step through a frozen coupling's ``step`` (``_frozen_forward`` or ``_frozen_inverse``) with the
     loops on, then off: per run the outputs, log-determinants and the gradients w.r.t. x and the context of a
@@ -331,6 +406,20 @@ def test_scoring_loop_sees_changed_weights_and_other_bin_counts_keep_the_saving_
     got = coupling_outputs(six, x, None, True)
     assert kernel_calls["score"] == 2 and kernel_calls["forward"] == 1
     for a, b in zip(got, coupling_outputs(six, x, None, False), strict=True):
+        torch.testing.assert_close(a, b, **SOFTPLUS_TOLERANCES["stock"])
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_scoring_loop_follows_a_dtype_move(groups, kernel_calls):
+    """``.double()`` (or ``.to``) swaps a parameter's data and keeps the object and its version: the scoring loop's
+    reordered last layer is rebuilt in the new dtype, not reused (which raised on the GEMM's mixed dtypes)."""
+    coupling = spline_coupling(MASKS["mid"], 8, torch.float32, groups=groups)
+    x, c = data(64, groups, 7, 2, seed=2)
+    coupling_outputs(coupling, x.float(), c.float(), True)  # fills the cache in float32
+    coupling.double()
+    got = coupling_outputs(coupling, x, c, True)
+    assert kernel_calls["score"] == 2 and got[0].dtype == torch.float64
+    for a, b in zip(got, coupling_outputs(coupling, x, c, False), strict=True):
         torch.testing.assert_close(a, b, **SOFTPLUS_TOLERANCES["stock"])
 
 

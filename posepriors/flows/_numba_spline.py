@@ -66,6 +66,7 @@ __all__ = [
     "plain_cpu",
     "score",
     "score_backward",
+    "score_columns",
     "score_saving",
     "untouched",
     "usable",
@@ -293,6 +294,36 @@ def score(
     sp = torch.nn.functional.softplus(derivatives, threshold=40.0)
     y, logdet, _ = _score_loop(coupling, x, bins.exp_(), sp, inverse)
     return y, logdet
+
+
+def score_columns(
+    coupling: RQSplineCoupling, x: Tensor, bins: Tensor, derivatives: Tensor, *, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """:func:`score` in the column layout of a grouped coupling (``_numba_kernels.spline_score_columns``; the
+    per-joint flows, whose rows hold one or two values): the values ``x`` (G, n, B) (any strides), the bin logits
+    ``bins`` (G, 2Kn, B) and the shifted knot-derivative logits ``derivatives`` (G, (K - 1) n, B), both contiguous
+    and param-major down their second dimension (``bins`` is overwritten), to the outputs (G, n, B) and the
+    log-determinant (G, B). The loop runs over the batch, on contiguous memory; the log of each row's product of
+    slopes is one vectorised op after it. Where a product leaves [1e-300, 1e300] (or is NaN), the whole call runs
+    again in the row layout, whose loop takes the log in steps (:func:`score`; a knot derivative's logit is not
+    clamped, so a slope can be extreme)."""
+    G, n, B = x.shape
+    K = coupling.bins
+    sp = torch.nn.functional.softplus(derivatives, threshold=40.0)
+    values = x.detach().numpy()
+    y = np.empty((B, G, n), dtype=values.dtype).transpose(1, 2, 0)  # written in the coupling's (B, G, n) order
+    product = np.empty((G, B), dtype=np.float64)
+    _threads()
+    _, bound, sw, ow, sh, oh, min_d, *_ = _settings(coupling)
+    arrays = (values, bins.exp_().view(G, 2 * K, n, B).numpy(), sp.view(G, K - 1, n, B).numpy())
+    loop = _kernels().spline_inverse_columns if inverse else _kernels().spline_score_columns
+    loop(*arrays, K, bound, sw, ow, sh, oh, min_d, coupling._LOGIT_LIMIT, y, product)
+    if not (np.all(product > 1e-300) and np.all(product < 1e300)):
+        e, sp = (torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() for a in arrays[1:])
+        y_rows, logdet, _ = _score_loop(coupling, x.permute(0, 2, 1), e, sp, inverse)
+        return y_rows.permute(0, 2, 1), logdet
+    logdet = torch.from_numpy(product).log_()
+    return torch.from_numpy(y), (logdet.neg_() if inverse else logdet).to(x.dtype)
 
 
 def _score_loop(

@@ -360,9 +360,13 @@ class RQSplineCoupling(_Coupling):
         vectorised op each and the vectorised loop (posepriors.flows._numba_spline.score)."""
         x1, x2 = self._split(x)
         hidden = self.conditioner._run_hidden(self._conditioner_input(x1, context))
-        y2, logdet = _numba_spline.score(self, self._rows(x2, hidden), *self._last_parts(hidden), inverse=inverse)
-        grouped = hidden.dim() == 3
-        return self._merge(x, x1, self._unrows(y2, grouped)), self._unrows(logdet, grouped)
+        if hidden.dim() == 3:  # several groups, a few values each: the loop runs down the batch (column layout)
+            y2, logdet = _numba_spline.score_columns(
+                self, x2.permute(1, 2, 0), *self._last_columns(hidden), inverse=inverse
+            )
+            return self._merge(x, x1, y2.permute(2, 0, 1)), logdet.t()
+        y2, logdet = _numba_spline.score(self, x2.squeeze(1), *self._last_parts(hidden), inverse=inverse)
+        return self._merge(x, x1, y2.unsqueeze(1)), logdet.unsqueeze(1)
 
     def _has_saving_inverse(self, z: Tensor, context: Tensor | None) -> bool:
         return self._vectorised(z, context)
@@ -402,9 +406,17 @@ class RQSplineCoupling(_Coupling):
     def _last_parts(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """The bin logits (rows, 2Kn) and knot-derivative logits (rows, (K - 1) n), param-major, from the
         conditioner's last hidden activation in its GEMMs' layout (:meth:`_scoring_weights`)."""
-        (bin_weight, bin_bias), (derivative_weight, derivative_bias), _ = self._scoring_weights()
+        (bin_weight, bin_bias), (derivative_weight, derivative_bias), *_ = self._scoring_weights()
         apply = self.conditioner._apply_last
         return apply(hidden, bin_weight, bin_bias), apply(hidden, derivative_weight, derivative_bias)
+
+    def _last_columns(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_last_parts` in the column layout, from a grouped conditioner's last hidden activation (G, B,
+        hidden): the bin logits (G, 2Kn, B) and the knot-derivative logits (G, (K - 1) n, B), param-major down
+        the second dimension."""
+        (bin_weight, bin_bias), (derivative_weight, derivative_bias) = self._scoring_weights()[3]
+        columns = hidden.transpose(1, 2)
+        return torch.baddbmm(bin_bias, bin_weight, columns), torch.baddbmm(derivative_bias, derivative_weight, columns)
 
     @staticmethod
     def _rows(t: Tensor, hidden: Tensor) -> Tensor:
@@ -443,19 +455,29 @@ class RQSplineCoupling(_Coupling):
         """Forget the scoring loop's copy of the last layer (:meth:`_scoring_weights`)."""
         self.__dict__.pop("_scoring_cache", None)
 
-    def _scoring_weights(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
+    def _scoring_weights(
+        self,
+    ) -> tuple[
+        tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
+    ]:
         """The conditioner's last layer, param-major, for the vectorised loops: (weight, bias) of the 2K bin logits
         and of the K - 1 knot-derivative logits of every transformed value (outputs that reshape to (rows, 2K, n)
         and (rows, K - 1, n); the last layer writes them value-major, value i's 3K - 1 parameters together; the
-        derivatives' bias includes the shift ``_derivative_shift``), and the two weights side by side (for the
-        backward's one GEMM). Cached, and rebuilt when the weights change."""
+        derivatives' bias includes the shift ``_derivative_shift``), the two weights side by side (for the
+        backward's one GEMM), and the first two transposed (for :meth:`_last_columns`). Cached, and rebuilt when the
+        weights change."""
         last = self.conditioner._linears[-1]
-        # keyed on the tensors themselves (held, so that a new tensor at a freed address cannot match) and their
-        # versions; a change through .data (no version bump) is not seen, as for every cache of frozen weights here
-        # (PosePrior.clear_caches forgets them)
-        key = (last.weight, last.weight._version, last.bias, last.bias._version)
+        # keyed on the tensors themselves (held, so that a new tensor at a freed address cannot match), their
+        # versions, storage, dtype and device (``.to`` and ``.double`` swap a parameter's data, keeping the object and
+        # its version); a change through .data (no version bump) is not seen, as for every cache of frozen weights
+        # here (PosePrior.clear_caches forgets them)
+        key = (
+            last.weight,
+            last.bias,
+            tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (last.weight, last.bias)),
+        )
         cached = self.__dict__.get("_scoring_cache")
-        if cached is None or not (cached[0][0] is key[0] and cached[0][2] is key[2] and cached[0][1::2] == key[1::2]):
+        if cached is None or not (cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2] == key[2]):
             n, K = self.num_transformed, self.bins
             order = torch.arange(n * (3 * K - 1), device=last.weight.device).view(n, 3 * K - 1).t().flatten()
             with torch.no_grad():
@@ -463,7 +485,11 @@ class RQSplineCoupling(_Coupling):
             split = 2 * K * n
             # the knot-derivative logits come out shifted (the loops take softplus(raw + shift)): one op less a call
             shifted = bias[..., split:] + self._derivative_shift
-            parts = ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted), weight)
+            columns = tuple(  # the same, transposed, for _last_columns: (G, outputs, hidden), bias (G, outputs, 1)
+                (w.transpose(-1, -2).contiguous(), b.unsqueeze(-1))
+                for w, b in ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted))
+            )
+            parts = ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted), weight, columns)
             cached = (key, parts)
             self.__dict__["_scoring_cache"] = cached
         return cached[1]

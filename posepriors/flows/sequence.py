@@ -166,7 +166,7 @@ class FlowSequence(nn.Module):
             return None
         params = [p for b in linear for p in b._parameters.values()]  # leaf blocks: no recursion needed
         try:
-            key = tuple((p.data_ptr(), p._version) for p in params)
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         except RuntimeError:  # inference tensors have no version counter: do not cache
             return None
         cached = self._folded.get(inverse)
@@ -233,7 +233,7 @@ class FlowSequence(nn.Module):
         signature, traced from the frozen ``steps`` (:meth:`_frozen_steps`: the graph holds their folded maps) and
         compiled on first use; rebuilt when the parameters change."""
         signature = (x.shape, x.dtype, x.device, None if context is None else (context.shape, context.dtype))
-        params = tuple((p.data_ptr(), p._version) for p in self._parameter_tuple())
+        params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameter_tuple())
         cached = self._fused.get(signature)
         if cached is not None and cached[0] == params:
             return cached[1]
