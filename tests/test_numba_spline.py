@@ -295,15 +295,16 @@ def test_scoring_loop_matches_the_tensor_ops_and_the_saving_loop(bins, groups, k
 def test_column_loop_of_grouped_couplings_matches_the_tensor_ops(bins, layout, kernel_calls, monkeypatch):
     """Several groups score (and invert) in the column layout (the loop runs down the batch, as for
     ``joint_flow``): the tensor ops' outputs and log-determinants, forward and inverse, in float64 and float32, for
-    every split of the dims; the row layout's loop is not run (its fallback is for extreme slopes only), and the
-    column loop gives the row loop's numbers to the last bit."""
+    every split of the dims, over more columns than one task of the loop takes (``COLUMN_CHUNK``); the row layout's
+    loop is not run (its fallback is for extreme slopes only), and the column loop gives the row loop's numbers to
+    the last bit."""
     rows_run = []
     score_loop = _numba_spline._score_loop
     monkeypatch.setattr(_numba_spline, "_score_loop", lambda *a: rows_run.append(1) or score_loop(*a))
     reference = None
     for dtype in (torch.float64, torch.float32):
         coupling = spline_coupling(MASKS[layout], bins, dtype, groups=4)
-        x, c = (t.to(dtype) for t in data(300, 4, 7, 2, seed=bins))
+        x, c = (t.to(dtype) for t in data(1100, 4, 7, 2, seed=bins))
         z, logdet = coupling_outputs(coupling, x, c, True)
         z_ref, logdet_ref = coupling_outputs(coupling, x, c, False)
         with torch.no_grad():
@@ -327,7 +328,7 @@ def test_column_loop_of_grouped_couplings_matches_the_tensor_ops(bins, layout, k
     # the row layout's loop on the same numbers (float64): the same outputs to the last bit, the same
     # log-determinants but for the last bit of their log (the column loop's is PyTorch's, the row loop's libm's)
     coupling = spline_coupling(MASKS[layout], bins, torch.float64, groups=4)
-    x, c = data(300, 4, 7, 2, seed=bins)
+    x, c = data(1100, 4, 7, 2, seed=bins)
     x1, x2 = coupling._split(x)
     with torch.no_grad():
         hidden = coupling.conditioner._run_hidden(coupling._conditioner_input(x1, c))

@@ -318,18 +318,18 @@ def spline_inverse(z, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, x, logdet):
 
 
 @scalar
-def columns_group(x, e, sp, g, K, bound, sw, ow, sh, oh, min_d, lo, hi, y, product, by_y):
-    """Group g of ``score_rows`` (or, with ``by_y``, of ``inverse_rows``) in the column layout of grouped couplings
-    (``joint_flow``'s per-joint flows, a few values per row): x (G, n, B), the bin logits' exps e (G, 2K, n, B) and
-    the knot derivatives sp (G, K - 1, n, B) to y (G, n, B) and the product of each row's slopes (G, B) (float64;
-    the caller takes its log). The loop over the batch B is innermost, over contiguous memory, so that LLVM
-    vectorises it (in the row layout it would vectorise over the n values of a row: 1 or 2 here). The arithmetic
-    of ``score_rows`` / ``inverse_rows``, to the last bit."""
-    n, B = x.shape[1], x.shape[2]
-    for b in range(B):
+def columns_group(x, e, sp, g, start, stop, K, bound, sw, ow, sh, oh, min_d, lo, hi, y, product, by_y):
+    """Columns start..stop-1 of group g of ``score_rows`` (or, with ``by_y``, of ``inverse_rows``) in the column
+    layout of grouped couplings (``joint_flow``'s per-joint flows, a few values per row): x (G, n, B), the bin
+    logits' exps e (G, 2K, n, B) and the knot derivatives sp (G, K - 1, n, B) to y (G, n, B) and the product of
+    each row's slopes (G, B) (float64; the caller takes its log). The loop over the batch is innermost, over
+    contiguous memory, so that LLVM vectorises it (in the row layout it would vectorise over the n values of a row:
+    1 or 2 here). The arithmetic of ``score_rows`` / ``inverse_rows``, to the last bit."""
+    n = x.shape[1]
+    for b in range(start, stop):
         product[g, b] = 1.0
     for i in range(n):
-        for b in range(B):
+        for b in range(start, stop):
             v = x[g, i, b]
             zw, zh = 0.0, 0.0
             for j in range(K):
@@ -360,16 +360,26 @@ def columns_group(x, e, sp, g, K, bound, sw, ow, sh, oh, min_d, lo, hi, y, produ
             product[g, b] *= 1.0 if outside else s * s * m / (q * q)
 
 
+COLUMN_CHUNK = 512
+"""Columns per task of the column loops: tasks are (group, chunk) pairs, so that a few groups (a tree level of
+``joint_flow``'s sampling) still fill every thread."""
+
+
 @jit
 def spline_score_columns(x, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, y, product):
-    """``columns_group`` for every group, in parallel threads, for K = 4 or 8 bins (as ``spline_score``)."""
+    """``columns_group`` for every group and chunk of columns, in parallel threads, for K = 4 or 8 bins (as
+    ``spline_score``)."""
     hi = math.exp(limit)
     lo = 1.0 / hi
-    for g in prange(x.shape[0]):
+    B = x.shape[2]
+    chunks = (B + COLUMN_CHUNK - 1) // COLUMN_CHUNK
+    for task in prange(x.shape[0] * chunks):
+        g, c = task // chunks, task % chunks
+        start, stop = c * COLUMN_CHUNK, min(B, (c + 1) * COLUMN_CHUNK)
         if K == FOUR:
-            columns_group(x, e, sp, g, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, y, product, False)
+            columns_group(x, e, sp, g, start, stop, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, y, product, False)
         else:
-            columns_group(x, e, sp, g, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, y, product, False)
+            columns_group(x, e, sp, g, start, stop, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, y, product, False)
 
 
 @jit
@@ -377,11 +387,15 @@ def spline_inverse_columns(z, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, x, 
     """The inverse of ``spline_score_columns`` (its own function: see ``spline_inverse``)."""
     hi = math.exp(limit)
     lo = 1.0 / hi
-    for g in prange(z.shape[0]):
+    B = z.shape[2]
+    chunks = (B + COLUMN_CHUNK - 1) // COLUMN_CHUNK
+    for task in prange(z.shape[0] * chunks):
+        g, c = task // chunks, task % chunks
+        start, stop = c * COLUMN_CHUNK, min(B, (c + 1) * COLUMN_CHUNK)
         if K == FOUR:
-            columns_group(z, e, sp, g, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, x, product, True)
+            columns_group(z, e, sp, g, start, stop, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, x, product, True)
         else:
-            columns_group(z, e, sp, g, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, x, product, True)
+            columns_group(z, e, sp, g, start, stop, EIGHT, bound, sw, ow, sh, oh, min_d, lo, hi, x, product, True)
 
 
 @scalar

@@ -272,7 +272,11 @@ class FlowSequence(nn.Module):
         if context is not None and (context.dtype != x.dtype or context.device != x.device):
             return None
         steps = self._folded[False][1]
-        key = (id(steps), x.dtype, tuple((p.data_ptr(), p._version) for p in self._parameter_tuple()))
+        key = (
+            id(steps),
+            x.dtype,
+            tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameter_tuple()),
+        )
         cached = self.__dict__.get("_numpy_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
