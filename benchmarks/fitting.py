@@ -48,7 +48,7 @@ import torch
 
 import posepriors
 from posepriors import skeleton
-from posepriors.fitting import BODY_KEYPOINTS, body_keypoints, fit_keypoints
+from posepriors.fitting import BODY_KEYPOINTS, DEFAULT_STEPS, body_keypoints, fit_keypoints
 from posepriors.priors import GMMPrior, PosePrior
 from posepriors.rotations import axis_angle_geodesic
 
@@ -324,7 +324,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA, help="folder with body_{train,val,ood_val}.npz")
     parser.add_argument("--gmm", type=Path, default=DEFAULT_GMM, help="SMPLify's GMM (.npz) for smplify_gmm")
-    parser.add_argument("--steps", type=int, default=200, help="Adam steps (or L-BFGS iterations) per fit")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Adam steps (default 200) or the most L-BFGS iterations (default 800) per fit: fit_keypoints' defaults",
+    )
     parser.add_argument(
         "--optimizer", choices=("adam", "lbfgs"), default="adam", help="fit_keypoints' optimiser (see its docs)"
     )
@@ -362,6 +367,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS[args.optimizer]
     if min(args.steps, args.max_poses, args.per_source, args.tune_poses, args.bootstrap) < 1:
         parser.error("--steps, --max_poses, --per_source, --tune_poses and --bootstrap must be >= 1")
     if (args.lr is not None and not args.lr > 0) or not args.grid or min(args.grid) <= 0:

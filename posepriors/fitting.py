@@ -68,12 +68,17 @@ from posepriors.priors.base import PosePrior, _check_generator
 from posepriors.rotations import wrap_axis_angle
 from posepriors.utils import from_numpy
 
-__all__ = ["BODY_KEYPOINTS", "FitResult", "body_keypoints", "fit_keypoints"]
+__all__ = ["BODY_KEYPOINTS", "DEFAULT_STEPS", "FitResult", "body_keypoints", "fit_keypoints"]
 
 BODY_KEYPOINTS = 22
 """Number of body keypoints: SMPL-X joints 0 (pelvis) to 21 (right wrist)."""
 
 _OPTIMIZERS = {"adam": 0.05, "lbfgs": 1.0}  # the optimisers of fit_keypoints and their default learning rates
+DEFAULT_STEPS = {"adam": 200, "lbfgs": 800}
+"""``fit_keypoints``' default step budget per optimiser: Adam runs all its steps; L-BFGS stops earlier once its line
+search finds no step, as a converged float32 fit does (one pose of the shipped ``global_flow`` in about 100 to 200
+iterations; a batch of hundreds needs more: its poses share one line search). A float64 fit keeps finding
+ever smaller steps and runs the whole budget."""
 _BODY = skeleton.PARTS["body"]  # SMPL-X joints 1..21, the optimised rotations
 _PARENTS = skeleton.SMPLX_PARENTS[:BODY_KEYPOINTS]
 
@@ -143,7 +148,7 @@ def fit_keypoints(
     prior: PosePrior | None = None,
     weight: float | Tensor = 1e-4,
     visible: Tensor | None = None,
-    steps: int = 200,
+    steps: int | None = None,
     lr: float | None = None,
     init: Tensor | None = None,
     global_orient: Tensor | None = None,
@@ -177,7 +182,12 @@ def fit_keypoints(
             their values are not read (NaN is fine there); their joints are left to the prior. A tensor or a NumPy
             array.
         steps: Number of Adam steps, or the most L-BFGS iterations (>= 0; an L-BFGS iteration may evaluate the
-            objective several times in its line search, at most ``1.25 * steps`` evaluations in all).
+            objective several times in its line search, at most ``1.25 * steps`` evaluations in all; it stops
+            earlier once its line search finds no step, as a converged float32 fit does). Default
+            (:data:`DEFAULT_STEPS`) 200 for Adam and 800 for L-BFGS: one pose converges in about 100 to 200
+            iterations, but the poses of a batch share one line search, and the fitting benchmark's 581 poses in
+            one batch needed 800 (at 200 their objective was still falling and ``global_flow``'s hidden joints
+            ended 2 mm further from the truth; docs/models.md).
         lr: Learning rate (> 0): Adam's, in radians per step at most, roughly (default 0.05); L-BFGS's initial
             step scale (default 1, the usual choice with a line search).
         init: Starting body pose, shape (*, 21, 3); default zeros (the T-pose of the skeleton).
@@ -228,16 +238,18 @@ def fit_keypoints(
     out_dtype = target.dtype
     if out_dtype in (torch.float16, torch.bfloat16):  # too coarse for the fit's squared errors: fit in float32
         target = target.float()
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"expected optimizer to be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
+    if steps is None:
+        steps = DEFAULT_STEPS[optimizer]
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"expected steps to be an integer >= 0, got {steps!r}")
+        raise ValueError(f"expected steps to be an integer >= 0 (or None: the optimiser's default), got {steps!r}")
     steps = int(steps)
     _check_generator(generator)
     if space not in ("pose", "latent"):
         raise ValueError(f"expected space 'pose' or 'latent', got {space!r}")
     if space == "latent" and prior is None:
         raise ValueError("space='latent' fits the prior's latent code: pass a prior with a body latent space")
-    if optimizer not in _OPTIMIZERS:
-        raise ValueError(f"expected optimizer to be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
     if lr is None:
         lr = _OPTIMIZERS[optimizer]
     if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):

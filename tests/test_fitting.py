@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from posepriors.fitting import BODY_KEYPOINTS, FitResult, body_keypoints, fit_keypoints
+from posepriors.fitting import BODY_KEYPOINTS, DEFAULT_STEPS, FitResult, body_keypoints, fit_keypoints
 from posepriors.kinematics import forward_kinematics, rest_offsets
 from posepriors.priors import GaussianConfig, GaussianPrior
 
@@ -61,6 +61,27 @@ def test_fit_recovers_a_known_pose_from_exact_keypoints():
     torch.testing.assert_close(result.keypoints, body_keypoints(result.pose))
     # canonical angles
     assert bool((result.pose.norm(dim=-1) <= math.pi + 1e-6).all())
+
+
+def test_default_step_budgets_and_lbfgs_stops_once_converged(monkeypatch):
+    """Without ``steps``, Adam takes 200 steps and L-BFGS at most 800 iterations (``DEFAULT_STEPS``); L-BFGS stops
+    by itself once its line search finds no step (in float32 a converged fit does), so a fit that converges early
+    costs no more with the larger budget: the same result from 800 as from 300 iterations, in far fewer objective
+    evaluations than allowed."""
+    truth = synthetic_body(2, seed=4)
+    keypoints = body_keypoints(truth) + 0.01 * torch.randn(2, 22, 3, generator=torch.Generator().manual_seed(5))
+    prior = body_prior(torch.zeros(21, 3), 0.5)
+    assert DEFAULT_STEPS == {"adam": 200, "lbfgs": 800}
+    assert fit_keypoints(keypoints, steps=None).steps == 200 and fit_keypoints(keypoints).steps == 200
+    evaluations = []
+    original = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: evaluations.append(1) or original(*a, **k))
+    result = fit_keypoints(keypoints, prior=prior, weight=1e-4, optimizer="lbfgs")
+    assert result.steps == 800 and 0 < len(evaluations) < 300, len(evaluations)
+    again = fit_keypoints(keypoints, prior=prior, weight=1e-4, optimizer="lbfgs", steps=300)
+    torch.testing.assert_close(again.pose, result.pose, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="or None"):
+        fit_keypoints(keypoints, steps=-1)
 
 
 def test_hidden_keypoints_do_not_enter_the_fit():
@@ -204,7 +225,7 @@ def test_leading_batch_dims_and_a_known_root():
         ({"weight": -1.0}, r"expected finite prior weights >= 0, got -1.0"),
         ({"offsets": torch.zeros(21, 3)}, r"expected offsets of shape \(55, 3\) or \(22, 3\), got \(21, 3\)"),
         ({"global_orient": torch.zeros(2, 4)}, r"expected global_orient .*got \(2, 4\)"),
-        ({"steps": -1}, r"expected steps to be an integer >= 0, got -1"),
+        ({"steps": -1}, r"expected steps to be an integer >= 0 \(or None: the optimiser.s default\), got -1"),
         ({"lr": 0.0}, r"expected a finite learning rate lr > 0, got 0.0"),
         ({"keypoints": torch.full((2, 22, 3), math.nan)}, r"expected finite keypoints"),
         ({"init": torch.full((2, 21, 3), math.nan)}, r"expected finite init, got NaN or Inf"),
