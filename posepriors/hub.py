@@ -301,6 +301,7 @@ def _check_dtype(dtype: Any) -> None:
         raise TypeError(f"expected dtype to be None or a floating torch.dtype such as torch.float64, got {dtype!r}")
 
 
+@torch.inference_mode(False)  # plain tensors even when called inside inference mode: they may take part in autograd
 def _load_folder(
     directory: Path,
     *,

@@ -27,6 +27,7 @@ __all__ = [
     "recorded_vjp",
     "resolve_device",
     "sha256_file",
+    "storage_key",
     "version_key",
 ]
 
@@ -58,6 +59,15 @@ def version_key(tensors: Iterable[torch.Tensor]) -> tuple | None:
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     except RuntimeError:
         return None
+
+
+def storage_key(tensors: Iterable[torch.Tensor]) -> tuple:
+    """A cache key for what is computed from frozen ``tensors``, valid in and out of inference mode: each one's
+    storage address, version counter, dtype and device (``.to`` and ``.double`` swap a parameter's storage and keep
+    its version). An inference tensor (a prior built inside ``torch.inference_mode``) has no version counter and
+    cannot change outside inference mode: its version reads as None. A cache should hold the tensors too, so that a
+    freed tensor's address cannot come back with another one's data."""
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
 
 
 def float64_device(device: torch.device) -> torch.device:

@@ -424,6 +424,25 @@ def test_scoring_loop_follows_a_dtype_move(groups, kernel_calls):
         torch.testing.assert_close(a, b, **SOFTPLUS_TOLERANCES["stock"])
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_a_flow_built_in_inference_mode_scores_in_and_out_of_it(groups, kernel_calls):
+    """A coupling built inside ``torch.inference_mode()`` has inference tensors as weights, without version
+    counters: the scoring loop's cache key reads their storage instead (it raised "Inference tensors do not track
+    version counter"), inside inference mode and out of it."""
+    with torch.inference_mode():
+        coupling = spline_coupling(MASKS["mid"], 8, torch.float64, groups=groups)
+    assert coupling.conditioner[-1].weight.is_inference()
+    x, c = data(64, groups, 7, 2, seed=3)
+    with torch.inference_mode():
+        inside = coupling_outputs(coupling, x, c, True)
+    outside = coupling_outputs(coupling, x, c, True)
+    assert kernel_calls["score"] == 2
+    reference = coupling_outputs(coupling, x, c, False)
+    for got in (inside, outside):
+        for a, b in zip(got, reference, strict=True):
+            torch.testing.assert_close(a, b, **SOFTPLUS_TOLERANCES["stock"])
+
+
 def test_scoring_loop_with_fresh_weights_every_call(kernel_calls):
     """A flow that is not frozen (its weights need gradients) scoring subsets of its groups without autograd: every
     call passes new rows of the weights (``run_groups`` through ``functional_call``), possibly at a freed tensor's

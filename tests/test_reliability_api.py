@@ -320,3 +320,31 @@ def test_case15_manifest_file_without_sha256_is_a_value_error(tmp_path):
     files[hub.WEIGHTS_NAME]["sha256"] = "f" * 64  # with it, the same manifest reads
     path.write_text(json.dumps({"models": {"tiny": {"model_type": "gaussian", "files": files}}}))
     assert hub.read_manifest(path)["tiny"].files[hub.WEIGHTS_NAME]["sha256"] == "f" * 64
+
+
+@pytest.mark.parametrize("name", ["global_flow", "joint_flow", "hand_vae", "gaussian_full"])
+def test_a_shipped_prior_loaded_and_used_in_inference_mode_works_after_it(name):
+    """``torch.inference_mode()`` around loading and scoring (a common evaluation pattern) crashed the flows
+    ("Inference tensors do not track version counter": the caches' keys read the parameters' versions), and a
+    flow scored once inside it could not take a gradient afterwards (its cached folded maps and reordered layers
+    were inference tensors). Loading now makes plain tensors, the caches are built as plain tensors, and the
+    numbers and gradients equal a fresh prior's."""
+    with torch.inference_mode():
+        prior = posepriors.load(name)
+        pose = prior.sample(40, generator=torch.Generator().manual_seed(0))
+        inside = prior.log_prob(pose)
+        prior.log_prob(pose[:2])  # the small-batch path's caches too
+        if name == "global_flow":
+            prior.energy(pose[:2])
+    assert not any(t.is_inference() for t in [*prior.parameters(), *prior.buffers()])
+    fresh = posepriors.load(name)
+    pose = pose.clone()  # a plain tensor
+    torch.testing.assert_close(inside, fresh.log_prob(pose))
+    torch.testing.assert_close(prior.log_prob(pose), fresh.log_prob(pose))
+    for rows in (2, 40):
+        grads = []
+        for model in (prior, fresh):
+            leaf = pose[:rows].clone().requires_grad_(True)
+            model.nll(leaf).sum().backward()
+            grads.append(leaf.grad)
+        torch.testing.assert_close(*grads)

@@ -12,7 +12,7 @@ from torch import Tensor
 from posepriors.flows import _numba_spline
 from posepriors.flows.core import _Block, _LogDet
 from posepriors.grouped import GroupedMLP
-from posepriors.utils import recorded_vjp
+from posepriors.utils import recorded_vjp, storage_key
 
 __all__ = ["AffineCoupling", "RQSplineCoupling"]
 
@@ -471,24 +471,21 @@ class RQSplineCoupling(_Coupling):
         # versions, storage, dtype and device (``.to`` and ``.double`` swap a parameter's data, keeping the object and
         # its version); a change through .data (no version bump) is not seen, as for every cache of frozen weights
         # here (PosePrior.clear_caches forgets them)
-        key = (
-            last.weight,
-            last.bias,
-            tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (last.weight, last.bias)),
-        )
+        key = (last.weight, last.bias, storage_key((last.weight, last.bias)))
         cached = self.__dict__.get("_scoring_cache")
         if cached is None or not (cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2] == key[2]):
             n, K = self.num_transformed, self.bins
-            order = torch.arange(n * (3 * K - 1), device=last.weight.device).view(n, 3 * K - 1).t().flatten()
-            with torch.no_grad():
+            # plain tensors even inside inference mode: a later fitting step's backward uses them
+            with torch.inference_mode(False), torch.no_grad():
+                order = torch.arange(n * (3 * K - 1), device=last.weight.device).view(n, 3 * K - 1).t().flatten()
                 weight, bias = last.weight[..., order].contiguous(), last.bias[..., order].contiguous()
-            split = 2 * K * n
-            # the knot-derivative logits come out shifted (the loops take softplus(raw + shift)): one op less a call
-            shifted = bias[..., split:] + self._derivative_shift
-            columns = tuple(  # the same, transposed, for _last_columns: (G, outputs, hidden), bias (G, outputs, 1)
-                (w.transpose(-1, -2).contiguous(), b.unsqueeze(-1))
-                for w, b in ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted))
-            )
+                split = 2 * K * n
+                # the knot-derivative logits come out shifted (the loops take softplus(raw + shift)): one op less
+                shifted = bias[..., split:] + self._derivative_shift
+                columns = tuple(  # the same, transposed, for _last_columns: (G, outputs, hidden), bias (G, outputs, 1)
+                    (w.transpose(-1, -2).contiguous(), b.unsqueeze(-1))
+                    for w, b in ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted))
+                )
             parts = ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted), weight, columns)
             cached = (key, parts)
             self.__dict__["_scoring_cache"] = cached

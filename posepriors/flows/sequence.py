@@ -14,7 +14,7 @@ from posepriors.flows.core import _Block, _check_context, _check_input, _full_lo
 from posepriors.flows.couplings import RQSplineCoupling, _Coupling
 from posepriors.flows.linear import ActNorm, LULinear, Permutation
 from posepriors.grouped import GroupedLinear
-from posepriors.utils import in_transform, recorded_vjp, to_float64
+from posepriors.utils import in_transform, recorded_vjp, storage_key, to_float64
 
 __all__ = ["FlowSequence", "ensemble_log_prob"]
 
@@ -165,15 +165,13 @@ class FlowSequence(nn.Module):
         if not linear:
             return None
         params = [p for b in linear for p in b._parameters.values()]  # leaf blocks: no recursion needed
-        try:
-            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        except RuntimeError:  # inference tensors have no version counter: do not cache
-            return None
+        key = storage_key(params)
         cached = self._folded.get(inverse)
         if cached is not None and cached[0] == key:
             return cached[1]
         dtype = next((p.dtype for p in self._parameter_tuple() if p.is_floating_point()), torch.get_default_dtype())
-        with torch.no_grad():
+        # plain tensors even inside inference mode: a later call may record a graph through them
+        with torch.inference_mode(False), torch.no_grad():
             forward_steps: list[_Step] = []
             reference_steps: list[_Step] = []  # the couplings as recorded ops: what torch.compile traces
             run: list[nn.Module] = []
@@ -233,7 +231,7 @@ class FlowSequence(nn.Module):
         signature, traced from the frozen ``steps`` (:meth:`_frozen_steps`: the graph holds their folded maps) and
         compiled on first use; rebuilt when the parameters change."""
         signature = (x.shape, x.dtype, x.device, None if context is None else (context.shape, context.dtype))
-        params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameter_tuple())
+        params = storage_key(self._parameter_tuple())
         cached = self._fused.get(signature)
         if cached is not None and cached[0] == params:
             return cached[1]
@@ -275,7 +273,7 @@ class FlowSequence(nn.Module):
         key = (
             id(steps),
             x.dtype,
-            tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameter_tuple()),
+            storage_key(self._parameter_tuple()),
         )
         cached = self.__dict__.get("_numpy_cache")
         if cached is not None and cached[0] == key:
@@ -394,12 +392,12 @@ class FlowSequence(nn.Module):
         every step), rebuilt when the parameters change."""
         key = (
             tuple(index.tolist()),
-            tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._parameter_tuple()),
+            storage_key(self._parameter_tuple()),
         )
         cached = self._subsets.get(key[0])
         if cached is not None and cached[0] == key[1]:
             return cached[1]
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, as in _frozen_steps
             subset = FlowSequence(copy.deepcopy(self.blocks), index.numel(), self.dim)
             for module in subset.modules():
                 for name, p in list(module._parameters.items()):
