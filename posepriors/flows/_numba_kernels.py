@@ -365,17 +365,23 @@ COLUMN_CHUNK = 512
 ``joint_flow``'s sampling) still fill every thread."""
 
 
+@scalar
+def column_task(task, B):
+    """Task ``task`` of a column loop over G groups of B columns: its group and columns start..stop-1."""
+    chunks = (B + COLUMN_CHUNK - 1) // COLUMN_CHUNK
+    g, c = task // chunks, task % chunks
+    return g, c * COLUMN_CHUNK, min(B, (c + 1) * COLUMN_CHUNK)
+
+
 @jit
 def spline_score_columns(x, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, y, product):
     """``columns_group`` for every group and chunk of columns, in parallel threads, for K = 4 or 8 bins (as
     ``spline_score``)."""
     hi = math.exp(limit)
     lo = 1.0 / hi
-    B = x.shape[2]
-    chunks = (B + COLUMN_CHUNK - 1) // COLUMN_CHUNK
-    for task in prange(x.shape[0] * chunks):
-        g, c = task // chunks, task % chunks
-        start, stop = c * COLUMN_CHUNK, min(B, (c + 1) * COLUMN_CHUNK)
+    G, B = x.shape[0], x.shape[2]
+    for task in prange(G * ((B + COLUMN_CHUNK - 1) // COLUMN_CHUNK)):
+        g, start, stop = column_task(task, B)
         if K == FOUR:
             columns_group(x, e, sp, g, start, stop, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, y, product, False)
         else:
@@ -387,11 +393,9 @@ def spline_inverse_columns(z, e, sp, K, bound, sw, ow, sh, oh, min_d, limit, x, 
     """The inverse of ``spline_score_columns`` (its own function: see ``spline_inverse``)."""
     hi = math.exp(limit)
     lo = 1.0 / hi
-    B = z.shape[2]
-    chunks = (B + COLUMN_CHUNK - 1) // COLUMN_CHUNK
-    for task in prange(z.shape[0] * chunks):
-        g, c = task // chunks, task % chunks
-        start, stop = c * COLUMN_CHUNK, min(B, (c + 1) * COLUMN_CHUNK)
+    G, B = z.shape[0], z.shape[2]
+    for task in prange(G * ((B + COLUMN_CHUNK - 1) // COLUMN_CHUNK)):
+        g, start, stop = column_task(task, B)
         if K == FOUR:
             columns_group(z, e, sp, g, start, stop, FOUR, bound, sw, ow, sh, oh, min_d, lo, hi, x, product, True)
         else:
