@@ -61,13 +61,18 @@ def version_key(tensors: Iterable[torch.Tensor]) -> tuple | None:
         return None
 
 
-def storage_key(tensors: Iterable[torch.Tensor]) -> tuple:
-    """A cache key for what is computed from frozen ``tensors``, valid in and out of inference mode: each one's
-    storage address, version counter, dtype and device (``.to`` and ``.double`` swap a parameter's storage and keep
-    its version). An inference tensor (a prior built inside ``torch.inference_mode``) has no version counter and
-    cannot change outside inference mode: its version reads as None. A cache should hold the tensors too, so that a
-    freed tensor's address cannot come back with another one's data."""
-    return tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device) for t in tensors)
+def storage_key(tensors: Iterable[torch.Tensor]) -> tuple | None:
+    """A cache key for what is computed from frozen ``tensors``, in or out of inference mode: each one's storage
+    address, version counter, dtype and device (``.to`` and ``.double`` swap a parameter's storage and keep its
+    version). None (do not cache) when one is an inference tensor (a prior moved or built inside
+    ``torch.inference_mode``): it has no version counter, so an in-place change (``load_state_dict`` in inference
+    mode) could not be seen. A cache should hold the tensors too, so that a freed tensor's address cannot come back
+    with another one's data; what it caches must be built as plain tensors (``torch.inference_mode(False)``), so
+    that a later call may record a graph through it."""
+    tensors = tuple(tensors)
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
 def float64_device(device: torch.device) -> torch.device:

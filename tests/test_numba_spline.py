@@ -427,8 +427,9 @@ def test_scoring_loop_follows_a_dtype_move(groups, kernel_calls):
 @pytest.mark.parametrize("groups", [1, 3])
 def test_a_flow_built_in_inference_mode_scores_in_and_out_of_it(groups, kernel_calls):
     """A coupling built inside ``torch.inference_mode()`` has inference tensors as weights, without version
-    counters: the scoring loop's cache key reads their storage instead (it raised "Inference tensors do not track
-    version counter"), inside inference mode and out of it."""
+    counters: the scoring loop no longer reads them for its cache key (it raised "Inference tensors do not track
+    version counter") and caches nothing of them, so an in-place change made in inference mode is seen (found by a
+    new-user review)."""
     with torch.inference_mode():
         coupling = spline_coupling(MASKS["mid"], 8, torch.float64, groups=groups)
     assert coupling.conditioner[-1].weight.is_inference()
@@ -441,6 +442,13 @@ def test_a_flow_built_in_inference_mode_scores_in_and_out_of_it(groups, kernel_c
     for got in (inside, outside):
         for a, b in zip(got, reference, strict=True):
             torch.testing.assert_close(a, b, **SOFTPLUS_TOLERANCES["stock"])
+    # an in-place change inside inference mode bumps no version: nothing of such weights is cached, so it is seen
+    with torch.inference_mode():
+        coupling.conditioner[-1].bias.add_(0.5)
+        changed = coupling_outputs(coupling, x, c, True)
+    assert not torch.allclose(changed[1], outside[1])
+    for a, b in zip(changed, coupling_outputs(coupling, x, c, False), strict=True):
+        torch.testing.assert_close(a, b, **SOFTPLUS_TOLERANCES["stock"])
 
 
 def test_scoring_loop_with_fresh_weights_every_call(kernel_calls):

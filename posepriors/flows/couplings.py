@@ -467,13 +467,16 @@ class RQSplineCoupling(_Coupling):
         backward's one GEMM), and the first two transposed (for :meth:`_last_columns`). Cached, and rebuilt when the
         weights change."""
         last = self.conditioner._linears[-1]
-        # keyed on the tensors themselves (held, so that a new tensor at a freed address cannot match), their
-        # versions, storage, dtype and device (``.to`` and ``.double`` swap a parameter's data, keeping the object and
-        # its version); a change through .data (no version bump) is not seen, as for every cache of frozen weights
-        # here (PosePrior.clear_caches forgets them)
+        # keyed on the tensors themselves (held, so that a new tensor at a freed address cannot match) and
+        # ``storage_key`` (None for inference tensors: not cached); a change through .data (no version bump) is not
+        # seen, as for every cache of frozen weights here (PosePrior.clear_caches forgets them)
         key = (last.weight, last.bias, storage_key((last.weight, last.bias)))
         cached = self.__dict__.get("_scoring_cache")
-        if cached is None or not (cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2] == key[2]):
+        if (
+            cached is None
+            or key[2] is None
+            or not (cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2] == key[2])
+        ):
             n, K = self.num_transformed, self.bins
             # plain tensors even inside inference mode: a later fitting step's backward uses them
             with torch.inference_mode(False), torch.no_grad():
@@ -488,7 +491,8 @@ class RQSplineCoupling(_Coupling):
                 )
             parts = ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted), weight, columns)
             cached = (key, parts)
-            self.__dict__["_scoring_cache"] = cached
+            if key[2] is not None:
+                self.__dict__["_scoring_cache"] = cached
         return cached[1]
 
     def _factors(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:

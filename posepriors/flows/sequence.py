@@ -166,6 +166,8 @@ class FlowSequence(nn.Module):
             return None
         params = [p for b in linear for p in b._parameters.values()]  # leaf blocks: no recursion needed
         key = storage_key(params)
+        if key is None:  # inference tensors: nothing cached, the blocks run one by one
+            return None
         cached = self._folded.get(inverse)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -233,7 +235,7 @@ class FlowSequence(nn.Module):
         signature = (x.shape, x.dtype, x.device, None if context is None else (context.shape, context.dtype))
         params = storage_key(self._parameter_tuple())
         cached = self._fused.get(signature)
-        if cached is not None and cached[0] == params:
+        if cached is not None and params is not None and cached[0] == params:
             return cached[1]
         from torch.fx.experimental.proxy_tensor import make_fx  # only when tracing: it is not needed at import
 
@@ -270,11 +272,9 @@ class FlowSequence(nn.Module):
         if context is not None and (context.dtype != x.dtype or context.device != x.device):
             return None
         steps = self._folded[False][1]
-        key = (
-            id(steps),
-            x.dtype,
-            storage_key(self._parameter_tuple()),
-        )
+        key = (id(steps), x.dtype, storage_key(self._parameter_tuple()))
+        if key[2] is None:
+            return None
         cached = self.__dict__.get("_numpy_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -390,12 +390,9 @@ class FlowSequence(nn.Module):
     def _frozen_subset(self, index: Tensor) -> FlowSequence:
         """A frozen copy of the flows of the groups ``index`` (cached: a fitting loop asks for the same groups at
         every step), rebuilt when the parameters change."""
-        key = (
-            tuple(index.tolist()),
-            storage_key(self._parameter_tuple()),
-        )
+        key = (tuple(index.tolist()), storage_key(self._parameter_tuple()))
         cached = self._subsets.get(key[0])
-        if cached is not None and cached[0] == key[1]:
+        if cached is not None and key[1] is not None and cached[0] == key[1]:
             return cached[1]
         with torch.inference_mode(False), torch.no_grad():  # plain tensors, as in _frozen_steps
             subset = FlowSequence(copy.deepcopy(self.blocks), index.numel(), self.dim)

@@ -544,16 +544,17 @@ class GlobalFlowPrior(PosePrior):
         proposal of :meth:`_complete_last_part_by_resampling`. Cached, and drawn again when a parameter changes."""
         params = tuple(self.flows.parameters())
         # built outside inference mode (plain tensors, usable anywhere), also for a prior built inside it
-        key = storage_key(params)
+        key = storage_key(params)  # None for inference tensors: drawn again every time
         cached = self.__dict__.get("_last_part_cache")
-        if cached is not None and cached[1] == key:
+        if key is not None and cached is not None and cached[1] == key:
             return cached[2]
         generator = torch.Generator(device=self.joint_index.device).manual_seed(0)
         with torch.inference_mode(False), torch.no_grad():
             draws = self._sample(self.LAST_PART_DRAWS, generator, 1.0, None, None)
             v = to_float64(draws[:, getattr(self, f"part_index_{self.num_parts - 1}")].flatten(1))
             gaussian = BodyGaussian(v.shape[1]).to(v.device, torch.float64).fit(v, min_std=0.01)
-        self.__dict__["_last_part_cache"] = (params, key, gaussian)  # held: no freed address comes back
+        if key is not None:
+            self.__dict__["_last_part_cache"] = (params, key, gaussian)  # held: no freed address comes back
         return gaussian
 
     def _complete_last_part_by_resampling(
