@@ -16,10 +16,19 @@ from torch import Tensor, nn
 
 __all__ = ["ACTIVATIONS", "GroupedLinear", "GroupedMLP", "check_grouped"]
 
+def _silu_(h: Tensor) -> Tensor:
+    return F.silu(h, inplace=True)
+
+
+def _elu_(h: Tensor) -> Tensor:
+    return F.elu(h, inplace=True)
+
+
+# module-level functions, not lambdas: a module holding one must pickle (torch.save, spawned workers)
 ACTIVATIONS: dict[str, tuple[type[nn.Module], Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "silu": (nn.SiLU, F.silu, lambda h: F.silu(h, inplace=True)),
+    "silu": (nn.SiLU, F.silu, _silu_),
     "relu": (nn.ReLU, F.relu, torch.relu_),
-    "elu": (nn.ELU, F.elu, lambda h: F.elu(h, inplace=True)),
+    "elu": (nn.ELU, F.elu, _elu_),
     "gelu": (nn.GELU, F.gelu, F.gelu),  # no in-place form
     "tanh": (nn.Tanh, torch.tanh, torch.tanh_),
 }
