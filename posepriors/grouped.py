@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 __all__ = ["ACTIVATIONS", "GroupedLinear", "GroupedMLP", "check_grouped"]
 
+
 def _silu_(h: Tensor) -> Tensor:
     return F.silu(h, inplace=True)
 

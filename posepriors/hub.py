@@ -366,6 +366,7 @@ def _load_folder(
             dtype = torch.float32
     if dtype is not None:  # cast first: MPS cannot hold the float64 a prior may have been saved in
         prior = prior.to(dtype=dtype)
+        prior._check_precision()  # a flow in float16: refused here rather than at its first call
     prior = prior.to(device=device)
     if frozen:
         prior.eval()

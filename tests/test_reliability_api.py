@@ -367,3 +367,25 @@ def test_a_shipped_prior_pickles_after_use(name):
     saved = torch.load(buffer, weights_only=False)
     for copy in (again, saved):
         torch.testing.assert_close(copy.log_prob(pose), before)
+
+
+@pytest.mark.parametrize("name", ["global_flow", "joint_flow"])
+def test_a_flow_in_half_precision_is_refused_with_a_clear_error(name):
+    """A flow converted to float16 or bfloat16 gave inf log-densities or numbers tens of nats off, silently; it is
+    refused at load and at every call, and ``.float()`` makes it usable again (found by a new-user review). Half-precision
+    poses stay fine with float32 weights, and the Gaussians keep computing in half precision."""
+    with pytest.raises(TypeError, match=r"float32 or float64 weights, got torch.float16"):
+        posepriors.load(name, dtype=torch.float16)
+    prior = posepriors.load(name)
+    pose = prior.sample(3, generator=torch.Generator().manual_seed(0))
+    expected = prior.log_prob(pose)
+    for dtype in (torch.float16, torch.bfloat16):
+        prior.to(dtype)
+        for call in (lambda: prior.log_prob(pose), lambda: prior.sample(2), lambda: prior.project(pose)):
+            with pytest.raises(TypeError, match=rf"got {dtype}: its spline flows overflow"):
+                call()
+    prior.float()  # usable again (its weights rounded to half precision on the way)
+    torch.testing.assert_close(prior.log_prob(pose), expected, atol=5.0, rtol=0)
+    assert prior.log_prob(pose.half()).dtype == torch.float32
+    gaussian = posepriors.load("gaussian", dtype=torch.float16)
+    assert gaussian.log_prob(pose.half()).dtype == torch.float16

@@ -382,6 +382,19 @@ class PosePrior(nn.Module, ABC):
         """Device of the prior's parameters and buffers."""
         return self.joint_index.device
 
+    half_precision: bool = True
+    """Whether the prior computes in float16 / bfloat16 (``.half()``) at all: the flows do not (their spline
+    log-determinants overflow), and refuse such weights with a clear error."""
+
+    def _check_precision(self) -> None:
+        """A clear error for a prior converted to a half-precision dtype it cannot compute in."""
+        if not self.half_precision and self.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"expected a {type(self).__name__} with float32 or float64 weights, got {self.dtype}: its spline "
+                "flows overflow in half precision (inf or NaN log-densities); convert it with .float() "
+                "(half-precision poses are fine: a float32 prior scores them in float32)"
+            )
+
     @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of the prior's parameters (float32 unless converted)."""
@@ -655,6 +668,7 @@ class PosePrior(nn.Module, ABC):
             Samples in the prior's joint order, shape (n, J, 3) in the prior's dtype, or (n, *, J, 3) when
             ``observed`` is given, in the promoted dtype of ``observed`` and the prior.
         """
+        self._check_precision()
         n = _check_count(n)
         _check_generator(generator)
         temperature = _check_temperature(temperature)
@@ -1352,6 +1366,7 @@ class PosePrior(nn.Module, ABC):
             ``torch.promote_types(input dtype, prior dtype)``, the dtype public methods return; ``original`` is
             ``x`` in the input's own dtype, shape (B, J, 3).
         """
+        self._check_precision()
         J = self.num_joints
         if isinstance(pose, np.ndarray):
             pose = from_numpy(pose)

@@ -105,6 +105,7 @@ class GlobalFlowPrior(PosePrior):
     model_type = "global_flow"
     config_class = GlobalFlowConfig
     mask_marginals = "trailing_parts"
+    half_precision = False
     training_defaults = MappingProxyType(
         {"learning_rate": 1e-3, "max_epochs": 30, "batch_size": 256, "scheduler": "cosine", "grad_clip": 1.0}
     )

@@ -95,6 +95,7 @@ class JointFlowPrior(PosePrior):
     model_type = "joint_flow"
     config_class = JointFlowConfig
     mask_marginals = "descendant_closed"
+    half_precision = False
     per_joint_log_prob = True
     training_defaults = MappingProxyType(
         {
