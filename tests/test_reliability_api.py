@@ -372,8 +372,8 @@ def test_a_shipped_prior_pickles_after_use(name):
 @pytest.mark.parametrize("name", ["global_flow", "joint_flow"])
 def test_a_flow_in_half_precision_is_refused_with_a_clear_error(name):
     """A flow converted to float16 or bfloat16 gave inf log-densities or numbers tens of nats off, silently; it is
-    refused at load and at every call, and ``.float()`` makes it usable again (found by a new-user review). Half-precision
-    poses stay fine with float32 weights, and the Gaussians keep computing in half precision."""
+    refused at load and at every call, and ``.float()`` makes it usable again (found by a new-user review).
+    Half-precision poses stay fine with float32 weights, and the Gaussians keep computing in half precision."""
     with pytest.raises(TypeError, match=r"float32 or float64 weights, got torch.float16"):
         posepriors.load(name, dtype=torch.float16)
     prior = posepriors.load(name)
