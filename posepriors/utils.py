@@ -47,18 +47,13 @@ def from_numpy(array: np.ndarray) -> torch.Tensor:
 
 
 def version_key(tensors: Iterable[torch.Tensor]) -> tuple | None:
-    """A cache key for what is computed from ``tensors``: each one's storage address, version counter (which every
-    in-place change bumps), dtype and device. None where nothing should be cached: in inference mode (the result
-    would be an inference tensor, which later autograd refuses), for inference tensors (no version counter to see a
-    change), and while a graph to them is recorded (grad mode on and one of them requires grad). A cache should hold
-    the tensors too, so that a freed tensor's address cannot come back with another one's data."""
+    """:func:`storage_key` for a cache whose results are built in the caller's mode: also None in inference mode (the
+    result would be an inference tensor, which later autograd refuses) and while a graph to the tensors is recorded
+    (grad mode on and one of them requires grad)."""
     tensors = tuple(tensors)
     if torch.is_inference_mode_enabled() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return None
-    try:
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-    except RuntimeError:
-        return None
+    return storage_key(tensors)
 
 
 def storage_key(tensors: Iterable[torch.Tensor]) -> tuple | None:

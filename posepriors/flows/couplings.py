@@ -458,14 +458,17 @@ class RQSplineCoupling(_Coupling):
     def _scoring_weights(
         self,
     ) -> tuple[
-        tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
+        tuple[Tensor, Tensor],
+        tuple[Tensor, Tensor],
+        Tensor,
+        tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None,
     ]:
         """The conditioner's last layer, param-major, for the vectorised loops: (weight, bias) of the 2K bin logits
         and of the K - 1 knot-derivative logits of every transformed value (outputs that reshape to (rows, 2K, n)
         and (rows, K - 1, n); the last layer writes them value-major, value i's 3K - 1 parameters together; the
         derivatives' bias includes the shift ``_derivative_shift``), the two weights side by side (for the
-        backward's one GEMM), and the first two transposed (for :meth:`_last_columns`). Cached, and rebuilt when the
-        weights change."""
+        backward's one GEMM), and the first two transposed (for :meth:`_last_columns`; None for one group, which
+        never runs in the column layout). Cached, and rebuilt when the weights change."""
         last = self.conditioner._linears[-1]
         # keyed on the tensors themselves (held, so that a new tensor at a freed address cannot match) and
         # ``storage_key`` (None for inference tensors: not cached); a change through .data (no version bump) is not
@@ -485,10 +488,12 @@ class RQSplineCoupling(_Coupling):
                 split = 2 * K * n
                 # the knot-derivative logits come out shifted (the loops take softplus(raw + shift)): one op less
                 shifted = bias[..., split:] + self._derivative_shift
-                columns = tuple(  # the same, transposed, for _last_columns: (G, outputs, hidden), bias (G, outputs, 1)
-                    (w.transpose(-1, -2).contiguous(), b.unsqueeze(-1))
-                    for w, b in ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted))
-                )
+                columns = None  # the same, transposed, for _last_columns (several groups only): (G, outputs, hidden)
+                if weight.shape[0] > 1:
+                    columns = tuple(
+                        (w.transpose(-1, -2).contiguous(), b.unsqueeze(-1))
+                        for w, b in ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted))
+                    )
             parts = ((weight[..., :split], bias[..., :split]), (weight[..., split:], shifted), weight, columns)
             cached = (key, parts)
             if key[2] is not None:
